@@ -1,0 +1,44 @@
+# The README's commands. Each target creates and uses its own virtual environment in .venv.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test test-slow lint typecheck loadtest clean
+
+run: $(STAMP)
+	$(BIN)/tls-sidecar demo
+
+test: lint typecheck
+	$(BIN)/pytest -m "not slow" -q
+
+test-slow: $(STAMP)
+	$(BIN)/pytest -m slow -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check proxy tests loadtest
+	$(BIN)/ruff format --check proxy tests loadtest
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+loadtest: $(STAMP)
+	$(BIN)/python -m loadtest
+
+$(BIN)/python:
+	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
+	  rm -rf $(VENV); \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "python3 cannot create a virtual environment: installing python3-venv"; \
+	    apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null && $(PYTHON) -m venv $(VENV); \
+	  else \
+	    echo "error: python3 cannot create a virtual environment; fix: sudo apt-get install -y python3-venv"; exit 1; \
+	  fi; }
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

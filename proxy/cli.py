@@ -1,0 +1,238 @@
+"""The `tls-sidecar` command: builds a Config from flags and TLS_SIDECAR_* variables, hands over."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shlex
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+import uvloop
+
+from . import __version__
+from . import log as logs
+from .certs_cli import certs_group, ensure_dev_certificates
+from .config import (
+    Address,
+    Config,
+    ConfigError,
+    parse_address,
+    parse_duration,
+    parse_log_level,
+    parse_size,
+    parse_upstream,
+    readable_file,
+)
+from .demo import start_demo_app
+from .server import Bound, ProxyServer
+
+log = logging.getLogger("tls_sidecar")
+
+ENV_PREFIX = "TLS_SIDECAR_"
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _option(name: str, default: Any, help_text: str, **kwargs: Any) -> Callable[[Any], Any]:
+    env = ENV_PREFIX + name.lstrip("-").split("/")[0].lstrip("-").replace("-", "_").upper()
+    return click.option(
+        name, default=default, envvar=env, show_envvar=True, show_default=True, help=help_text, **kwargs
+    )
+
+
+def serve_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Every `serve` flag; `demo` shares them. Values are parsed into Config by build_config."""
+    options = [
+        _option("--listen", "0.0.0.0:8443", "TLS address to serve on; IPv6 as [::]:8443."),
+        _option("--upstream", "http://127.0.0.1:8080", "The app: http://HOST:PORT or unix:/path.sock."),
+        _option("--admin-listen", "0.0.0.0:9901", "Plain-HTTP address for /livez /healthz /readyz /metrics."),
+        _option("--cert", None, "PEM certificate chain, leaf first. Omit for a self-signed one.", type=click.Path(path_type=Path)),
+        _option("--key", None, "PEM private key of --cert.", type=click.Path(path_type=Path)),
+        _option("--tls-min-version", "1.2", "Oldest TLS version accepted.", type=click.Choice(["1.2", "1.3"])),
+        _option("--handshake-timeout", "10s", "Time a client has to finish the TLS handshake."),
+        _option("--header-timeout", "15s", "Time a client has to send a whole request head."),
+        _option("--idle-timeout", "60s", "Keep-alive idle time, and the longest pause inside a request body."),
+        _option("--upstream-connect-timeout", "5s", "Time to connect to the app before answering 504."),
+        _option("--upstream-timeout", "60s", "Time for the app's response head (and between its reads) before 504."),
+        _option("--upstream-idle-timeout", "30s", "How long an idle pooled connection to the app is kept."),
+        _option("--upstream-max-idle", 128, "Most idle pooled connections to the app.", type=click.IntRange(0)),
+        _option("--drain-timeout", "30s", "On SIGTERM, the longest wait for in-flight requests."),
+        _option("--shutdown-delay", "0s", "On SIGTERM, serve on this long with /readyz 503 before draining."),
+        _option("--max-connections", 10000, "Most concurrent client connections; more are closed at once.", type=click.IntRange(1)),
+        _option("--max-header-bytes", "16384", "Largest request head (beyond: 431)."),
+        _option("--max-body-bytes", "unlimited", "Largest request body (beyond: 413)."),
+        _option(
+            "--trust-forwarded-headers/--no-trust-forwarded-headers",
+            False,
+            "Keep the client's X-Forwarded-* (only behind a trusted proxy).",
+        ),
+        _option("--log-format", "json", "Log line format.", type=click.Choice(["json", "text"])),
+        _option("--log-level", "info", "debug, info, warning or error."),
+        _option("--access-log/--no-access-log", True, "One line per request on stdout."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def build_config(opts: dict[str, Any]) -> Config:
+    """Turn raw flag values into a validated Config, or raise ConfigError naming the flag."""
+    cert, key = opts["cert"], opts["key"]
+    return Config(
+        listen=parse_address(opts["listen"], option="--listen"),
+        upstream=parse_upstream(opts["upstream"]),
+        admin_listen=parse_address(opts["admin_listen"], option="--admin-listen"),
+        cert_file=readable_file(cert, "--cert") if cert else None,
+        key_file=readable_file(key, "--key") if key else None,
+        tls_min_version=opts["tls_min_version"],
+        handshake_timeout=parse_duration(opts["handshake_timeout"], option="--handshake-timeout"),
+        header_timeout=parse_duration(opts["header_timeout"], option="--header-timeout"),
+        idle_timeout=parse_duration(opts["idle_timeout"], option="--idle-timeout"),
+        upstream_connect_timeout=parse_duration(
+            opts["upstream_connect_timeout"], option="--upstream-connect-timeout"
+        ),
+        upstream_timeout=parse_duration(opts["upstream_timeout"], option="--upstream-timeout"),
+        upstream_idle_timeout=parse_duration(
+            opts["upstream_idle_timeout"], option="--upstream-idle-timeout"
+        ),
+        upstream_max_idle=opts["upstream_max_idle"],
+        drain_timeout=parse_duration(opts["drain_timeout"], option="--drain-timeout"),
+        shutdown_delay=parse_duration(opts["shutdown_delay"], option="--shutdown-delay"),
+        max_connections=opts["max_connections"],
+        max_header_bytes=parse_size(opts["max_header_bytes"], option="--max-header-bytes") or 0,
+        max_body_bytes=parse_size(
+            opts["max_body_bytes"], option="--max-body-bytes", allow_unlimited=True
+        ),
+        trust_forwarded_headers=opts["trust_forwarded_headers"],
+        log_format=opts["log_format"],
+        log_level=parse_log_level(opts["log_level"]),
+        access_log=opts["access_log"],
+    ).validate()
+
+
+def run_async(coro: Coroutine[Any, Any, None]) -> None:
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(coro)
+
+
+def _announce(config: Config, server: ProxyServer, bound: Bound) -> None:
+    if server.tls.self_signed:
+        log.warning(
+            "NO CERTIFICATE GIVEN: serving a generated self-signed certificate for localhost; "
+            "clients will not trust it. Use --cert and --key in production"
+        )
+    log.info(
+        "listening",
+        extra={
+            "listen": [str(a) for a in bound.listen],
+            "admin": [str(a) for a in bound.admin],
+            "upstream": str(config.upstream),
+            "certificate": server.tls.served.subject,
+            "version": __version__,
+        },
+    )
+
+
+async def serve_proxy(config: Config, on_ready: Callable[[Bound], None] | None = None) -> None:
+    server = ProxyServer(config)
+    server.install_signals()
+
+    def ready(bound: Bound) -> None:
+        _announce(config, server, bound)
+        if on_ready:
+            on_ready(bound)
+
+    await server.serve_until_stopped(ready)
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, "--version", prog_name="tls-sidecar")
+def cli() -> None:
+    """tls-sidecar: terminate TLS in front of an app and forward plain HTTP/1.1 to it.
+
+    Every option also reads an environment variable, TLS_SIDECAR_<OPTION>.
+    """
+
+
+@cli.command(context_settings=CONTEXT)
+@serve_options
+def serve(**opts: Any) -> None:
+    """Serve TLS on --listen and forward to --upstream; admin endpoints on --admin-listen."""
+    config = build_config(opts)
+    logs.configure(config.log_format, config.log_level)
+    run_async(serve_proxy(config))
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--app-listen", default="127.0.0.1:8080", show_default=True, envvar=ENV_PREFIX + "DEMO_APP_LISTEN", show_envvar=True, help="Where the demo app listens.")
+@click.option("--listen", default="127.0.0.1:8443", show_default=True, envvar=ENV_PREFIX + "DEMO_LISTEN", show_envvar=True, help="TLS address of the proxy.")
+@click.option("--admin-listen", default="127.0.0.1:9901", show_default=True, envvar=ENV_PREFIX + "DEMO_ADMIN_LISTEN", show_envvar=True, help="Admin address of the proxy.")
+@click.option("--certs-dir", default="certs", show_default=True, type=click.Path(path_type=Path), envvar=ENV_PREFIX + "DEMO_CERTS_DIR", show_envvar=True, help="Where the development CA and certificate are made (kept between runs).")
+def demo(app_listen: str, listen: str, admin_listen: str, certs_dir: Path) -> None:
+    """Run a demo app and the proxy in front of it, with a development certificate."""
+    app = parse_address(app_listen, option="--app-listen")
+    files = ensure_dev_certificates(certs_dir)
+    config = Config(
+        listen=parse_address(listen, option="--listen"),
+        upstream=parse_upstream(f"http://{app}"),
+        admin_listen=parse_address(admin_listen, option="--admin-listen"),
+        cert_file=files.server_cert,
+        key_file=files.server_key,
+        log_format="text",
+    ).validate()
+    logs.configure(config.log_format, config.log_level)
+
+    async def main() -> None:
+        try:
+            demo_server = await start_demo_app(app.host, app.port)
+        except OSError as e:
+            raise ConfigError(f"--app-listen {app}: cannot listen ({e.strerror}); pick another port") from None
+
+        def show(bound: Bound) -> None:
+            port = bound.listen[0].port
+            admin = bound.admin[0]
+            ca = shlex.quote(str(files.ca_cert))
+            click.echo(
+                "\n"
+                f"  demo app   http://{app}  (echoes each request; WebSocket echo on upgrade)\n"
+                f"  proxy      https://localhost:{port}  ->  the demo app\n"
+                f"  admin      http://{admin}/readyz  and  /metrics\n\n"
+                f"  try:   curl --cacert {ca} https://localhost:{port}/hello\n"
+                "  stop:  Ctrl-C\n",
+                err=True,
+            )
+
+        async with demo_server:
+            await serve_proxy(config, show)
+
+    run_async(main())
+
+
+cli.add_command(certs_group)
+
+
+def _fail(message: str) -> NoReturn:
+    click.echo(f"tls-sidecar: error: {message}", err=True)
+    sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: bad input becomes one line on stderr and exit code 2, never a traceback."""
+    try:
+        code = cli.main(args=argv, prog_name="tls-sidecar", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as e:
+        click.echo(e.ctx.get_help() if e.ctx else str(e), err=True)
+        sys.exit(2)
+    except click.UsageError as e:
+        hint = f" (see '{e.ctx.command_path} --help')" if e.ctx else ""
+        _fail(e.format_message() + hint)
+    except click.ClickException as e:
+        _fail(e.format_message())
+    except click.Abort:
+        sys.exit(130)
+    except ConfigError as e:
+        _fail(str(e))
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,216 @@
+"""The one validated Config, and the pure parsers for durations, sizes and addresses."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+
+class ConfigError(Exception):
+    """A setting a user gave is wrong; the message names it and says how to fix it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """Where the app listens: a TCP address, or a unix socket path."""
+
+    address: Address | None = None
+    unix_path: str | None = None
+
+    def __str__(self) -> str:
+        return f"unix:{self.unix_path}" if self.unix_path else f"http://{self.address}"
+
+
+TlsVersion = Literal["1.2", "1.3"]
+LogFormat = Literal["json", "text"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listen: Address = Address("0.0.0.0", 8443)
+    upstream: Upstream = Upstream(address=Address("127.0.0.1", 8080))
+    admin_listen: Address = Address("0.0.0.0", 9901)
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    tls_min_version: TlsVersion = "1.2"
+    handshake_timeout: float = 10.0
+    header_timeout: float = 15.0
+    idle_timeout: float = 60.0
+    upstream_connect_timeout: float = 5.0
+    upstream_timeout: float = 60.0
+    upstream_idle_timeout: float = 30.0
+    upstream_max_idle: int = 128
+    drain_timeout: float = 30.0
+    shutdown_delay: float = 0.0
+    max_connections: int = 10000
+    max_header_bytes: int = 16384
+    max_body_bytes: int | None = None
+    trust_forwarded_headers: bool = False
+    log_format: LogFormat = "json"
+    log_level: LogLevel = "info"
+    access_log: bool = True
+
+    def validate(self) -> Config:
+        """Check the relations between settings; return self so it chains."""
+        if (self.cert_file is None) != (self.key_file is None):
+            given, missing = ("--cert", "--key") if self.cert_file else ("--key", "--cert")
+            raise ConfigError(f"{given} was given without {missing}; give both, or neither")
+        if self.listen.port != 0 and self.listen == self.admin_listen:
+            raise ConfigError(
+                f"--admin-listen {self.admin_listen} is the same as --listen; "
+                "the admin port must differ from the TLS port"
+            )
+        if self.listen.port != 0 and self.listen.port == self.admin_listen.port and (
+            _wildcard(self.listen.host) or _wildcard(self.admin_listen.host)
+        ):
+            raise ConfigError(
+                f"--admin-listen {self.admin_listen} overlaps --listen {self.listen}; "
+                "use another admin port"
+            )
+        for name, value in (
+            ("--handshake-timeout", self.handshake_timeout),
+            ("--header-timeout", self.header_timeout),
+            ("--idle-timeout", self.idle_timeout),
+            ("--upstream-connect-timeout", self.upstream_connect_timeout),
+            ("--upstream-timeout", self.upstream_timeout),
+            ("--upstream-idle-timeout", self.upstream_idle_timeout),
+        ):
+            if value <= 0:
+                raise ConfigError(f"{name} must be greater than zero, e.g. 10s")
+        if self.max_connections < 1:
+            raise ConfigError("--max-connections must be at least 1")
+        if self.max_header_bytes < 1024:
+            raise ConfigError("--max-header-bytes must be at least 1KiB (1024)")
+        return self
+
+
+def _wildcard(host: str) -> bool:
+    return host in ("0.0.0.0", "::", "")
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(text: str, *, option: str = "duration") -> float:
+    """'10s', '500ms', '1.5m', '2h' or a bare number of seconds -> seconds."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ConfigError(f"{option}: {text!r} is not a duration; use e.g. 10s, 500ms, 2m")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+_SIZE = re.compile(r"^\s*(\d+)\s*(b|k|kb|kib|m|mb|mib|g|gb|gib)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    None: 1,
+    "b": 1,
+    "k": 1024,
+    "kb": 1000,
+    "kib": 1024,
+    "m": 1024**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "g": 1024**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
+}
+
+
+def parse_size(text: str, *, option: str = "size", allow_unlimited: bool = False) -> int | None:
+    """'16384', '16KiB', '10MiB', '1GB' -> bytes; 'unlimited' / '0' -> None when allowed."""
+    if allow_unlimited and text.strip().lower() in ("unlimited", "none", "0", ""):
+        return None
+    match = _SIZE.match(text)
+    if not match:
+        hint = ", or unlimited" if allow_unlimited else ""
+        raise ConfigError(f"{option}: {text!r} is not a size; use e.g. 16384, 16KiB, 10MiB{hint}")
+    unit = match.group(2).lower() if match.group(2) else None
+    return int(match.group(1)) * _SIZE_UNITS[unit]
+
+
+def parse_address(text: str, *, option: str = "address") -> Address:
+    """'0.0.0.0:8443', '[::]:8443', ':8443', 'localhost:8443' -> Address."""
+    text = text.strip()
+    host: str
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or not text[end + 1 :].startswith(":"):
+            raise ConfigError(f"{option}: {text!r} is not HOST:PORT; write IPv6 as [::1]:8443")
+        host, port_text = text[1:end], text[end + 2 :]
+        _check_ip(host, option, text)
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ConfigError(f"{option}: {text!r} has no port; use HOST:PORT, e.g. 0.0.0.0:8443")
+        if ":" in host:
+            raise ConfigError(f"{option}: {text!r} looks like IPv6; write it as [{host}]:PORT")
+        host = host or "0.0.0.0"
+        if not re.fullmatch(r"[A-Za-z0-9.\-]+", host):
+            raise ConfigError(f"{option}: {host!r} in {text!r} is not a host name or IP address")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"{option}: port {port_text!r} in {text!r} must be a number 0-65535")
+    return Address(host, int(port_text))
+
+
+def _check_ip(host: str, option: str, text: str) -> None:
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        raise ConfigError(f"{option}: {host!r} in {text!r} is not an IPv6 address") from None
+
+
+def parse_upstream(text: str, *, option: str = "--upstream") -> Upstream:
+    """'http://127.0.0.1:8080', '127.0.0.1:8080' or 'unix:/run/app.sock' -> Upstream."""
+    text = text.strip()
+    if text.startswith("unix:"):
+        path = text[len("unix:") :]
+        if path.startswith("//"):
+            path = path[2:]
+        if not path.startswith("/"):
+            raise ConfigError(f"{option}: {text!r} needs an absolute path, e.g. unix:/run/app.sock")
+        return Upstream(unix_path=path)
+    if "://" in text:
+        scheme, _, rest = text.partition("://")
+        if scheme != "http":
+            raise ConfigError(
+                f"{option}: scheme {scheme!r} is not supported; the app is reached over "
+                "plain http:// or unix:"
+            )
+        text = rest.rstrip("/")
+        if "/" in text:
+            raise ConfigError(f"{option}: {text!r} has a path; give only http://HOST:PORT")
+    return Upstream(address=parse_address(text, option=option))
+
+
+def parse_log_level(text: str) -> LogLevel:
+    value = text.lower()
+    if value not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"--log-level: {text!r} is not one of debug, info, warning, error")
+    return value  # type: ignore[return-value]
+
+
+def readable_file(path: Path, option: str) -> Path:
+    """Fail early, with the path and the fix, when a file cannot be read."""
+    if not path.exists():
+        raise ConfigError(f"{option}: {path} does not exist; check the path")
+    if path.is_dir():
+        raise ConfigError(f"{option}: {path} is a directory; give the file inside it")
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{option}: {path} cannot be read ({e.strerror}); check permissions")
+    return path

@@ -1,0 +1,159 @@
+"""Request and response header rewriting: hop-by-hop removal and X-Forwarded-* (pure)."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+Headers = list[tuple[bytes, bytes]]
+HeaderSeq = Sequence[tuple[bytes, bytes]]
+
+# RFC 9110 §7.6.1 hop-by-hop fields, plus the legacy ones proxies have always dropped.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    }
+)
+
+# A client naming these in `Connection` must not make us drop them.
+_NEVER_DROPPED = frozenset({b"host", b"content-length"})
+
+# Set by us from the connection; a client's values are only kept with trust_forwarded.
+_FORWARDED = frozenset(
+    {
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-forwarded-port",
+        b"forwarded",
+    }
+)
+
+# Only the sidecar may set the client-certificate header; a client's copy is always dropped.
+_ALWAYS_STRIPPED = frozenset({b"x-forwarded-client-cert"})
+
+_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:+/=\-]{1,200}$")
+
+
+def connection_tokens(headers: HeaderSeq) -> set[bytes]:
+    """The lower-cased, comma-separated tokens of every Connection header."""
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return tokens
+
+
+def is_upgrade_request(headers: HeaderSeq) -> bool:
+    """An HTTP/1.1 protocol upgrade (e.g. WebSocket): Connection names upgrade and Upgrade is set."""
+    return b"upgrade" in connection_tokens(headers) and any(n == b"upgrade" for n, _ in headers)
+
+
+def strip_hop_by_hop(headers: HeaderSeq) -> Headers:
+    """Drop hop-by-hop fields and those the Connection header names."""
+    named = connection_tokens(headers) - _NEVER_DROPPED
+    return [(n, v) for n, v in headers if n not in HOP_BY_HOP and n not in named]
+
+
+@dataclass(frozen=True, slots=True)
+class ClientInfo:
+    """What the proxy knows about the downstream connection."""
+
+    address: str
+    local_port: int
+
+
+def forwarded_headers(
+    headers: HeaderSeq,
+    client: ClientInfo,
+    *,
+    trust_forwarded: bool,
+    request_id: bytes,
+) -> Headers:
+    """Return request headers for the upstream: hop-by-hop removed, X-Forwarded-* set.
+
+    With trust_forwarded the client's X-Forwarded-* are kept (the client address is appended
+    to X-Forwarded-For); otherwise they and `Forwarded` are replaced by what this hop saw.
+    """
+    upgrade = is_upgrade_request(headers)
+    named = connection_tokens(headers) - _NEVER_DROPPED
+    out: Headers = []
+    host = b""
+    prior_for: list[bytes] = []
+    prior: dict[bytes, bytes] = {}
+    for name, value in headers:
+        if name in HOP_BY_HOP or name in named or name in _ALWAYS_STRIPPED:
+            if upgrade and name == b"upgrade":
+                out.append((name, value))
+            continue
+        if name in _FORWARDED:
+            if trust_forwarded:
+                if name == b"x-forwarded-for":
+                    prior_for.append(value)
+                else:
+                    prior.setdefault(name, value)
+                    if name == b"forwarded":
+                        out.append((name, value))
+            continue
+        if name == b"x-request-id":
+            continue
+        if name == b"host":
+            host = value
+        out.append((name, value))
+    client_ip = client.address.encode("ascii")
+    out.append((b"x-forwarded-for", b", ".join([*prior_for, client_ip])))
+    out.append((b"x-forwarded-proto", prior.get(b"x-forwarded-proto", b"https")))
+    if host or b"x-forwarded-host" in prior:
+        out.append((b"x-forwarded-host", prior.get(b"x-forwarded-host", host)))
+    port = str(client.local_port).encode("ascii")
+    out.append((b"x-forwarded-port", prior.get(b"x-forwarded-port", port)))
+    out.append((b"x-request-id", request_id))
+    if upgrade:
+        out.append((b"connection", b"upgrade"))
+    return out
+
+
+def request_id_for(headers: HeaderSeq) -> bytes:
+    """The client's X-Request-Id when it is a sane token, else a new random one."""
+    for name, value in headers:
+        if name == b"x-request-id" and _REQUEST_ID.match(value):
+            return value
+    return uuid.uuid4().hex.encode("ascii")
+
+
+def response_headers(headers: HeaderSeq, *, switching_protocols: bool = False) -> Headers:
+    """Return upstream response headers for the client: hop-by-hop removed.
+
+    Framing (Content-Length / chunked) is redone by our HTTP layer, so Transfer-Encoding goes;
+    a 101 keeps Upgrade and says Connection: upgrade.
+    """
+    out = strip_hop_by_hop(headers)
+    if any(n == b"transfer-encoding" for n, _ in headers):
+        # The app's body is chunked: a Content-Length beside it is wrong (RFC 9112 §6.3).
+        out = [(n, v) for n, v in out if n != b"content-length"]
+    if switching_protocols:
+        out.extend((n, v) for n, v in headers if n == b"upgrade")
+        out.append((b"connection", b"upgrade"))
+    return out
+
+
+def header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """The first value of a header (names are lower-case, as h11 delivers them)."""
+    for n, v in headers:
+        if n == name:
+            return v
+    return None
+
+
+def has_header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bool:
+    return any(n == name for n, _ in headers)

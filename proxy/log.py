@@ -1,0 +1,122 @@
+"""Operational logs (stderr) and the access log (stdout), as JSON lines or text."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from typing import IO, Any
+
+# Attributes every LogRecord has; anything else was passed with `extra=` and is a field.
+_STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+def _timestamp(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{int(seconds % 1 * 1000):03d}Z"
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": _timestamp(record.created),
+            "level": record.levelname.lower(),
+            "msg": record.getMessage(),
+        }
+        entry.update((k, v) for k, v in vars(record).items() if k not in _STANDARD)
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        fields = " ".join(f"{k}={v}" for k, v in vars(record).items() if k not in _STANDARD)
+        line = f"{_timestamp(record.created)} {record.levelname.lower():7} {record.getMessage()}"
+        if fields:
+            line += " " + fields
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def configure(log_format: str, level: str, stream: IO[str] | None = None) -> None:
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    root = logging.getLogger("tls_sidecar")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+
+
+@dataclass(slots=True)
+class AccessRecord:
+    """One answered request, as the access log writes it."""
+
+    time: float
+    client: str
+    method: str
+    path: str
+    status: int
+    bytes_in: int
+    bytes_out: int
+    duration: float
+    upstream_duration: float | None
+    tls_version: str
+    request_id: str
+
+    def as_json(self) -> str:
+        return json.dumps(
+            {
+                "time": _timestamp(self.time),
+                "client": self.client,
+                "method": self.method,
+                "path": self.path,
+                "status": self.status,
+                "bytes_in": self.bytes_in,
+                "bytes_out": self.bytes_out,
+                "duration_ms": round(self.duration * 1000, 3),
+                "upstream_ms": None
+                if self.upstream_duration is None
+                else round(self.upstream_duration * 1000, 3),
+                "tls": self.tls_version,
+                "request_id": self.request_id,
+            }
+        )
+
+    def as_text(self) -> str:
+        upstream = "-" if self.upstream_duration is None else f"{self.upstream_duration * 1000:.1f}"
+        return (
+            f'{_timestamp(self.time)} {self.client} "{self.method} {self.path}" {self.status} '
+            f"in={self.bytes_in} out={self.bytes_out} {self.duration * 1000:.1f}ms "
+            f"upstream={upstream}ms {self.tls_version} id={self.request_id}"
+        )
+
+
+class AccessLog:
+    """Collects records during one loop iteration and writes them in one call afterwards."""
+
+    def __init__(self, log_format: str, enabled: bool, stream: IO[str] | None = None) -> None:
+        self.enabled = enabled
+        self._json = log_format == "json"
+        self._stream = stream or sys.stdout
+        self._pending: list[str] = []
+
+    def write(self, record: AccessRecord) -> None:
+        if not self.enabled:
+            return
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self._pending.append(record.as_json() if self._json else record.as_text())
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        lines, self._pending = self._pending, []
+        try:
+            self._stream.write("\n".join(lines) + "\n")
+            self._stream.flush()
+        except (OSError, ValueError):
+            pass  # stdout closed or full: losing access lines must never stop the proxy

@@ -1,0 +1,190 @@
+"""Every metric the sidecar exports, defined once, with help text and units."""
+
+from __future__ import annotations
+
+import platform
+import ssl
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from . import __version__
+
+PREFIX = "tls_sidecar"
+
+# Closed set: anything else is counted as OTHER so a client cannot grow our label space.
+METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"}
+)
+
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+HANDSHAKE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
+
+
+class Metrics:
+    """The sidecar's metrics on their own registry (one per server, so tests can run several)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        p = PREFIX
+        self.build_info = Gauge(
+            f"{p}_build_info",
+            "Always 1; labels say which version runs on which Python and OpenSSL.",
+            ["version", "python", "openssl"],
+            registry=r,
+        )
+        self.build_info.labels(__version__, platform.python_version(), ssl.OPENSSL_VERSION).set(1)
+        self.connections_accepted = Counter(
+            f"{p}_connections_accepted",
+            "Downstream TCP connections accepted on the TLS port.",
+            registry=r,
+        )
+        self.connections_active = Gauge(
+            f"{p}_connections_active", "Downstream connections open now.", registry=r
+        )
+        self.connections_rejected = Counter(
+            f"{p}_connections_rejected",
+            "Downstream connections closed at once, by reason (max_connections, draining).",
+            ["reason"],
+            registry=r,
+        )
+        self.tls_handshakes = Counter(
+            f"{p}_tls_handshakes",
+            "Completed TLS handshakes by protocol version and whether the session was resumed.",
+            ["version", "resumed"],
+            registry=r,
+        )
+        self.tls_handshake_errors = Counter(
+            f"{p}_tls_handshake_errors",
+            "Failed TLS handshakes by reason (timeout, protocol, closed).",
+            ["reason"],
+            registry=r,
+        )
+        self.tls_handshake_duration = Histogram(
+            f"{p}_tls_handshake_duration_seconds",
+            "Time from accepting a connection to a completed TLS handshake.",
+            buckets=HANDSHAKE_BUCKETS,
+            registry=r,
+        )
+        self.http_requests = Counter(
+            f"{p}_http_requests",
+            "Requests answered, by method (closed set, else OTHER) and status code.",
+            ["method", "code"],
+            registry=r,
+        )
+        self.http_request_duration = Histogram(
+            f"{p}_http_request_duration_seconds",
+            "Time from a complete request head to the last byte of the response, by status class.",
+            ["code_class"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.http_requests_in_flight = Gauge(
+            f"{p}_http_requests_in_flight", "Requests being proxied now.", registry=r
+        )
+        self.upstream_response_duration = Histogram(
+            f"{p}_upstream_response_duration_seconds",
+            "Time from sending a request upstream to receiving the response head.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_connections_active = Gauge(
+            f"{p}_upstream_connections_active",
+            "Upstream connections open now: busy with a request, or idle in the pool.",
+            ["state"],
+            registry=r,
+        )
+        self.upstream_connect_errors = Counter(
+            f"{p}_upstream_connect_errors",
+            "Failed attempts to connect to the upstream, by reason (refused, timeout, error).",
+            ["reason"],
+            registry=r,
+        )
+        self.local_responses = Counter(
+            f"{p}_local_responses",
+            "Responses the proxy made itself instead of the app, by code and reason.",
+            ["code", "reason"],
+            registry=r,
+        )
+        self.bytes = Counter(
+            f"{p}_bytes",
+            "Bytes relayed, by side (downstream = client, upstream = app) and direction.",
+            ["side", "direction"],
+            registry=r,
+        )
+        self.timeouts = Counter(
+            f"{p}_timeouts",
+            "Timeouts by phase (handshake, header, idle, upstream_connect, upstream).",
+            ["phase"],
+            registry=r,
+        )
+        self.certificate_expiry = Gauge(
+            f"{p}_certificate_expiry_timestamp_seconds",
+            "Unix time at which the served certificate expires.",
+            ["cert"],
+            registry=r,
+        )
+        self.certificate_reloads = Counter(
+            f"{p}_certificate_reloads",
+            "Certificate reload attempts by result (success, failure).",
+            ["result"],
+            registry=r,
+        )
+        self.ready = Gauge(f"{p}_ready", "1 when /readyz answers 200, else 0.", registry=r)
+        self.draining = Gauge(f"{p}_draining", "1 while shutting down, else 0.", registry=r)
+        self.upstream_up = Gauge(
+            f"{p}_upstream_up", "1 when the last upstream check connected, else 0.", registry=r
+        )
+        # Children resolved once: the hot path does no label lookups for these.
+        self.bytes_down_in = self.bytes.labels("downstream", "in")
+        self.bytes_down_out = self.bytes.labels("downstream", "out")
+        self.bytes_up_in = self.bytes.labels("upstream", "in")
+        self.bytes_up_out = self.bytes.labels("upstream", "out")
+        self.upstream_idle = self.upstream_connections_active.labels("idle")
+        self.upstream_busy = self.upstream_connections_active.labels("busy")
+        self._request_children: dict[tuple[bytes, int], tuple[Counter, Histogram]] = {}
+
+    def request_done(self, method: bytes, code: int, seconds: float) -> None:
+        children = self._request_children.get((method, code))
+        if children is None:
+            name = method.decode("ascii", "replace")
+            label = name if name in METHODS else "OTHER"
+            children = (
+                self.http_requests.labels(label, str(code)),
+                self.http_request_duration.labels(f"{code // 100}xx"),
+            )
+            if len(self._request_children) < 4096:
+                self._request_children[(method, code)] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

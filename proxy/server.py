@@ -1,0 +1,287 @@
+"""Lifecycle: listeners, the connection registry, readiness, signals, drain and reload."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import Counter
+
+from .admin import AdminServer
+from .config import Address, Config, ConfigError
+from .http1 import Http1Connection
+from .log import AccessLog, AccessRecord
+from .metrics import Metrics
+from .tls import TlsState
+from .upstream import UpstreamPool
+
+log = logging.getLogger("tls_sidecar.server")
+
+READINESS_CACHE_SECONDS = 1.0
+
+
+class ProxyContext:
+    """What every downstream connection shares: settings, TLS, the pool, metrics, the registry."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        config: Config,
+        tls: TlsState,
+        metrics: Metrics,
+        access_log: AccessLog,
+    ) -> None:
+        self.loop = loop
+        self.config = config
+        self.tls = tls
+        self.metrics = metrics
+        self.access_log = access_log
+        self.pool = UpstreamPool(config, metrics)
+        self.connections: set[Http1Connection] = set()
+        self.draining = False
+        upstream = config.upstream
+        self.upstream_host = (str(upstream.address) if upstream.address else "localhost").encode()
+        self._handshake_children: dict[tuple[str, bool], Counter] = {}
+        self._all_closed = asyncio.Event()
+
+    def handshake_done(self, version: str, resumed: bool) -> None:
+        child = self._handshake_children.get((version, resumed))
+        if child is None:
+            child = self.metrics.tls_handshakes.labels(version, "true" if resumed else "false")
+            self._handshake_children[(version, resumed)] = child
+        child.inc()
+
+    def connection_closed(self) -> None:
+        if not self.connections:
+            self._all_closed.set()
+
+    async def wait_all_closed(self) -> None:
+        while self.connections:
+            self._all_closed.clear()
+            await self._all_closed.wait()
+
+    def access(
+        self,
+        *,
+        client: str,
+        method: bytes,
+        target: bytes,
+        status: int,
+        bytes_in: int,
+        bytes_out: int,
+        duration: float,
+        upstream_duration: float | None,
+        tls_version: str,
+        request_id: bytes,
+    ) -> None:
+        if not self.access_log.enabled:
+            return
+        self.access_log.write(
+            AccessRecord(
+                time=time.time(),
+                client=client,
+                method=method.decode("latin-1"),
+                path=target[:2048].decode("latin-1"),
+                status=status,
+                bytes_in=bytes_in,
+                bytes_out=bytes_out,
+                duration=duration,
+                upstream_duration=upstream_duration,
+                tls_version=tls_version,
+                request_id=request_id.decode("latin-1"),
+            )
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Bound:
+    """The addresses actually listened on (ports resolved when 0 was asked for)."""
+
+    listen: list[Address]
+    admin: list[Address]
+
+
+def _addresses(sockets: Any) -> list[Address]:
+    out = []
+    for sock in sockets:
+        name = sock.getsockname()
+        out.append(Address(name[0], name[1]))
+    return out
+
+
+def bind_error(option: str, address: Address, error: OSError) -> ConfigError:
+    if error.errno == errno.EADDRINUSE:
+        return ConfigError(
+            f"{option} {address}: address already in use; stop the other process or pick "
+            "another port"
+        )
+    if error.errno == errno.EACCES:
+        return ConfigError(
+            f"{option} {address}: permission denied; use a port above 1023 or grant "
+            "CAP_NET_BIND_SERVICE"
+        )
+    if error.errno == errno.EADDRNOTAVAIL or isinstance(error, socket.gaierror):
+        return ConfigError(f"{option} {address}: no such local address; check the host part")
+    return ConfigError(f"{option} {address}: cannot listen ({error.strerror or error})")
+
+
+class ProxyServer:
+    """starting -> ready -> draining -> stopped."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        metrics: Metrics | None = None,
+        access_log: AccessLog | None = None,
+        tls: TlsState | None = None,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.tls = tls or TlsState(config)
+        self.access_log = access_log or AccessLog(config.log_format, config.access_log)
+        self.state = "starting"
+        self._ctx: ProxyContext | None = None
+        self._listener: asyncio.Server | None = None
+        self._admin: AdminServer | None = None
+        self._stop = asyncio.Event()
+        self._signals_seen = 0
+        self._ready_lock = asyncio.Lock()
+        self._upstream_checked_at = -1e9
+        self._upstream_problem: str | None = "not checked yet"
+        self.metrics.certificate_expiry.labels("default").set(self.tls.served.not_after)
+
+    @property
+    def ctx(self) -> ProxyContext:
+        assert self._ctx is not None
+        return self._ctx
+
+    async def start(self) -> Bound:
+        loop = asyncio.get_running_loop()
+        config = self.config
+        self._ctx = ProxyContext(loop, config, self.tls, self.metrics, self.access_log)
+        self._admin = AdminServer(self.readiness, self.metrics)
+        try:
+            admin_sockets = await self._admin.start(config.admin_listen)
+        except OSError as e:
+            raise bind_error("--admin-listen", config.admin_listen, e) from None
+        try:
+            self._listener = await loop.create_server(
+                lambda: Http1Connection(self.ctx),
+                config.listen.host,
+                config.listen.port,
+                backlog=1024,
+                reuse_address=True,
+            )
+        except OSError as e:
+            await self._admin.close()
+            raise bind_error("--listen", config.listen, e) from None
+        self.state = "ready"
+        return Bound(_addresses(self._listener.sockets), _addresses(admin_sockets))
+
+    async def readiness(self) -> tuple[bool, str]:
+        """Ready only while serving, not draining, and while the app accepts connections."""
+        if self.state != "ready":
+            self.metrics.ready.set(0)
+            return False, self.state
+        async with self._ready_lock:
+            now = asyncio.get_running_loop().time()
+            if now - self._upstream_checked_at >= READINESS_CACHE_SECONDS:
+                timeout = min(1.0, self.config.upstream_connect_timeout)
+                self._upstream_problem = await self.ctx.pool.probe(timeout)
+                self._upstream_checked_at = asyncio.get_running_loop().time()
+                self.metrics.upstream_up.set(0 if self._upstream_problem else 1)
+        ok = self._upstream_problem is None and self.state == "ready"
+        self.metrics.ready.set(1 if ok else 0)
+        return ok, "ready" if ok else (self._upstream_problem or self.state)
+
+    def install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_stop_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
+
+    def _on_stop_signal(self, sig: signal.Signals) -> None:
+        self._signals_seen += 1
+        if self._signals_seen > 1:
+            open_connections = len(self._ctx.connections) if self._ctx else 0
+            log.warning(
+                "second stop signal: exiting now",
+                extra={"signal": sig.name, "open_connections": open_connections},
+            )
+            self.access_log.flush()
+            logging.shutdown()
+            os._exit(128 + sig.value)
+        log.info("stop signal: draining", extra={"signal": sig.name})
+        self._stop.set()
+
+    def _on_reload_signal(self) -> None:
+        asyncio.get_running_loop().create_task(self.reload_certificates())
+
+    async def reload_certificates(self) -> bool:
+        loop = asyncio.get_running_loop()
+        try:
+            # OpenSSL takes milliseconds per context: build it off the event loop.
+            served = await loop.run_in_executor(None, self.tls.reload)
+        except ConfigError as e:
+            self.metrics.certificate_reloads.labels("failure").inc()
+            log.error("certificate reload failed; still serving the previous one", extra={"reason": str(e)})
+            return False
+        self.metrics.certificate_reloads.labels("success").inc()
+        self.metrics.certificate_expiry.labels("default").set(served.not_after)
+        log.info("certificate reloaded", extra={"subject": served.subject, "serial": f"{served.serial:x}"})
+        return True
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def serve_until_stopped(self, on_ready: Callable[[Bound], None] | None = None) -> None:
+        bound = await self.start()
+        if on_ready:
+            on_ready(bound)
+        await self._stop.wait()
+        await self.drain()
+
+    async def drain(self) -> None:
+        ctx = self.ctx
+        config = self.config
+        self.state = "draining"
+        self.metrics.draining.set(1)
+        self.metrics.ready.set(0)
+        if config.shutdown_delay > 0:
+            log.info("readiness is now 503; serving on", extra={"shutdown_delay_s": config.shutdown_delay})
+            await asyncio.sleep(config.shutdown_delay)
+        ctx.draining = True
+        if self._listener is not None:
+            self._listener.close()
+        in_flight = [c for c in ctx.connections if not c.idle]
+        log.info(
+            "draining",
+            extra={"in_flight": len(in_flight), "open_connections": len(ctx.connections)},
+        )
+        for connection in list(ctx.connections):
+            connection.begin_drain()
+        try:
+            async with asyncio.timeout(config.drain_timeout):
+                await ctx.wait_all_closed()
+        except TimeoutError:
+            log.warning(
+                "drain timeout: closing the connections left",
+                extra={"open_connections": len(ctx.connections)},
+            )
+            for connection in list(ctx.connections):
+                connection.abort_all()
+        ctx.pool.close_idle()
+        self.access_log.flush()
+        if self._admin is not None:
+            await self._admin.close()
+        self.state = "stopped"
+        log.info("stopped")

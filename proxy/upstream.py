@@ -1,0 +1,271 @@
+"""Upstream connections to the app (TCP or unix socket) and their keep-alive pool."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import errno
+import logging
+from typing import Protocol, cast
+
+import h11
+
+from .config import Config
+from .metrics import Metrics
+
+log = logging.getLogger("tls_sidecar.upstream")
+
+
+class UpstreamOwner(Protocol):
+    """The downstream connection an upstream connection currently works for."""
+
+    def upstream_readable(self, upstream: UpstreamConnection) -> None: ...
+    def upstream_lost(self, upstream: UpstreamConnection, exc: Exception | None) -> None: ...
+    def upstream_write_paused(self, paused: bool) -> None: ...
+    def tunnel_from_upstream(self, data: bytes) -> None: ...
+
+
+class UpstreamConnectError(Exception):
+    """The app could not be reached; `reason` is a metric label, `status` what the client gets."""
+
+    def __init__(self, reason: str, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.status = status
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One connection to the app; h11 in the client role frames what we send and parses replies."""
+
+    __slots__ = (
+        "h11",
+        "owner",
+        "pool",
+        "transport",
+        "closed",
+        "reused",
+        "tunnel",
+        "idle_since",
+        "state",
+        "received_any",
+    )
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        self.pool = pool
+        self.h11 = h11.Connection(h11.CLIENT)
+        self.owner: UpstreamOwner | None = None
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.reused = False
+        self.tunnel = False
+        self.idle_since = 0.0
+        self.state = "new"  # new -> busy <-> idle -> closed
+        self.received_any = False
+
+    # asyncio.Protocol callbacks ------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.pool.metrics.bytes_up_in.inc(len(data))
+        owner = self.owner
+        if owner is None:
+            self.abort()  # an idle connection must not talk: its framing is no longer trusted
+            return
+        self.received_any = True
+        if self.tunnel:
+            owner.tunnel_from_upstream(data)
+            return
+        self.h11.receive_data(data)
+        owner.upstream_readable(self)
+
+    def eof_received(self) -> bool:
+        owner = self.owner
+        if owner is not None and not self.tunnel:
+            self.h11.receive_data(b"")
+            owner.upstream_readable(self)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.forget(self)
+        owner, self.owner = self.owner, None
+        if owner is not None:
+            owner.upstream_lost(self, exc)
+
+    def pause_writing(self) -> None:
+        if self.owner is not None:
+            self.owner.upstream_write_paused(True)
+
+    def resume_writing(self) -> None:
+        if self.owner is not None:
+            self.owner.upstream_write_paused(False)
+
+    # used by the downstream connection --------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.pool.metrics.bytes_up_out.inc(len(data))
+        self.transport.write(data)
+
+    def writelines(self, parts: list[bytes]) -> None:
+        assert self.transport is not None
+        self.pool.metrics.bytes_up_out.inc(sum(map(len, parts)))
+        self.transport.writelines(parts)
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def abort(self) -> None:
+        self.owner = None
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+        self.pool.forget(self)
+
+    @property
+    def reusable(self) -> bool:
+        return (
+            not self.closed
+            and not self.tunnel
+            and self.h11.our_state is h11.DONE
+            and self.h11.their_state is h11.DONE
+        )
+
+
+class UpstreamPool:
+    """Idle keep-alive connections to the app: bounded, most recent first, expired when old."""
+
+    def __init__(self, config: Config, metrics: Metrics) -> None:
+        self.config = config
+        self.metrics = metrics
+        self._idle: collections.deque[UpstreamConnection] = collections.deque()
+        self._sweeper: asyncio.TimerHandle | None = None
+        self.closing = False
+
+    def _set_state(self, up: UpstreamConnection, state: str) -> None:
+        old = up.state
+        if old == state:
+            return
+        if old == "idle":
+            self.metrics.upstream_idle.dec()
+        elif old == "busy":
+            self.metrics.upstream_busy.dec()
+        if state == "idle":
+            self.metrics.upstream_idle.inc()
+        elif state == "busy":
+            self.metrics.upstream_busy.inc()
+        up.state = state
+
+    def take_idle(self) -> UpstreamConnection | None:
+        now = asyncio.get_running_loop().time()
+        while self._idle:
+            up = self._idle.pop()
+            if up.closed:
+                continue
+            if now - up.idle_since > self.config.upstream_idle_timeout:
+                up.abort()
+                continue
+            up.reused = True
+            up.received_any = False
+            self._set_state(up, "busy")
+            return up
+        return None
+
+    async def connect(self, timeout: float | None = None) -> UpstreamConnection:
+        loop = asyncio.get_running_loop()
+        target = self.config.upstream
+        limit = self.config.upstream_connect_timeout if timeout is None else timeout
+        try:
+            async with asyncio.timeout(limit):
+                if target.unix_path:
+                    _, up = await loop.create_unix_connection(
+                        lambda: UpstreamConnection(self), target.unix_path
+                    )
+                else:
+                    assert target.address is not None
+                    _, up = await loop.create_connection(
+                        lambda: UpstreamConnection(self),
+                        target.address.host,
+                        target.address.port,
+                    )
+        except TimeoutError:
+            self.metrics.upstream_connect_errors.labels("timeout").inc()
+            raise UpstreamConnectError(
+                "timeout", 504, f"upstream {target} did not accept within {limit:g}s"
+            ) from None
+        except OSError as e:
+            refused = e.errno in (errno.ECONNREFUSED, errno.ENOENT, errno.ECONNRESET)
+            reason = "refused" if refused else "error"
+            self.metrics.upstream_connect_errors.labels(reason).inc()
+            raise UpstreamConnectError(
+                reason, 502, f"upstream {target} {e.strerror or e}".rstrip()
+            ) from None
+        self._set_state(up, "busy")
+        return up
+
+    def release(self, up: UpstreamConnection) -> None:
+        """Return a finished connection to the pool, or close it if it cannot serve again."""
+        up.owner = None
+        if (
+            not up.reusable
+            or self.closing
+            or len(self._idle) >= self.config.upstream_max_idle
+        ):
+            self.close(up)
+            return
+        up.h11.start_next_cycle()
+        up.resume_reading()  # an idle connection must notice when the app closes it
+        up.idle_since = asyncio.get_running_loop().time()
+        self._set_state(up, "idle")
+        self._idle.append(up)
+        self._schedule_sweep()
+
+    def close(self, up: UpstreamConnection) -> None:
+        up.owner = None
+        if up.transport is not None and not up.closed:
+            up.transport.close()
+        self.forget(up)
+
+    def forget(self, up: UpstreamConnection) -> None:
+        self._set_state(up, "closed")
+        if up.closed:
+            try:
+                self._idle.remove(up)
+            except ValueError:
+                pass
+
+    def _schedule_sweep(self) -> None:
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(
+                self.config.upstream_idle_timeout / 2 + 0.05, self._sweep
+            )
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        now = asyncio.get_running_loop().time()
+        while self._idle and now - self._idle[0].idle_since > self.config.upstream_idle_timeout:
+            self._idle.popleft().abort()
+        if self._idle:
+            self._schedule_sweep()
+
+    def close_idle(self) -> None:
+        self.closing = True
+        while self._idle:
+            self.close(self._idle.pop())
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+
+    async def probe(self, timeout: float) -> str | None:
+        """Open and close one connection; None when the app accepts, else the reason."""
+        try:
+            up = await self.connect(timeout=timeout)
+        except UpstreamConnectError as e:
+            return str(e)
+        self.close(up)
+        return None
