@@ -106,7 +106,7 @@ async def _websocket_echo(
                 headers=[
                     (b"upgrade", b"websocket"),
                     (b"connection", b"Upgrade"),
-                    (b"sec-websocket-accept", accept.encode()),
+                    (b"sec-websocket-accept", accept),
                 ],
             )
         )

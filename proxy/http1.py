@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import http
 import logging
 import ssl
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import h11
 
@@ -26,6 +27,14 @@ _HOLD_UPSTREAM_FULL = 4  # the app is not reading the request body fast enough
 
 # Timeout phases (metric labels) and whether activity pushes the deadline back.
 _INACTIVITY = frozenset({"idle", "request_body", "upstream", "tunnel"})
+
+
+_REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
+
+
+def reason_phrase(response: h11.Response | h11.InformationalResponse) -> bytes:
+    """The app's reason phrase, or the standard one when it sent none."""
+    return response.reason or _REASONS.get(response.status_code, b"")
 
 
 @dataclass(slots=True)
@@ -66,7 +75,9 @@ class Http1Connection(asyncio.Protocol):
         self.tunnel: UpstreamConnection | None = None
         self._holds = 0
         self._received_since_idle = False
-        self._handshake_task: asyncio.Task[None] | None = None
+        self._handshake: Any = None
+        self._handshake_started = 0.0
+        self._raw: asyncio.Transport | None = None
         # One timer per connection, pushed back lazily (see _on_timer).
         self._phase: str | None = None
         self._phase_timeout = 0.0
@@ -93,30 +104,46 @@ class Http1Connection(asyncio.Protocol):
             return
         ctx.connections.add(self)
         ctx.metrics.connections_active.inc()
-        transport.pause_reading()  # start_tls takes over reading
-        self._handshake_task = self.loop.create_task(self._handshake(transport))
+        self._handshake_started = time.perf_counter()
+        # uvloop starts reading as soon as connection_made returns, so the TLS protocol must be
+        # in place before then: step start_tls's coroutine here instead of in a Task, whose
+        # first step would run a loop turn later and could let the ClientHello reach h11.
+        self._handshake = self.loop.start_tls(
+            transport,
+            self,
+            ctx.tls.context,
+            server_side=True,
+            ssl_handshake_timeout=ctx.config.handshake_timeout,
+        )
+        self._raw = transport
+        self._step_handshake(None)
 
-    async def _handshake(self, raw: asyncio.Transport) -> None:
-        ctx = self.ctx
-        started = time.perf_counter()
+    def _step_handshake(self, _done: object) -> None:
+        coro = self._handshake
         try:
-            tls = await self.loop.start_tls(
-                raw,
-                self,
-                ctx.tls.context,
-                server_side=True,
-                ssl_handshake_timeout=ctx.config.handshake_timeout,
-            )
-        except (TimeoutError, asyncio.TimeoutError):
-            self._handshake_failed(raw, "timeout")
-            ctx.metrics.timeouts.labels("handshake").inc()
+            waiting = coro.send(None)
+        except StopIteration as finished:
+            self._handshake_done(finished.value)
+            return
+        except (TimeoutError, ConnectionAbortedError) as e:
+            timed_out = isinstance(e, TimeoutError) or "taking longer" in str(e)
+            if timed_out:
+                self.ctx.metrics.timeouts.labels("handshake").inc()
+            self._handshake_failed("timeout" if timed_out else "closed", e)
             return
         except ssl.SSLError as e:
-            self._handshake_failed(raw, "protocol", e)
+            self._handshake_failed("protocol", e)
             return
-        except (OSError, EOFError, RuntimeError) as e:
-            self._handshake_failed(raw, "closed", e)
+        except (OSError, EOFError, RuntimeError, asyncio.CancelledError) as e:
+            self._handshake_failed("closed", e)
             return
+        if isinstance(waiting, asyncio.Future):
+            waiting.add_done_callback(self._step_handshake)
+        else:  # a bare yield: go on at the next loop turn
+            self.loop.call_soon(self._step_handshake, None)
+
+    def _handshake_done(self, tls: asyncio.BaseTransport) -> None:
+        ctx = self.ctx
         tls = cast(asyncio.Transport, tls)
         self.handshaking = False
         self.transport = tls
@@ -128,15 +155,15 @@ class Http1Connection(asyncio.Protocol):
         if isinstance(ssl_object, ssl.SSLObject):
             self.tls_version = ssl_object.version() or "-"
             ctx.handshake_done(self.tls_version, ssl_object.session_reused)
-        ctx.metrics.tls_handshake_duration.observe(time.perf_counter() - started)
+        ctx.metrics.tls_handshake_duration.observe(time.perf_counter() - self._handshake_started)
         self._arm("header", ctx.config.header_timeout)
         if self._received_since_idle:  # the request arrived with the handshake's last flight
             self._next_events()
 
-    def _handshake_failed(self, raw: asyncio.Transport, reason: str, exc: BaseException | None = None) -> None:
+    def _handshake_failed(self, reason: str, exc: BaseException) -> None:
         self.ctx.metrics.tls_handshake_errors.labels(reason).inc()
-        log.debug("tls handshake failed", extra={"client": self.client.address, "reason": str(exc or reason)})
-        raw.abort()
+        log.debug("tls handshake failed", extra={"client": self.client.address, "reason": str(exc)})
+        self._raw.abort()
         self._forget()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -177,8 +204,8 @@ class Http1Connection(asyncio.Protocol):
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
-        elif self._handshake_task is not None:
-            self._handshake_task.cancel()
+        elif self._raw is not None:
+            self._raw.abort()
 
     @property
     def idle(self) -> bool:
@@ -246,7 +273,7 @@ class Http1Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.ctx.metrics.bytes_down_in.inc(len(data))
-        if self.handshaking:  # delivered before start_tls returned: parse once it has
+        if self.handshaking:  # delivered before the handshake step returned: parse after it
             self.h11.receive_data(data)
             self._received_since_idle = True
             return
@@ -335,6 +362,11 @@ class Http1Connection(asyncio.Protocol):
             has_body=chunked or (length is not None and length != b"0"),
         )
         ctx.metrics.http_requests_in_flight.inc()
+        # h11 caps only an incomplete head; one that arrived whole is measured here.
+        head_size = len(request.method) + len(request.target) + 12 + sum(len(n) + len(v) + 4 for n, v in names)
+        if head_size > config.max_header_bytes:
+            self._local_response(431, "header_too_large", f"request head over {config.max_header_bytes} bytes")
+            return
         # Smuggling guard: h11 lets Transfer-Encoding win over Content-Length; we refuse both.
         if chunked and length is not None:
             self._local_response(400, "bad_request", "both Content-Length and Transfer-Encoding")
@@ -482,7 +514,7 @@ class Http1Connection(asyncio.Protocol):
         if self.ctx.draining:
             out.append((b"connection", b"close"))
         self._write_client(
-            [self.h11.send(h11.Response(status_code=response.status_code, headers=out, reason=response.reason))]  # type: ignore[list-item]
+            [self.h11.send(h11.Response(status_code=response.status_code, headers=out, reason=reason_phrase(response)))]  # type: ignore[list-item]
         )
         self._arm("upstream", self.ctx.config.upstream_timeout)
 
@@ -491,7 +523,9 @@ class Http1Connection(asyncio.Protocol):
     ) -> None:
         switching = info.status_code == 101
         out = hdr.response_headers(list(info.headers), switching_protocols=switching)
-        data = self.h11.send(h11.InformationalResponse(status_code=info.status_code, headers=out, reason=info.reason))
+        data = self.h11.send(
+            h11.InformationalResponse(status_code=info.status_code, headers=out, reason=reason_phrase(info))
+        )
         assert data is not None
         self._write_client([data])
         if not switching:
@@ -591,7 +625,7 @@ class Http1Connection(asyncio.Protocol):
             response_headers.append((b"x-request-id", exchange.request_id))
         try:
             parts = [
-                self.h11.send(h11.Response(status_code=status, headers=response_headers)),
+                self.h11.send(h11.Response(status_code=status, headers=response_headers, reason=_REASONS.get(status, b""))),
                 self.h11.send(h11.Data(data=body)),
                 self.h11.send(h11.EndOfMessage()),
             ]

@@ -1,0 +1,63 @@
+"""Fixtures: generated certificates, the upstream test app, and proxy processes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from proxy import certs
+from tests.support.proxy import DevCerts, ProxyProcess
+from tests.support.upstream import UpstreamApp
+
+
+@pytest.fixture(scope="session")
+def dev_certs(tmp_path_factory: pytest.TempPathFactory) -> DevCerts:
+    """A CA and a server certificate for localhost, generated for this test run."""
+    out = tmp_path_factory.mktemp("certs")
+    ca = certs.create_ca("tests CA")
+    server = certs.issue(ca, ["localhost", "127.0.0.1", "::1"])
+    (out / "ca.crt").write_bytes(ca.cert_pem)
+    (out / "tls.crt").write_bytes(server.cert_pem + ca.cert_pem)
+    certs.write_private(out / "tls.key", server.key_pem)
+    return DevCerts(out / "ca.crt", out / "tls.crt", out / "tls.key", out)
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[UpstreamApp]:
+    app = UpstreamApp().start()
+    yield app
+    app.stop()
+
+
+ProxyFactory = Callable[..., ProxyProcess]
+
+
+@pytest.fixture(scope="module")
+def start_proxy(dev_certs: DevCerts) -> Iterator[ProxyFactory]:
+    """Start proxies on ephemeral ports with the test certificate; all stopped at module end."""
+    started: list[ProxyProcess] = []
+
+    def start(upstream: str, *extra: str, with_cert: bool = True, env: dict[str, str] | None = None) -> ProxyProcess:
+        args = ["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--upstream", upstream]
+        if with_cert:
+            args += ["--cert", str(dev_certs.cert), "--key", str(dev_certs.key)]
+        proc = ProxyProcess([*args, *extra], env=env).start()
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def proxy(start_proxy: ProxyFactory, upstream: UpstreamApp) -> ProxyProcess:
+    """The default proxy in front of the module's upstream app."""
+    return start_proxy(upstream.base, "--upstream-timeout", "2s")
+
+
+@pytest.fixture
+def ca(dev_certs: DevCerts) -> Path:
+    return dev_certs.ca

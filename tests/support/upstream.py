@@ -1,0 +1,328 @@
+"""A controllable upstream app for tests: echo, stream, stall, reset, garbage; it counts requests.
+
+It runs its own event loop in a background thread and records exactly what it received, so a test
+can assert what reached the app. Behaviour is chosen by path:
+
+  /echo...            JSON: method, path, headers, body length and sha256
+  /bytes/N            N bytes with Content-Length      /chunked/N  N bytes, chunked
+  /gate/NAME          first chunk, then waits until the test calls open_gate(NAME), then the rest
+  /slow/SECONDS       answers after SECONDS            /stall  never answers
+  /reset              closes the connection without answering (RST)
+  /reset-mid          sends a head and half the body, then RST
+  /garbage            answers bytes that are not HTTP
+  /status/N           empty answer with status N       /close  answers with Connection: close
+  /hop                answers with hop-by-hop headers the proxy must strip
+  /ws                 WebSocket echo
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import socket
+import struct
+import threading
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import h11
+from wsproto.connection import Connection as WsConnection
+from wsproto.connection import ConnectionType
+from wsproto.events import BytesMessage, CloseConnection, TextMessage
+from wsproto.utilities import generate_accept_token
+
+
+def pattern(n: int) -> bytes:
+    """Deterministic, non-repeating-looking bytes so corruption and truncation show."""
+    block = hashlib.sha256(b"tls-sidecar").digest() * 2048  # 64 KiB
+    return (block * (n // len(block) + 1))[:n]
+
+
+@dataclass
+class Received:
+    method: str
+    path: str
+    headers: list[tuple[str, str]]
+    body_length: int
+    body_sha256: str
+    connection_id: int
+
+    def header(self, name: str) -> str | None:
+        return next((v for n, v in self.headers if n == name), None)
+
+
+@dataclass
+class UpstreamApp:
+    host: str = "127.0.0.1"
+    port: int = 0
+    unix_path: str | None = None
+    requests: list[Received] = field(default_factory=list)
+    connections: int = 0
+    _loop: asyncio.AbstractEventLoop | None = None
+    _server: asyncio.Server | None = None
+    _thread: threading.Thread | None = None
+    _gates: dict[str, asyncio.Event] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # --- control from the test thread ----------------------------------------------------------
+    def start(self) -> UpstreamApp:
+        ready = threading.Event()
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            asyncio.set_event_loop(loop)
+            loop.run_until_complete(self._listen())
+            ready.set()
+            loop.run_forever()
+            loop.close()
+
+        self._thread = threading.Thread(target=run, daemon=True, name="upstream-app")
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("upstream app did not start")
+        return self
+
+    async def _listen(self) -> None:
+        if self.unix_path:
+            self._server = await asyncio.start_unix_server(self._serve, self.unix_path)
+            return
+        self._server = await asyncio.start_server(
+            self._serve, self.host, self.port, reuse_address=True
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def call(self, coro_fn: Callable[[], Coroutine[Any, Any, Any]], timeout: float = 10) -> Any:
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coro_fn(), self._loop).result(timeout)
+
+    def stop_listening(self) -> None:
+        """Close the listening socket (new connections are refused); keep the loop."""
+
+        async def close() -> None:
+            assert self._server is not None
+            self._server.close()
+
+        self.call(close)
+
+    def listen_again(self) -> None:
+        self.call(self._listen)
+
+    def stop(self) -> None:
+        """Close the listener, cancel every connection handler, stop and close the loop."""
+        if self._loop is None:
+            return
+
+        async def shutdown() -> None:
+            assert self._server is not None
+            self._server.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        self.call(shutdown)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread:
+            self._thread.join(5)
+
+    def open_gate(self, name: str) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._gate(name).set)
+
+    def count(self, path_prefix: str = "") -> int:
+        with self._lock:
+            return sum(1 for r in self.requests if r.path.startswith(path_prefix))
+
+    @property
+    def base(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    # --- the app ---------------------------------------------------------------------------
+    def _gate(self, name: str) -> asyncio.Event:
+        return self._gates.setdefault(name, asyncio.Event())
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with self._lock:
+            self.connections += 1
+            connection_id = self.connections
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=1 << 20)
+        try:
+            while True:
+                request, body = await self._read_request(conn, reader, writer)
+                if request is None:
+                    return
+                path = request.target.decode()
+                with self._lock:
+                    self.requests.append(
+                        Received(
+                            request.method.decode(),
+                            path,
+                            [(n.decode(), v.decode("latin-1")) for n, v in request.headers],
+                            len(body),
+                            hashlib.sha256(body).hexdigest(),
+                            connection_id,
+                        )
+                    )
+                keep_going = await self._respond(conn, request, body, path, reader, writer)
+                if not keep_going or conn.our_state is h11.MUST_CLOSE:
+                    return
+                conn.start_next_cycle()
+        except (h11.ProtocolError, ConnectionError):
+            return
+        finally:
+            if not writer.is_closing():
+                writer.close()
+
+    async def _read_request(
+        self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> tuple[h11.Request | None, bytes]:
+        request = None
+        chunks = []
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = await reader.read(262144)
+                conn.receive_data(data)
+            elif isinstance(event, h11.Request):
+                request = event
+                if conn.they_are_waiting_for_100_continue:
+                    writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b"")
+            elif isinstance(event, h11.Data):
+                chunks.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                return request, b"".join(chunks)
+            else:
+                return None, b""
+
+    async def _respond(
+        self,
+        conn: h11.Connection,
+        request: h11.Request,
+        body: bytes,
+        path: str,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> bool:
+        send = conn.send
+
+        def respond(status: int, payload: bytes = b"", headers: list[tuple[bytes, bytes]] | None = None) -> None:
+            hs = [(b"content-length", str(len(payload)).encode())] if status not in (204, 304) else []
+            hs += headers or []
+            out = send(h11.Response(status_code=status, headers=hs)) or b""
+            if payload and request.method != b"HEAD":
+                out += send(h11.Data(data=payload)) or b""
+            out += send(h11.EndOfMessage()) or b""
+            writer.write(out)
+
+        if path.startswith("/bytes/"):
+            respond(200, pattern(int(path.split("/")[2])))
+        elif path.startswith("/chunked/"):
+            n = int(path.split("/")[2])
+            writer.write(send(h11.Response(status_code=200, headers=[(b"transfer-encoding", b"chunked")])) or b"")
+            data = pattern(n)
+            for i in range(0, n, 65536):
+                writer.write(send(h11.Data(data=data[i : i + 65536])) or b"")
+                await writer.drain()
+            writer.write(send(h11.EndOfMessage()) or b"")
+        elif path.startswith("/gate/"):
+            writer.write(send(h11.Response(status_code=200, headers=[(b"transfer-encoding", b"chunked")])) or b"")
+            writer.write(send(h11.Data(data=b"first;")) or b"")
+            await writer.drain()
+            await self._gate(path.split("/")[2]).wait()
+            writer.write(send(h11.Data(data=b"last")) or b"")
+            writer.write(send(h11.EndOfMessage()) or b"")
+        elif path.startswith("/slow/"):
+            await asyncio.sleep(float(path.split("/")[2]))
+            respond(200, b"slow done")
+        elif path == "/stall":
+            await reader.read()  # until the proxy gives up and closes
+            return False
+        elif path == "/reset":
+            _reset(writer)
+            return False
+        elif path == "/reset-mid":
+            writer.write(send(h11.Response(status_code=200, headers=[(b"content-length", b"100000")])) or b"")
+            writer.write(send(h11.Data(data=pattern(50000))) or b"")
+            await writer.drain()
+            _reset(writer)
+            return False
+        elif path == "/garbage":
+            writer.write(b"THIS IS NOT HTTP\r\n\r\n")
+            await writer.drain()
+            return False
+        elif path.startswith("/status/"):
+            respond(int(path.split("/")[2]))
+        elif path == "/close":
+            respond(200, b"bye", [(b"connection", b"close")])
+        elif path == "/hop":
+            respond(
+                200,
+                b"hop",
+                [
+                    (b"connection", b"x-internal"),
+                    (b"x-internal", b"secret"),
+                    (b"keep-alive", b"timeout=5"),
+                    (b"x-app", b"kept"),
+                ],
+            )
+        elif path == "/ws":
+            await _websocket_echo(conn, request, reader, writer)
+            return False
+        else:
+            doc = {
+                "method": request.method.decode(),
+                "path": path,
+                "headers": [[n.decode(), v.decode("latin-1")] for n, v in request.headers],
+                "body_length": len(body),
+                "body_sha256": hashlib.sha256(body).hexdigest(),
+            }
+            respond(200, json.dumps(doc).encode(), [(b"content-type", b"application/json")])
+        await writer.drain()
+        return True
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+async def _websocket_echo(
+    conn: h11.Connection, request: h11.Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    key = next(v for n, v in request.headers if n == b"sec-websocket-key")
+    writer.write(
+        conn.send(
+            h11.InformationalResponse(
+                status_code=101,
+                headers=[
+                    (b"upgrade", b"websocket"),
+                    (b"connection", b"upgrade"),
+                    (b"sec-websocket-accept", generate_accept_token(key)),
+                ],
+            )
+        )
+        or b""
+    )
+    ws = WsConnection(ConnectionType.SERVER)
+    if conn.trailing_data[0]:
+        ws.receive_data(conn.trailing_data[0])
+    while True:
+        for event in ws.events():
+            if isinstance(event, TextMessage):
+                writer.write(ws.send(TextMessage(data="echo:" + event.data)))
+            elif isinstance(event, BytesMessage):
+                writer.write(ws.send(BytesMessage(data=bytes(event.data))))
+            elif isinstance(event, CloseConnection):
+                writer.write(ws.send(event.response()))
+                await writer.drain()
+                return
+        await writer.drain()
+        data = await reader.read(65536)
+        if not data:
+            return
+        ws.receive_data(data)
