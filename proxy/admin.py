@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 from collections.abc import Awaitable, Callable
@@ -71,10 +72,10 @@ class AdminServer:
                 else:
                     break
         except h11.RemoteProtocolError as e:
-            try:
-                writer.write(self._response(conn, None, e.error_status_hint, b"text/plain", b"bad request\n"))
-            except h11.LocalProtocolError:
-                pass
+            with contextlib.suppress(h11.LocalProtocolError):
+                writer.write(
+                    self._response(conn, None, e.error_status_hint, b"text/plain", b"bad request\n")
+                )
         except (ConnectionError, TimeoutError):
             pass
         finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import itertools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -230,7 +231,7 @@ def check_pair(
             f"--key does not match the certificate in {cert_path}; "
             "give the key the certificate was issued for"
         )
-    for child, parent in zip(chain, chain[1:], strict=False):
+    for child, parent in itertools.pairwise(chain):
         if child.issuer != parent.subject:
             raise CertificateError(
                 f"--cert: {cert_path} chain is out of order: {child.subject.rfc4514_string()} is "

@@ -71,7 +71,9 @@ def init_dev_certificates(
     if renew_leaves or not files.server_cert.exists():
         server = certs.issue(ca, list(hosts), key_type=key_type)
         _write_pair(files.server_cert, files.server_key, server, chain=ca.cert_pem)
-        client = certs.issue(ca, [], common_name="tls-sidecar-dev-client", client=True, key_type=key_type)
+        client = certs.issue(
+            ca, [], common_name="tls-sidecar-dev-client", client=True, key_type=key_type
+        )
         _write_pair(files.client_cert, files.client_key, client)
     return files, ca_made
 
@@ -96,9 +98,26 @@ def certs_group() -> None:
 
 
 @certs_group.command("init", context_settings=CONTEXT)
-@click.option("--host", "hosts", multiple=True, help="Name or IP for the server certificate (repeatable). [default: localhost, 127.0.0.1, ::1]")
-@click.option("--out", default="certs", show_default=True, type=click.Path(path_type=Path), help="Folder to write to.")
-@click.option("--key-type", default="ecdsa", show_default=True, type=click.Choice(["ecdsa", "rsa"]), help="ECDSA P-256 or RSA 2048.")
+@click.option(
+    "--host",
+    "hosts",
+    multiple=True,
+    help="Name or IP for the server certificate (repeatable). [default: localhost, 127.0.0.1, ::1]",
+)
+@click.option(
+    "--out",
+    default="certs",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Folder to write to.",
+)
+@click.option(
+    "--key-type",
+    default="ecdsa",
+    show_default=True,
+    type=click.Choice(["ecdsa", "rsa"]),
+    help="ECDSA P-256 or RSA 2048.",
+)
 def init_command(hosts: tuple[str, ...], out: Path, key_type: certs.KeyType) -> None:
     """Make a development CA (kept if it exists) and server and client certificates."""
     files, ca_made = init_dev_certificates(out, hosts or certs.DEFAULT_HOSTS, key_type)
@@ -109,16 +128,47 @@ def init_command(hosts: tuple[str, ...], out: Path, key_type: certs.KeyType) -> 
 
 
 @certs_group.command("issue", context_settings=CONTEXT)
-@click.option("--ca", "ca_path", default="certs/ca.crt", show_default=True, type=click.Path(path_type=Path), help="CA certificate.")
-@click.option("--ca-key", default="certs/ca.key", show_default=True, type=click.Path(path_type=Path), help="CA private key.")
-@click.option("--name", "names", multiple=True, required=True, help="DNS name, IP or URI SAN (e.g. spiffe://example.org/app); repeatable.")
+@click.option(
+    "--ca",
+    "ca_path",
+    default="certs/ca.crt",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="CA certificate.",
+)
+@click.option(
+    "--ca-key",
+    default="certs/ca.key",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="CA private key.",
+)
+@click.option(
+    "--name",
+    "names",
+    multiple=True,
+    required=True,
+    help="DNS name, IP or URI SAN (e.g. spiffe://example.org/app); repeatable.",
+)
 @click.option("--cn", default=None, help="Subject common name. [default: the first --name]")
 @click.option("--ou", default=None, help="Subject organizational unit.")
-@click.option("--client", is_flag=True, help="A client certificate (clientAuth) instead of a server one.")
-@click.option("--days", default=825, show_default=True, type=click.IntRange(1, 3650), help="Validity in days.")
+@click.option(
+    "--client", is_flag=True, help="A client certificate (clientAuth) instead of a server one."
+)
+@click.option(
+    "--days", default=825, show_default=True, type=click.IntRange(1, 3650), help="Validity in days."
+)
 @click.option("--key-type", default="ecdsa", show_default=True, type=click.Choice(["ecdsa", "rsa"]))
-@click.option("--out", default="certs", show_default=True, type=click.Path(path_type=Path), help="Folder to write to.")
-@click.option("--file-name", default=None, help="Base name of the files. [default: from the first --name]")
+@click.option(
+    "--out",
+    default="certs",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Folder to write to.",
+)
+@click.option(
+    "--file-name", default=None, help="Base name of the files. [default: from the first --name]"
+)
 def issue_command(
     ca_path: Path,
     ca_key: Path,
@@ -133,8 +183,18 @@ def issue_command(
 ) -> None:
     """Issue one more certificate from the development CA."""
     ca = _load_ca(ca_path, ca_key)
-    issued = certs.issue(ca, list(names), common_name=cn, organizational_unit=ou, client=client, key_type=key_type, days=days)
-    base = file_name or "".join(c if c.isalnum() or c in "-." else "_" for c in names[0].split("://")[-1])
+    issued = certs.issue(
+        ca,
+        list(names),
+        common_name=cn,
+        organizational_unit=ou,
+        client=client,
+        key_type=key_type,
+        days=days,
+    )
+    base = file_name or "".join(
+        c if c.isalnum() or c in "-." else "_" for c in names[0].split("://")[-1]
+    )
     out.mkdir(parents=True, exist_ok=True)
     cert_path, key_path = out / f"{base}.crt", out / f"{base}.key"
     _write_pair(cert_path, key_path, issued, chain=b"" if client else ca.cert_pem)
@@ -143,8 +203,20 @@ def issue_command(
 
 @certs_group.command("inspect", context_settings=CONTEXT)
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--key", "key_path", default=None, type=click.Path(path_type=Path), help="Check that this private key matches the leaf.")
-@click.option("--ca", "ca_path", default=None, type=click.Path(path_type=Path), help="Verify the chain against this CA.")
+@click.option(
+    "--key",
+    "key_path",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="Check that this private key matches the leaf.",
+)
+@click.option(
+    "--ca",
+    "ca_path",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="Verify the chain against this CA.",
+)
 def inspect_command(files: tuple[Path, ...], key_path: Path | None, ca_path: Path | None) -> None:
     """Show certificates; exit 1 on an expired leaf, a key mismatch or a chain that fails."""
     problems: list[str] = []
@@ -198,7 +270,10 @@ def _is_client(cert: x509.Certificate) -> bool:
         usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     except x509.ExtensionNotFound:
         return False
-    return x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH in usage and x509.oid.ExtendedKeyUsageOID.SERVER_AUTH not in usage
+    return (
+        x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH in usage
+        and x509.oid.ExtendedKeyUsageOID.SERVER_AUTH not in usage
+    )
 
 
 def _first_dns(cert: x509.Certificate) -> str | None:

@@ -7,6 +7,7 @@ import logging
 import shlex
 import sys
 from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -17,7 +18,6 @@ from . import __version__
 from . import log as logs
 from .certs_cli import certs_group, ensure_dev_certificates
 from .config import (
-    Address,
     Config,
     ConfigError,
     parse_address,
@@ -39,7 +39,13 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 def _option(name: str, default: Any, help_text: str, **kwargs: Any) -> Callable[[Any], Any]:
     env = ENV_PREFIX + name.lstrip("-").split("/")[0].lstrip("-").replace("-", "_").upper()
     return click.option(
-        name, default=default, envvar=env, show_envvar=True, show_default=True, help=help_text, **kwargs
+        name,
+        default=default,
+        envvar=env,
+        show_envvar=True,
+        show_default=True,
+        help=help_text,
+        **kwargs,
     )
 
 
@@ -47,21 +53,65 @@ def serve_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """Every `serve` flag; `demo` shares them. Values are parsed into Config by build_config."""
     options = [
         _option("--listen", "0.0.0.0:8443", "TLS address to serve on; IPv6 as [::]:8443."),
-        _option("--upstream", "http://127.0.0.1:8080", "The app: http://HOST:PORT or unix:/path.sock."),
-        _option("--admin-listen", "0.0.0.0:9901", "Plain-HTTP address for /livez /healthz /readyz /metrics."),
-        _option("--cert", None, "PEM certificate chain, leaf first. Omit for a self-signed one.", type=click.Path(path_type=Path)),
+        _option(
+            "--upstream", "http://127.0.0.1:8080", "The app: http://HOST:PORT or unix:/path.sock."
+        ),
+        _option(
+            "--admin-listen",
+            "0.0.0.0:9901",
+            "Plain-HTTP address for /livez /healthz /readyz /metrics.",
+        ),
+        _option(
+            "--cert",
+            None,
+            "PEM certificate chain, leaf first. Omit for a self-signed one.",
+            type=click.Path(path_type=Path),
+        ),
         _option("--key", None, "PEM private key of --cert.", type=click.Path(path_type=Path)),
-        _option("--tls-min-version", "1.2", "Oldest TLS version accepted.", type=click.Choice(["1.2", "1.3"])),
+        _option(
+            "--tls-min-version",
+            "1.2",
+            "Oldest TLS version accepted.",
+            type=click.Choice(["1.2", "1.3"]),
+        ),
         _option("--handshake-timeout", "10s", "Time a client has to finish the TLS handshake."),
         _option("--header-timeout", "15s", "Time a client has to send a whole request head."),
-        _option("--idle-timeout", "60s", "Keep-alive idle time, and the longest pause inside a request body."),
-        _option("--upstream-connect-timeout", "5s", "Time to connect to the app before answering 504."),
-        _option("--upstream-timeout", "60s", "Time for the app's response head (and between its reads) before 504."),
-        _option("--upstream-idle-timeout", "30s", "How long an idle pooled connection to the app is kept."),
-        _option("--upstream-max-idle", 128, "Most idle pooled connections to the app.", type=click.IntRange(0)),
+        _option(
+            "--idle-timeout",
+            "60s",
+            "Keep-alive idle time, and the longest pause inside a request body.",
+        ),
+        _option(
+            "--upstream-connect-timeout", "5s", "Time to connect to the app before answering 504."
+        ),
+        _option(
+            "--upstream-timeout",
+            "60s",
+            "Time for the app's response head (and between its reads) before 504.",
+        ),
+        _option(
+            "--upstream-idle-timeout",
+            "30s",
+            "How long an idle pooled connection to the app is kept.",
+        ),
+        _option(
+            "--upstream-max-idle",
+            128,
+            "Most idle pooled connections to the app.",
+            type=click.IntRange(0),
+        ),
         _option("--drain-timeout", "30s", "On SIGTERM, the longest wait for in-flight requests."),
-        _option("--shutdown-delay", "0s", "On SIGTERM, serve on this long with /readyz 503 before draining."),
-        _option("--max-connections", 10000, "Most concurrent client connections; more are closed at once.", type=click.IntRange(1)),
+        _option(
+            "--shutdown-delay",
+            "0s",
+            "On SIGTERM, serve on this long with /readyz 503 before draining.",
+        ),
+        _option(
+            "--max-connections",
+            10000,
+            "Most concurrent client connections; more are closed at once.",
+            type=click.IntRange(1),
+        ),
         _option("--max-header-bytes", "16384", "Largest request head (beyond: 431)."),
         _option("--max-body-bytes", "unlimited", "Largest request body (beyond: 413)."),
         _option(
@@ -167,39 +217,70 @@ def serve(**opts: Any) -> None:
 
 
 @cli.command(context_settings=CONTEXT)
-@click.option("--app-listen", default="127.0.0.1:8080", show_default=True, envvar=ENV_PREFIX + "DEMO_APP_LISTEN", show_envvar=True, help="Where the demo app listens.")
-@click.option("--listen", default="127.0.0.1:8443", show_default=True, envvar=ENV_PREFIX + "DEMO_LISTEN", show_envvar=True, help="TLS address of the proxy.")
-@click.option("--admin-listen", default="127.0.0.1:9901", show_default=True, envvar=ENV_PREFIX + "DEMO_ADMIN_LISTEN", show_envvar=True, help="Admin address of the proxy.")
-@click.option("--certs-dir", default="certs", show_default=True, type=click.Path(path_type=Path), envvar=ENV_PREFIX + "DEMO_CERTS_DIR", show_envvar=True, help="Where the development CA and certificate are made (kept between runs).")
+@click.option(
+    "--app-listen",
+    default="127.0.0.1:8080",
+    show_default=True,
+    envvar=ENV_PREFIX + "DEMO_APP_LISTEN",
+    show_envvar=True,
+    help="Where the demo app listens.",
+)
+@click.option(
+    "--listen",
+    default="127.0.0.1:8443",
+    show_default=True,
+    envvar=ENV_PREFIX + "DEMO_LISTEN",
+    show_envvar=True,
+    help="TLS address of the proxy.",
+)
+@click.option(
+    "--admin-listen",
+    default="127.0.0.1:9901",
+    show_default=True,
+    envvar=ENV_PREFIX + "DEMO_ADMIN_LISTEN",
+    show_envvar=True,
+    help="Admin address of the proxy.",
+)
+@click.option(
+    "--certs-dir",
+    default="certs",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    envvar=ENV_PREFIX + "DEMO_CERTS_DIR",
+    show_envvar=True,
+    help="Where the development CA and certificate are made (kept between runs).",
+)
 def demo(app_listen: str, listen: str, admin_listen: str, certs_dir: Path) -> None:
     """Run a demo app and the proxy in front of it, with a development certificate."""
     app = parse_address(app_listen, option="--app-listen")
     files = ensure_dev_certificates(certs_dir)
-    config = Config(
+    base = Config(
         listen=parse_address(listen, option="--listen"),
-        upstream=parse_upstream(f"http://{app}"),
         admin_listen=parse_address(admin_listen, option="--admin-listen"),
         cert_file=files.server_cert,
         key_file=files.server_key,
         log_format="text",
     ).validate()
-    logs.configure(config.log_format, config.log_level)
+    logs.configure(base.log_format, base.log_level)
 
     async def main() -> None:
         try:
             demo_server = await start_demo_app(app.host, app.port)
         except OSError as e:
-            raise ConfigError(f"--app-listen {app}: cannot listen ({e.strerror}); pick another port") from None
+            raise ConfigError(
+                f"--app-listen {app}: cannot listen ({e.strerror}); pick another port"
+            ) from None
+        app_port = demo_server.sockets[0].getsockname()[1]
+        config = replace(base, upstream=parse_upstream(f"http://{app.host}:{app_port}"))
 
         def show(bound: Bound) -> None:
             port = bound.listen[0].port
-            admin = bound.admin[0]
             ca = shlex.quote(str(files.ca_cert))
             click.echo(
                 "\n"
-                f"  demo app   http://{app}  (echoes each request; WebSocket echo on upgrade)\n"
+                f"  demo app   {config.upstream}  (echoes each request; WebSocket echo on upgrade)\n"
                 f"  proxy      https://localhost:{port}  ->  the demo app\n"
-                f"  admin      http://{admin}/readyz  and  /metrics\n\n"
+                f"  admin      http://{bound.admin[0]}/readyz  and  /metrics\n\n"
                 f"  try:   curl --cacert {ca} https://localhost:{port}/hello\n"
                 "  stop:  Ctrl-C\n",
                 err=True,

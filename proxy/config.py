@@ -73,8 +73,10 @@ class Config:
                 f"--admin-listen {self.admin_listen} is the same as --listen; "
                 "the admin port must differ from the TLS port"
             )
-        if self.listen.port != 0 and self.listen.port == self.admin_listen.port and (
-            _wildcard(self.listen.host) or _wildcard(self.admin_listen.host)
+        if (
+            self.listen.port != 0
+            and self.listen.port == self.admin_listen.port
+            and (_wildcard(self.listen.host) or _wildcard(self.admin_listen.host))
         ):
             raise ConfigError(
                 f"--admin-listen {self.admin_listen} overlaps --listen {self.listen}; "
@@ -189,9 +191,10 @@ def parse_upstream(text: str, *, option: str = "--upstream") -> Upstream:
                 f"{option}: scheme {scheme!r} is not supported; the app is reached over "
                 "plain http:// or unix:"
             )
-        text = rest.rstrip("/")
-        if "/" in text:
-            raise ConfigError(f"{option}: {text!r} has a path; give only http://HOST:PORT")
+        text = rest
+    text = text.rstrip("/")
+    if "/" in text:
+        raise ConfigError(f"{option}: {text!r} has a path; give only http://HOST:PORT")
     return Upstream(address=parse_address(text, option=option))
 
 
@@ -212,5 +215,7 @@ def readable_file(path: Path, option: str) -> Path:
         with path.open("rb"):
             pass
     except OSError as e:
-        raise ConfigError(f"{option}: {path} cannot be read ({e.strerror}); check permissions")
+        raise ConfigError(
+            f"{option}: {path} cannot be read ({e.strerror}); check permissions"
+        ) from None
     return path

@@ -25,7 +25,9 @@ def echo_document(request: h11.Request, body: bytes, peer: str) -> bytes:
                 "method": request.method.decode("latin-1"),
                 "path": request.target.decode("latin-1"),
                 "http_version": request.http_version.decode(),
-                "headers": [f"{n.decode('latin-1')}: {v.decode('latin-1')}" for n, v in request.headers],
+                "headers": [
+                    f"{n.decode('latin-1')}: {v.decode('latin-1')}" for n, v in request.headers
+                ],
                 "body_bytes": len(body),
                 "peer": peer,
             },

@@ -163,7 +163,8 @@ class Http1Connection(asyncio.Protocol):
     def _handshake_failed(self, reason: str, exc: BaseException) -> None:
         self.ctx.metrics.tls_handshake_errors.labels(reason).inc()
         log.debug("tls handshake failed", extra={"client": self.client.address, "reason": str(exc)})
-        self._raw.abort()
+        if self._raw is not None:
+            self._raw.abort()
         self._forget()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -332,7 +333,9 @@ class Http1Connection(asyncio.Protocol):
                     self.close()
                     return
         except Exception:
-            log.exception("unexpected error on a client connection", extra={"client": self.client.address})
+            log.exception(
+                "unexpected error on a client connection", extra={"client": self.client.address}
+            )
             self.ctx.metrics.local_responses.labels("500", "internal_error").inc()
             self.abort_all()
 
@@ -342,7 +345,10 @@ class Http1Connection(asyncio.Protocol):
         names = list(request.headers)  # lower-cased names, as HTTP/2 and Envoy send them
         request_id = hdr.request_id_for(names)
         upstream_headers = hdr.forwarded_headers(
-            names, self.client, trust_forwarded=config.trust_forwarded_headers, request_id=request_id
+            names,
+            self.client,
+            trust_forwarded=config.trust_forwarded_headers,
+            request_id=request_id,
         )
         chunked = hdr.has_header(names, b"transfer-encoding")
         length = hdr.header_value(names, b"content-length")
@@ -363,9 +369,16 @@ class Http1Connection(asyncio.Protocol):
         )
         ctx.metrics.http_requests_in_flight.inc()
         # h11 caps only an incomplete head; one that arrived whole is measured here.
-        head_size = len(request.method) + len(request.target) + 12 + sum(len(n) + len(v) + 4 for n, v in names)
+        head_size = (
+            len(request.method)
+            + len(request.target)
+            + 12
+            + sum(len(n) + len(v) + 4 for n, v in names)
+        )
         if head_size > config.max_header_bytes:
-            self._local_response(431, "header_too_large", f"request head over {config.max_header_bytes} bytes")
+            self._local_response(
+                431, "header_too_large", f"request head over {config.max_header_bytes} bytes"
+            )
             return
         # Smuggling guard: h11 lets Transfer-Encoding win over Content-Length; we refuse both.
         if chunked and length is not None:
@@ -422,7 +435,7 @@ class Http1Connection(asyncio.Protocol):
     def _send_upstream(self, upstream: UpstreamConnection, event: h11.Event) -> None:
         parts = upstream.h11.send_with_data_passthrough(event)
         if parts:
-            upstream.writelines(parts)  # type: ignore[arg-type]
+            upstream.writelines(parts)
 
     def _request_data(self, event: h11.Data) -> None:
         exchange = self.exchange
@@ -462,7 +475,9 @@ class Http1Connection(asyncio.Protocol):
         try:
             self._relay_response(exchange, upstream)
         except Exception:
-            log.exception("unexpected error relaying a response", extra={"client": self.client.address})
+            log.exception(
+                "unexpected error relaying a response", extra={"client": self.client.address}
+            )
             self.abort_all()
 
     def _relay_response(self, exchange: Exchange, upstream: UpstreamConnection) -> None:
@@ -473,7 +488,9 @@ class Http1Connection(asyncio.Protocol):
             try:
                 event = upstream.h11.next_event()
             except h11.RemoteProtocolError as e:
-                self._upstream_failed(exchange, "bad_response", f"malformed response from the app: {e}")
+                self._upstream_failed(
+                    exchange, "bad_response", f"malformed response from the app: {e}"
+                )
                 return
             kind = type(event)
             if kind is h11.Data:
@@ -482,7 +499,7 @@ class Http1Connection(asyncio.Protocol):
                 self._phase_since = self.loop.time()
                 parts = server.send_with_data_passthrough(event)  # type: ignore[arg-type]
                 if parts:
-                    self._write_client(parts)  # type: ignore[arg-type]
+                    self._write_client(parts)
             elif event is h11.NEED_DATA:
                 return
             elif kind is h11.Response:
@@ -490,7 +507,7 @@ class Http1Connection(asyncio.Protocol):
             elif kind is h11.EndOfMessage:
                 parts = server.send_with_data_passthrough(h11.EndOfMessage())
                 if parts:
-                    self._write_client(parts)  # type: ignore[arg-type]
+                    self._write_client(parts)
                 self._response_done(exchange)
                 return
             elif kind is h11.InformationalResponse:
@@ -514,7 +531,15 @@ class Http1Connection(asyncio.Protocol):
         if self.ctx.draining:
             out.append((b"connection", b"close"))
         self._write_client(
-            [self.h11.send(h11.Response(status_code=response.status_code, headers=out, reason=reason_phrase(response)))]  # type: ignore[list-item]
+            [
+                self.h11.send(
+                    h11.Response(
+                        status_code=response.status_code,
+                        headers=out,
+                        reason=reason_phrase(response),
+                    )
+                )
+            ]
         )
         self._arm("upstream", self.ctx.config.upstream_timeout)
 
@@ -524,7 +549,9 @@ class Http1Connection(asyncio.Protocol):
         switching = info.status_code == 101
         out = hdr.response_headers(list(info.headers), switching_protocols=switching)
         data = self.h11.send(
-            h11.InformationalResponse(status_code=info.status_code, headers=out, reason=reason_phrase(info))
+            h11.InformationalResponse(
+                status_code=info.status_code, headers=out, reason=reason_phrase(info)
+            )
         )
         assert data is not None
         self._write_client([data])
@@ -557,7 +584,11 @@ class Http1Connection(asyncio.Protocol):
         self.exchange = None
         if upstream is not None:
             self.ctx.pool.release(upstream)
-        if not exchange.request_complete or self.h11.our_state is not h11.DONE or self.h11.their_state is not h11.DONE:
+        if (
+            not exchange.request_complete
+            or self.h11.our_state is not h11.DONE
+            or self.h11.their_state is not h11.DONE
+        ):
             self.close()  # early answer or Connection: close: the request framing is done with
             return
         if self.ctx.draining:
@@ -589,12 +620,19 @@ class Http1Connection(asyncio.Protocol):
             return
         # The app closed a pooled connection just as we reused it: safe to send again only
         # when it saw no body and we saw no answer.
-        if upstream.reused and not upstream.received_any and not exchange.has_body and not exchange.retried:
+        if (
+            upstream.reused
+            and not upstream.received_any
+            and not exchange.has_body
+            and not exchange.retried
+        ):
             exchange.retried = True
             self._hold(_HOLD_CONNECT)
             exchange.connect_task = self.loop.create_task(self._connect(exchange))
             return
-        self._upstream_failed(exchange, "upstream_closed", "the app closed the connection without answering")
+        self._upstream_failed(
+            exchange, "upstream_closed", "the app closed the connection without answering"
+        )
 
     def _upstream_failed(self, exchange: Exchange, reason: str, message: str) -> None:
         upstream = exchange.upstream
@@ -625,7 +663,13 @@ class Http1Connection(asyncio.Protocol):
             response_headers.append((b"x-request-id", exchange.request_id))
         try:
             parts = [
-                self.h11.send(h11.Response(status_code=status, headers=response_headers, reason=_REASONS.get(status, b""))),
+                self.h11.send(
+                    h11.Response(
+                        status_code=status,
+                        headers=response_headers,
+                        reason=_REASONS.get(status, b""),
+                    )
+                ),
                 self.h11.send(h11.Data(data=body)),
                 self.h11.send(h11.EndOfMessage()),
             ]

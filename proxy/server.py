@@ -233,11 +233,17 @@ class ProxyServer:
             served = await loop.run_in_executor(None, self.tls.reload)
         except ConfigError as e:
             self.metrics.certificate_reloads.labels("failure").inc()
-            log.error("certificate reload failed; still serving the previous one", extra={"reason": str(e)})
+            log.error(
+                "certificate reload failed; still serving the previous one",
+                extra={"reason": str(e)},
+            )
             return False
         self.metrics.certificate_reloads.labels("success").inc()
         self.metrics.certificate_expiry.labels("default").set(served.not_after)
-        log.info("certificate reloaded", extra={"subject": served.subject, "serial": f"{served.serial:x}"})
+        log.info(
+            "certificate reloaded",
+            extra={"subject": served.subject, "serial": f"{served.serial:x}"},
+        )
         return True
 
     def request_stop(self) -> None:
@@ -257,7 +263,10 @@ class ProxyServer:
         self.metrics.draining.set(1)
         self.metrics.ready.set(0)
         if config.shutdown_delay > 0:
-            log.info("readiness is now 503; serving on", extra={"shutdown_delay_s": config.shutdown_delay})
+            log.info(
+                "readiness is now 503; serving on",
+                extra={"shutdown_delay_s": config.shutdown_delay},
+            )
             await asyncio.sleep(config.shutdown_delay)
         ctx.draining = True
         if self._listener is not None:

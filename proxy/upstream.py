@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import errno
 import logging
 from typing import Protocol, cast
@@ -38,16 +39,16 @@ class UpstreamConnection(asyncio.Protocol):
     """One connection to the app; h11 in the client role frames what we send and parses replies."""
 
     __slots__ = (
+        "closed",
         "h11",
+        "idle_since",
         "owner",
         "pool",
-        "transport",
-        "closed",
-        "reused",
-        "tunnel",
-        "idle_since",
-        "state",
         "received_any",
+        "reused",
+        "state",
+        "transport",
+        "tunnel",
     )
 
     def __init__(self, pool: UpstreamPool) -> None:
@@ -211,11 +212,7 @@ class UpstreamPool:
     def release(self, up: UpstreamConnection) -> None:
         """Return a finished connection to the pool, or close it if it cannot serve again."""
         up.owner = None
-        if (
-            not up.reusable
-            or self.closing
-            or len(self._idle) >= self.config.upstream_max_idle
-        ):
+        if not up.reusable or self.closing or len(self._idle) >= self.config.upstream_max_idle:
             self.close(up)
             return
         up.h11.start_next_cycle()
@@ -234,10 +231,8 @@ class UpstreamPool:
     def forget(self, up: UpstreamConnection) -> None:
         self._set_state(up, "closed")
         if up.closed:
-            try:
+            with contextlib.suppress(ValueError):
                 self._idle.remove(up)
-            except ValueError:
-                pass
 
     def _schedule_sweep(self) -> None:
         if self._sweeper is None:

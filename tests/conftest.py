@@ -39,8 +39,18 @@ def start_proxy(dev_certs: DevCerts) -> Iterator[ProxyFactory]:
     """Start proxies on ephemeral ports with the test certificate; all stopped at module end."""
     started: list[ProxyProcess] = []
 
-    def start(upstream: str, *extra: str, with_cert: bool = True, env: dict[str, str] | None = None) -> ProxyProcess:
-        args = ["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--upstream", upstream]
+    def start(
+        upstream: str, *extra: str, with_cert: bool = True, env: dict[str, str] | None = None
+    ) -> ProxyProcess:
+        args = [
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--upstream",
+            upstream,
+        ]
         if with_cert:
             args += ["--cert", str(dev_certs.cert), "--key", str(dev_certs.key)]
         proc = ProxyProcess([*args, *extra], env=env).start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import socket
 import ssl
@@ -11,7 +12,15 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ProxyFactory
-from tests.support.proxy import ProxyProcess, RawClient, client_context, https, request_bytes, tls_socket, wait_for
+from tests.support.proxy import (
+    ProxyProcess,
+    RawClient,
+    client_context,
+    https,
+    request_bytes,
+    tls_socket,
+    wait_for,
+)
 from tests.support.upstream import UpstreamApp
 
 
@@ -27,23 +36,33 @@ def strict(start_proxy: ProxyFactory, upstream: UpstreamApp) -> ProxyProcess:
     """Short timeouts and small limits, so every failure is quick to provoke."""
     return start_proxy(
         upstream.base,
-        "--upstream-timeout", "500ms",
-        "--header-timeout", "500ms",
-        "--idle-timeout", "1s",
-        "--handshake-timeout", "500ms",
-        "--max-body-bytes", "1KiB",
-        "--max-header-bytes", "4KiB",
+        "--upstream-timeout",
+        "500ms",
+        "--header-timeout",
+        "500ms",
+        "--idle-timeout",
+        "1s",
+        "--handshake-timeout",
+        "500ms",
+        "--max-body-bytes",
+        "1KiB",
+        "--max-header-bytes",
+        "4KiB",
     )
 
 
-def test_upstream_refused_is_502_without_waiting_for_a_timeout(start_proxy: ProxyFactory, ca: Path) -> None:
+def test_upstream_refused_is_502_without_waiting_for_a_timeout(
+    start_proxy: ProxyFactory, ca: Path
+) -> None:
     proxy = start_proxy(f"http://127.0.0.1:{free_port()}", "--upstream-connect-timeout", "30s")
     started = time.monotonic()
     status, headers, body = https(proxy, ca, path="/x")
     elapsed = time.monotonic() - started
     assert status == 502
     assert b"refused" in body.lower()
-    assert elapsed < 10, "a refused connection is answered at once, not after the 30s connect timeout"
+    assert elapsed < 10, (
+        "a refused connection is answered at once, not after the 30s connect timeout"
+    )
     assert headers.get("x-request-id")
     assert proxy.metric("tls_sidecar_upstream_connect_errors_total", 'reason="refused"') >= 1
 
@@ -66,8 +85,12 @@ def test_upstream_reset_before_answering_is_502(strict: ProxyProcess, ca: Path) 
     assert status == 502
 
 
-def test_upstream_reset_mid_response_closes_the_client_connection(strict: ProxyProcess, ca: Path) -> None:
-    conn = http.client.HTTPSConnection("localhost", strict.port, context=client_context(ca), timeout=10)
+def test_upstream_reset_mid_response_closes_the_client_connection(
+    strict: ProxyProcess, ca: Path
+) -> None:
+    conn = http.client.HTTPSConnection(
+        "localhost", strict.port, context=client_context(ca), timeout=10
+    )
     conn.request("GET", "/reset-mid")
     response = conn.getresponse()
     assert response.status == 200
@@ -78,7 +101,9 @@ def test_upstream_reset_mid_response_closes_the_client_connection(strict: ProxyP
     assert status == 200
 
 
-def test_malformed_request_is_400_and_closed(strict: ProxyProcess, upstream: UpstreamApp, ca: Path) -> None:
+def test_malformed_request_is_400_and_closed(
+    strict: ProxyProcess, upstream: UpstreamApp, ca: Path
+) -> None:
     before = upstream.count()
     with tls_socket(strict.port, ca) as sock:
         client = RawClient(sock)
@@ -90,7 +115,9 @@ def test_malformed_request_is_400_and_closed(strict: ProxyProcess, upstream: Ups
     assert upstream.count() == before, "nothing reached the app"
 
 
-def test_content_length_with_transfer_encoding_is_refused(strict: ProxyProcess, upstream: UpstreamApp, ca: Path) -> None:
+def test_content_length_with_transfer_encoding_is_refused(
+    strict: ProxyProcess, upstream: UpstreamApp, ca: Path
+) -> None:
     before = upstream.count()
     with tls_socket(strict.port, ca) as sock:
         client = RawClient(sock)
@@ -116,13 +143,20 @@ def test_body_over_the_limit_is_413(strict: ProxyProcess, upstream: UpstreamApp,
     before = upstream.count("/echo/too-big")
     status, _, _ = https(strict, ca, method="POST", path="/echo/too-big", body=b"x" * 2000)
     assert status == 413
-    assert upstream.count("/echo/too-big") == before, "a declared length over the limit never reaches the app"
+    assert upstream.count("/echo/too-big") == before, (
+        "a declared length over the limit never reaches the app"
+    )
     with tls_socket(strict.port, ca) as sock:
         client = RawClient(sock)
         chunk = b"x" * 600
         client.send(
             request_bytes("POST", "/echo/too-big-chunked", {"Transfer-Encoding": "chunked"})
-            + b"258\r\n" + chunk + b"\r\n" + b"258\r\n" + chunk + b"\r\n0\r\n\r\n"
+            + b"258\r\n"
+            + chunk
+            + b"\r\n"
+            + b"258\r\n"
+            + chunk
+            + b"\r\n0\r\n\r\n"
         )
         response = client.read_response()
         assert response is not None and response.status == 413
@@ -142,7 +176,9 @@ def test_slow_request_head_gets_408(strict: ProxyProcess, ca: Path) -> None:
 def test_silent_tcp_client_is_cut_at_the_handshake_timeout(strict: ProxyProcess) -> None:
     with socket.create_connection(("127.0.0.1", strict.port), timeout=10) as sock:
         assert sock.recv(1) == b"", "the proxy closed the connection"
-    wait_for(lambda: strict.metric("tls_sidecar_tls_handshake_errors_total", 'reason="timeout"') >= 1)
+    wait_for(
+        lambda: strict.metric("tls_sidecar_tls_handshake_errors_total", 'reason="timeout"') >= 1
+    )
 
 
 def test_idle_keep_alive_connection_is_closed(strict: ProxyProcess, ca: Path) -> None:
@@ -159,7 +195,9 @@ def test_plaintext_http_on_the_tls_port_is_refused(strict: ProxyProcess) -> None
         sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         data = sock.recv(4096)
         assert not data.startswith(b"HTTP/"), "no HTTP answer over plaintext"
-    wait_for(lambda: strict.metric("tls_sidecar_tls_handshake_errors_total", 'reason="protocol"') >= 1)
+    wait_for(
+        lambda: strict.metric("tls_sidecar_tls_handshake_errors_total", 'reason="protocol"') >= 1
+    )
 
 
 def test_a_failing_connection_never_affects_another(strict: ProxyProcess, ca: Path) -> None:
@@ -168,7 +206,10 @@ def test_a_failing_connection_never_affects_another(strict: ProxyProcess, ca: Pa
         good.send(request_bytes("GET", "/echo/good-1"))
         first = good.read_response()
         assert first is not None and first.status == 200
-        for bad_bytes in (b"\x00\x01garbage\r\n\r\n", b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n"):
+        for bad_bytes in (
+            b"\x00\x01garbage\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+        ):
             with tls_socket(strict.port, ca) as bad_sock:
                 bad = RawClient(bad_sock)
                 bad.send(bad_bytes)
@@ -189,13 +230,15 @@ def test_connect_method_is_refused(strict: ProxyProcess, ca: Path) -> None:
         assert response is not None and response.status == 405
 
 
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion:DeprecationWarning")
 def test_tls_1_1_client_is_refused(strict: ProxyProcess, ca: Path) -> None:
     ctx = client_context(ca)
     ctx.minimum_version = ssl.TLSVersion.TLSv1
     ctx.maximum_version = ssl.TLSVersion.TLSv1_1
-    try:
+    with contextlib.suppress(ssl.SSLError):
         ctx.set_ciphers("ALL:@SECLEVEL=0")
-    except ssl.SSLError:
-        pass
-    with socket.create_connection(("127.0.0.1", strict.port), timeout=10) as raw, pytest.raises(ssl.SSLError):
+    with (
+        socket.create_connection(("127.0.0.1", strict.port), timeout=10) as raw,
+        pytest.raises(ssl.SSLError),
+    ):
         ctx.wrap_socket(raw, server_hostname="localhost")

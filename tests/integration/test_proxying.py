@@ -13,7 +13,16 @@ from wsproto.connection import ConnectionType
 from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
 
 from tests.conftest import ProxyFactory
-from tests.support.proxy import ProxyProcess, RawClient, client_context, https, request_bytes, tls_socket, wait_for
+from tests.support.proxy import (
+    DevCerts,
+    ProxyProcess,
+    RawClient,
+    client_context,
+    https,
+    request_bytes,
+    tls_socket,
+    wait_for,
+)
 from tests.support.upstream import UpstreamApp, pattern
 
 MiB = 1024 * 1024
@@ -36,7 +45,11 @@ def test_request_reaches_app_with_forwarded_headers(proxy: ProxyProcess, ca: Pat
         method="POST",
         path="/echo/x?q=1",
         body=b"hello",
-        headers={"X-Forwarded-For": "6.6.6.6", "X-Forwarded-Proto": "http", "Forwarded": "for=6.6.6.6"},
+        headers={
+            "X-Forwarded-For": "6.6.6.6",
+            "X-Forwarded-Proto": "http",
+            "Forwarded": "for=6.6.6.6",
+        },
     )
     assert doc["method"] == "POST"
     assert doc["path"] == "/echo/x?q=1"
@@ -50,7 +63,9 @@ def test_request_reaches_app_with_forwarded_headers(proxy: ProxyProcess, ca: Pat
     assert len(header(doc, "x-request-id")[0]) == 32
 
 
-def test_request_id_is_passed_through_and_returned_in_access_log(proxy: ProxyProcess, ca: Path) -> None:
+def test_request_id_is_passed_through_and_returned_in_access_log(
+    proxy: ProxyProcess, ca: Path
+) -> None:
     doc = echo(proxy, ca, path="/echo/rid", headers={"X-Request-Id": "abc-123"})
     assert header(doc, "x-request-id") == ["abc-123"]
     record = wait_for(
@@ -62,12 +77,21 @@ def test_request_id_is_passed_through_and_returned_in_access_log(proxy: ProxyPro
     assert record["method"] == "GET"
     assert record["client"] == "127.0.0.1"
     assert record["tls"] in ("TLSv1.2", "TLSv1.3")
-    assert record["bytes_out"] > 0 and record["duration_ms"] > 0 and record["upstream_ms"] is not None
+    assert (
+        record["bytes_out"] > 0 and record["duration_ms"] > 0 and record["upstream_ms"] is not None
+    )
 
 
-def test_trusted_forwarded_headers_are_kept_and_extended(start_proxy: ProxyFactory, upstream: UpstreamApp, ca: Path) -> None:
+def test_trusted_forwarded_headers_are_kept_and_extended(
+    start_proxy: ProxyFactory, upstream: UpstreamApp, ca: Path
+) -> None:
     trusting = start_proxy(upstream.base, "--trust-forwarded-headers")
-    doc = echo(trusting, ca, path="/echo/t", headers={"X-Forwarded-For": "10.1.2.3", "X-Forwarded-Proto": "http"})
+    doc = echo(
+        trusting,
+        ca,
+        path="/echo/t",
+        headers={"X-Forwarded-For": "10.1.2.3", "X-Forwarded-Proto": "http"},
+    )
     assert header(doc, "x-forwarded-for") == ["10.1.2.3, 127.0.0.1"]
     assert header(doc, "x-forwarded-proto") == ["http"]
 
@@ -88,7 +112,14 @@ def test_hop_by_hop_headers_are_stripped_both_ways(proxy: ProxyProcess, ca: Path
         },
     )
     names = {n for n, _ in doc["headers"]}  # type: ignore[attr-defined]
-    assert not names & {"connection", "x-secret", "keep-alive", "te", "proxy-authorization", "x-forwarded-client-cert"}
+    assert not names & {
+        "connection",
+        "x-secret",
+        "keep-alive",
+        "te",
+        "proxy-authorization",
+        "x-forwarded-client-cert",
+    }
     assert header(doc, "x-kept") == ["yes"]
     status, response_headers, body = https(proxy, ca, path="/hop")
     assert status == 200 and body == b"hop"
@@ -96,7 +127,9 @@ def test_hop_by_hop_headers_are_stripped_both_ways(proxy: ProxyProcess, ca: Path
     assert response_headers.get("x-app") == "kept"
 
 
-def test_response_streams_before_the_app_finishes(proxy: ProxyProcess, upstream: UpstreamApp, ca: Path) -> None:
+def test_response_streams_before_the_app_finishes(
+    proxy: ProxyProcess, upstream: UpstreamApp, ca: Path
+) -> None:
     with tls_socket(proxy.port, ca) as sock:
         sock.sendall(request_bytes("GET", "/gate/stream1"))
         received = b""
@@ -122,8 +155,15 @@ def test_10_mib_upload_is_byte_exact(proxy: ProxyProcess, ca: Path) -> None:
 
 def test_10_mib_chunked_upload_is_byte_exact(proxy: ProxyProcess, ca: Path) -> None:
     data = pattern(10 * MiB)
-    conn = http.client.HTTPSConnection("localhost", proxy.port, context=client_context(ca), timeout=30)
-    conn.request("POST", "/echo/chunked-upload", body=iter([data[i : i + 100_000] for i in range(0, len(data), 100_000)]), encode_chunked=True)
+    conn = http.client.HTTPSConnection(
+        "localhost", proxy.port, context=client_context(ca), timeout=30
+    )
+    conn.request(
+        "POST",
+        "/echo/chunked-upload",
+        body=iter([data[i : i + 100_000] for i in range(0, len(data), 100_000)]),
+        encode_chunked=True,
+    )
     response = conn.getresponse()
     doc = json.loads(response.read())
     conn.close()
@@ -141,8 +181,12 @@ def test_10_mib_downloads_are_byte_exact(proxy: ProxyProcess, ca: Path) -> None:
     assert headers["content-length"] == str(10 * MiB)
 
 
-def test_keep_alive_reuses_client_and_upstream_connections(proxy: ProxyProcess, upstream: UpstreamApp, ca: Path) -> None:
-    conn = http.client.HTTPSConnection("localhost", proxy.port, context=client_context(ca), timeout=10)
+def test_keep_alive_reuses_client_and_upstream_connections(
+    proxy: ProxyProcess, upstream: UpstreamApp, ca: Path
+) -> None:
+    conn = http.client.HTTPSConnection(
+        "localhost", proxy.port, context=client_context(ca), timeout=10
+    )
     before = upstream.connections
     for i in range(20):
         conn.request("GET", f"/echo/keepalive/{i}")
@@ -154,7 +198,9 @@ def test_keep_alive_reuses_client_and_upstream_connections(proxy: ProxyProcess, 
     conn.getresponse().read()
     assert conn.sock is sock, "the client connection was kept open"
     conn.close()
-    assert upstream.connections - before <= 2, "upstream connections are pooled, not one per request"
+    assert upstream.connections - before <= 2, (
+        "upstream connections are pooled, not one per request"
+    )
 
 
 def test_pipelined_requests_are_answered_in_order(proxy: ProxyProcess, ca: Path) -> None:
@@ -167,7 +213,9 @@ def test_pipelined_requests_are_answered_in_order(proxy: ProxyProcess, ca: Path)
             assert json.loads(response.body)["path"] == f"/echo/pipe/{i}"
 
 
-def test_head_204_and_304_have_no_body_and_keep_the_connection(proxy: ProxyProcess, ca: Path) -> None:
+def test_head_204_and_304_have_no_body_and_keep_the_connection(
+    proxy: ProxyProcess, ca: Path
+) -> None:
     with tls_socket(proxy.port, ca) as sock:
         client = RawClient(sock)
         client.send(request_bytes("HEAD", "/bytes/1000"))
@@ -185,7 +233,9 @@ def test_head_204_and_304_have_no_body_and_keep_the_connection(proxy: ProxyProce
 
 def test_expect_100_continue_is_relayed(proxy: ProxyProcess, ca: Path) -> None:
     with tls_socket(proxy.port, ca) as sock:
-        sock.sendall(request_bytes("POST", "/echo/expect", {"Expect": "100-continue", "Content-Length": "5"}))
+        sock.sendall(
+            request_bytes("POST", "/echo/expect", {"Expect": "100-continue", "Content-Length": "5"})
+        )
         received = b""
         while b"\r\n\r\n" not in received:
             received += sock.recv(4096)
@@ -254,7 +304,9 @@ def test_unix_socket_upstream(start_proxy: ProxyFactory, tmp_path: Path, ca: Pat
         app.stop()
 
 
-def test_ipv6_listener(start_proxy: ProxyFactory, upstream: UpstreamApp, dev_certs: object, ca: Path) -> None:
+def test_ipv6_listener(
+    start_proxy: ProxyFactory, upstream: UpstreamApp, dev_certs: DevCerts, ca: Path
+) -> None:
     if not socket.has_ipv6:
         return
     try:
@@ -264,8 +316,19 @@ def test_ipv6_listener(start_proxy: ProxyFactory, upstream: UpstreamApp, dev_cer
     except OSError:
         return  # no IPv6 loopback on this machine
     proxy = ProxyProcess(
-        ["serve", "--listen", "[::1]:0", "--admin-listen", "127.0.0.1:0", "--upstream", upstream.base,
-         "--cert", str(dev_certs.cert), "--key", str(dev_certs.key)]  # type: ignore[attr-defined]
+        [
+            "serve",
+            "--listen",
+            "[::1]:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--upstream",
+            upstream.base,
+            "--cert",
+            str(dev_certs.cert),
+            "--key",
+            str(dev_certs.key),
+        ]
     ).start()
     try:
         raw = socket.create_connection(("::1", proxy.port), timeout=10)

@@ -66,12 +66,17 @@ class ProxyProcess:
             text=True,
             env=env,
         )
-        for stream, sink in ((self.proc.stdout, self.stdout_lines), (self.proc.stderr, self.stderr_lines)):
+        for stream, sink in (
+            (self.proc.stdout, self.stdout_lines),
+            (self.proc.stderr, self.stderr_lines),
+        ):
             thread = threading.Thread(target=_pump, args=(stream, sink), daemon=True)
             thread.start()
             self._threads.append(thread)
         if expect_ready:
-            line = wait_for(lambda: self._listening() or self._exited(), timeout, "the listening line")
+            line = wait_for(
+                lambda: self._listening() or self._exited(), timeout, "the listening line"
+            )
             if line is True:
                 raise AssertionError(f"proxy exited early: {self.stderr_text()}")
             self.port = _port(line["listen"][0])
@@ -128,8 +133,10 @@ class ProxyProcess:
         total = 0.0
         found = False
         for line in text.splitlines():
-            if line.startswith(name) and (line[len(name)] in " {") and all(
-                part in line for part in labels.split(",") if part
+            if (
+                line.startswith(name)
+                and (line[len(name)] in " {")
+                and all(part in line for part in labels.split(",") if part)
             ):
                 total += float(line.rsplit(" ", 1)[1])
                 found = True
@@ -159,7 +166,9 @@ def https(
     headers: dict[str, str] | None = None,
     timeout: float = 20,
 ) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPSConnection("localhost", proxy.port, context=client_context(ca), timeout=timeout)
+    conn = http.client.HTTPSConnection(
+        "localhost", proxy.port, context=client_context(ca), timeout=timeout
+    )
     try:
         conn.request(method, path, body=body, headers=headers or {})
         response = conn.getresponse()
@@ -170,7 +179,9 @@ def https(
 
 
 @contextlib.contextmanager
-def tls_socket(port: int, ca: Path, host: str = "127.0.0.1", timeout: float = 10) -> Iterator[ssl.SSLSocket]:
+def tls_socket(
+    port: int, ca: Path, host: str = "127.0.0.1", timeout: float = 10
+) -> Iterator[ssl.SSLSocket]:
     raw = socket.create_connection((host, port), timeout=timeout)
     sock = client_context(ca).wrap_socket(raw, server_hostname="localhost")
     try:
@@ -252,16 +263,20 @@ class RawClient:
                     return True
         except (ConnectionResetError, ssl.SSLEOFError, ssl.SSLZeroReturnError, BrokenPipeError):
             return True
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             return False
         except ssl.SSLError:
             return True
 
 
-def request_bytes(method: str, path: str, headers: dict[str, str] | None = None, body: bytes = b"") -> bytes:
+def request_bytes(
+    method: str, path: str, headers: dict[str, str] | None = None, body: bytes = b""
+) -> bytes:
     lines = [f"{method} {path} HTTP/1.1", "Host: localhost"]
     for name, value in (headers or {}).items():
         lines.append(f"{name}: {value}")
-    if body and not any(k.lower() in ("content-length", "transfer-encoding") for k in (headers or {})):
+    if body and not any(
+        k.lower() in ("content-length", "transfer-encoding") for k in (headers or {})
+    ):
         lines.append(f"Content-Length: {len(body)}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body

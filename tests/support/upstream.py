@@ -189,7 +189,9 @@ class UpstreamApp:
             elif isinstance(event, h11.Request):
                 request = event
                 if conn.they_are_waiting_for_100_continue:
-                    writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b"")
+                    writer.write(
+                        conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b""
+                    )
             elif isinstance(event, h11.Data):
                 chunks.append(bytes(event.data))
             elif isinstance(event, h11.EndOfMessage):
@@ -208,8 +210,14 @@ class UpstreamApp:
     ) -> bool:
         send = conn.send
 
-        def respond(status: int, payload: bytes = b"", headers: list[tuple[bytes, bytes]] | None = None) -> None:
-            hs = [(b"content-length", str(len(payload)).encode())] if status not in (204, 304) else []
+        def respond(
+            status: int, payload: bytes = b"", headers: list[tuple[bytes, bytes]] | None = None
+        ) -> None:
+            hs = (
+                [(b"content-length", str(len(payload)).encode())]
+                if status not in (204, 304)
+                else []
+            )
             hs += headers or []
             out = send(h11.Response(status_code=status, headers=hs)) or b""
             if payload and request.method != b"HEAD":
@@ -221,14 +229,20 @@ class UpstreamApp:
             respond(200, pattern(int(path.split("/")[2])))
         elif path.startswith("/chunked/"):
             n = int(path.split("/")[2])
-            writer.write(send(h11.Response(status_code=200, headers=[(b"transfer-encoding", b"chunked")])) or b"")
+            writer.write(
+                send(h11.Response(status_code=200, headers=[(b"transfer-encoding", b"chunked")]))
+                or b""
+            )
             data = pattern(n)
             for i in range(0, n, 65536):
                 writer.write(send(h11.Data(data=data[i : i + 65536])) or b"")
                 await writer.drain()
             writer.write(send(h11.EndOfMessage()) or b"")
         elif path.startswith("/gate/"):
-            writer.write(send(h11.Response(status_code=200, headers=[(b"transfer-encoding", b"chunked")])) or b"")
+            writer.write(
+                send(h11.Response(status_code=200, headers=[(b"transfer-encoding", b"chunked")]))
+                or b""
+            )
             writer.write(send(h11.Data(data=b"first;")) or b"")
             await writer.drain()
             await self._gate(path.split("/")[2]).wait()
@@ -244,7 +258,9 @@ class UpstreamApp:
             _reset(writer)
             return False
         elif path == "/reset-mid":
-            writer.write(send(h11.Response(status_code=200, headers=[(b"content-length", b"100000")])) or b"")
+            writer.write(
+                send(h11.Response(status_code=200, headers=[(b"content-length", b"100000")])) or b""
+            )
             writer.write(send(h11.Data(data=pattern(50000))) or b"")
             await writer.drain()
             _reset(writer)
@@ -292,7 +308,10 @@ def _reset(writer: asyncio.StreamWriter) -> None:
 
 
 async def _websocket_echo(
-    conn: h11.Connection, request: h11.Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    conn: h11.Connection,
+    request: h11.Request,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
 ) -> None:
     key = next(v for n, v in request.headers if n == b"sec-websocket-key")
     writer.write(

@@ -1,0 +1,1 @@
+"""Load-test harness for tls-sidecar (see loadtest/README.md)."""

@@ -1,0 +1,252 @@
+"""`tls-sidecar` as a user runs it: one-line errors, environment variables, defaults, the demo."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from proxy import certs
+from tests.support.proxy import DevCerts, ProxyProcess, wait_for
+from tests.support.upstream import UpstreamApp
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ, **(env or {})),
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line, got: {result.stderr}"
+    assert lines[0].startswith("tls-sidecar: error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def other_pair(tmp_path_factory: pytest.TempPathFactory) -> DevCerts:
+    out = tmp_path_factory.mktemp("other")
+    ca = certs.create_ca("other CA")
+    leaf = certs.issue(ca, ["localhost"])
+    (out / "ca.crt").write_bytes(ca.cert_pem)
+    (out / "tls.crt").write_bytes(leaf.cert_pem)
+    certs.write_private(out / "tls.key", leaf.key_pem)
+    return DevCerts(out / "ca.crt", out / "tls.crt", out / "tls.key", out)
+
+
+def serve(*args: str) -> list[str]:
+    return ["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", *args]
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["serve", "--listen", "nope"], ["--listen", "HOST:PORT"]),
+        (["serve", "--listen", "1.2.3.4:99999"], ["--listen", "0-65535"]),
+        (["serve", "--upstream", "https://app:8080"], ["--upstream", "http://"]),
+        (["serve", "--idle-timeout", "5x"], ["--idle-timeout", "10s"]),
+        (["serve", "--max-body-bytes", "lots"], ["--max-body-bytes", "MiB"]),
+        (
+            ["serve", "--cert", "/nonexistent/tls.crt", "--key", "/nonexistent/tls.key"],
+            ["--cert", "does not exist"],
+        ),
+        (["serve", "--tls-min-version", "1.0"], ["1.0", "1.2"]),
+        (
+            ["serve", "--listen", "127.0.0.1:9000", "--admin-listen", "127.0.0.1:9000"],
+            ["--admin-listen", "differ"],
+        ),
+        (["serve", "--no-such-flag"], ["--no-such-flag", "--help"]),
+    ],
+)
+def test_bad_flags_stop_with_one_line(args: list[str], fragments: list[str]) -> None:
+    assert_one_line_error(run_cli(*args), *fragments)
+
+
+def test_cert_without_key(dev_certs: DevCerts) -> None:
+    assert_one_line_error(run_cli("serve", "--cert", str(dev_certs.cert)), "--cert", "--key")
+
+
+def test_key_that_does_not_match(dev_certs: DevCerts, other_pair: DevCerts) -> None:
+    result = run_cli(*serve("--cert", str(dev_certs.cert), "--key", str(other_pair.key)))
+    assert_one_line_error(result, "does not match")
+
+
+def test_file_that_is_not_a_certificate(tmp_path: Path, dev_certs: DevCerts) -> None:
+    junk = tmp_path / "junk.crt"
+    junk.write_text("hello\n")
+    result = run_cli(*serve("--cert", str(junk), "--key", str(dev_certs.key)))
+    assert_one_line_error(result, "no PEM certificate")
+
+
+def test_expired_certificate_is_refused(tmp_path: Path) -> None:
+    ca = certs.create_ca()
+    old = certs.issue(
+        ca, ["localhost"], days=1, not_before=dt.datetime.now(dt.UTC) - dt.timedelta(days=10)
+    )
+    (tmp_path / "old.crt").write_bytes(old.cert_pem)
+    certs.write_private(tmp_path / "old.key", old.key_pem)
+    result = run_cli(
+        *serve("--cert", str(tmp_path / "old.crt"), "--key", str(tmp_path / "old.key"))
+    )
+    assert_one_line_error(result, "expired", "renew")
+
+
+def test_port_in_use(dev_certs: DevCerts) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli(
+            "serve",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--cert",
+            str(dev_certs.cert),
+            "--key",
+            str(dev_certs.key),
+        )
+    assert_one_line_error(result, f"127.0.0.1:{port}", "already in use")
+
+
+def test_help_shows_defaults_and_environment_variables() -> None:
+    result = run_cli("serve", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for flag, env, default in (
+        ("--listen", "TLS_SIDECAR_LISTEN", "0.0.0.0:8443"),
+        ("--upstream", "TLS_SIDECAR_UPSTREAM", "http://127.0.0.1:8080"),
+        ("--admin-listen", "TLS_SIDECAR_ADMIN_LISTEN", "0.0.0.0:9901"),
+        ("--header-timeout", "TLS_SIDECAR_HEADER_TIMEOUT", "15s"),
+        ("--max-header-bytes", "TLS_SIDECAR_MAX_HEADER_BYTES", "16384"),
+    ):
+        assert flag in text and env in text and default in text, flag
+
+
+def test_environment_variables_configure_the_proxy(dev_certs: DevCerts) -> None:
+    app = UpstreamApp().start()
+    try:
+        proxy = ProxyProcess(
+            ["serve"],
+            env={
+                "TLS_SIDECAR_LISTEN": "127.0.0.1:0",
+                "TLS_SIDECAR_ADMIN_LISTEN": "127.0.0.1:0",
+                "TLS_SIDECAR_UPSTREAM": app.base,
+                "TLS_SIDECAR_CERT": str(dev_certs.cert),
+                "TLS_SIDECAR_KEY": str(dev_certs.key),
+                "TLS_SIDECAR_ACCESS_LOG": "false",
+            },
+        ).start()
+        try:
+            assert proxy.admin_get("/readyz")[0] == 200
+            ctx = ssl.create_default_context(cafile=str(dev_certs.ca))
+            with (
+                socket.create_connection(("127.0.0.1", proxy.port)) as raw,
+                ctx.wrap_socket(raw, server_hostname="localhost") as sock,
+            ):
+                sock.sendall(
+                    b"GET /echo/env HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+                )
+                data = b""
+                while chunk := sock.recv(65536):
+                    data += chunk
+            assert data.startswith(b"HTTP/1.1 200")
+        finally:
+            proxy.stop()
+        assert proxy.access_records() == [], "--no-access-log via TLS_SIDECAR_ACCESS_LOG=false"
+    finally:
+        app.stop()
+
+
+def test_without_certificate_a_self_signed_one_is_served_with_a_warning() -> None:
+    app = UpstreamApp().start()
+    proxy = ProxyProcess(serve("--upstream", app.base)).start()
+    try:
+        warning = next(json.loads(line) for line in proxy.stderr_lines if "NO CERTIFICATE" in line)
+        assert warning["level"] == "warning"
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        with (
+            socket.create_connection(("127.0.0.1", proxy.port)) as raw,
+            ctx.wrap_socket(raw, server_hostname="localhost") as sock,
+        ):
+            der = sock.getpeercert(binary_form=True)
+            assert der is not None
+            cert = x509.load_der_x509_certificate(der)
+            assert "self-signed" in cert.subject.rfc4514_string()
+            assert {"DNS:localhost", "IP:127.0.0.1", "IP:::1"} <= set(certs.san_strings(cert))
+        assert "BEGIN" not in proxy.stderr_text(), "no key material is logged"
+    finally:
+        proxy.stop()
+        app.stop()
+
+
+@pytest.mark.skipif(
+    shutil.which("curl") is None, reason="curl is not installed (apt-get install curl)"
+)
+def test_demo_serves_the_echo_app_to_curl(tmp_path: Path) -> None:
+    demo = ProxyProcess(
+        [
+            "demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--app-listen",
+            "127.0.0.1:0",
+            "--certs-dir",
+            str(tmp_path / "certs"),
+        ]
+    ).start(expect_ready=False)
+    try:
+        line = wait_for(
+            lambda: next((s for s in demo.stderr_lines if "try:" in s), None),
+            30,
+            "the demo's curl hint",
+        )
+        match = re.search(r"curl --cacert (\S+) (https://localhost:(\d+)/hello)", line)
+        assert match, line
+        result = subprocess.run(
+            [
+                "curl",
+                "-sS",
+                "--cacert",
+                match.group(1),
+                "--resolve",
+                f"localhost:{match.group(3)}:127.0.0.1",
+                match.group(2),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert result.returncode == 0, result.stderr
+        doc = json.loads(result.stdout)
+        assert doc["path"] == "/hello"
+        assert any(h.startswith("x-forwarded-proto: https") for h in doc["headers"])
+        assert (tmp_path / "certs" / "ca.key").stat().st_mode & 0o077 == 0, "keys are written 0600"
+    finally:
+        demo.stop()
+    assert demo.wait() == 0

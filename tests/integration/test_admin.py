@@ -1,0 +1,98 @@
+"""The admin port: liveness, readiness that follows the app, and Prometheus metrics."""
+
+from __future__ import annotations
+
+import http.client
+import math
+from pathlib import Path
+
+from tests.conftest import ProxyFactory
+from tests.support.proxy import ProxyProcess, https, wait_for
+from tests.support.upstream import UpstreamApp
+
+
+def test_liveness_endpoints(proxy: ProxyProcess) -> None:
+    assert proxy.admin_get("/healthz") == (200, "ok\n")
+    assert proxy.admin_get("/livez") == (200, "ok\n")
+
+
+def test_unknown_admin_path_is_404_and_never_proxied(
+    proxy: ProxyProcess, upstream: UpstreamApp
+) -> None:
+    before = upstream.count()
+    status, body = proxy.admin_get("/echo/through-admin")
+    assert status == 404
+    assert "/readyz" in body
+    assert upstream.count() == before
+
+
+def test_admin_refuses_other_methods(proxy: ProxyProcess) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.admin_port, timeout=10)
+    conn.request("POST", "/readyz", body=b"x")
+    assert conn.getresponse().status == 405
+    conn.close()
+
+
+def test_admin_keeps_connections_alive_for_scrapers(proxy: ProxyProcess) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.admin_port, timeout=10)
+    for path in ("/metrics", "/healthz", "/metrics"):
+        conn.request("GET", path)
+        response = conn.getresponse()
+        assert response.status == 200
+        response.read()
+    conn.close()
+
+
+def test_readiness_follows_the_upstream(start_proxy: ProxyFactory) -> None:
+    app = UpstreamApp().start()
+    try:
+        proxy = start_proxy(app.base)
+        assert proxy.admin_get("/readyz") == (200, "ready\n")
+        app.stop_listening()
+        _status, body = wait_for(
+            lambda: (r := proxy.admin_get("/readyz"))[0] == 503 and r,
+            what="/readyz to say 503 while the app is down",
+        )
+        assert "not ready" in body and str(app.port) in body
+        assert proxy.metric("tls_sidecar_upstream_up") == 0
+        app.listen_again()
+        wait_for(lambda: proxy.admin_get("/readyz")[0] == 200, what="/readyz back to 200")
+        assert proxy.metric("tls_sidecar_ready") == 1
+    finally:
+        app.stop()
+
+
+def test_metrics_count_what_happened(proxy: ProxyProcess, ca: Path) -> None:
+    before = proxy.metric("tls_sidecar_http_requests_total", 'method="GET",code="200"')
+    before = 0.0 if math.isnan(before) else before  # NaN: no such sample yet
+    for _ in range(3):
+        assert https(proxy, ca, path="/echo/metrics")[0] == 200
+    assert https(proxy, ca, method="DELETE", path="/status/404")[0] == 404
+    status, text = proxy.admin_get("/metrics")
+    assert status == 200
+    for name in (
+        "tls_sidecar_build_info{",
+        "tls_sidecar_connections_accepted_total ",
+        "tls_sidecar_connections_active ",
+        "tls_sidecar_http_request_duration_seconds_bucket{",
+        "tls_sidecar_tls_handshake_duration_seconds_bucket{",
+        "tls_sidecar_upstream_response_duration_seconds_bucket{",
+        'tls_sidecar_upstream_connections_active{state="idle"}',
+        'tls_sidecar_bytes_total{direction="in",side="downstream"}',
+        "tls_sidecar_ready ",
+        "process_resident_memory_bytes ",
+    ):
+        assert name in text, name
+    after = proxy.metric("tls_sidecar_http_requests_total", 'method="GET",code="200"')
+    assert after - before >= 3
+    assert proxy.metric("tls_sidecar_http_requests_total", 'method="DELETE",code="404"') == 1
+    assert proxy.metric("tls_sidecar_tls_handshakes_total", 'version="TLSv1.3"') >= 4
+    assert proxy.metric("tls_sidecar_bytes_total", 'side="upstream",direction="in"') > 0
+
+
+def test_unknown_methods_share_one_label(proxy: ProxyProcess, ca: Path) -> None:
+    for method in ("BREW", "FROB", "ZAP"):
+        assert https(proxy, ca, method=method, path="/echo/m")[0] == 200
+    assert proxy.metric("tls_sidecar_http_requests_total", 'method="OTHER"') >= 3
+    _, text = proxy.admin_get("/metrics")
+    assert 'method="BREW"' not in text
