@@ -25,9 +25,11 @@ from .config import (
     parse_log_level,
     parse_size,
     parse_upstream,
+    readable_dir,
     readable_file,
 )
 from .demo import start_demo_app
+from .identity import AccessPolicy
 from .server import Bound, ProxyServer
 
 log = logging.getLogger("tls_sidecar")
@@ -63,11 +65,103 @@ def serve_options(func: Callable[..., Any]) -> Callable[..., Any]:
         ),
         _option(
             "--cert",
+            (),
+            "PEM certificate chain, leaf first; repeat with --key for SNI. None: self-signed.",
+            type=click.Path(path_type=Path),
+            multiple=True,
+        ),
+        _option(
+            "--key",
+            (),
+            "PEM private key of the --cert before it.",
+            type=click.Path(path_type=Path),
+            multiple=True,
+        ),
+        _option(
+            "--cert-dir",
             None,
-            "PEM certificate chain, leaf first. Omit for a self-signed one.",
+            "Folder of NAME/tls.crt + NAME/tls.key pairs, chosen by SNI.",
             type=click.Path(path_type=Path),
         ),
-        _option("--key", None, "PEM private key of --cert.", type=click.Path(path_type=Path)),
+        _option(
+            "--key-password-file",
+            None,
+            "File holding the password of encrypted keys.",
+            type=click.Path(path_type=Path),
+        ),
+        _option(
+            "--pkcs12",
+            None,
+            "PKCS#12 bundle (certificate, key and chain) instead of --cert/--key.",
+            type=click.Path(path_type=Path),
+        ),
+        _option(
+            "--pkcs12-password-file",
+            None,
+            "File holding the --pkcs12 password.",
+            type=click.Path(path_type=Path),
+        ),
+        _option(
+            "--allow-expired/--no-allow-expired",
+            False,
+            "Start (with a warning) even if a certificate has expired.",
+        ),
+        _option(
+            "--reload-interval",
+            "5s",
+            "How often certificate files are checked for changes (0: only on SIGHUP).",
+        ),
+        _option(
+            "--client-ca",
+            None,
+            "CA bundle that signs client certificates: turns on mutual TLS.",
+            type=click.Path(path_type=Path),
+        ),
+        _option(
+            "--client-auth",
+            "require",
+            "With --client-ca: require a client certificate, or make it optional.",
+            type=click.Choice(["optional", "require"]),
+        ),
+        _option(
+            "--allow-cn",
+            (),
+            "Admit client certificates with this subject CN (repeatable).",
+            multiple=True,
+        ),
+        _option(
+            "--allow-ou",
+            (),
+            "Admit client certificates with this subject OU (repeatable).",
+            multiple=True,
+        ),
+        _option(
+            "--allow-dns-san",
+            (),
+            "Admit client certificates with this DNS SAN (repeatable).",
+            multiple=True,
+        ),
+        _option(
+            "--allow-uri-san",
+            (),
+            "Admit this URI SAN, e.g. spiffe://td/ns/app; a trailing /* admits a prefix (repeatable).",
+            multiple=True,
+        ),
+        _option(
+            "--allow-all/--no-allow-all",
+            False,
+            "Admit any client certificate the --client-ca signed.",
+        ),
+        _option(
+            "--client-cert-header/--no-client-cert-header",
+            True,
+            "Send the verified client identity to the app in X-Forwarded-Client-Cert.",
+        ),
+        _option(
+            "--client-cert-header-pem/--no-client-cert-header-pem",
+            False,
+            "Include the URL-encoded client certificate (Cert=) in that header.",
+        ),
         _option(
             "--tls-min-version",
             "1.2",
@@ -130,13 +224,34 @@ def serve_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 def build_config(opts: dict[str, Any]) -> Config:
     """Turn raw flag values into a validated Config, or raise ConfigError naming the flag."""
-    cert, key = opts["cert"], opts["key"]
+
+    def file(name: str, option: str) -> Path | None:
+        value = opts[name]
+        return readable_file(value, option) if value else None
+
     return Config(
         listen=parse_address(opts["listen"], option="--listen"),
         upstream=parse_upstream(opts["upstream"]),
         admin_listen=parse_address(opts["admin_listen"], option="--admin-listen"),
-        cert_file=readable_file(cert, "--cert") if cert else None,
-        key_file=readable_file(key, "--key") if key else None,
+        cert_files=tuple(readable_file(p, "--cert") for p in opts["cert"]),
+        key_files=tuple(readable_file(p, "--key") for p in opts["key"]),
+        cert_dir=readable_dir(opts["cert_dir"], "--cert-dir") if opts["cert_dir"] else None,
+        key_password_file=file("key_password_file", "--key-password-file"),
+        pkcs12_file=file("pkcs12", "--pkcs12"),
+        pkcs12_password_file=file("pkcs12_password_file", "--pkcs12-password-file"),
+        allow_expired=opts["allow_expired"],
+        reload_interval=parse_duration(opts["reload_interval"], option="--reload-interval"),
+        client_ca=file("client_ca", "--client-ca"),
+        client_auth=opts["client_auth"],
+        policy=AccessPolicy(
+            allow_cn=tuple(opts["allow_cn"]),
+            allow_ou=tuple(opts["allow_ou"]),
+            allow_dns_san=tuple(opts["allow_dns_san"]),
+            allow_uri_san=tuple(opts["allow_uri_san"]),
+            allow_all=opts["allow_all"],
+        ),
+        client_cert_header=opts["client_cert_header"],
+        client_cert_header_pem=opts["client_cert_header_pem"],
         tls_min_version=opts["tls_min_version"],
         handshake_timeout=parse_duration(opts["handshake_timeout"], option="--handshake-timeout"),
         header_timeout=parse_duration(opts["header_timeout"], option="--header-timeout"),
@@ -180,7 +295,7 @@ def _announce(config: Config, server: ProxyServer, bound: Bound) -> None:
             "listen": [str(a) for a in bound.listen],
             "admin": [str(a) for a in bound.admin],
             "upstream": str(config.upstream),
-            "certificate": server.tls.served.subject,
+            "certificates": [c.subject for c in server.tls.served],
             "version": __version__,
         },
     )
@@ -257,8 +372,8 @@ def demo(app_listen: str, listen: str, admin_listen: str, certs_dir: Path) -> No
     base = Config(
         listen=parse_address(listen, option="--listen"),
         admin_listen=parse_address(admin_listen, option="--admin-listen"),
-        cert_file=files.server_cert,
-        key_file=files.server_key,
+        cert_files=(files.server_cert,),
+        key_files=(files.server_key,),
         log_format="text",
     ).validate()
     logs.configure(base.log_format, base.log_level)

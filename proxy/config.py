@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+from .identity import AccessPolicy
 
 
 class ConfigError(Exception):
@@ -34,6 +36,7 @@ class Upstream:
 
 
 TlsVersion = Literal["1.2", "1.3"]
+ClientAuth = Literal["none", "optional", "require"]
 LogFormat = Literal["json", "text"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
@@ -43,9 +46,20 @@ class Config:
     listen: Address = Address("0.0.0.0", 8443)
     upstream: Upstream = Upstream(address=Address("127.0.0.1", 8080))
     admin_listen: Address = Address("0.0.0.0", 9901)
-    cert_file: Path | None = None
-    key_file: Path | None = None
+    cert_files: tuple[Path, ...] = ()
+    key_files: tuple[Path, ...] = ()
+    cert_dir: Path | None = None
+    key_password_file: Path | None = None
+    pkcs12_file: Path | None = None
+    pkcs12_password_file: Path | None = None
+    allow_expired: bool = False
+    reload_interval: float = 5.0
     tls_min_version: TlsVersion = "1.2"
+    client_ca: Path | None = None
+    client_auth: ClientAuth = "require"
+    policy: AccessPolicy = field(default_factory=AccessPolicy)
+    client_cert_header: bool = True
+    client_cert_header_pem: bool = False
     handshake_timeout: float = 10.0
     header_timeout: float = 15.0
     idle_timeout: float = 60.0
@@ -65,9 +79,29 @@ class Config:
 
     def validate(self) -> Config:
         """Check the relations between settings; return self so it chains."""
-        if (self.cert_file is None) != (self.key_file is None):
-            given, missing = ("--cert", "--key") if self.cert_file else ("--key", "--cert")
-            raise ConfigError(f"{given} was given without {missing}; give both, or neither")
+        if len(self.cert_files) != len(self.key_files):
+            if not self.key_files or not self.cert_files:
+                given, missing = ("--cert", "--key") if self.cert_files else ("--key", "--cert")
+                raise ConfigError(f"{given} was given without {missing}; give both, or neither")
+            raise ConfigError(
+                f"{len(self.cert_files)} --cert but {len(self.key_files)} --key; "
+                "give one --key after each --cert"
+            )
+        if self.pkcs12_password_file and not self.pkcs12_file:
+            raise ConfigError("--pkcs12-password-file needs --pkcs12")
+        if self.client_ca is not None and not self.policy.has_rules:
+            raise ConfigError(
+                "--client-ca needs a rule for who may pass: --allow-all (any certificate the CA "
+                "signed), or --allow-cn / --allow-ou / --allow-dns-san / --allow-uri-san"
+            )
+        if self.client_ca is None and self.policy.has_rules:
+            raise ConfigError(
+                "--allow-* rules need --client-ca, the CA that signs client certificates"
+            )
+        if self.client_ca is not None and self.client_auth == "none":
+            raise ConfigError("--client-auth none contradicts --client-ca; use optional or require")
+        if self.reload_interval < 0:
+            raise ConfigError("--reload-interval must be 0 (off) or more, e.g. 5s")
         if self.listen.port != 0 and self.listen == self.admin_listen:
             raise ConfigError(
                 f"--admin-listen {self.admin_listen} is the same as --listen; "
@@ -218,4 +252,10 @@ def readable_file(path: Path, option: str) -> Path:
         raise ConfigError(
             f"{option}: {path} cannot be read ({e.strerror}); check permissions"
         ) from None
+    return path
+
+
+def readable_dir(path: Path, option: str) -> Path:
+    if not path.is_dir():
+        raise ConfigError(f"{option}: {path} is not a directory; check the path")
     return path

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, cast
 import h11
 
 from . import headers as hdr
+from .identity import ClientIdentity, identity_from_der, xfcc_value
 from .upstream import UpstreamConnectError, UpstreamConnection
 
 if TYPE_CHECKING:
@@ -73,6 +74,9 @@ class Http1Connection(asyncio.Protocol):
         self.closed = False
         self.handshaking = True
         self.tunnel: UpstreamConnection | None = None
+        self.client_identity: ClientIdentity | None = None
+        self._denied: str | None = None  # why the client certificate is refused, if it is
+        self._xfcc: bytes | None = None
         self._holds = 0
         self._received_since_idle = False
         self._handshake: Any = None
@@ -132,7 +136,11 @@ class Http1Connection(asyncio.Protocol):
             self._handshake_failed("timeout" if timed_out else "closed", e)
             return
         except ssl.SSLError as e:
-            self._handshake_failed("protocol", e)
+            about_client_cert = "CERTIFICATE" in str(e.reason or "").upper()
+            mtls = self.ctx.config.client_ca is not None
+            self._handshake_failed(
+                "client_certificate" if mtls and about_client_cert else "protocol", e
+            )
             return
         except (OSError, EOFError, RuntimeError, asyncio.CancelledError) as e:
             self._handshake_failed("closed", e)
@@ -155,10 +163,25 @@ class Http1Connection(asyncio.Protocol):
         if isinstance(ssl_object, ssl.SSLObject):
             self.tls_version = ssl_object.version() or "-"
             ctx.handshake_done(self.tls_version, ssl_object.session_reused)
+            if ctx.config.client_ca is not None:
+                self._check_client(ssl_object)
         ctx.metrics.tls_handshake_duration.observe(time.perf_counter() - self._handshake_started)
         self._arm("header", ctx.config.header_timeout)
         if self._received_since_idle:  # the request arrived with the handshake's last flight
             self._next_events()
+
+    def _check_client(self, ssl_object: ssl.SSLObject) -> None:
+        """Decide once per connection; each request on it is then admitted or answered 403."""
+        config = self.ctx.config
+        der = ssl_object.getpeercert(binary_form=True)
+        self.client_identity = identity_from_der(der) if der else None
+        self._denied = config.policy.decide(self.client_identity)
+        if self.client_identity is not None and self._denied is None and config.client_cert_header:
+            self._xfcc = xfcc_value(
+                self.client_identity,
+                by=self.ctx.tls.server_uri,
+                include_pem=config.client_cert_header_pem,
+            )
 
     def _handshake_failed(self, reason: str, exc: BaseException) -> None:
         self.ctx.metrics.tls_handshake_errors.labels(reason).inc()
@@ -354,6 +377,8 @@ class Http1Connection(asyncio.Protocol):
         length = hdr.header_value(names, b"content-length")
         if chunked:
             upstream_headers.append((b"transfer-encoding", b"chunked"))
+        if self._xfcc is not None:
+            upstream_headers.append((b"x-forwarded-client-cert", self._xfcc))
         if not hdr.has_header(names, b"host"):
             upstream_headers.insert(0, (b"host", ctx.upstream_host))
         self._phase = None
@@ -368,6 +393,16 @@ class Http1Connection(asyncio.Protocol):
             has_body=chunked or (length is not None and length != b"0"),
         )
         ctx.metrics.http_requests_in_flight.inc()
+        if self._denied is not None:
+            ctx.metrics.client_auth_denied.labels(self._denied).inc()
+            who = self.client_identity.subject if self.client_identity else ""
+            message = (
+                f"client certificate {who} is not allowed"
+                if who
+                else "a client certificate is required"
+            )
+            self._local_response(403, f"client_{self._denied}", message)
+            return
         # h11 caps only an incomplete head; one that arrived whole is measured here.
         head_size = (
             len(request.method)

@@ -158,6 +158,19 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.certificate_last_reload_success = Gauge(
+            f"{p}_certificate_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful certificate load (start-up counts); "
+            "seconds since: time() - this.",
+            registry=r,
+        )
+        self.client_auth_denied = Counter(
+            f"{p}_client_auth_denied",
+            "Requests refused with 403 because of the client certificate, by reason "
+            "(no_certificate, not_allowed).",
+            ["reason"],
+            registry=r,
+        )
         self.ready = Gauge(f"{p}_ready", "1 when /readyz answers 200, else 0.", registry=r)
         self.draining = Gauge(f"{p}_draining", "1 while shutting down, else 0.", registry=r)
         self.upstream_up = Gauge(

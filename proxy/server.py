@@ -157,7 +157,8 @@ class ProxyServer:
         self._ready_lock = asyncio.Lock()
         self._upstream_checked_at = -1e9
         self._upstream_problem: str | None = "not checked yet"
-        self.metrics.certificate_expiry.labels("default").set(self.tls.served.not_after)
+        self._record_certificates()
+        self._watcher: asyncio.Task[None] | None = None
 
     @property
     def ctx(self) -> ProxyContext:
@@ -185,6 +186,9 @@ class ProxyServer:
             await self._admin.close()
             raise bind_error("--listen", config.listen, e) from None
         self.state = "ready"
+        reloadable = not (self.tls.self_signed and self.config.client_ca is None)
+        if self.config.reload_interval > 0 and reloadable:
+            self._watcher = loop.create_task(self._watch_certificates())
         return Bound(_addresses(self._listener.sockets), _addresses(admin_sockets))
 
     async def readiness(self) -> tuple[bool, str]:
@@ -226,12 +230,19 @@ class ProxyServer:
     def _on_reload_signal(self) -> None:
         asyncio.get_running_loop().create_task(self.reload_certificates())
 
+    def _record_certificates(self) -> None:
+        self.metrics.certificate_expiry.clear()
+        for served in self.tls.served:
+            self.metrics.certificate_expiry.labels(served.name).set(served.not_after)
+        self.metrics.certificate_last_reload_success.set(time.time())
+
     async def reload_certificates(self) -> bool:
         loop = asyncio.get_running_loop()
         try:
-            # OpenSSL takes milliseconds per context: build it off the event loop.
+            # OpenSSL takes milliseconds per context: build them off the event loop.
             served = await loop.run_in_executor(None, self.tls.reload)
-        except ConfigError as e:
+        except (ConfigError, OSError) as e:
+            self.tls.mark_failed()
             self.metrics.certificate_reloads.labels("failure").inc()
             log.error(
                 "certificate reload failed; still serving the previous one",
@@ -239,12 +250,25 @@ class ProxyServer:
             )
             return False
         self.metrics.certificate_reloads.labels("success").inc()
-        self.metrics.certificate_expiry.labels("default").set(served.not_after)
+        self._record_certificates()
         log.info(
             "certificate reloaded",
-            extra={"subject": served.subject, "serial": f"{served.serial:x}"},
+            extra={"certificates": [f"{c.name}: {c.subject} serial {c.serial:x}" for c in served]},
         )
         return True
+
+    async def _watch_certificates(self) -> None:
+        """Poll the files' content; a change (a `..data` swap included) triggers a reload."""
+        loop = asyncio.get_running_loop()
+        interval = self.config.reload_interval
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                changed = await loop.run_in_executor(None, self.tls.changed)
+            except OSError:
+                continue
+            if changed:
+                await self.reload_certificates()
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -269,6 +293,8 @@ class ProxyServer:
             )
             await asyncio.sleep(config.shutdown_delay)
         ctx.draining = True
+        if self._watcher is not None:
+            self._watcher.cancel()
         if self._listener is not None:
             self._listener.close()
         in_flight = [c for c in ctx.connections if not c.idle]
