@@ -120,8 +120,8 @@ def serve_options(func: Callable[..., Any]) -> Callable[..., Any]:
         _option(
             "--client-auth",
             "require",
-            "With --client-ca: require a client certificate, or make it optional.",
-            type=click.Choice(["optional", "require"]),
+            "With --client-ca: require a client certificate, or make it optional; none without.",
+            type=click.Choice(["none", "optional", "require"]),
         ),
         _option(
             "--allow-cn",

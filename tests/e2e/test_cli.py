@@ -250,3 +250,101 @@ def test_demo_serves_the_echo_app_to_curl(tmp_path: Path) -> None:
     finally:
         demo.stop()
     assert demo.wait() == 0
+
+
+def test_allow_expired_starts_with_a_warning(tmp_path: Path) -> None:
+    ca = certs.create_ca()
+    old = certs.issue(
+        ca, ["localhost"], days=1, not_before=dt.datetime.now(dt.UTC) - dt.timedelta(days=10)
+    )
+    (tmp_path / "old.crt").write_bytes(old.cert_pem)
+    certs.write_private(tmp_path / "old.key", old.key_pem)
+    app = UpstreamApp().start()
+    proxy = ProxyProcess(
+        serve(
+            "--upstream",
+            app.base,
+            "--cert",
+            str(tmp_path / "old.crt"),
+            "--key",
+            str(tmp_path / "old.key"),
+            "--allow-expired",
+        )
+    ).start()
+    try:
+        assert any("expired" in line and '"warning"' in line for line in proxy.stderr_lines)
+        assert proxy.admin_get("/readyz")[0] == 200
+    finally:
+        proxy.stop()
+        app.stop()
+
+
+def test_not_yet_valid_certificate_is_refused(tmp_path: Path) -> None:
+    ca = certs.create_ca()
+    future = certs.issue(
+        ca, ["localhost"], not_before=dt.datetime.now(dt.UTC) + dt.timedelta(days=2)
+    )
+    (tmp_path / "f.crt").write_bytes(future.cert_pem)
+    certs.write_private(tmp_path / "f.key", future.key_pem)
+    result = run_cli(*serve("--cert", str(tmp_path / "f.crt"), "--key", str(tmp_path / "f.key")))
+    assert_one_line_error(result, "not valid before", "clock")
+
+
+def test_client_auth_none_with_a_client_ca_is_refused(dev_certs: DevCerts) -> None:
+    result = run_cli(
+        *serve("--client-ca", str(dev_certs.ca), "--allow-all", "--client-auth", "none")
+    )
+    assert_one_line_error(result, "--client-auth none")
+
+
+@pytest.mark.skipif(
+    shutil.which("openssl") is None, reason="openssl is not installed (apt-get install openssl)"
+)
+def test_openssl_s_client_with_a_client_certificate(tmp_path: Path) -> None:
+    out = tmp_path / "certs"
+    assert run_cli("certs", "init", "--out", str(out)).returncode == 0
+    app = UpstreamApp().start()
+    proxy = ProxyProcess(
+        serve(
+            "--upstream",
+            app.base,
+            "--cert",
+            str(out / "server.crt"),
+            "--key",
+            str(out / "server.key"),
+            "--client-ca",
+            str(out / "ca.crt"),
+            "--allow-cn",
+            "tls-sidecar-dev-client",
+        )
+    ).start()
+    try:
+        request = b"GET /echo/openssl HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        base = [
+            "openssl",
+            "s_client",
+            "-connect",
+            f"127.0.0.1:{proxy.port}",
+            "-servername",
+            "localhost",
+            "-CAfile",
+            str(out / "ca.crt"),
+            "-verify_return_error",
+            "-quiet",
+        ]
+        admitted = subprocess.run(
+            [*base, "-cert", str(out / "client.crt"), "-key", str(out / "client.key")],
+            input=request,
+            capture_output=True,
+            timeout=30,
+        )
+        assert b"HTTP/1.1 200" in admitted.stdout, admitted.stderr
+        assert b"x-forwarded-client-cert" in admitted.stdout
+        refused = subprocess.run(base, input=request, capture_output=True, timeout=30)
+        assert b"HTTP/1.1" not in refused.stdout
+        assert b"alert" in refused.stderr.lower() or refused.returncode != 0
+        tls11 = subprocess.run([*base, "-tls1_1"], input=request, capture_output=True, timeout=30)
+        assert b"HTTP/1.1" not in tls11.stdout and tls11.returncode != 0
+    finally:
+        proxy.stop()
+        app.stop()
