@@ -112,6 +112,11 @@ def serve_options(func: Callable[..., Any]) -> Callable[..., Any]:
             "How often certificate files are checked for changes (0: only on SIGHUP).",
         ),
         _option(
+            "--tls-session-resumption/--no-tls-session-resumption",
+            True,
+            "Let clients resume TLS sessions (tickets), saving full handshakes.",
+        ),
+        _option(
             "--client-ca",
             None,
             "CA bundle that signs client certificates: turns on mutual TLS.",
@@ -253,6 +258,7 @@ def build_config(opts: dict[str, Any]) -> Config:
         client_cert_header=opts["client_cert_header"],
         client_cert_header_pem=opts["client_cert_header_pem"],
         tls_min_version=opts["tls_min_version"],
+        session_resumption=opts["tls_session_resumption"],
         handshake_timeout=parse_duration(opts["handshake_timeout"], option="--handshake-timeout"),
         header_timeout=parse_duration(opts["header_timeout"], option="--header-timeout"),
         idle_timeout=parse_duration(opts["idle_timeout"], option="--idle-timeout"),

@@ -55,6 +55,7 @@ class Config:
     allow_expired: bool = False
     reload_interval: float = 5.0
     tls_min_version: TlsVersion = "1.2"
+    session_resumption: bool = True
     client_ca: Path | None = None
     client_auth: ClientAuth = "require"
     policy: AccessPolicy = field(default_factory=AccessPolicy)

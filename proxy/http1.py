@@ -50,6 +50,7 @@ class Exchange:
     upstream: UpstreamConnection | None = None
     request_complete: bool = False
     response_started: bool = False
+    response_complete: bool = False
     status: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
@@ -153,18 +154,19 @@ class Http1Connection(asyncio.Protocol):
     def _handshake_done(self, tls: asyncio.BaseTransport) -> None:
         ctx = self.ctx
         tls = cast(asyncio.Transport, tls)
+        ssl_object = tls.get_extra_info("ssl_object")
+        if self.closed or tls.is_closing() or not isinstance(ssl_object, ssl.SSLObject):
+            # uvloop ends start_tls without an error when the client closes cleanly during the
+            # handshake: the transport it returns is already dead and no connection_lost follows.
+            self.handshaking = False
+            self._handshake_failed("closed", ConnectionResetError("closed during the handshake"))
+            return
         self.handshaking = False
         self.transport = tls
-        if self.closed:  # lost between the handshake and this line
-            tls.abort()
-            self._forget()
-            return
-        ssl_object = tls.get_extra_info("ssl_object")
-        if isinstance(ssl_object, ssl.SSLObject):
-            self.tls_version = ssl_object.version() or "-"
-            ctx.handshake_done(self.tls_version, ssl_object.session_reused)
-            if ctx.config.client_ca is not None:
-                self._check_client(ssl_object)
+        self.tls_version = ssl_object.version() or "-"
+        ctx.handshake_done(self.tls_version, ssl_object.session_reused)
+        if ctx.config.client_ca is not None:
+            self._check_client(ssl_object)
         ctx.metrics.tls_handshake_duration.observe(time.perf_counter() - self._handshake_started)
         self._arm("header", ctx.config.header_timeout)
         if self._received_since_idle:  # the request arrived with the handshake's last flight
@@ -490,10 +492,13 @@ class Http1Connection(asyncio.Protocol):
         assert exchange is not None
         exchange.request_complete = True
         upstream = exchange.upstream
-        if upstream is None or exchange.finished:
+        if exchange.finished:
             return
-        self._send_upstream(upstream, h11.EndOfMessage())
-        if not exchange.response_started:
+        if upstream is not None:
+            self._send_upstream(upstream, h11.EndOfMessage())
+        if exchange.response_complete:
+            self._complete(exchange)
+        elif not exchange.response_started:
             self._arm("upstream", self.ctx.config.upstream_timeout)
 
     def _bad_request(self, error: h11.RemoteProtocolError) -> None:
@@ -613,6 +618,15 @@ class Http1Connection(asyncio.Protocol):
         self._write_client([data])
 
     def _response_done(self, exchange: Exchange) -> None:
+        exchange.response_complete = True
+        if not exchange.request_complete and self.h11.our_state is h11.DONE:
+            # The app answered before the whole body arrived (a 401 or 413, or an app that
+            # does not read bodies): relay or discard the rest, then both sides can go on.
+            self._arm("request_body", self.ctx.config.idle_timeout)
+            return
+        self._complete(exchange)
+
+    def _complete(self, exchange: Exchange) -> None:
         upstream = exchange.upstream
         exchange.upstream = None
         self._finish(exchange, status=exchange.status)
@@ -650,6 +664,8 @@ class Http1Connection(asyncio.Protocol):
         if exchange is None or exchange.upstream is not upstream:
             return
         exchange.upstream = None
+        if exchange.response_complete:
+            return  # answered already; the rest of the request body is read and dropped
         if exchange.response_started:
             self.abort()  # truncated: closing is the only honest signal left
             return

@@ -46,7 +46,7 @@ class LoadedCertificate:
     key: certs.PrivateKey
 
 
-def base_context(min_version: str) -> ssl.SSLContext:
+def base_context(min_version: str, *, session_resumption: bool = True) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if min_version == "1.3" else ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(TLS12_CIPHERS)
@@ -57,6 +57,9 @@ def base_context(min_version: str) -> ssl.SSLContext:
         | ssl.OP_SINGLE_ECDH_USE
     )
     ctx.set_alpn_protocols(ALPN)
+    if not session_resumption:
+        ctx.options |= ssl.OP_NO_TICKET
+        ctx.num_tickets = 0  # TLS 1.3: no tickets at all, so every handshake is a full one
     return ctx
 
 
@@ -168,7 +171,7 @@ def context_for(
 ) -> ssl.SSLContext:
     """OpenSSL loads certificates only from files: the PEM passes through a private temporary
     directory (0700, key 0600) that is removed at once."""
-    ctx = base_context(config.tls_min_version)
+    ctx = base_context(config.tls_min_version, session_resumption=config.session_resumption)
     key_pem = loaded.key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )

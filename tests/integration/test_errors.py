@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import signal
 import socket
 import ssl
 import time
@@ -242,3 +243,22 @@ def test_tls_1_1_client_is_refused(strict: ProxyProcess, ca: Path) -> None:
         pytest.raises(ssl.SSLError),
     ):
         ctx.wrap_socket(raw, server_hostname="localhost")
+
+
+def test_clients_closing_during_the_handshake_leave_nothing_behind(
+    start_proxy: ProxyFactory, upstream: UpstreamApp
+) -> None:
+    proxy = start_proxy(upstream.base)
+    for _ in range(20):
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10):
+            pass  # connect and close (FIN) without a ClientHello
+        raw = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+        raw.sendall(b"\x16\x03\x01\x00\xa0\x01\x00\x00\x9c\x03\x03")  # half a ClientHello
+        raw.close()
+    wait_for(lambda: proxy.metric("tls_sidecar_connections_accepted_total") >= 40)
+    wait_for(
+        lambda: proxy.metric("tls_sidecar_connections_active") == 0,
+        what="every connection forgotten",
+    )
+    proxy.signal(signal.SIGTERM)
+    assert proxy.wait(10) == 0, "the drain found no connection left over"

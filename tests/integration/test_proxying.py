@@ -339,3 +339,25 @@ def test_ipv6_listener(
             assert json.loads(response.body)["headers"][-5] == ["x-forwarded-for", "::1"]
     finally:
         proxy.stop()
+
+
+def test_early_answer_before_the_body_keeps_the_connection(
+    proxy: ProxyProcess, upstream: UpstreamApp, ca: Path
+) -> None:
+    """An app that answers before reading the whole body must not cost the client its
+    connection: the rest of the body is relayed, then both connections are reused."""
+    with tls_socket(proxy.port, ca) as sock:
+        client = RawClient(sock)
+        body = pattern(1024 * 1024)
+        for i in range(3):
+            head_and_start = (
+                request_bytes("POST", "/early", {"Content-Length": str(len(body))}) + body[:1000]
+            )
+            client.send(head_and_start)
+            response = client.read_response()  # the answer arrives while most of the body is unsent
+            assert response is not None and response.status == 401, i
+            assert response.body == b"early"
+            client.send(body[1000:])
+        client.send(request_bytes("GET", "/echo/after-early"))
+        after = client.read_response()
+        assert after is not None and after.status == 200

@@ -12,6 +12,7 @@ can assert what reached the app. Behaviour is chosen by path:
   /garbage            answers bytes that are not HTTP
   /status/N           empty answer with status N       /close  answers with Connection: close
   /hop                answers with hop-by-hop headers the proxy must strip
+  /early              answers 401 as soon as the head arrives, then reads the body
   /ws                 WebSocket echo
 """
 
@@ -188,6 +189,12 @@ class UpstreamApp:
                 conn.receive_data(data)
             elif isinstance(event, h11.Request):
                 request = event
+                if event.target.startswith(b"/early"):
+                    # answer before reading the body, as apps that reject uploads do
+                    headers = [(b"content-length", b"5")]
+                    writer.write(conn.send(h11.Response(status_code=401, headers=headers)) or b"")
+                    writer.write(conn.send(h11.Data(data=b"early")) or b"")
+                    writer.write(conn.send(h11.EndOfMessage()) or b"")
                 if conn.they_are_waiting_for_100_continue:
                     writer.write(
                         conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b""
@@ -225,7 +232,9 @@ class UpstreamApp:
             out += send(h11.EndOfMessage()) or b""
             writer.write(out)
 
-        if path.startswith("/bytes/"):
+        if path.startswith("/early"):
+            pass  # answered as soon as the head arrived
+        elif path.startswith("/bytes/"):
             respond(200, pattern(int(path.split("/")[2])))
         elif path.startswith("/chunked/"):
             n = int(path.split("/")[2])

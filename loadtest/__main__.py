@@ -1,0 +1,104 @@
+"""`python -m loadtest`: tls-sidecar against nginx (TLS proxy, 1 worker) and the app directly."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .harness import Bench, MissingTool
+from .report import markdown_table, plot
+from .scenarios import FULL, SCENARIOS, SMOKE, Budget
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--smoke", is_flag=True, help="About a second per scenario: checks the harness, not the speed."
+)
+@click.option(
+    "--only", multiple=True, type=click.Choice(list(SCENARIOS)), help="Run these scenarios only."
+)
+@click.option(
+    "--builtin-upstream",
+    is_flag=True,
+    help="Use the built-in Python upstream even if nginx is installed.",
+)
+@click.option("--no-pin", is_flag=True, help="Do not pin processes to cores with taskset.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Results folder. [default: loadtest/results/<timestamp>]",
+)
+def main(
+    smoke: bool, only: tuple[str, ...], builtin_upstream: bool, no_pin: bool, out: Path | None
+) -> None:
+    """Run the scenarios and write results.json, results.md and PNG plots."""
+    budget = SMOKE if smoke else FULL
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    out = out or RESULTS / (stamp + ("-smoke" if smoke else ""))
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="tls-sidecar-loadtest-"))
+    try:
+        bench = Bench(work, pin=not no_pin, progress=click.echo)
+    except MissingTool as e:
+        click.echo(f"loadtest: {e}", err=True)
+        sys.exit(2)
+    names = list(only) or list(SCENARIOS)
+    results: dict[str, Any] = {
+        "time": stamp,
+        "smoke": smoke,
+        "pinned": bench.pin,
+        "upstream": "builtin" if builtin_upstream or not shutil.which("nginx") else "nginx",
+        "scenarios": {},
+        "proxy_exit_codes": [],
+    }
+    try:
+        upstream = bench.start_upstream(builtin=results["upstream"] == "builtin")
+        for name in names:
+            title, run = SCENARIOS[name]
+            resumption = name != "S2full"
+            proxy = bench.start_proxy(upstream, resumption=resumption)
+            nginx = bench.start_nginx_proxy(upstream, resumption=resumption)
+            row: dict[str, Any] = {"title": title}
+            targets = [proxy, nginx] + ([upstream] if name in ("S1", "S3", "S4", "S6") else [])
+            for target in targets:
+                click.echo(f"[{name}] {title}: {target.name} ...", nl=False)
+                row[target.name] = run(bench, target, budget)
+                click.echo(f" {_brief(row[target.name])}")
+            results["scenarios"][name] = row
+            assert proxy.proc is not None and nginx.proc is not None
+            # a clean drain after load: exit 0 at once, nothing left in the connection registry
+            results["proxy_exit_codes"].append(bench.stop(proxy.proc))
+            bench.stop(nginx.proc)
+    finally:
+        bench.close()
+        shutil.rmtree(work, ignore_errors=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    table = markdown_table(results)
+    (out / "results.md").write_text(table)
+    plots = plot(results, out)
+    click.echo("\n" + table)
+    click.echo(
+        f"results: {out / 'results.json'}, {out / 'results.md'}" + "".join(f", {p}" for p in plots)
+    )
+
+
+def _brief(row: dict[str, Any]) -> str:
+    if "req_s" in row:
+        return f"{row['req_s']} req/s, {row['mb_s']} MB/s, p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms, failed {row['failed']}"
+    return ", ".join(f"{k}={v}" for k, v in row.items())
+
+
+_ = Budget  # re-exported for callers that tune the budget
+
+if __name__ == "__main__":
+    main()

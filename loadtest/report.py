@@ -1,0 +1,163 @@
+"""The results as a markdown table with ratios to nginx and targets, and as PNG plots."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+# scenario -> (metric, target ratio to nginx) for throughput scenarios
+THROUGHPUT = {
+    "S1": ("req_s", 0.30),
+    "S2": ("req_s", 0.80),
+    "S2full": ("req_s", 0.80),
+    "S3": ("mb_s", 0.85),
+    "S6": ("req_s", 0.80),
+}
+S4_ADDED_P99_MS = 1.0
+S5_REST_MIB = 40.0
+S5_PER_CONNECTION_KIB = 40.0
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:,.1f}" if isinstance(value, float) else str(value)
+
+
+def verdicts(results: dict[str, Any]) -> dict[str, tuple[float, float, bool]]:
+    """scenario -> (measured, target, met) for every target the run can judge."""
+    out: dict[str, tuple[float, float, bool]] = {}
+    scenarios = results["scenarios"]
+    for name, (metric, target) in THROUGHPUT.items():
+        row = scenarios.get(name)
+        if row and row["nginx"][metric]:
+            ratio = row["tls-sidecar"][metric] / row["nginx"][metric]
+            out[name] = (ratio, target, ratio >= target)
+    if "S4" in scenarios and "direct" in scenarios["S4"]:
+        added = scenarios["S4"]["tls-sidecar"]["p99_ms"] - scenarios["S4"]["direct"]["p99_ms"]
+        out["S4"] = (added, S4_ADDED_P99_MS, added <= S4_ADDED_P99_MS)
+    if "S5" in scenarios:
+        ours = scenarios["S5"]["tls-sidecar"]
+        out["S5 rest"] = (
+            ours["rss_at_rest_mib"],
+            S5_REST_MIB,
+            ours["rss_at_rest_mib"] <= S5_REST_MIB,
+        )
+        out["S5 per conn"] = (
+            ours["kib_per_connection"],
+            S5_PER_CONNECTION_KIB,
+            ours["kib_per_connection"] <= S5_PER_CONNECTION_KIB,
+        )
+    return out
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    lines = [
+        f"tls-sidecar load test, {results['time']}"
+        + (" (smoke: figures mean nothing)" if results["smoke"] else "")
+        + f"; upstream: {results['upstream']}; pinned to cores: {results['pinned']}",
+        "",
+        "| scenario | metric | direct | nginx | tls-sidecar | tls-sidecar / nginx | target | met |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    judged = verdicts(results)
+    for name, row in results["scenarios"].items():
+        title = row["title"]
+        ours, nginx, direct = row["tls-sidecar"], row["nginx"], row.get("direct", {})
+        if name == "S5":
+            for metric, key, unit in (
+                ("RSS at rest", "rss_at_rest_mib", "MiB"),
+                ("per idle TLS connection", "kib_per_connection", "KiB"),
+            ):
+                verdict = judged["S5 rest" if key.startswith("rss") else "S5 per conn"]
+                ratio = ours[key] / nginx[key] if nginx[key] else float("nan")
+                lines.append(
+                    f"| {name} {title} | {metric} ({unit}) | - | {_fmt(nginx[key])} | {_fmt(ours[key])} | "
+                    f"{_fmt(ratio)}x | <= {verdict[1]:g} {unit} | {'yes' if verdict[2] else 'no'} |"
+                )
+            continue
+        metrics = [("req/s", "req_s"), ("MB/s", "mb_s"), ("p50 ms", "p50_ms"), ("p99 ms", "p99_ms")]
+        if name == "S4":
+            metrics = [("p50 ms", "p50_ms"), ("p99 ms", "p99_ms"), ("max ms", "max_ms")]
+        for label, key in metrics:
+            ratio = ours[key] / nginx[key] if nginx.get(key) else float("nan")
+            target, met = "", ""
+            if name in THROUGHPUT and THROUGHPUT[name][0] == key:
+                target, met = f">= {THROUGHPUT[name][1]:.2f}x", "yes" if judged[name][2] else "no"
+            if name == "S4" and key == "p99_ms":
+                target = f"+{S4_ADDED_P99_MS:g} ms over direct (measured +{judged['S4'][0]:.2f} ms)"
+                met = "yes" if judged["S4"][2] else "no"
+            lines.append(
+                f"| {name} {title} | {label} | {_fmt(direct.get(key))} | {_fmt(nginx.get(key))} | "
+                f"{_fmt(ours.get(key))} | {_fmt(ratio)}x | {target} | {met} |"
+            )
+    failed = sum(
+        r.get("failed", 0)
+        for row in results["scenarios"].values()
+        for r in row.values()
+        if isinstance(r, dict)
+    )
+    lines += ["", f"failed requests across all runs: {failed}"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, Any], out: Path) -> list[Path]:
+    try:
+        import matplotlib  # noqa: PLC0415  (optional, and slow to import)
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+    except ImportError:
+        return []
+    written: list[Path] = []
+    scenarios = results["scenarios"]
+    names = [n for n in THROUGHPUT if n in scenarios]
+    if names:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        ratios = [
+            scenarios[n]["tls-sidecar"][THROUGHPUT[n][0]] / scenarios[n]["nginx"][THROUGHPUT[n][0]]
+            for n in names
+        ]
+        ax.bar(names, ratios, color="#3b7dd8", label="tls-sidecar / nginx")
+        ax.scatter(
+            names,
+            [THROUGHPUT[n][1] for n in names],
+            color="#d83b3b",
+            marker="_",
+            s=800,
+            label="target",
+            zorder=3,
+        )
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_ylabel("throughput relative to nginx (1 worker each)")
+        ax.set_title("tls-sidecar throughput vs nginx, same run")
+        ax.legend()
+        path = out / "throughput.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    latency = [n for n in ("S1", "S4") if n in scenarios]
+    if latency:
+        fig, axes = plt.subplots(1, len(latency), figsize=(5 * len(latency), 4), squeeze=False)
+        for ax, name in zip(axes[0], latency, strict=True):
+            row = scenarios[name]
+            who = [w for w in ("direct", "nginx", "tls-sidecar") if w in row]
+            for offset, key in ((-0.2, "p50_ms"), (0.2, "p99_ms")):
+                ax.bar(
+                    [i + offset for i in range(len(who))],
+                    [row[w][key] for w in who],
+                    width=0.4,
+                    label=key,
+                )
+            ax.set_xticks(range(len(who)), who)
+            ax.set_ylabel("latency (ms)")
+            ax.set_title(f"{name}: {row['title']}", fontsize=9)
+            ax.legend()
+        path = out / "latency.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written

@@ -1,0 +1,63 @@
+"""The load-test harness runs end to end (about a second per scenario) so it never rots."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.skipif(
+    shutil.which("h2load") is None
+    or not (shutil.which("nginx") or Path("/usr/sbin/nginx").exists()),
+    reason="needs h2load and nginx: apt-get install -y nghttp2-client nginx",
+)
+def test_smoke_run_writes_results_table_and_plots(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "loadtest", "--smoke", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert set(data["scenarios"]) == {"S1", "S2", "S2full", "S3", "S4", "S5", "S6"}
+    for name, row in data["scenarios"].items():
+        for who in ("tls-sidecar", "nginx"):
+            figures = row[who]
+            if name == "S5":
+                assert figures["connections"] == 50 and figures["rss_at_rest_mib"] > 0
+            else:
+                assert figures["failed"] == 0, (name, who, figures)
+                assert figures["succeeded"] > 0, (name, who, figures)
+    assert data["proxy_exit_codes"] == [0] * 7, (
+        "the proxy drained and exited 0 after every scenario"
+    )
+    table = (tmp_path / "results.md").read_text()
+    assert "| S1 keep-alive" in table and "tls-sidecar / nginx" in table
+    assert (tmp_path / "throughput.png").stat().st_size > 1000
+    assert (tmp_path / "latency.png").stat().st_size > 1000
+
+
+def test_missing_tools_print_the_apt_command(tmp_path: Path) -> None:
+    env = dict(os.environ, PATH=str(tmp_path))  # neither h2load nor nginx on PATH
+    result = subprocess.run(
+        [sys.executable, "-m", "loadtest", "--smoke", "--out", str(tmp_path / "out")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    if Path("/usr/sbin/nginx").exists():
+        assert "h2load" in result.stderr
+    assert result.returncode == 2
+    assert "apt-get install -y nghttp2-client nginx" in result.stderr
