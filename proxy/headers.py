@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 import re
-import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 Headers = list[tuple[bytes, bytes]]
@@ -123,12 +124,24 @@ def forwarded_headers(
     return out
 
 
-def request_id_for(headers: HeaderSeq) -> bytes:
-    """The client's X-Request-Id when it is a sane token, else a new random one."""
+class RequestIds:
+    """New request ids: a random per-process prefix and a counter. Unique, not secret, and
+    without a system call per request (uuid4 was 4% of the hot path)."""
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(8).hex()
+        self._count = itertools.count()
+
+    def __call__(self) -> bytes:
+        return f"{self._prefix}{next(self._count):016x}".encode("ascii")
+
+
+def request_id_for(headers: HeaderSeq, new_id: Callable[[], bytes]) -> bytes:
+    """The client's X-Request-Id when it is a sane token, else a new one."""
     for name, value in headers:
         if name == b"x-request-id" and _REQUEST_ID.match(value):
             return value
-    return uuid.uuid4().hex.encode("ascii")
+    return new_id()
 
 
 def response_headers(headers: HeaderSeq, *, switching_protocols: bool = False) -> Headers:

@@ -368,7 +368,7 @@ class Http1Connection(asyncio.Protocol):
         ctx = self.ctx
         config = ctx.config
         names = list(request.headers)  # lower-cased names, as HTTP/2 and Envoy send them
-        request_id = hdr.request_id_for(names)
+        request_id = hdr.request_id_for(names, ctx.new_request_id)
         upstream_headers = hdr.forwarded_headers(
             names,
             self.client,
@@ -389,8 +389,10 @@ class Http1Connection(asyncio.Protocol):
             request=request,
             request_id=request_id,
             started=time.perf_counter(),
+            # Method, target and the client's headers were validated by h11's parser, and the
+            # headers we add are ours: skip h11's per-header regexes (it still checks framing).
             upstream_request=h11.Request(
-                method=request.method, target=request.target, headers=upstream_headers
+                method=request.method, target=request.target, headers=upstream_headers, _parsed=True
             ),
             has_body=chunked or (length is not None and length != b"0"),
         )
@@ -573,10 +575,11 @@ class Http1Connection(asyncio.Protocol):
         self._write_client(
             [
                 self.h11.send(
-                    h11.Response(
+                    h11.Response(  # headers from h11's parser, plus ours: see _request_head
                         status_code=response.status_code,
                         headers=out,
                         reason=reason_phrase(response),
+                        _parsed=True,
                     )
                 )
             ]
@@ -590,7 +593,7 @@ class Http1Connection(asyncio.Protocol):
         out = hdr.response_headers(list(info.headers), switching_protocols=switching)
         data = self.h11.send(
             h11.InformationalResponse(
-                status_code=info.status_code, headers=out, reason=reason_phrase(info)
+                status_code=info.status_code, headers=out, reason=reason_phrase(info), _parsed=True
             )
         )
         assert data is not None

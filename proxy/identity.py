@@ -94,8 +94,13 @@ def uri_matches(pattern: str, uri: str) -> bool:
     return uri == pattern
 
 
+def _printable(value: str) -> str:
+    """Certificate text is attacker-chosen: no control characters may reach a header."""
+    return "".join(c if " " <= c <= "~" or c > "\x9f" else f"\\x{ord(c):02x}" for c in value)
+
+
 def _quoted(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return '"' + _printable(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def xfcc_value(identity: ClientIdentity, *, by: str | None, include_pem: bool) -> bytes:
@@ -107,6 +112,6 @@ def xfcc_value(identity: ClientIdentity, *, by: str | None, include_pem: bool) -
     if include_pem:
         parts.append(f'Cert="{urllib.parse.quote(identity.pem, safe="")}"')
     parts.append(f"Subject={_quoted(identity.subject)}")
-    parts.extend(f"URI={uri}" for uri in identity.uri_sans)
-    parts.extend(f"DNS={name}" for name in identity.dns_sans)
+    parts.extend(f"URI={_printable(uri)}" for uri in identity.uri_sans)
+    parts.extend(f"DNS={_printable(name)}" for name in identity.dns_sans)
     return ";".join(parts).encode("utf-8", "replace")

@@ -15,6 +15,7 @@ from typing import Any
 
 from prometheus_client import Counter
 
+from . import headers as hdr
 from .admin import AdminServer
 from .config import Address, Config, ConfigError
 from .http1 import Http1Connection
@@ -48,6 +49,7 @@ class ProxyContext:
         self.connections: set[Http1Connection] = set()
         self.draining = False
         upstream = config.upstream
+        self.new_request_id = hdr.RequestIds()
         self.upstream_host = (str(upstream.address) if upstream.address else "localhost").encode()
         self._handshake_children: dict[tuple[str, bool], Counter] = {}
         self._all_closed = asyncio.Event()

@@ -8,11 +8,13 @@ from hypothesis import strategies as st
 from proxy.headers import (
     HOP_BY_HOP,
     ClientInfo,
+    RequestIds,
     forwarded_headers,
     is_upgrade_request,
     request_id_for,
     response_headers,
 )
+from proxy.identity import ClientIdentity, xfcc_value
 
 CLIENT = ClientInfo("192.0.2.7", 8443)
 
@@ -92,9 +94,10 @@ def test_upgrade_keeps_upgrade_and_says_connection_upgrade() -> None:
 
 
 def test_request_id_passthrough_and_generation() -> None:
-    assert request_id_for([(b"x-request-id", b"abc-1")]) == b"abc-1"
-    generated = request_id_for([(b"x-request-id", b"bad value\x01")])
-    assert len(generated) == 32 and generated != request_id_for([])
+    ids = RequestIds()
+    assert request_id_for([(b"x-request-id", b"abc-1")], ids) == b"abc-1"
+    generated = request_id_for([(b"x-request-id", b"bad value\x01")], ids)
+    assert len(generated) == 32 and generated != request_id_for([], ids)
 
 
 def test_response_drops_hop_by_hop_and_conflicting_length() -> None:
@@ -156,3 +159,21 @@ def test_forwarded_headers_properties(headers: list[tuple[bytes, bytes]], trust:
     assert [(n, v) for n, v in out if n in (b"accept", b"x-custom")] == [
         (n, v) for n, v in end_to_end if n not in named
     ]
+
+
+def test_xfcc_escapes_control_characters_from_certificates() -> None:
+    evil = ClientIdentity(
+        subject='CN=a\r\nX-Injected: 1,O="q"',
+        common_names=("a",),
+        organizational_units=(),
+        dns_sans=("d\nx",),
+        uri_sans=("spiffe://t/\x00",),
+        sha256="ab",
+        pem="",
+    )
+    value = xfcc_value(evil, by=None, include_pem=False)
+    assert b"\r" not in value and b"\n" not in value and b"\x00" not in value
+    assert (
+        value
+        == b'Hash=ab;Subject="CN=a\\\\x0d\\\\x0aX-Injected: 1,O=\\"q\\"";URI=spiffe://t/\\x00;DNS=d\\x0ax'
+    )
