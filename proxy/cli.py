@@ -31,6 +31,7 @@ from .config import (
 from .demo import start_demo_app
 from .identity import AccessPolicy
 from .server import Bound, ProxyServer
+from .workers import Supervisor, check_workers, die_with_parent
 
 log = logging.getLogger("tls_sidecar")
 
@@ -218,6 +219,12 @@ def serve_options(func: Callable[..., Any]) -> Callable[..., Any]:
             False,
             "Keep the client's X-Forwarded-* (only behind a trusted proxy).",
         ),
+        _option(
+            "--workers",
+            "1",
+            "Worker processes sharing the TLS port; auto: the container's CPU quota.",
+        ),
+        click.option("--worker-index", type=int, default=None, hidden=True),
         _option("--log-format", "json", "Log line format.", type=click.Choice(["json", "text"])),
         _option("--log-level", "info", "debug, info, warning or error."),
         _option("--access-log/--no-access-log", True, "One line per request on stdout."),
@@ -281,6 +288,8 @@ def build_config(opts: dict[str, Any]) -> Config:
         log_format=opts["log_format"],
         log_level=parse_log_level(opts["log_level"]),
         access_log=opts["access_log"],
+        workers=check_workers(opts["workers"]),
+        worker_index=opts["worker_index"],
     ).validate()
 
 
@@ -303,6 +312,7 @@ def _announce(config: Config, server: ProxyServer, bound: Bound) -> None:
             "upstream": str(config.upstream),
             "certificates": [c.subject for c in server.tls.served],
             "version": __version__,
+            **({"worker": config.worker_index} if config.worker_index is not None else {}),
         },
     )
 
@@ -334,6 +344,12 @@ def serve(**opts: Any) -> None:
     """Serve TLS on --listen and forward to --upstream; admin endpoints on --admin-listen."""
     config = build_config(opts)
     logs.configure(config.log_format, config.log_level)
+    if config.workers > 1 and config.worker_index is None:
+        # The workers are this same command, re-executed; the supervisor adds what differs.
+        run_async(Supervisor(config, sys.argv[1:]).run(config.workers))
+        return
+    if config.worker_index is not None:
+        die_with_parent()
     run_async(serve_proxy(config))
 
 

@@ -77,6 +77,8 @@ class Config:
     log_format: LogFormat = "json"
     log_level: LogLevel = "info"
     access_log: bool = True
+    workers: int = 1
+    worker_index: int | None = None  # set in the worker processes of --workers N
 
     def validate(self) -> Config:
         """Check the relations between settings; return self so it chains."""

@@ -69,8 +69,10 @@ class AccessRecord:
     upstream_duration: float | None
     tls_version: str
     request_id: str
+    worker: int | None = None
 
     def as_json(self) -> str:
+        extra = {} if self.worker is None else {"worker": self.worker}
         return json.dumps(
             {
                 "time": _timestamp(self.time),
@@ -86,6 +88,7 @@ class AccessRecord:
                 else round(self.upstream_duration * 1000, 3),
                 "tls": self.tls_version,
                 "request_id": self.request_id,
+                **extra,
             }
         )
 

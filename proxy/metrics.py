@@ -47,7 +47,10 @@ HANDSHAKE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 
 
 class Metrics:
-    """The sidecar's metrics on their own registry (one per server, so tests can run several)."""
+    """The sidecar's metrics on their own registry (one per server, so tests can run several).
+
+    With --workers N each worker writes them to prometheus-client's multiprocess files and the
+    supervisor sums them; every gauge says how (livesum: the live workers' values added up)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
@@ -60,6 +63,7 @@ class Metrics:
             "Always 1; labels say which version runs on which Python and OpenSSL.",
             ["version", "python", "openssl"],
             registry=r,
+            multiprocess_mode="max",
         )
         self.build_info.labels(__version__, platform.python_version(), ssl.OPENSSL_VERSION).set(1)
         self.connections_accepted = Counter(
@@ -68,7 +72,10 @@ class Metrics:
             registry=r,
         )
         self.connections_active = Gauge(
-            f"{p}_connections_active", "Downstream connections open now.", registry=r
+            f"{p}_connections_active",
+            "Downstream connections open now.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.connections_rejected = Counter(
             f"{p}_connections_rejected",
@@ -108,7 +115,10 @@ class Metrics:
             registry=r,
         )
         self.http_requests_in_flight = Gauge(
-            f"{p}_http_requests_in_flight", "Requests being proxied now.", registry=r
+            f"{p}_http_requests_in_flight",
+            "Requests being proxied now.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.upstream_response_duration = Histogram(
             f"{p}_upstream_response_duration_seconds",
@@ -121,6 +131,7 @@ class Metrics:
             "Upstream connections open now: busy with a request, or idle in the pool.",
             ["state"],
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.upstream_connect_errors = Counter(
             f"{p}_upstream_connect_errors",
@@ -151,6 +162,7 @@ class Metrics:
             "Unix time at which the served certificate expires.",
             ["cert"],
             registry=r,
+            multiprocess_mode="min",
         )
         self.certificate_reloads = Counter(
             f"{p}_certificate_reloads",
@@ -163,6 +175,7 @@ class Metrics:
             "Unix time of the last successful certificate load (start-up counts); "
             "seconds since: time() - this.",
             registry=r,
+            multiprocess_mode="min",
         )
         self.client_auth_denied = Counter(
             f"{p}_client_auth_denied",
@@ -171,10 +184,17 @@ class Metrics:
             ["reason"],
             registry=r,
         )
-        self.ready = Gauge(f"{p}_ready", "1 when /readyz answers 200, else 0.", registry=r)
-        self.draining = Gauge(f"{p}_draining", "1 while shutting down, else 0.", registry=r)
+        self.ready = Gauge(
+            f"{p}_ready", "1 when /readyz answers 200, else 0.", registry=r, multiprocess_mode="min"
+        )
+        self.draining = Gauge(
+            f"{p}_draining", "1 while shutting down, else 0.", registry=r, multiprocess_mode="max"
+        )
         self.upstream_up = Gauge(
-            f"{p}_upstream_up", "1 when the last upstream check connected, else 0.", registry=r
+            f"{p}_upstream_up",
+            "1 when the last upstream check connected, else 0.",
+            registry=r,
+            multiprocess_mode="min",
         )
         # Children resolved once: the hot path does no label lookups for these.
         self.bytes_down_in = self.bytes.labels("downstream", "in")

@@ -99,6 +99,7 @@ class ProxyContext:
                 upstream_duration=upstream_duration,
                 tls_version=tls_version,
                 request_id=request_id.decode("latin-1"),
+                worker=self.config.worker_index,
             )
         )
 
@@ -171,11 +172,13 @@ class ProxyServer:
         loop = asyncio.get_running_loop()
         config = self.config
         self._ctx = ProxyContext(loop, config, self.tls, self.metrics, self.access_log)
-        self._admin = AdminServer(self.readiness, self.metrics)
-        try:
-            admin_sockets = await self._admin.start(config.admin_listen)
-        except OSError as e:
-            raise bind_error("--admin-listen", config.admin_listen, e) from None
+        admin_sockets: list[socket.socket] = []
+        if config.worker_index is None:  # workers leave the admin port to their supervisor
+            self._admin = AdminServer(self.readiness, self.metrics)
+            try:
+                admin_sockets = await self._admin.start(config.admin_listen)
+            except OSError as e:
+                raise bind_error("--admin-listen", config.admin_listen, e) from None
         try:
             self._listener = await loop.create_server(
                 lambda: Http1Connection(self.ctx),
@@ -183,9 +186,11 @@ class ProxyServer:
                 config.listen.port,
                 backlog=1024,
                 reuse_address=True,
+                reuse_port=config.worker_index is not None,
             )
         except OSError as e:
-            await self._admin.close()
+            if self._admin is not None:
+                await self._admin.close()
             raise bind_error("--listen", config.listen, e) from None
         self.state = "ready"
         reloadable = not (self.tls.self_signed and self.config.client_ca is None)

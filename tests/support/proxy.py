@@ -84,8 +84,11 @@ class ProxyProcess:
         return self
 
     def _listening(self) -> dict[str, Any] | None:
+        """The line that says where it listens: `listening`, or `supervising` with --workers."""
         for line in list(self.stderr_lines):
-            if '"listening"' in line:
+            if '"msg": "supervising"' in line or (
+                '"msg": "listening"' in line and '"worker"' not in line
+            ):
                 return dict(json.loads(line))
         return None
 

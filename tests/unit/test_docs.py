@@ -15,7 +15,7 @@ def test_every_serve_flag_is_in_the_readme() -> None:
     text = README.read_text()
     rows = [line for line in text.splitlines() if line.startswith("| `--")]
     for param in serve.params:
-        if not isinstance(param, click.Option) or param.name == "help":
+        if not isinstance(param, click.Option) or param.name == "help" or param.hidden:
             continue
         flag = param.opts[0]
         row = next((r for r in rows if r.startswith(f"| `{flag}`")), None)

@@ -1,0 +1,133 @@
+"""--workers N: requests spread over worker processes, a dead worker is replaced, metrics summed."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from proxy.workers import cpu_quota_workers
+from tests.support.proxy import DevCerts, ProxyProcess, client_context, wait_for
+from tests.support.upstream import UpstreamApp
+
+
+@pytest.fixture
+def group(dev_certs: DevCerts) -> Iterator[tuple[ProxyProcess, UpstreamApp]]:
+    app = UpstreamApp().start()
+    proxy = ProxyProcess(
+        [
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--upstream",
+            app.base,
+            "--cert",
+            str(dev_certs.cert),
+            "--key",
+            str(dev_certs.key),
+            "--workers",
+            "2",
+        ]
+    ).start()
+    wait_for(lambda: len(worker_lines(proxy, "listening")) == 2, what="both workers listening")
+    yield proxy, app
+    proxy.stop()
+    app.stop()
+
+
+def worker_lines(proxy: ProxyProcess, msg: str) -> list[dict[str, object]]:
+    return [json.loads(line) for line in list(proxy.stderr_lines) if f'"msg": "{msg}"' in line]
+
+
+def request(proxy: ProxyProcess, ca: Path, path: str) -> int:
+    conn = http.client.HTTPSConnection(
+        "localhost", proxy.port, context=client_context(ca), timeout=10
+    )
+    try:
+        conn.request("GET", path, headers={"Connection": "close"})
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    finally:
+        conn.close()
+
+
+def test_requests_spread_over_workers_and_metrics_add_up(
+    group: tuple[ProxyProcess, UpstreamApp], dev_certs: DevCerts
+) -> None:
+    proxy, _ = group
+    for i in range(60):
+        assert request(proxy, dev_certs.ca, f"/echo/spread/{i}") == 200
+    records = wait_for(
+        lambda: (
+            len(r := [x for x in proxy.access_records() if x["path"].startswith("/echo/spread/")])
+            == 60
+            and r
+        )
+    )
+    assert {r["worker"] for r in records} == {0, 1}, "SO_REUSEPORT spread the connections"
+    assert proxy.metric("tls_sidecar_http_requests_total", 'code="200"') >= 60, (
+        "the supervisor sums the workers"
+    )
+    assert proxy.metric("tls_sidecar_workers") == 2
+    assert proxy.admin_get("/readyz")[0] == 200
+
+
+def test_a_killed_worker_is_replaced(
+    group: tuple[ProxyProcess, UpstreamApp], dev_certs: DevCerts
+) -> None:
+    proxy, _ = group
+    first = {
+        int(str(w["worker"])): int(str(w["pid"])) for w in worker_lines(proxy, "worker started")
+    }
+    os.kill(first[0], signal.SIGKILL)
+    wait_for(
+        lambda: worker_lines(proxy, "worker exited; starting it again"),
+        what="the supervisor to notice",
+    )
+    wait_for(lambda: len(worker_lines(proxy, "worker started")) == 3, what="a new worker 0")
+    replacement = worker_lines(proxy, "worker started")[-1]
+    assert replacement["worker"] == 0 and replacement["pid"] != first[0]
+    wait_for(lambda: len(worker_lines(proxy, "listening")) == 3, what="the new worker listening")
+    for i in range(20):
+        assert request(proxy, dev_certs.ca, f"/echo/after-kill/{i}") == 200
+    assert proxy.metric("tls_sidecar_worker_restarts_total") == 1
+    wait_for(lambda: proxy.admin_get("/readyz")[0] == 200, what="readiness back")
+
+
+def test_sigterm_drains_every_worker(
+    group: tuple[ProxyProcess, UpstreamApp], dev_certs: DevCerts
+) -> None:
+    proxy, _ = group
+    assert request(proxy, dev_certs.ca, "/echo/before-stop") == 200
+    proxy.signal(signal.SIGTERM)
+    assert proxy.wait(30) == 0
+    stopped = worker_lines(proxy, "stopped")
+    assert any(line.get("worker_exit_codes") == {"0": 0, "1": 0} for line in stopped), stopped
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"cpu.max": "150000 100000\n"}, 2),
+        ({"cpu.max": "400000 100000\n"}, 4),
+        ({"cpu/cpu.cfs_quota_us": "250000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3),
+    ],
+)
+def test_auto_follows_the_cpu_quota(tmp_path: Path, files: dict[str, str], expected: int) -> None:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cpu_quota_workers(tmp_path) == expected
+
+
+def test_auto_without_a_quota_uses_the_usable_cpus(tmp_path: Path) -> None:
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cpu_quota_workers(tmp_path) == len(os.sched_getaffinity(0))
