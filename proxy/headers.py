@@ -170,3 +170,24 @@ def header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes |
 
 def has_header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bool:
     return any(n == name for n, _ in headers)
+
+
+def origin_form(target: bytes, headers: Headers) -> tuple[bytes, Headers] | None:
+    """An absolute-form target (`http://host/path`) as origin-form plus the Host it names.
+
+    RFC 9112 §3.2.2: the target's authority wins over any Host header. None when the target is
+    not absolute-form; ValueError when it is absolute but unusable.
+    """
+    lowered = target[:8].lower()
+    if not (lowered.startswith(b"http://") or lowered.startswith(b"https://")):
+        return None
+    rest = target.split(b"://", 1)[1]
+    authority, slash, path = rest.partition(b"/")
+    authority = authority.rsplit(b"@", 1)[-1]  # userinfo is never forwarded
+    if not authority or b"?" in authority:
+        raise ValueError("absolute-form target without a host")
+    new_target = b"/" + path if slash else b"/"
+    if not slash and b"?" in rest:
+        raise ValueError("absolute-form target with a query but no path")
+    replaced = [(b"host", authority)] + [(n, v) for n, v in headers if n != b"host"]
+    return new_target, replaced

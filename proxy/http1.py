@@ -368,6 +368,21 @@ class Http1Connection(asyncio.Protocol):
         ctx = self.ctx
         config = ctx.config
         names = list(request.headers)  # lower-cased names, as HTTP/2 and Envoy send them
+        target = request.target
+        bad_target = ""
+        if target[:1] != b"/":
+            try:
+                absolute = hdr.origin_form(target, names)
+            except ValueError as e:
+                absolute = None
+                target = b""
+                bad_target = str(e)
+            if absolute is not None:
+                target, names = absolute
+            elif target == b"*" and request.method != b"OPTIONS":
+                target, bad_target = b"", "asterisk-form is only for OPTIONS"
+            elif target != b"*" and target:
+                target, bad_target = b"", "authority-form is only for CONNECT"
         request_id = hdr.request_id_for(names, ctx.new_request_id)
         upstream_headers = hdr.forwarded_headers(
             names,
@@ -392,7 +407,7 @@ class Http1Connection(asyncio.Protocol):
             # Method, target and the client's headers were validated by h11's parser, and the
             # headers we add are ours: skip h11's per-header regexes (it still checks framing).
             upstream_request=h11.Request(
-                method=request.method, target=request.target, headers=upstream_headers, _parsed=True
+                method=request.method, target=target or b"/", headers=upstream_headers, _parsed=True
             ),
             has_body=chunked or (length is not None and length != b"0"),
         )
@@ -423,8 +438,14 @@ class Http1Connection(asyncio.Protocol):
         if chunked and length is not None:
             self._local_response(400, "bad_request", "both Content-Length and Transfer-Encoding")
             return
+        if not request.http_version.startswith(b"1."):
+            self._local_response(505, "version_not_supported", "only HTTP/1.0 and HTTP/1.1")
+            return
         if request.method == b"CONNECT":
             self._local_response(405, "method_not_allowed", "CONNECT is not supported")
+            return
+        if not target:
+            self._local_response(400, "bad_request", f"bad request target: {bad_target}")
             return
         limit = config.max_body_bytes
         if limit is not None and length is not None and int(length) > limit:
@@ -504,7 +525,9 @@ class Http1Connection(asyncio.Protocol):
             self._arm("upstream", self.ctx.config.upstream_timeout)
 
     def _bad_request(self, error: h11.RemoteProtocolError) -> None:
-        status = error.error_status_hint
+        # h11 suggests 501 for transfer codings other than chunked; as a smuggling defence we
+        # treat them as malformed framing, like any other: 400 and close.
+        status = 400 if error.error_status_hint >= 500 else error.error_status_hint
         reason = "header_too_large" if status == 431 else "bad_request"
         self._local_response(status, reason, str(error) or "malformed request")
 
