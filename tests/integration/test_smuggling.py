@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import socket
 import ssl
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import ProxyFactory
 from tests.support.proxy import ProxyProcess, RawClient, https, tls_socket
 from tests.support.upstream import UpstreamApp
 
@@ -179,15 +181,15 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def app() -> UpstreamApp:
+def app() -> Iterator[UpstreamApp]:
     application = UpstreamApp().start()
-    yield application  # type: ignore[misc]
+    yield application
     application.stop()
 
 
 @pytest.fixture(scope="module")
-def guarded(start_proxy: object, app: UpstreamApp) -> ProxyProcess:
-    return start_proxy(app.base, "--header-timeout", "2s")  # type: ignore[operator,no-any-return]
+def guarded(start_proxy: ProxyFactory, app: UpstreamApp) -> ProxyProcess:
+    return start_proxy(app.base, "--header-timeout", "2s")
 
 
 def exchange(port: int, ca: Path, data: bytes) -> list[int]:
