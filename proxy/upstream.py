@@ -83,7 +83,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         owner = self.owner
-        if owner is not None and not self.tunnel:
+        # EOF ends a close-delimited body; before any answer it is not a response at all, and
+        # connection_lost decides (a retry, or 502) instead of h11 calling it malformed.
+        if owner is not None and not self.tunnel and self.received_any:
             self.h11.receive_data(b"")
             owner.upstream_readable(self)
         return False

@@ -13,6 +13,7 @@ can assert what reached the app. Behaviour is chosen by path:
   /status/N           empty answer with status N       /close  answers with Connection: close
   /hop                answers with hop-by-hop headers the proxy must strip
   /early              answers 401 as soon as the head arrives, then reads the body
+  /once...            answered only as a connection's first request; later ones: closed unanswered
   /ws                 WebSocket echo
 """
 
@@ -150,6 +151,7 @@ class UpstreamApp:
             self.connections += 1
             connection_id = self.connections
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=1 << 20)
+        served_here = 0
         try:
             while True:
                 request, body = await self._read_request(conn, reader, writer)
@@ -167,6 +169,9 @@ class UpstreamApp:
                             connection_id,
                         )
                     )
+                served_here += 1
+                if path.startswith("/once") and served_here > 1:
+                    return  # a keep-alive connection the app closes instead of answering
                 keep_going = await self._respond(conn, request, body, path, reader, writer)
                 if not keep_going or conn.our_state is h11.MUST_CLOSE:
                     return
