@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-slow lint typecheck loadtest clean
+.PHONY: run test test-slow fuzz lint typecheck loadtest clean
 
 run: $(STAMP)
 	$(BIN)/tls-sidecar demo
@@ -13,7 +13,10 @@ test: lint typecheck
 	$(BIN)/pytest -m "not slow" -q
 
 test-slow: $(STAMP)
-	$(BIN)/pytest -m slow -q
+	$(BIN)/pytest -m slow -q -s
+
+fuzz: $(STAMP)
+	TLS_SIDECAR_FUZZ_EXAMPLES=$${EXAMPLES:-5000} $(BIN)/pytest -q tests/integration/test_fuzz.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check proxy tests loadtest

@@ -6,6 +6,7 @@ import asyncio
 import errno
 import logging
 import os
+import resource
 import signal
 import socket
 import time
@@ -120,6 +121,25 @@ def _addresses(sockets: Any) -> list[Address]:
     return out
 
 
+def raise_open_file_limit(wanted: int) -> int:
+    """Lift the soft RLIMIT_NOFILE toward the hard limit, as nginx's worker_rlimit_nofile and
+    Go's runtime do: each client connection costs two descriptors (client and app side)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, wanted)
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft < wanted:
+        log.warning(
+            "open-file limit is below what --max-connections needs; raise it (ulimit -n)",
+            extra={"limit": soft, "needed": wanted},
+        )
+    return soft
+
+
 def bind_error(option: str, address: Address, error: OSError) -> ConfigError:
     if error.errno == errno.EADDRINUSE:
         return ConfigError(
@@ -171,6 +191,7 @@ class ProxyServer:
     async def start(self) -> Bound:
         loop = asyncio.get_running_loop()
         config = self.config
+        raise_open_file_limit(2 * config.max_connections)
         self._ctx = ProxyContext(loop, config, self.tls, self.metrics, self.access_log)
         admin_sockets: list[socket.socket] = []
         if config.worker_index is None:  # workers leave the admin port to their supervisor

@@ -262,3 +262,35 @@ def test_clients_closing_during_the_handshake_leave_nothing_behind(
     )
     proxy.signal(signal.SIGTERM)
     assert proxy.wait(10) == 0, "the drain found no connection left over"
+
+
+def test_max_connections_refuses_new_ones_cleanly_and_keeps_the_rest(
+    start_proxy: ProxyFactory, upstream: UpstreamApp, ca: Path
+) -> None:
+    proxy = start_proxy(upstream.base, "--max-connections", "20")
+    held = []
+    try:
+        for _ in range(20):
+            sock = client_context(ca).wrap_socket(
+                socket.create_connection(("127.0.0.1", proxy.port), timeout=10),
+                server_hostname="localhost",
+            )
+            held.append(sock)
+        wait_for(lambda: proxy.metric("tls_sidecar_connections_active") == 20)
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as extra:
+            assert extra.recv(1) == b"", "the 21st connection is closed at once"
+        assert (
+            proxy.metric("tls_sidecar_connections_rejected_total", 'reason="max_connections"') == 1
+        )
+        for sock in held[:3]:
+            client = RawClient(sock)
+            client.send(request_bytes("GET", "/echo/held"))
+            response = client.read_response()
+            assert response is not None and response.status == 200, (
+                "existing connections are unaffected"
+            )
+    finally:
+        for sock in held:
+            sock.close()
+    wait_for(lambda: proxy.metric("tls_sidecar_connections_active") == 0)
+    assert https(proxy, ca, path="/echo/room-again")[0] == 200
