@@ -15,6 +15,7 @@ import click
 import uvloop
 
 from . import __version__
+from . import inject as injection
 from . import log as logs
 from .certs_cli import certs_group, ensure_dev_certificates
 from .config import (
@@ -30,6 +31,7 @@ from .config import (
 )
 from .demo import start_demo_app
 from .identity import AccessPolicy
+from .inject import DEFAULT_IMAGE, DEFAULT_SECRET, InjectOptions
 from .server import Bound, ProxyServer
 from .workers import Supervisor, check_workers, die_with_parent
 
@@ -427,6 +429,37 @@ def demo(app_listen: str, listen: str, admin_listen: str, certs_dir: Path) -> No
             await serve_proxy(config, show)
 
     run_async(main())
+
+
+@cli.command("inject", context_settings=CONTEXT)
+@click.argument("files", nargs=-1, type=click.File("r"))
+@click.option("--image", default=DEFAULT_IMAGE, show_default=True, help="The sidecar image.")
+@click.option(
+    "--secret",
+    default=DEFAULT_SECRET,
+    show_default=True,
+    help="Secret with tls.crt and tls.key, mounted at /etc/tls.",
+)
+@click.option(
+    "--native/--classic",
+    default=True,
+    show_default=True,
+    help="Native sidecar (an init container with restartPolicy Always, Kubernetes 1.29+) or a regular container.",
+)
+@click.option(
+    "--upstream-port",
+    default=8080,
+    show_default=True,
+    type=click.IntRange(1, 65535),
+    help="Port the app listens on at 127.0.0.1.",
+)
+def inject_command(
+    files: tuple[Any, ...], image: str, secret: str, native: bool, upstream_port: int
+) -> None:
+    """Add tls-sidecar to the workloads in Kubernetes YAML (FILES or stdin) and print the result."""
+    options = InjectOptions(image=image, secret=secret, native=native, upstream_port=upstream_port)
+    sources: list[Any] = list(files) if files else [sys.stdin]
+    click.echo(injection.inject("---\n".join(f.read() for f in sources), options), nl=False)
 
 
 cli.add_command(certs_group)

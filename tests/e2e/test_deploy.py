@@ -1,0 +1,184 @@
+"""The shipped artefacts, checked: Dockerfile (hadolint), kustomizations (render + Kubernetes
+schemas for 1.29 and the newest version), and `tls-sidecar inject` against golden files."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from proxy.inject import InjectError, InjectOptions, inject
+
+REPO = Path(__file__).resolve().parents[2]
+KUSTOMIZATIONS = sorted(
+    p.parent for p in (REPO / "deploy" / "kubernetes").rglob("kustomization.yaml")
+)
+GOLDEN = REPO / "tests" / "golden" / "inject"
+VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
+# Custom resources have no schema in kubernetes-validate; they are checked by shape only.
+CUSTOM_KINDS = {
+    ("cert-manager.io/v1", "Issuer"),
+    ("cert-manager.io/v1", "Certificate"),
+    ("monitoring.coreos.com/v1", "PodMonitor"),
+}
+
+
+def objects(text: str) -> list[dict[str, Any]]:
+    found = []
+    for doc in yaml.safe_load_all(text):
+        if doc is None:
+            continue
+        found.extend(doc["items"] if doc.get("kind") == "List" else [doc])
+    return found
+
+
+def validate(obj: dict[str, Any]) -> None:
+    if (obj["apiVersion"], obj["kind"]) in CUSTOM_KINDS:
+        assert obj["metadata"]["name"] and isinstance(obj["spec"], dict)
+        return
+    for version in VERSIONS:
+        kubernetes_validate.validate(obj, version, strict=True)
+
+
+def test_hadolint_passes() -> None:
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    result = subprocess.run([hadolint, str(REPO / "Dockerfile")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_runs_as_non_root_without_a_shell_in_exec_form() -> None:
+    text = (REPO / "Dockerfile").read_text()
+    final = text.split("\nFROM ")[-1]
+    assert "USER 65532:65532" in final
+    assert 'ENTRYPOINT ["tls-sidecar"]' in final and 'CMD ["serve"]' in final
+    assert "EXPOSE 8443 9901" in final and "STOPSIGNAL SIGTERM" in final
+    assert '"/bin/sh"' in final, "the final stage removes the shell"
+    assert "python:3.12-slim" in text
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, str]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl (with kustomize) is not installed")
+    out = {}
+    for folder in KUSTOMIZATIONS:
+        result = subprocess.run(
+            [kubectl, "kustomize", str(folder)], capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0, f"{folder}: {result.stderr}"
+        out[str(folder.relative_to(REPO))] = result.stdout
+    return out
+
+
+def test_every_kustomization_renders_and_validates(rendered: dict[str, str]) -> None:
+    assert set(rendered) == {
+        "deploy/kubernetes/base",
+        "deploy/kubernetes/overlays/cert-manager",
+        "deploy/kubernetes/overlays/prometheus",
+        "deploy/kubernetes/overlays/classic-sidecar",
+    }
+    counts = {}
+    for name, text in rendered.items():
+        found = objects(text)
+        counts[name] = len(found)
+        for obj in found:
+            validate(obj)
+    print(f"\nrendered objects: {counts}; schemas: {VERSIONS}")
+
+
+def sidecar_of(deployment: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    spec = deployment["spec"]["template"]["spec"]
+    for where in ("initContainers", "containers"):
+        for container in spec.get(where) or []:
+            if container["name"] == "tls-sidecar":
+                return where, container
+    raise AssertionError("no tls-sidecar container")
+
+
+def test_native_and_classic_sidecars_are_wired_as_documented(rendered: dict[str, str]) -> None:
+    base = next(o for o in objects(rendered["deploy/kubernetes/base"]) if o["kind"] == "Deployment")
+    where, sidecar = sidecar_of(base)
+    assert where == "initContainers" and sidecar["restartPolicy"] == "Always"
+    assert sidecar["startupProbe"]["httpGet"]["path"] == "/livez", (
+        "startup must not wait for the app"
+    )
+    assert sidecar["livenessProbe"]["httpGet"]["path"] == "/livez"
+    assert sidecar["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    security = sidecar["securityContext"]
+    assert (
+        security["readOnlyRootFilesystem"]
+        and security["runAsNonRoot"]
+        and not security["allowPrivilegeEscalation"]
+    )
+    assert (
+        security["capabilities"]["drop"] == ["ALL"]
+        and security["seccompProfile"]["type"] == "RuntimeDefault"
+    )
+    classic = next(
+        o
+        for o in objects(rendered["deploy/kubernetes/overlays/classic-sidecar"])
+        if o["kind"] == "Deployment"
+    )
+    where, sidecar = sidecar_of(classic)
+    assert where == "containers" and "restartPolicy" not in sidecar
+    assert "--shutdown-delay=15s" in sidecar["args"]
+    app = classic["spec"]["template"]["spec"]["containers"][0]
+    assert app["lifecycle"]["preStop"]["sleep"]["seconds"] == 15
+    service = next(o for o in objects(rendered["deploy/kubernetes/base"]) if o["kind"] == "Service")
+    assert service["spec"]["ports"] == [{"name": "https", "port": 443, "targetPort": "https"}]
+
+
+@pytest.mark.parametrize(
+    ("golden", "options"),
+    [
+        ("native.yaml", InjectOptions()),
+        (
+            "classic.yaml",
+            InjectOptions(
+                native=False,
+                secret="shop-tls",
+                image="registry.example/tls-sidecar:0.1.0",
+                upstream_port=3000,
+            ),
+        ),
+    ],
+)
+def test_inject_matches_golden_validates_and_is_idempotent(
+    golden: str, options: InjectOptions
+) -> None:
+    source = (GOLDEN / "input.yaml").read_text()
+    result = inject(source, options)
+    assert result == (GOLDEN / golden).read_text(), f"regenerate {golden} if the change is intended"
+    assert inject(result, options) == result, "a second run changes nothing"
+    found = objects(result)
+    assert sum(1 for o in found if "tls-sidecar" in yaml.safe_dump(o)) == 7
+    for obj in found:
+        validate(obj)
+    assert "kind: Service   # untouched, comment and all" in result
+
+
+def test_inject_refuses_port_conflicts_and_non_kubernetes_input() -> None:
+    taken = "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  containers: [{name: a, image: a, ports: [{containerPort: 9901}]}]\n"
+    with pytest.raises(InjectError, match="already uses port 9901"):
+        inject(taken, InjectOptions())
+    with pytest.raises(InjectError, match="not a Kubernetes object"):
+        inject("just: yaml\n", InjectOptions())
+    with pytest.raises(InjectError, match="not valid YAML"):
+        inject("a: [unclosed\n", InjectOptions())
+
+
+def test_inject_cli_reads_stdin_and_fails_with_one_line() -> None:
+    cli = [sys.executable, "-m", "proxy", "inject"]
+    ok = subprocess.run(
+        cli, input=(GOLDEN / "input.yaml").read_text(), capture_output=True, text=True, timeout=30
+    )
+    assert ok.returncode == 0 and ok.stdout == (GOLDEN / "native.yaml").read_text()
+    bad = subprocess.run(cli, input="not: kubernetes\n", capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
