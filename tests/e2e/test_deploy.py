@@ -30,7 +30,7 @@ CUSTOM_KINDS = {
 
 
 def objects(text: str) -> list[dict[str, Any]]:
-    found = []
+    found: list[dict[str, Any]] = []
     for doc in yaml.safe_load_all(text):
         if doc is None:
             continue
