@@ -1,0 +1,139 @@
+"""CI has no Docker engine: repeat the image's install steps in a fresh virtual environment and
+run the result as the image would — user 65532, nothing writable but TMPDIR, signals as PID 1."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.support.proxy import wait_for
+from tests.support.upstream import UpstreamApp
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+# The build stage's RUN lines, with the image's paths as placeholders.
+EXPECTED_RUN = [
+    "RUN python -m pip wheel --no-deps --wheel-dir /wheels .",
+    "RUN python -m venv /opt/tls-sidecar && /opt/tls-sidecar/bin/pip install /wheels/*.whl",
+]
+
+
+def test_dockerfile_build_steps_are_the_ones_this_test_repeats() -> None:
+    build = (REPO / "Dockerfile").read_text().split("\nFROM ")[1]
+    assert [line for line in build.splitlines() if line.startswith("RUN ")] == EXPECTED_RUN
+
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to uid 65532 needs root")
+@pytest.mark.skipif(
+    not Path(SYSTEM_PYTHON).exists(),
+    reason="needs the system python3 (apt-get install python3-venv)",
+)
+def test_installed_image_serves_as_a_non_root_user(tmp_path: Path) -> None:
+    # pytest's own temporary folders are closed to other users: the "image" lives beside them
+    root = Path(tempfile.mkdtemp(prefix="tls-sidecar-image-"))
+    root.chmod(0o755)
+    wheels, venv, tmp = root / "wheels", root / "opt" / "tls-sidecar", root / "tmp"
+    tmp.mkdir(parents=True)
+    source = tmp_path / "src"
+    shutil.copytree(
+        REPO,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".venv", ".git", "*.egg-info", "build", "results", "__pycache__"
+        ),
+    )
+    # Step 1 and 2 of the Dockerfile, with /wheels and /opt/tls-sidecar under tmp_path.
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--wheel-dir", str(wheels), "."],
+        cwd=source,
+        check=True,
+        timeout=300,
+    )
+    # The image's interpreter is world-readable (/usr/local); so is the system one, not a pyenv one.
+    subprocess.run([SYSTEM_PYTHON, "-m", "venv", str(venv)], check=True, timeout=120)
+    (wheel,) = wheels.glob("*.whl")
+    subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "-q", str(wheel)], check=True, timeout=600
+    )
+    os.chown(tmp, 65532, 65532)
+    for path in (root, root / "opt", venv):
+        path.chmod(0o755)
+    app = UpstreamApp().start()
+    env = {
+        "PATH": f"{venv / 'bin'}:/usr/bin:/bin",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONUNBUFFERED": "1",
+        "TMPDIR": str(tmp),
+        "HOME": "/nonexistent",
+    }
+
+    def become_65532() -> None:
+        os.setgroups([])
+        os.setgid(65532)
+        os.setuid(65532)
+
+    proc = subprocess.Popen(
+        [
+            str(venv / "bin" / "tls-sidecar"),
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--upstream",
+            app.base,
+            "--log-format",
+            "text",
+        ],
+        env=env,
+        preexec_fn=become_65532,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd="/",
+    )
+    lines: list[str] = []
+    threading.Thread(
+        target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True
+    ).start()  # type: ignore[union-attr]
+    try:
+        line = wait_for(
+            lambda: next((x for x in lines if " listening " in x), None), 30, "the listening line"
+        )
+        port = int(line.split("listen=['127.0.0.1:")[1].split("'")[0])
+        admin = int(line.split("admin=['127.0.0.1:")[1].split("'")[0])
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        with urllib.request.urlopen(
+            f"https://127.0.0.1:{port}/echo/image", context=ctx, timeout=10
+        ) as response:
+            assert response.status == 200
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=10) as response:
+            assert response.status == 200
+        assert Path(f"/proc/{proc.pid}/status").read_text().count("65532") >= 2, (
+            "runs as uid/gid 65532"
+        )
+        assert list(tmp.iterdir()) == [], (
+            "the self-signed key passed through TMPDIR and was removed"
+        )
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        app.stop()
+        shutil.rmtree(root, ignore_errors=True)
