@@ -107,9 +107,9 @@ def test_installed_image_serves_as_a_non_root_user(tmp_path: Path) -> None:
         cwd="/",
     )
     lines: list[str] = []
-    threading.Thread(
-        target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True
-    ).start()  # type: ignore[union-attr]
+    stderr = proc.stderr
+    assert stderr is not None
+    threading.Thread(target=lambda: lines.extend(iter(stderr.readline, "")), daemon=True).start()
     try:
         line = wait_for(
             lambda: next((x for x in lines if " listening " in x), None), 30, "the listening line"
