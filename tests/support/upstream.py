@@ -25,6 +25,7 @@ import json
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,6 +63,7 @@ class UpstreamApp:
     unix_path: str | None = None
     requests: list[Received] = field(default_factory=list)
     connections: int = 0
+    in_flight: int = 0
     _loop: asyncio.AbstractEventLoop | None = None
     _server: asyncio.Server | None = None
     _thread: threading.Thread | None = None
@@ -111,6 +113,14 @@ class UpstreamApp:
 
     def listen_again(self) -> None:
         self.call(self._listen)
+
+    def drain(self, timeout: float = 30) -> None:
+        """What a well-behaved app does on SIGTERM: stop accepting, finish what is in flight."""
+        self.stop_listening()
+        deadline = time.monotonic() + timeout
+        while self.in_flight and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.stop()
 
     def stop(self) -> None:
         """Close the listener, cancel every connection handler, stop and close the loop."""
@@ -172,7 +182,11 @@ class UpstreamApp:
                 served_here += 1
                 if path.startswith("/once") and served_here > 1:
                     return  # a keep-alive connection the app closes instead of answering
-                keep_going = await self._respond(conn, request, body, path, reader, writer)
+                self.in_flight += 1
+                try:
+                    keep_going = await self._respond(conn, request, body, path, reader, writer)
+                finally:
+                    self.in_flight -= 1
                 if not keep_going or conn.our_state is h11.MUST_CLOSE:
                     return
                 conn.start_next_cycle()
