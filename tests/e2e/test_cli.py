@@ -15,6 +15,10 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from wsproto import WSConnection
+from wsproto.connection import ConnectionType
+from wsproto.events import AcceptConnection, TextMessage
+from wsproto.events import Request as WsRequest
 
 from proxy import certs
 from tests.support.proxy import DevCerts, ProxyProcess, wait_for
@@ -247,6 +251,7 @@ def test_demo_serves_the_echo_app_to_curl(tmp_path: Path) -> None:
         assert doc["path"] == "/hello"
         assert any(h.startswith("x-forwarded-proto: https") for h in doc["headers"])
         assert (tmp_path / "certs" / "ca.key").stat().st_mode & 0o077 == 0, "keys are written 0600"
+        assert websocket_echo(int(match.group(3)), Path(match.group(1))) == "hi"
     finally:
         demo.stop()
     assert demo.wait() == 0
@@ -348,3 +353,21 @@ def test_openssl_s_client_with_a_client_certificate(tmp_path: Path) -> None:
     finally:
         proxy.stop()
         app.stop()
+
+
+def websocket_echo(port: int, ca: Path) -> str:
+    """One text message through the demo's WebSocket echo, over TLS via the proxy."""
+    ctx = ssl.create_default_context(cafile=str(ca))
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as sock,
+    ):
+        ws = WSConnection(ConnectionType.CLIENT)
+        sock.sendall(ws.send(WsRequest(host="localhost", target="/ws")))
+        while True:
+            ws.receive_data(sock.recv(65536))
+            for event in ws.events():
+                if isinstance(event, AcceptConnection):
+                    sock.sendall(ws.send(TextMessage(data="hi")))
+                elif isinstance(event, TextMessage):
+                    return str(event.data)

@@ -137,3 +137,51 @@ def test_installed_image_serves_as_a_non_root_user(tmp_path: Path) -> None:
             proc.kill()
         app.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare"
+)
+def test_signals_work_when_the_proxy_is_pid_1(tmp_path: Path) -> None:
+    """In a container the proxy is PID 1: the kernel delivers only signals it handles itself."""
+    app = UpstreamApp().start()
+    argv = [
+        "unshare",
+        "--pid",
+        "--fork",
+        "--kill-child",
+        sys.executable,
+        "-m",
+        "proxy",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--upstream",
+        app.base,
+        "--log-format",
+        "text",
+    ]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    lines: list[str] = []
+    stderr = proc.stderr
+    assert stderr is not None
+    threading.Thread(target=lambda: lines.extend(iter(stderr.readline, "")), daemon=True).start()
+    try:
+        wait_for(lambda: any(" listening " in x for x in lines), 30, "the listening line")
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        (inner,) = children
+        nspid = [
+            line
+            for line in Path(f"/proc/{inner}/status").read_text().splitlines()
+            if line.startswith("NSpid:")
+        ]
+        assert nspid[0].split()[-1] == "1", "the proxy is PID 1 in its namespace"
+        os.kill(int(inner), signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert any(" stopped" in x for x in lines), "it drained and stopped on SIGTERM"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        app.stop()
