@@ -24,15 +24,20 @@ class ClientIdentity:
     pem: str
 
 
+def dns_and_uri_sans(cert: x509.Certificate) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """A certificate's DNS and URI subject alternative names."""
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return (), ()
+    dns = tuple(sans.get_values_for_type(x509.DNSName))
+    return dns, tuple(sans.get_values_for_type(x509.UniformResourceIdentifier))
+
+
 def identity_from_der(der: bytes) -> ClientIdentity:
     cert = x509.load_der_x509_certificate(der)
     subject = cert.subject
-    try:
-        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        dns = tuple(sans.get_values_for_type(x509.DNSName))
-        uris = tuple(sans.get_values_for_type(x509.UniformResourceIdentifier))
-    except x509.ExtensionNotFound:
-        dns, uris = (), ()
+    dns, uris = dns_and_uri_sans(cert)
     return ClientIdentity(
         subject=subject.rfc4514_string(),
         common_names=tuple(

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 
 from . import certs
 from .config import Config
+from .identity import dns_and_uri_sans
 
 log = logging.getLogger("tls_sidecar.tls")
 
@@ -146,12 +147,7 @@ def _load_pkcs12(config: Config) -> LoadedCertificate:
 
 def _served(loaded: LoadedCertificate) -> ServedCertificate:
     leaf = loaded.chain[0]
-    try:
-        sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        dns = tuple(sans.get_values_for_type(x509.DNSName))
-        uris = tuple(sans.get_values_for_type(x509.UniformResourceIdentifier))
-    except x509.ExtensionNotFound:
-        dns, uris = (), ()
+    dns, uris = dns_and_uri_sans(leaf)
     if not dns:
         dns = tuple(
             str(a.value) for a in leaf.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from proxy import certs
-from tests.support.proxy import DevCerts, ProxyProcess
+from tests.support.proxy import DevCerts, ProxyProcess, serve_args
 from tests.support.upstream import UpstreamApp
 
 
@@ -42,18 +42,8 @@ def start_proxy(dev_certs: DevCerts) -> Iterator[ProxyFactory]:
     def start(
         upstream: str, *extra: str, with_cert: bool = True, env: dict[str, str] | None = None
     ) -> ProxyProcess:
-        args = [
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--upstream",
-            upstream,
-        ]
-        if with_cert:
-            args += ["--cert", str(dev_certs.cert), "--key", str(dev_certs.key)]
-        proc = ProxyProcess([*args, *extra], env=env).start()
+        args = serve_args(upstream, dev_certs if with_cert else None, *extra)
+        proc = ProxyProcess(args, env=env).start()
         started.append(proc)
         return proc
 

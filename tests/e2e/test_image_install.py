@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.proxy import wait_for
+from tests.support.proxy import serve_args, wait_for
 from tests.support.upstream import UpstreamApp
 
 pytestmark = pytest.mark.slow
@@ -89,13 +89,7 @@ def test_installed_image_serves_as_a_non_root_user(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [
             str(venv / "bin" / "tls-sidecar"),
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--upstream",
-            app.base,
+            *serve_args(app.base),
             "--log-format",
             "text",
         ],
@@ -153,13 +147,7 @@ def test_signals_work_when_the_proxy_is_pid_1(tmp_path: Path) -> None:
         sys.executable,
         "-m",
         "proxy",
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--upstream",
-        app.base,
+        *serve_args(app.base),
         "--log-format",
         "text",
     ]

@@ -14,7 +14,7 @@ import pytest
 from cryptography import x509
 
 from proxy import certs
-from tests.support.proxy import DevCerts, ProxyProcess, client_context, wait_for
+from tests.support.proxy import DevCerts, ProxyProcess, client_context, serve_args, wait_for
 from tests.support.upstream import UpstreamApp
 
 
@@ -28,17 +28,7 @@ def app() -> Iterator[UpstreamApp]:
 def start(dev_certs: DevCerts, app: UpstreamApp, *extra: str) -> ProxyProcess:
     return ProxyProcess(
         [
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--upstream",
-            app.base,
-            "--cert",
-            str(dev_certs.cert),
-            "--key",
-            str(dev_certs.key),
+            *serve_args(app.base, dev_certs),
             *extra,
         ]
     ).start()
@@ -143,13 +133,7 @@ def test_sighup_reloads_the_certificate_and_keeps_it_on_bad_files(
     certs.write_private(tmp_path / "tls.key", first.key_pem)
     proxy = ProxyProcess(
         [
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--upstream",
-            app.base,
+            *serve_args(app.base),
             "--cert",
             str(tmp_path / "tls.crt"),
             "--key",

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from proxy.workers import cpu_quota_workers
-from tests.support.proxy import DevCerts, ProxyProcess, client_context, wait_for
+from tests.support.proxy import DevCerts, ProxyProcess, client_context, serve_args, wait_for
 from tests.support.upstream import UpstreamApp
 
 
@@ -21,17 +21,7 @@ def group(dev_certs: DevCerts) -> Iterator[tuple[ProxyProcess, UpstreamApp]]:
     app = UpstreamApp().start()
     proxy = ProxyProcess(
         [
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--upstream",
-            app.base,
-            "--cert",
-            str(dev_certs.cert),
-            "--key",
-            str(dev_certs.key),
+            *serve_args(app.base, dev_certs),
             "--workers",
             "2",
         ]

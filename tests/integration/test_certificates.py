@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 
 from proxy import certs
 from tests.conftest import ProxyFactory
-from tests.support.proxy import ProxyProcess, wait_for
+from tests.support.proxy import ProxyProcess, serve_args, wait_for
 from tests.support.upstream import UpstreamApp
 
 
@@ -438,13 +438,7 @@ def test_rotation_through_a_secret_volume_swap_under_load(
     secret_volume_update(folder, "2026_11_24_1", first.cert_pem + pki.ca.cert_pem, first.key_pem)
     proxy = ProxyProcess(
         [
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--upstream",
-            upstream.base,
+            *serve_args(upstream.base),
             "--cert",
             str(folder / "tls.crt"),
             "--key",

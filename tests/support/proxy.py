@@ -43,6 +43,22 @@ class DevCerts:
     dir: Path
 
 
+def serve_args(upstream: str, dev: DevCerts | None = None, *extra: str) -> list[str]:
+    """`serve` on ephemeral ports in front of `upstream`, with `dev`'s certificate if given."""
+    args = [
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--upstream",
+        upstream,
+    ]
+    if dev is not None:
+        args += ["--cert", str(dev.cert), "--key", str(dev.key)]
+    return [*args, *extra]
+
+
 @dataclass
 class ProxyProcess:
     """A running `python -m proxy serve ...`; stdout (access log) and stderr (logs) are collected."""
