@@ -19,6 +19,10 @@ S5_REST_MIB = 40.0
 S5_PER_CONNECTION_KIB = 40.0
 
 
+def _ratio(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.2f}x"
+
+
 def _fmt(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -74,7 +78,7 @@ def markdown_table(results: dict[str, Any]) -> str:
                 ratio = ours[key] / nginx[key] if nginx[key] else float("nan")
                 lines.append(
                     f"| {name} {title} | {metric} ({unit}) | - | {_fmt(nginx[key])} | {_fmt(ours[key])} | "
-                    f"{_fmt(ratio)}x | <= {verdict[1]:g} {unit} | {'yes' if verdict[2] else 'no'} |"
+                    f"{_ratio(ratio)} | <= {verdict[1]:g} {unit} | {'yes' if verdict[2] else 'no'} |"
                 )
             continue
         metrics = [("req/s", "req_s"), ("MB/s", "mb_s"), ("p50 ms", "p50_ms"), ("p99 ms", "p99_ms")]
@@ -90,7 +94,7 @@ def markdown_table(results: dict[str, Any]) -> str:
                 met = "yes" if judged["S4"][2] else "no"
             lines.append(
                 f"| {name} {title} | {label} | {_fmt(direct.get(key))} | {_fmt(nginx.get(key))} | "
-                f"{_fmt(ours.get(key))} | {_fmt(ratio)}x | {target} | {met} |"
+                f"{_fmt(ours.get(key))} | {_ratio(ratio)} | {target} | {met} |"
             )
     failed = sum(
         r.get("failed", 0)

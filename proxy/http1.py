@@ -659,6 +659,8 @@ class Http1Connection(asyncio.Protocol):
         self.exchange = None
         if upstream is not None:
             self.ctx.pool.release(upstream)
+        # A pooled connection no longer reports to us: its backpressure hold ends with it.
+        self._release(_HOLD_UPSTREAM_FULL)
         if (
             not exchange.request_complete
             or self.h11.our_state is not h11.DONE

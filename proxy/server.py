@@ -182,6 +182,7 @@ class ProxyServer:
         self._upstream_problem: str | None = "not checked yet"
         self._record_certificates()
         self._watcher: asyncio.Task[None] | None = None
+        self._reloads: set[asyncio.Task[bool]] = set()
 
     @property
     def ctx(self) -> ProxyContext:
@@ -256,7 +257,10 @@ class ProxyServer:
         self._stop.set()
 
     def _on_reload_signal(self) -> None:
-        asyncio.get_running_loop().create_task(self.reload_certificates())
+        # The loop keeps only a weak reference to tasks: hold it until the reload is done.
+        task = asyncio.get_running_loop().create_task(self.reload_certificates())
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
 
     def _record_certificates(self) -> None:
         self.metrics.certificate_expiry.clear()
