@@ -63,7 +63,8 @@ def test_installed_image_serves_as_a_non_root_user(tmp_path: Path) -> None:
         check=True,
         timeout=300,
     )
-    # The image's interpreter is world-readable (/usr/local); so is the system one, not a pyenv one.
+    # The image's interpreter is world-readable (/usr/local), as the system one is; an interpreter
+    # under a private home directory would not run as uid 65532.
     subprocess.run([SYSTEM_PYTHON, "-m", "venv", str(venv)], check=True, timeout=120)
     (wheel,) = wheels.glob("*.whl")
     subprocess.run(
