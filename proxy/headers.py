@@ -86,8 +86,9 @@ def forwarded_headers(
     With trust_forwarded the client's X-Forwarded-* are kept (the client address is appended
     to X-Forwarded-For); otherwise they and `Forwarded` are replaced by what this hop saw.
     """
-    upgrade = is_upgrade_request(headers)
-    named = connection_tokens(headers) - _NEVER_DROPPED
+    tokens = connection_tokens(headers)
+    upgrade = b"upgrade" in tokens and any(n == b"upgrade" for n, _ in headers)
+    named = tokens - _NEVER_DROPPED
     out: Headers = []
     host = b""
     prior_for: list[bytes] = []

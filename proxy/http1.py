@@ -469,9 +469,16 @@ class Http1Connection(asyncio.Protocol):
         if self.closed or self.exchange is not exchange:
             self.ctx.pool.close(upstream)
             return
-        self._attach(exchange, upstream)
-        self._release(_HOLD_CONNECT)
-        self._next_events()
+        try:
+            self._attach(exchange, upstream)
+            self._release(_HOLD_CONNECT)
+            self._next_events()
+        except Exception:
+            # Nobody awaits this task: an error here must still end the connection.
+            log.exception(
+                "unexpected error starting a request", extra={"client": self.client.address}
+            )
+            self.abort_all()
 
     def _attach(self, exchange: Exchange, upstream: UpstreamConnection) -> None:
         upstream.owner = self

@@ -11,7 +11,7 @@ from typing import Protocol, cast
 
 import h11
 
-from .config import Config
+from .config import Config, Upstream
 from .metrics import Metrics
 
 log = logging.getLogger("tls_sidecar.upstream")
@@ -258,11 +258,21 @@ class UpstreamPool:
             self._sweeper.cancel()
             self._sweeper = None
 
-    async def probe(self, timeout: float) -> str | None:
-        """Open and close one connection; None when the app accepts, else the reason."""
-        try:
-            up = await self.connect(timeout=timeout)
-        except UpstreamConnectError as e:
-            return str(e)
-        self.close(up)
-        return None
+
+async def probe_upstream(target: Upstream, timeout: float) -> str | None:
+    """Open and close one connection to the app: None when it accepts, else why not.
+
+    Readiness checks use this, not the pool: they must not count as request failures."""
+    try:
+        async with asyncio.timeout(timeout):
+            if target.unix_path:
+                _, writer = await asyncio.open_unix_connection(target.unix_path)
+            else:
+                assert target.address is not None
+                _, writer = await asyncio.open_connection(target.address.host, target.address.port)
+    except TimeoutError:
+        return f"upstream {target} did not accept within {timeout:g}s"
+    except OSError as e:
+        return f"upstream {target} {e.strerror or e}".rstrip()
+    writer.close()
+    return None

@@ -29,7 +29,7 @@ from .admin import AdminServer
 from .config import Config, ConfigError
 from .metrics import PREFIX
 from .server import bind_error
-from .upstream import UpstreamPool
+from .upstream import probe_upstream
 
 log = logging.getLogger("tls_sidecar.workers")
 
@@ -165,8 +165,8 @@ class Supervisor:
             return False, f"{len(self.workers) - alive} of {len(self.workers)} workers are down"
         now = time.monotonic()
         if now - self._ready_checked >= 1.0:
-            pool = UpstreamPool(self.config, _NullMetrics())  # type: ignore[arg-type]
-            self._ready_problem = await pool.probe(min(1.0, self.config.upstream_connect_timeout))
+            timeout = min(1.0, self.config.upstream_connect_timeout)
+            self._ready_problem = await probe_upstream(self.config.upstream, timeout)
             self._ready_checked = time.monotonic()
             self.metrics.upstream_up.set(0 if self._ready_problem else 1)
         ok = self._ready_problem is None
@@ -268,20 +268,6 @@ class Supervisor:
         log.info("stopped", extra={"worker_exit_codes": codes})
         if any(codes.values()):
             raise SystemExit(1)
-
-
-class _NullMetrics:
-    """Enough of Metrics for a readiness probe outside a worker."""
-
-    class _Child:
-        def inc(self, *_: object) -> None: ...
-        def dec(self, *_: object) -> None: ...
-        def labels(self, *_: object) -> _NullMetrics._Child:
-            return self
-
-    upstream_connect_errors = _Child()
-    upstream_idle = _Child()
-    upstream_busy = _Child()
 
 
 def check_workers(value: str) -> int:

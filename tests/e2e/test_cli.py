@@ -58,6 +58,17 @@ def other_pair(tmp_path_factory: pytest.TempPathFactory) -> DevCerts:
     return DevCerts(out / "ca.crt", out / "tls.crt", out / "tls.key", out)
 
 
+def pair_on_disk(
+    folder: Path, name: str, *, not_before_days: float, days: int = 1
+) -> tuple[str, str]:
+    """A leaf valid from `not_before_days` from now for `days`, written as NAME.crt / NAME.key."""
+    start = dt.datetime.now(dt.UTC) + dt.timedelta(days=not_before_days)
+    leaf = certs.issue(certs.create_ca(), ["localhost"], days=days, not_before=start)
+    (folder / f"{name}.crt").write_bytes(leaf.cert_pem)
+    certs.write_private(folder / f"{name}.key", leaf.key_pem)
+    return str(folder / f"{name}.crt"), str(folder / f"{name}.key")
+
+
 def serve(*args: str) -> list[str]:
     return ["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", *args]
 
@@ -103,15 +114,8 @@ def test_file_that_is_not_a_certificate(tmp_path: Path, dev_certs: DevCerts) -> 
 
 
 def test_expired_certificate_is_refused(tmp_path: Path) -> None:
-    ca = certs.create_ca()
-    old = certs.issue(
-        ca, ["localhost"], days=1, not_before=dt.datetime.now(dt.UTC) - dt.timedelta(days=10)
-    )
-    (tmp_path / "old.crt").write_bytes(old.cert_pem)
-    certs.write_private(tmp_path / "old.key", old.key_pem)
-    result = run_cli(
-        *serve("--cert", str(tmp_path / "old.crt"), "--key", str(tmp_path / "old.key"))
-    )
+    cert, key = pair_on_disk(tmp_path, "old", not_before_days=-10)
+    result = run_cli(*serve("--cert", cert, "--key", key))
     assert_one_line_error(result, "expired", "renew")
 
 
@@ -258,21 +262,16 @@ def test_demo_serves_the_echo_app_to_curl(tmp_path: Path) -> None:
 
 
 def test_allow_expired_starts_with_a_warning(tmp_path: Path) -> None:
-    ca = certs.create_ca()
-    old = certs.issue(
-        ca, ["localhost"], days=1, not_before=dt.datetime.now(dt.UTC) - dt.timedelta(days=10)
-    )
-    (tmp_path / "old.crt").write_bytes(old.cert_pem)
-    certs.write_private(tmp_path / "old.key", old.key_pem)
+    cert, key = pair_on_disk(tmp_path, "old", not_before_days=-10)
     app = UpstreamApp().start()
     proxy = ProxyProcess(
         serve(
             "--upstream",
             app.base,
             "--cert",
-            str(tmp_path / "old.crt"),
+            cert,
             "--key",
-            str(tmp_path / "old.key"),
+            key,
             "--allow-expired",
         )
     ).start()
@@ -285,13 +284,8 @@ def test_allow_expired_starts_with_a_warning(tmp_path: Path) -> None:
 
 
 def test_not_yet_valid_certificate_is_refused(tmp_path: Path) -> None:
-    ca = certs.create_ca()
-    future = certs.issue(
-        ca, ["localhost"], not_before=dt.datetime.now(dt.UTC) + dt.timedelta(days=2)
-    )
-    (tmp_path / "f.crt").write_bytes(future.cert_pem)
-    certs.write_private(tmp_path / "f.key", future.key_pem)
-    result = run_cli(*serve("--cert", str(tmp_path / "f.crt"), "--key", str(tmp_path / "f.key")))
+    cert, key = pair_on_disk(tmp_path, "future", not_before_days=2, days=30)
+    result = run_cli(*serve("--cert", cert, "--key", key))
     assert_one_line_error(result, "not valid before", "clock")
 
 

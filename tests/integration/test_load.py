@@ -111,12 +111,14 @@ def test_slowloris_does_not_starve_normal_clients(
     ctx = tls(ca)
     latencies: list[float] = []
     cut = 0
+    connected = 0
 
     async def trickler() -> None:
-        nonlocal cut
+        nonlocal cut, connected
         reader, writer = await asyncio.open_connection(
             "127.0.0.1", proxy.port, ssl=ctx, server_hostname="localhost"
         )
+        connected += 1
         try:
             for byte in b"GET /small HTTP/1.1\r\nHost: localhost\r\nX-Slow: " + b"a" * 100:
                 writer.write(bytes([byte]))
@@ -148,7 +150,9 @@ def test_slowloris_does_not_starve_normal_clients(
 
     async def main() -> None:
         slow = [asyncio.create_task(trickler()) for _ in range(200)]
-        await asyncio.sleep(0.5)  # the 200 are connected and trickling
+        async with asyncio.timeout(30):
+            while connected < 200:  # all 200 have their TLS connection and are trickling
+                await asyncio.sleep(0.01)
         await normal_client()
         await asyncio.wait_for(asyncio.gather(*slow), 30)
 

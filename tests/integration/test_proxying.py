@@ -8,6 +8,7 @@ import json
 import socket
 from pathlib import Path
 
+import pytest
 from wsproto import WSConnection
 from wsproto.connection import ConnectionType
 from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
@@ -307,14 +308,12 @@ def test_unix_socket_upstream(start_proxy: ProxyFactory, tmp_path: Path, ca: Pat
 def test_ipv6_listener(
     start_proxy: ProxyFactory, upstream: UpstreamApp, dev_certs: DevCerts, ca: Path
 ) -> None:
-    if not socket.has_ipv6:
-        return
     try:
         probe = socket.socket(socket.AF_INET6)
         probe.bind(("::1", 0))
         probe.close()
     except OSError:
-        return  # no IPv6 loopback on this machine
+        pytest.skip("this machine has no IPv6 loopback")
     proxy = ProxyProcess(
         [
             "serve",
