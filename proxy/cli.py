@@ -222,6 +222,20 @@ def serve_options(func: Callable[..., Any]) -> Callable[..., Any]:
             "Keep the client's X-Forwarded-* (only behind a trusted proxy).",
         ),
         _option(
+            "--http",
+            "auto",
+            "HTTP/1.1 codec: httptools (llhttp, fast), h11 (strict, pure Python); auto: httptools "
+            "when installed.",
+            type=click.Choice(["auto", "httptools", "h11"]),
+        ),
+        _option(
+            "--upgrade",
+            ("websocket",),
+            "Upgrade protocol passed to the app (repeatable); any other Upgrade is removed. "
+            "h2c never is.",
+            multiple=True,
+        ),
+        _option(
             "--workers",
             "1",
             "Worker processes sharing the TLS port; auto: the container's CPU quota.",
@@ -287,6 +301,8 @@ def build_config(opts: dict[str, Any]) -> Config:
             opts["max_body_bytes"], option="--max-body-bytes", allow_unlimited=True
         ),
         trust_forwarded_headers=opts["trust_forwarded_headers"],
+        http=opts["http"],
+        upgrades=tuple(u.lower() for u in opts["upgrade"]),
         log_format=opts["log_format"],
         log_level=parse_log_level(opts["log_level"]),
         access_log=opts["access_log"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import re
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ class Upstream:
 TlsVersion = Literal["1.2", "1.3"]
 ClientAuth = Literal["none", "optional", "require"]
 LogFormat = Literal["json", "text"]
+HttpCodec = Literal["auto", "httptools", "h11"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
 
@@ -74,6 +76,8 @@ class Config:
     max_header_bytes: int = 16384
     max_body_bytes: int | None = None
     trust_forwarded_headers: bool = False
+    http: HttpCodec = "auto"
+    upgrades: tuple[str, ...] = ("websocket",)
     log_format: LogFormat = "json"
     log_level: LogLevel = "info"
     access_log: bool = True
@@ -133,6 +137,21 @@ class Config:
             raise ConfigError("--max-connections must be at least 1")
         if self.max_header_bytes < 1024:
             raise ConfigError("--max-header-bytes must be at least 1KiB (1024)")
+        if self.http == "httptools" and importlib.util.find_spec("httptools") is None:
+            raise ConfigError(
+                "--http httptools: the httptools package is not installed; "
+                "pip install httptools, or use --http h11"
+            )
+        for protocol in self.upgrades:
+            if protocol.lower() == "h2c":
+                raise ConfigError(
+                    "--upgrade h2c: h2c is never upgraded over TLS (it would skip every "
+                    "per-request rule); clients use HTTP/2 through ALPN instead"
+                )
+            if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", protocol):
+                raise ConfigError(
+                    f"--upgrade {protocol!r} is not a protocol name; use e.g. --upgrade websocket"
+                )
         return self
 
 

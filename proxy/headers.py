@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http
 import itertools
 import os
 import re
@@ -43,6 +44,14 @@ _FORWARDED = frozenset(
 # Only the sidecar may set the client-certificate header; a client's copy is always dropped.
 _ALWAYS_STRIPPED = frozenset({b"x-forwarded-client-cert"})
 
+_REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
+
+
+def reason_phrase(status: int) -> bytes:
+    """The standard reason phrase of a status code (empty for unknown codes)."""
+    return _REASONS.get(status, b"")
+
+
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:+/=\-]{1,200}$")
 
 
@@ -53,6 +62,10 @@ def connection_tokens(headers: HeaderSeq) -> set[bytes]:
         if name == b"connection":
             tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
     return tokens
+
+
+def _has_connection(headers: HeaderSeq) -> bool:
+    return any(name == b"connection" for name, _ in headers)
 
 
 def is_upgrade_request(headers: HeaderSeq) -> bool:
@@ -80,15 +93,16 @@ def forwarded_headers(
     *,
     trust_forwarded: bool,
     request_id: bytes,
+    upgrade: bool = False,
 ) -> Headers:
     """Return request headers for the upstream: hop-by-hop removed, X-Forwarded-* set.
 
     With trust_forwarded the client's X-Forwarded-* are kept (the client address is appended
     to X-Forwarded-For); otherwise they and `Forwarded` are replaced by what this hop saw.
+    With upgrade (an allowed protocol upgrade) Upgrade is kept and Connection says upgrade;
+    otherwise Upgrade goes with the other hop-by-hop fields.
     """
-    tokens = connection_tokens(headers)
-    upgrade = b"upgrade" in tokens and any(n == b"upgrade" for n, _ in headers)
-    named = tokens - _NEVER_DROPPED
+    named = connection_tokens(headers) - _NEVER_DROPPED if _has_connection(headers) else ()
     out: Headers = []
     host = b""
     prior_for: list[bytes] = []
@@ -123,6 +137,9 @@ def forwarded_headers(
     if upgrade:
         out.append((b"connection", b"upgrade"))
     return out
+
+
+RequestIdSource = Callable[[], bytes]
 
 
 class RequestIds:

@@ -16,10 +16,12 @@ from typing import Any
 
 from prometheus_client import Counter
 
+from . import codec
 from . import headers as hdr
 from .admin import AdminServer
 from .config import Address, Config, ConfigError
-from .http1 import Http1Connection
+from .downstream import ClientConnection
+from .h1 import Http1Connection
 from .log import AccessLog, AccessRecord
 from .metrics import Metrics
 from .tls import TlsState
@@ -46,8 +48,11 @@ class ProxyContext:
         self.tls = tls
         self.metrics = metrics
         self.access_log = access_log
-        self.pool = UpstreamPool(config, metrics)
-        self.connections: set[Http1Connection] = set()
+        self.http = codec.resolve(config.http)
+        self.server_codec = codec.server_codec_class(self.http)
+        self.pool = UpstreamPool(config, metrics, loop, codec.client_codec_class(self.http))
+        self.allowed_upgrades = frozenset(u.encode() for u in config.upgrades)
+        self.connections: set[ClientConnection] = set()
         self.draining = False
         upstream = config.upstream
         self.new_request_id = hdr.RequestIds()

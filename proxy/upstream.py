@@ -7,23 +7,29 @@ import collections
 import contextlib
 import errno
 import logging
+from collections.abc import Callable
 from typing import Protocol, cast
 
-import h11
-
+from .codec import ClientCodec, ResponseSink
 from .config import Config, Upstream
 from .metrics import Metrics
 
 log = logging.getLogger("tls_sidecar.upstream")
 
 
-class UpstreamOwner(Protocol):
-    """The downstream connection an upstream connection currently works for."""
+class UpstreamOwner(ResponseSink, Protocol):
+    """The exchange an upstream connection currently works for."""
 
-    def upstream_readable(self, upstream: UpstreamConnection) -> None: ...
     def upstream_lost(self, upstream: UpstreamConnection, exc: Exception | None) -> None: ...
     def upstream_write_paused(self, paused: bool) -> None: ...
-    def tunnel_from_upstream(self, data: bytes) -> None: ...
+
+
+class TunnelOwner(Protocol):
+    """The downstream connection relaying raw bytes after a protocol switch."""
+
+    def tunnel_data(self, data: bytes) -> None: ...
+    def upstream_lost(self, upstream: UpstreamConnection, exc: Exception | None) -> None: ...
+    def upstream_write_paused(self, paused: bool) -> None: ...
 
 
 class UpstreamConnectError(Exception):
@@ -36,11 +42,11 @@ class UpstreamConnectError(Exception):
 
 
 class UpstreamConnection(asyncio.Protocol):
-    """One connection to the app; h11 in the client role frames what we send and parses replies."""
+    """One connection to the app; its client codec frames what we send and parses replies."""
 
     __slots__ = (
         "closed",
-        "h11",
+        "codec",
         "idle_since",
         "owner",
         "pool",
@@ -53,12 +59,12 @@ class UpstreamConnection(asyncio.Protocol):
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
-        self.h11 = h11.Connection(h11.CLIENT)
+        self.codec: ClientCodec = pool.codec_class()
         self.owner: UpstreamOwner | None = None
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.reused = False
-        self.tunnel = False
+        self.tunnel: TunnelOwner | None = None
         self.idle_since = 0.0
         self.state = "new"  # new -> busy <-> idle -> closed
         self.received_any = False
@@ -70,40 +76,54 @@ class UpstreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.pool.metrics.bytes_up_in.inc(len(data))
+        tunnel = self.tunnel
+        if tunnel is not None:
+            tunnel.tunnel_data(data)
+            return
         owner = self.owner
         if owner is None:
             self.abort()  # an idle connection must not talk: its framing is no longer trusted
             return
         self.received_any = True
-        if self.tunnel:
-            owner.tunnel_from_upstream(data)
-            return
-        self.h11.receive_data(data)
-        owner.upstream_readable(self)
+        try:
+            self.codec.feed(data, owner)
+        except Exception:
+            log.exception("unexpected error relaying a response")
+            self.abort()
+            owner.upstream_lost(self, None)
 
     def eof_received(self) -> bool:
         owner = self.owner
         # EOF ends a close-delimited body; before any answer it is not a response at all, and
-        # connection_lost decides (a retry, or 502) instead of h11 calling it malformed.
-        if owner is not None and not self.tunnel and self.received_any:
-            self.h11.receive_data(b"")
-            owner.upstream_readable(self)
+        # connection_lost decides (a retry, or 502) instead of the codec calling it malformed.
+        if owner is not None and self.tunnel is None and self.received_any:
+            self.codec.feed_eof(owner)
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool.forget(self)
         owner, self.owner = self.owner, None
-        if owner is not None:
+        tunnel, self.tunnel = self.tunnel, None
+        if tunnel is not None:
+            tunnel.upstream_lost(self, exc)
+        elif owner is not None:
             owner.upstream_lost(self, exc)
 
     def pause_writing(self) -> None:
-        if self.owner is not None:
-            self.owner.upstream_write_paused(True)
+        sink = self.tunnel or self.owner
+        if sink is not None:
+            sink.upstream_write_paused(True)
 
     def resume_writing(self) -> None:
-        if self.owner is not None:
-            self.owner.upstream_write_paused(False)
+        sink = self.tunnel or self.owner
+        if sink is not None:
+            sink.upstream_write_paused(False)
+
+    def start_tunnel(self, sink: TunnelOwner) -> None:
+        """After 101 Switching Protocols: raw bytes both ways, for `sink`."""
+        self.owner = None
+        self.tunnel = sink
 
     # used by the downstream connection --------------------------------------------------------
     def write(self, data: bytes) -> None:
@@ -126,26 +146,31 @@ class UpstreamConnection(asyncio.Protocol):
 
     def abort(self) -> None:
         self.owner = None
+        self.tunnel = None
         if self.transport is not None and not self.closed:
             self.transport.abort()
         self.pool.forget(self)
 
     @property
     def reusable(self) -> bool:
-        return (
-            not self.closed
-            and not self.tunnel
-            and self.h11.our_state is h11.DONE
-            and self.h11.their_state is h11.DONE
-        )
+        return not self.closed and self.tunnel is None and self.codec.reusable()
 
 
 class UpstreamPool:
     """Idle keep-alive connections to the app: bounded, most recent first, expired when old."""
 
-    def __init__(self, config: Config, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        config: Config,
+        metrics: Metrics,
+        loop: asyncio.AbstractEventLoop,
+        codec_class: Callable[[], ClientCodec],
+    ) -> None:
         self.config = config
         self.metrics = metrics
+        # Kept, not looked up: get_running_loop() checks the PID (a getpid call) on Python 3.11.
+        self.loop = loop
+        self.codec_class = codec_class
         self._idle: collections.deque[UpstreamConnection] = collections.deque()
         self._sweeper: asyncio.TimerHandle | None = None
         self.closing = False
@@ -165,7 +190,7 @@ class UpstreamPool:
         up.state = state
 
     def take_idle(self) -> UpstreamConnection | None:
-        now = asyncio.get_running_loop().time()
+        now = self.loop.time()
         while self._idle:
             up = self._idle.pop()
             if up.closed:
@@ -180,7 +205,7 @@ class UpstreamPool:
         return None
 
     async def connect(self, timeout: float | None = None) -> UpstreamConnection:
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         target = self.config.upstream
         limit = self.config.upstream_connect_timeout if timeout is None else timeout
         try:
@@ -217,9 +242,9 @@ class UpstreamPool:
         if not up.reusable or self.closing or len(self._idle) >= self.config.upstream_max_idle:
             self.close(up)
             return
-        up.h11.start_next_cycle()
+        up.codec.next_cycle()
         up.resume_reading()  # an idle connection must notice when the app closes it
-        up.idle_since = asyncio.get_running_loop().time()
+        up.idle_since = self.loop.time()
         self._set_state(up, "idle")
         self._idle.append(up)
         self._schedule_sweep()
@@ -238,13 +263,13 @@ class UpstreamPool:
 
     def _schedule_sweep(self) -> None:
         if self._sweeper is None:
-            self._sweeper = asyncio.get_running_loop().call_later(
+            self._sweeper = self.loop.call_later(
                 self.config.upstream_idle_timeout / 2 + 0.05, self._sweep
             )
 
     def _sweep(self) -> None:
         self._sweeper = None
-        now = asyncio.get_running_loop().time()
+        now = self.loop.time()
         while self._idle and now - self._idle[0].idle_since > self.config.upstream_idle_timeout:
             self._idle.popleft().abort()
         if self._idle:

@@ -33,9 +33,17 @@ def upstream() -> Iterator[UpstreamApp]:
 
 ProxyFactory = Callable[..., ProxyProcess]
 
+CODECS = ("httptools", "h11")
+
+
+@pytest.fixture(scope="session", params=CODECS)
+def http_codec(request: pytest.FixtureRequest) -> str:
+    """Every test that starts a proxy runs once per HTTP/1.1 codec (`--http`)."""
+    return str(request.param)
+
 
 @pytest.fixture(scope="module")
-def start_proxy(dev_certs: DevCerts) -> Iterator[ProxyFactory]:
+def start_proxy(dev_certs: DevCerts, http_codec: str) -> Iterator[ProxyFactory]:
     """Start proxies on ephemeral ports with the test certificate; all stopped at module end."""
     started: list[ProxyProcess] = []
 
@@ -43,7 +51,7 @@ def start_proxy(dev_certs: DevCerts) -> Iterator[ProxyFactory]:
         upstream: str, *extra: str, with_cert: bool = True, env: dict[str, str] | None = None
     ) -> ProxyProcess:
         args = serve_args(upstream, dev_certs if with_cert else None, *extra)
-        proc = ProxyProcess(args, env=env).start()
+        proc = ProxyProcess(args, env={"TLS_SIDECAR_HTTP": http_codec, **(env or {})}).start()
         started.append(proc)
         return proc
 

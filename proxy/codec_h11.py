@@ -1,0 +1,214 @@
+"""HTTP/1.1 on h11, the strict pure-Python reference codec (`--http h11`).
+
+h11 frames both directions itself; events it built from bytes it parsed are re-sent with
+`_parsed=True`, which skips its per-header regexes (framing is still checked)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import h11
+
+from .codec import RequestSink, ResponseSink
+from .headers import Headers, reason_phrase
+from .request import BadRequest, read_head
+
+_MAX_CHUNK = 0xFFFF_FFFF_FFFF_FFFF  # llhttp's bound; h11 reads up to 20 hex digits
+
+
+def _bad(error: h11.RemoteProtocolError) -> BadRequest:
+    # h11 suggests 501 for transfer codings other than chunked; as a smuggling defence they are
+    # malformed framing like any other: 400 and close.
+    status = 400 if error.error_status_hint >= 500 else error.error_status_hint
+    reason = "header_too_large" if status == 431 else "bad_request"
+    return BadRequest(status, reason, str(error) or "malformed request")
+
+
+class H11Server:
+    """The server side of one client connection (see codec.ServerCodec)."""
+
+    __slots__ = ("_closed_input", "_conn", "_keep_alive", "_stopped", "paused", "sink")
+
+    def __init__(self, sink: RequestSink, max_header_bytes: int) -> None:
+        self.sink = sink
+        self.paused = False
+        self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
+        self._stopped = False
+        self._closed_input = False
+        self._keep_alive = True
+
+    def feed(self, data: bytes) -> None:
+        if self._closed_input or self._stopped:
+            return
+        self._conn.receive_data(data)
+        if not self.paused:
+            self._events()
+
+    def _events(self) -> None:
+        conn = self._conn
+        sink = self.sink
+        while not self.paused and not self._stopped:
+            try:
+                event: Any = conn.next_event()
+            except h11.RemoteProtocolError as e:
+                raise _bad(e) from None
+            kind = type(event)
+            if kind is h11.Data:
+                if event.chunk_start:
+                    self._check_chunk_size(len(event.data))
+                sink.on_request_data(event.data)
+            elif event is h11.NEED_DATA or event is h11.PAUSED:
+                return
+            elif kind is h11.Request:
+                head = read_head(
+                    event.method, event.target, event.http_version, list(event.headers)
+                )
+                self._keep_alive = head.keep_alive
+                sink.on_request_head(head)
+            elif kind is h11.EndOfMessage:
+                if not self._keep_alive:
+                    self._closed_input = True  # RFC 9112 §9.6: what follows `close` is ignored
+                self.paused = True  # set first: the sink may finish the exchange and resume
+                sink.on_request_end()
+            else:  # ConnectionClosed
+                return
+
+    def _check_chunk_size(self, received: int) -> None:
+        # h11 accepts chunk sizes up to 20 hex digits (80 bits); llhttp and nginx stop at 64.
+        # The declared size is what arrived plus what h11 still expects of this chunk.
+        reader = getattr(self._conn, "_reader", None)
+        if received + getattr(reader, "_bytes_in_chunk", 0) > _MAX_CHUNK:
+            raise BadRequest(400, "bad_request", "Chunk size overflow")
+
+    def stop(self) -> None:
+        self._stopped = True
+
+    def resume(self) -> None:
+        if not self.paused and not self._stopped:
+            self._events()
+
+    def take_leftover(self) -> bytes:
+        self._closed_input = True  # from now on the bytes belong to the tunnel
+        return bytes(self._conn.trailing_data[0])
+
+    def response_head(
+        self, status: int, reason: bytes, headers: Headers, length: int | None
+    ) -> bytes:
+        data = self._conn.send(
+            h11.Response(status_code=status, headers=headers, reason=reason, _parsed=True)
+        )
+        assert data is not None
+        return data
+
+    def response_data(self, data: bytes) -> list[bytes]:
+        return self._conn.send_with_data_passthrough(h11.Data(data=data)) or []
+
+    def response_end(self) -> bytes:
+        return self._conn.send(h11.EndOfMessage()) or b""
+
+    def informational(self, status: int, reason: bytes, headers: Headers) -> bytes:
+        data = self._conn.send(
+            h11.InformationalResponse(
+                status_code=status, headers=headers, reason=reason, _parsed=True
+            )
+        )
+        return data or b""
+
+    def local_response(self, status: int, headers: Headers, body: bytes) -> list[bytes] | None:
+        self.stop()
+        conn = self._conn
+        headers = [*headers, (b"content-length", b"%d" % len(body)), (b"connection", b"close")]
+        try:
+            parts = [
+                conn.send(
+                    h11.Response(status_code=status, headers=headers, reason=reason_phrase(status))
+                ),
+                conn.send(h11.Data(data=body)),
+                conn.send(h11.EndOfMessage()),
+            ]
+        except h11.LocalProtocolError:
+            return None
+        return [p for p in parts if p]
+
+    def next_cycle(self) -> bool:
+        conn = self._conn
+        if self._stopped or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+            return False
+        conn.start_next_cycle()
+        self.paused = False
+        return True
+
+
+class H11Client:
+    """The client side of one connection to the app (see codec.ClientCodec)."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self) -> None:
+        self._conn = h11.Connection(h11.CLIENT)
+
+    def request_head(
+        self, method: bytes, target: bytes, headers: Headers, *, chunked: bool
+    ) -> bytes:
+        data = self._conn.send(
+            h11.Request(method=method, target=target, headers=headers, _parsed=True)
+        )
+        assert data is not None
+        return data
+
+    def request_data(self, data: bytes) -> list[bytes]:
+        return self._conn.send_with_data_passthrough(h11.Data(data=data)) or []
+
+    def request_end(self) -> bytes:
+        return self._conn.send(h11.EndOfMessage()) or b""
+
+    def feed(self, data: bytes, sink: ResponseSink) -> None:
+        self._conn.receive_data(data)
+        conn = self._conn
+        while True:
+            try:
+                event: Any = conn.next_event()
+            except h11.RemoteProtocolError as e:
+                sink.response_malformed(str(e))
+                return
+            kind = type(event)
+            if kind is h11.Data:
+                sink.response_data(event.data)
+            elif event is h11.NEED_DATA:
+                return
+            elif kind is h11.Response:
+                headers = list(event.headers)
+                sink.response_head(event.status_code, event.reason, headers, _length(headers))
+            elif kind is h11.EndOfMessage:
+                sink.response_end()
+                return
+            elif kind is h11.InformationalResponse:
+                sink.response_informational(event.status_code, event.reason, list(event.headers))
+                if event.status_code == 101:
+                    return
+            else:  # PAUSED, ConnectionClosed
+                return
+
+    def feed_eof(self, sink: ResponseSink) -> None:
+        self.feed(b"", sink)
+
+    def reusable(self) -> bool:
+        conn = self._conn
+        return conn.our_state is h11.DONE and conn.their_state is h11.DONE
+
+    def next_cycle(self) -> None:
+        self._conn.start_next_cycle()
+
+    def take_leftover(self) -> bytes:
+        return bytes(self._conn.trailing_data[0])
+
+
+def _length(headers: Headers) -> int | None:
+    """The body's Content-Length when it frames the body (not beside Transfer-Encoding)."""
+    length = None
+    for name, value in headers:
+        if name == b"transfer-encoding":
+            return None
+        if name == b"content-length":
+            length = int(value)
+    return length

@@ -1,0 +1,538 @@
+"""HTTP/1.1 on llhttp through httptools (the parser of Node.js and uvicorn): the default codec.
+
+llhttp parses; we write. Content-Length bodies that span reads skip the parser: they are counted
+and handed on as they arrived, and a fresh parser takes over after them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from typing import Any
+
+from httptools import HttpRequestParser, HttpResponseParser
+from httptools.parser.errors import (
+    HttpParserCallbackError,
+    HttpParserError,
+    HttpParserInvalidMethodError,
+    HttpParserUpgrade,
+)
+
+from .codec import RequestSink, ResponseSink
+from .headers import Headers, reason_phrase
+from .request import BadRequest, RequestHead, read_head
+
+_STATUS_LINES = {code: b"HTTP/1.1 %d " % code for code in range(100, 600)}
+_VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
+
+# Response framing towards the client.
+_NONE, _LENGTH, _CHUNKED, _CLOSE = range(4)
+# Queued request events while a pipelined request waits for the current response.
+_HEAD, _DATA, _END = range(3)
+
+
+class _Stop(Exception):
+    """Raised in a callback to end llhttp's pass: nothing more from this input is wanted."""
+
+
+def head_bytes(start_line: bytes, headers: Headers) -> bytes:
+    parts = [start_line]
+    for name, value in headers:
+        parts += (name, b": ", value, b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def chunk(data: bytes) -> list[bytes]:
+    return [b"%x\r\n" % len(data), data, b"\r\n"]
+
+
+def _request_parser(owner: Any) -> HttpRequestParser:
+    parser = HttpRequestParser(owner)
+    # llhttp refuses bytes that follow a request saying `Connection: close`; RFC 9112 §9.6 says
+    # to answer that request and ignore the rest (uvicorn does the same). We stop feeding after
+    # such a request anyway. Every other leniency stays off.
+    parser.set_dangerous_leniencies(lenient_data_after_close=True)
+    return parser
+
+
+def _parse_error(error: HttpParserError) -> BadRequest:
+    message = str(error) or "malformed request"
+    if "version" in message.lower():
+        return BadRequest(505, "version_not_supported", f"{message}: only HTTP/1.0 and HTTP/1.1")
+    return BadRequest(400, "bad_request", message)
+
+
+class HttptoolsServer:
+    """The server side of one client connection (see codec.ServerCodec)."""
+
+    __slots__ = (
+        "_body_left",
+        "_bypass",
+        "_closed_input",
+        "_headers",
+        "_in_head",
+        "_keep_alive",
+        "_leftover",
+        "_max_head",
+        "_method",
+        "_method_override",
+        "_mode",
+        "_parser",
+        "_partial",
+        "_queue",
+        "_responding",
+        "_size",
+        "_stopped",
+        "_upgrade_pending",
+        "_url",
+        "_version",
+        "paused",
+        "sink",
+    )
+
+    def __init__(self, sink: RequestSink, max_header_bytes: int) -> None:
+        self.sink = sink
+        self.paused = False
+        self._max_head = max_header_bytes
+        self._parser = _request_parser(self)
+        self._queue: deque[tuple[int, Any]] = deque()
+        self._stopped = False
+        self._closed_input = False
+        self._upgrade_pending = False
+        self._leftover = b""
+        self._in_head = True
+        self._partial = 0
+        self._size = 0
+        self._url = b""
+        self._headers: Headers = []
+        self._body_left = 0
+        self._bypass = False
+        self._keep_alive = True
+        self._method = b""
+        self._method_override: bytes | None = None
+        self._version = b"1.1"
+        self._mode = _LENGTH
+        self._responding = False
+
+    # --- input ----------------------------------------------------------------------------------
+    def feed(self, data: bytes) -> None:
+        if self._closed_input or self._stopped:
+            return
+        if self._upgrade_pending:
+            self._leftover += data
+            return
+        if self._bypass:
+            data = self._bypass_body(data)
+            if not data:
+                return
+        at_boundary = self._in_head and not self._partial
+        if self._in_head:
+            self._partial += len(data)
+        try:
+            self._parser.feed_data(data)
+        except HttpParserInvalidMethodError as e:
+            retry = self._extension_method(data) if at_boundary else None
+            if retry is None:
+                raise _parse_error(e) from None
+            self._partial = 0
+            self.feed(retry)
+            return
+        except HttpParserUpgrade as e:
+            self._upgraded(data[e.args[0] :])
+        except HttpParserCallbackError as e:
+            context = e.__context__
+            if isinstance(context, _Stop):
+                return
+            if context is not None:
+                raise context from None
+            raise _parse_error(e) from None
+        except HttpParserError as e:
+            raise _parse_error(e) from None
+        if self._in_head:
+            if self._partial > self._max_head:
+                raise BadRequest(
+                    431, "header_too_large", f"request head over {self._max_head} bytes"
+                )
+        elif self._body_left > 0 and not self.paused and not self._queue and not self._stopped:
+            self._bypass = True  # the rest of this Content-Length body skips the parser
+
+    def _extension_method(self, data: bytes) -> bytes | None:
+        """llhttp knows a fixed list of methods; RFC 9110 §9.1 allows any token (h11, nginx and
+        Envoy take them). For a request that starts this read, parse it with a stand-in method
+        and hand over the real one. (Behind a pipelined request in the same read it stays 400.)"""
+        method, space, rest = data.partition(b" ")
+        if not space or not _TOKEN.fullmatch(method):
+            return None
+        self._parser = _request_parser(self)
+        self._method_override = method
+        return b"GET " + rest
+
+    def _bypass_body(self, data: bytes) -> bytes:
+        """Relay a Content-Length body as it arrives; return what follows it."""
+        left = self._body_left
+        if len(data) < left:
+            self._body_left = left - len(data)
+            self.sink.on_request_data(data)
+            return b""
+        body, rest = (data, b"") if len(data) == left else (data[:left], data[left:])
+        self._body_left = 0
+        self._bypass = False
+        self._parser = _request_parser(self)
+        self.sink.on_request_data(body)
+        if not self._stopped:
+            self._message_complete()
+        return b"" if self._closed_input or self._stopped else rest
+
+    def _upgraded(self, rest: bytes) -> None:
+        # llhttp stops after an upgrade request's head and skips a body it declares.
+        self._parser = _request_parser(self)
+        if self._bypass:
+            rest = self._bypass_body(rest)
+        if self._stopped or self._closed_input:
+            return
+        self._upgrade_pending = True
+        self._leftover += rest
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._queue.clear()
+
+    # llhttp callbacks (found by name by httptools)
+    def on_message_begin(self) -> None:
+        if self._stopped:
+            raise _Stop
+        self._url = b""
+        self._headers = []
+        self._size = 0
+        self._in_head = True
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._size += len(url)
+        if self._size > self._max_head:
+            raise BadRequest(431, "header_too_large", f"request head over {self._max_head} bytes")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name.lower(), value))
+        self._size += len(name) + len(value) + 4
+        if self._size > self._max_head:
+            raise BadRequest(431, "header_too_large", f"request head over {self._max_head} bytes")
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        version = _VERSIONS.get(parser.get_http_version())
+        if version is None:
+            raise BadRequest(505, "version_not_supported", "only HTTP/1.0 and HTTP/1.1")
+        method, self._method_override = self._method_override or parser.get_method(), None
+        head = read_head(method, self._url, version, self._headers)
+        self._in_head = False
+        self._body_left = head.content_length or 0
+        if self.paused or self._queue:
+            self._queue.append((_HEAD, head))
+            return
+        self._begin(head)
+        if self._stopped:
+            raise _Stop
+
+    def _begin(self, head: RequestHead) -> None:
+        self._keep_alive = head.keep_alive
+        self._method = head.method
+        self._version = head.version
+        self.sink.on_request_head(head)
+
+    def on_body(self, data: bytes) -> None:
+        self._body_left -= len(data)
+        if self.paused or self._queue:
+            self._queue.append((_DATA, data))
+            return
+        self.sink.on_request_data(data)
+        if self._stopped:
+            raise _Stop
+
+    def on_message_complete(self) -> None:
+        self._in_head = True
+        self._partial = 0
+        if self._body_left > 0:  # an upgrade request's body, which llhttp skipped
+            self._bypass = True
+            return
+        if self.paused or self._queue:
+            self._queue.append((_END, None))
+            return
+        self._message_complete()
+        if self._stopped:
+            raise _Stop
+
+    def _message_complete(self) -> None:
+        if not self._keep_alive:
+            self._closed_input = True  # RFC 9112 §9.6: what follows `close` is ignored
+        self.paused = True  # set first: the sink may finish the exchange and resume at once
+        self.sink.on_request_end()
+
+    def resume(self) -> None:
+        """Deliver what waited behind the finished request (pipelined requests, their bodies)."""
+        queue = self._queue
+        while queue and not self.paused and not self._stopped:
+            kind, value = queue.popleft()
+            if kind == _HEAD:
+                self._begin(value)
+            elif kind == _DATA:
+                self.sink.on_request_data(value)
+            else:
+                self._message_complete()
+        if not queue and not self.paused and not self._stopped:
+            if self._body_left > 0 and not self._in_head:
+                self._bypass = True
+            if self._upgrade_pending:
+                self._upgrade_pending = False
+                leftover, self._leftover = self._leftover, b""
+                if leftover:
+                    self.feed(leftover)
+
+    def take_leftover(self) -> bytes:
+        self._upgrade_pending = False
+        self._closed_input = True  # from now on the bytes belong to the tunnel
+        leftover, self._leftover = self._leftover, b""
+        return leftover
+
+    # --- output ---------------------------------------------------------------------------------
+    def response_head(
+        self, status: int, reason: bytes, headers: Headers, length: int | None
+    ) -> bytes:
+        """The head for the client; `headers` (ours to extend) carry no Transfer-Encoding."""
+        if self._method == b"HEAD" or status in (204, 304):
+            self._mode = _NONE
+        elif length is not None:
+            self._mode = _LENGTH
+        elif self._version == b"1.1":
+            self._mode = _CHUNKED
+            headers.append((b"transfer-encoding", b"chunked"))
+        else:
+            self._mode = _CLOSE
+            self._keep_alive = False
+        if not self._keep_alive:
+            headers.append((b"connection", b"close"))
+        self._responding = True
+        return head_bytes(
+            (_STATUS_LINES.get(status) or b"HTTP/1.1 %d " % status) + reason + b"\r\n", headers
+        )
+
+    def response_data(self, data: bytes) -> list[bytes]:
+        mode = self._mode
+        if mode == _CHUNKED:
+            return chunk(data) if data else []
+        return [] if mode == _NONE else [data]
+
+    def response_end(self) -> bytes:
+        self._responding = False
+        return b"0\r\n\r\n" if self._mode == _CHUNKED else b""
+
+    def informational(self, status: int, reason: bytes, headers: Headers) -> bytes:
+        return head_bytes((_STATUS_LINES.get(status) or b"") + reason + b"\r\n", headers)
+
+    def local_response(self, status: int, headers: Headers, body: bytes) -> list[bytes] | None:
+        if self._responding:
+            return None
+        self.stop()
+        self._keep_alive = False
+        self._mode = _LENGTH
+        head = head_bytes(
+            (_STATUS_LINES.get(status) or b"HTTP/1.1 %d " % status)
+            + reason_phrase(status)
+            + b"\r\n",
+            [*headers, (b"content-length", b"%d" % len(body)), (b"connection", b"close")],
+        )
+        return [head, body]
+
+    def next_cycle(self) -> bool:
+        if not self._keep_alive or self._closed_input or self._stopped:
+            return False
+        self.paused = False
+        self._responding = False
+        return True
+
+
+class HttptoolsClient:
+    """The client side of one connection to the app (see codec.ClientCodec)."""
+
+    __slots__ = (
+        "_body_left",
+        "_bypass",
+        "_chunked",
+        "_done",
+        "_head_request",
+        "_headers",
+        "_in_body",
+        "_informational",
+        "_keep_alive",
+        "_leftover",
+        "_length",
+        "_parser",
+        "_reason",
+        "_request_done",
+        "_sink",
+        "_stale",
+        "_switching",
+        "_te",
+        "_until_close",
+    )
+
+    def __init__(self) -> None:
+        self._parser = HttpResponseParser(self)
+        self._sink: Any = None
+        self._head_request = False
+        self._chunked = False
+        self._request_done = False
+        self._leftover = b""
+        self._stale = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self._done = False
+        self._keep_alive = True
+        self._until_close = False
+        self._in_body = False
+        self._body_left = 0
+        self._bypass = False
+        self._informational = False
+        self._switching: tuple[int, bytes, Headers] | None = None
+        self._headers: Headers = []
+        self._reason = b""
+        self._length: bytes | None = None
+        self._te = False
+
+    # --- the request ----------------------------------------------------------------------------
+    def request_head(
+        self, method: bytes, target: bytes, headers: Headers, *, chunked: bool
+    ) -> bytes:
+        self._head_request = method == b"HEAD"
+        self._chunked = chunked
+        self._request_done = False
+        return head_bytes(method + b" " + target + b" HTTP/1.1\r\n", headers)
+
+    def request_data(self, data: bytes) -> list[bytes]:
+        if self._chunked:
+            return chunk(data) if data else []
+        return [data]
+
+    def request_end(self) -> bytes:
+        self._request_done = True
+        return b"0\r\n\r\n" if self._chunked else b""
+
+    # --- the response ---------------------------------------------------------------------------
+    def feed(self, data: bytes, sink: ResponseSink) -> None:
+        self._sink = sink
+        if self._bypass:
+            left = self._body_left
+            if len(data) < left:
+                self._body_left = left - len(data)
+                sink.response_data(data)
+                return
+            self._bypass = False
+            self._stale = True
+            self._body_left = 0
+            if len(data) > left:
+                self._keep_alive = False  # the app sent more than it declared
+            sink.response_data(data[:left] if len(data) > left else data)
+            self._complete()
+            return
+        try:
+            self._parser.feed_data(data)
+        except HttpParserUpgrade as e:
+            self._stale = True
+            self._leftover = data[e.args[0] :]
+            if self._switching is not None:
+                sink.response_informational(*self._switching)
+            return
+        except HttpParserCallbackError as e:
+            if isinstance(e.__context__, _Stop):
+                return
+            if e.__context__ is not None:
+                raise e.__context__ from None
+            sink.response_malformed(str(e))
+            return
+        except HttpParserError as e:
+            self._stale = True
+            sink.response_malformed(str(e) or "not HTTP")
+            return
+        if self._in_body and self._body_left > 0:
+            self._bypass = True
+
+    def feed_eof(self, sink: ResponseSink) -> None:
+        if self._until_close and self._in_body and not self._done:
+            self._keep_alive = False
+            self._complete()
+
+    # llhttp callbacks
+    def on_message_begin(self) -> None:
+        if self._done:  # bytes after a whole response: the app is not speaking HTTP with us
+            self._keep_alive = False
+            raise _Stop
+        self._headers = []
+        self._reason = b""
+        self._length = None
+        self._te = False
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        if name == b"content-length":
+            self._length = value
+        elif name == b"transfer-encoding":
+            self._te = True
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        status = parser.get_status_code()
+        if status < 200:
+            if status == 101:
+                self._switching = (status, self._reason, self._headers)
+            else:
+                self._informational = True
+                self._sink.response_informational(status, self._reason, self._headers)
+            return
+        length = int(self._length) if self._length is not None and not self._te else None
+        no_body = self._head_request or status in (204, 304)
+        self._keep_alive = parser.should_keep_alive()
+        self._in_body = not no_body
+        self._body_left = 0 if no_body or length is None else length
+        self._until_close = not no_body and length is None and not self._te
+        self._sink.response_head(status, self._reason, self._headers, length)
+        if self._head_request:  # llhttp cannot be told that a HEAD answer has no body
+            self._stale = True
+            self._complete()
+            raise _Stop
+
+    def on_body(self, data: bytes) -> None:
+        self._body_left -= len(data)
+        self._sink.response_data(data)
+
+    def on_message_complete(self) -> None:
+        if self._informational:
+            self._informational = False
+            return
+        if self._switching is not None:
+            return
+        self._complete()
+
+    def _complete(self) -> None:
+        self._done = True
+        self._in_body = False
+        self._sink.response_end()
+
+    def reusable(self) -> bool:
+        return self._done and self._request_done and self._keep_alive and not self._until_close
+
+    def next_cycle(self) -> None:
+        if self._stale:
+            self._parser = HttpResponseParser(self)
+            self._stale = False
+        self._reset()
+
+    def take_leftover(self) -> bytes:
+        leftover, self._leftover = self._leftover, b""
+        return leftover

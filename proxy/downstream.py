@@ -1,0 +1,236 @@
+"""A client's TLS connection: accepting, the handshake, the client identity, one lazy timer,
+reading holds, the registry and drain. Protocol codecs (HTTP/1.1) build on it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from typing import TYPE_CHECKING, Any, cast
+
+from .exchange import Session
+from .headers import ClientInfo
+from .identity import identity_from_der, xfcc_value
+
+if TYPE_CHECKING:
+    from .server import ProxyContext
+
+log = logging.getLogger("tls_sidecar.http")
+
+
+class ClientConnection(asyncio.Protocol):
+    """Owns the TLS side of one client connection; subclasses speak the protocol over it."""
+
+    def __init__(self, ctx: ProxyContext) -> None:
+        self.ctx = ctx
+        self.loop = ctx.loop
+        self.transport: asyncio.Transport | None = None
+        self.session = Session(ClientInfo("-", 0))
+        self.closed = False
+        self.handshaking = True
+        self._holds = 0
+        self._handshake: Any = None
+        self._handshake_started = 0.0
+        self._raw: asyncio.Transport | None = None
+        # One timer per connection, pushed back lazily (see _on_timer).
+        self._phase: str | None = None
+        self._phase_timeout = 0.0
+        self._phase_since = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+
+    # --- to be provided by the protocol -------------------------------------------------------
+    def handshake_complete(self) -> None:
+        """The TLS session is up and `session` filled in."""
+
+    def timed_out(self, phase: str) -> None:
+        self.abort_all()
+
+    def abort_all(self) -> None:
+        self.abort()
+
+    @property
+    def idle(self) -> bool:
+        """Between requests with nothing received: safe to close while draining."""
+        return not self.handshaking
+
+    def begin_drain(self) -> None:
+        if self.idle:
+            self.close()
+
+    # --- accepting and the handshake ----------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        ctx = self.ctx
+        ctx.metrics.connections_accepted.inc()
+        peer = transport.get_extra_info("peername")
+        sock = transport.get_extra_info("sockname")
+        self.session.client = ClientInfo(
+            peer[0] if isinstance(peer, tuple) else "-",
+            sock[1] if isinstance(sock, tuple) else 0,
+        )
+        if len(ctx.connections) >= ctx.config.max_connections or ctx.draining:
+            reason = "draining" if ctx.draining else "max_connections"
+            ctx.metrics.connections_rejected.labels(reason).inc()
+            self.closed = True
+            transport.close()
+            return
+        ctx.connections.add(self)
+        ctx.metrics.connections_active.inc()
+        self._handshake_started = time.perf_counter()
+        # uvloop starts reading as soon as connection_made returns, so the TLS protocol must be
+        # in place before then: step start_tls's coroutine here instead of in a Task, whose
+        # first step would run a loop turn later and could let the ClientHello reach the codec.
+        self._handshake = self.loop.start_tls(
+            transport,
+            self,
+            ctx.tls.context,
+            server_side=True,
+            ssl_handshake_timeout=ctx.config.handshake_timeout,
+        )
+        self._raw = transport
+        self._step_handshake(None)
+
+    def _step_handshake(self, _done: object) -> None:
+        coro = self._handshake
+        try:
+            waiting = coro.send(None)
+        except StopIteration as finished:
+            self._handshake_done(finished.value)
+            return
+        except (TimeoutError, ConnectionAbortedError) as e:
+            timed_out = isinstance(e, TimeoutError) or "taking longer" in str(e)
+            if timed_out:
+                self.ctx.metrics.timeouts.labels("handshake").inc()
+            self._handshake_failed("timeout" if timed_out else "closed", e)
+            return
+        except ssl.SSLError as e:
+            about_client_cert = "CERTIFICATE" in str(e.reason or "").upper()
+            mtls = self.ctx.config.client_ca is not None
+            self._handshake_failed(
+                "client_certificate" if mtls and about_client_cert else "protocol", e
+            )
+            return
+        except (OSError, EOFError, RuntimeError, asyncio.CancelledError) as e:
+            self._handshake_failed("closed", e)
+            return
+        if isinstance(waiting, asyncio.Future):
+            waiting.add_done_callback(self._step_handshake)
+        else:  # a bare yield: go on at the next loop turn
+            self.loop.call_soon(self._step_handshake, None)
+
+    def _handshake_done(self, tls: asyncio.BaseTransport) -> None:
+        ctx = self.ctx
+        tls = cast(asyncio.Transport, tls)
+        ssl_object = tls.get_extra_info("ssl_object")
+        self.handshaking = False
+        if self.closed or tls.is_closing() or not isinstance(ssl_object, ssl.SSLObject):
+            # uvloop ends start_tls without an error when the client closes cleanly during the
+            # handshake: the transport it returns is already dead and no connection_lost follows.
+            self._handshake_failed("closed", ConnectionResetError("closed during the handshake"))
+            return
+        self.transport = tls
+        session = self.session
+        session.tls_version = ssl_object.version() or "-"
+        ctx.handshake_done(session.tls_version, ssl_object.session_reused)
+        if ctx.config.client_ca is not None:
+            self._check_client(ssl_object)
+        ctx.metrics.tls_handshake_duration.observe(time.perf_counter() - self._handshake_started)
+        self.arm("header", ctx.config.header_timeout)
+        self.handshake_complete()
+
+    def _check_client(self, ssl_object: ssl.SSLObject) -> None:
+        """Decide once per connection; each request on it is then admitted or answered 403."""
+        config = self.ctx.config
+        session = self.session
+        der = ssl_object.getpeercert(binary_form=True)
+        session.identity = identity_from_der(der) if der else None
+        session.denied = config.policy.decide(session.identity)
+        if session.identity is not None and session.denied is None and config.client_cert_header:
+            session.xfcc = xfcc_value(
+                session.identity,
+                by=self.ctx.tls.server_uri,
+                include_pem=config.client_cert_header_pem,
+            )
+
+    def _handshake_failed(self, reason: str, exc: BaseException) -> None:
+        self.ctx.metrics.tls_handshake_errors.labels(reason).inc()
+        log.debug(
+            "tls handshake failed",
+            extra={"client": self.session.client.address, "reason": str(exc)},
+        )
+        if self._raw is not None:
+            self._raw.abort()
+        self.forget()
+
+    # --- closing --------------------------------------------------------------------------------
+    def forget(self) -> None:
+        self.closed = True
+        if self not in self.ctx.connections:
+            return
+        self._phase = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.ctx.connections.discard(self)
+        self.ctx.metrics.connections_active.dec()
+        self.ctx.connection_closed()
+
+    def close(self) -> None:
+        """Close after what was written is flushed (TLS close_notify included)."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+        elif self._raw is not None:
+            self._raw.abort()
+
+    # --- the timer ------------------------------------------------------------------------------
+    def arm(self, phase: str, timeout: float) -> None:
+        """Start a timeout phase; activity moves `_phase_since`, not the timer."""
+        now = self.loop.time()
+        self._phase, self._phase_timeout, self._phase_since = phase, timeout, now
+        deadline = now + timeout
+        if self._timer is None or deadline < self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+            self._timer_at = deadline
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._phase is None or self.closed:
+            return
+        deadline = self._phase_since + self._phase_timeout
+        if self.loop.time() < deadline:
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+            self._timer_at = deadline
+            return
+        phase, self._phase = self._phase, None
+        self.ctx.metrics.timeouts.labels(phase).inc()
+        self.timed_out(phase)
+
+    # --- reading holds --------------------------------------------------------------------------
+    def hold(self, reason: int) -> None:
+        if not self._holds and self.transport is not None:
+            self.transport.pause_reading()
+        self._holds |= reason
+
+    def release(self, reason: int) -> None:
+        if self._holds & reason:
+            self._holds &= ~reason
+            if not self._holds and self.transport is not None and not self.closed:
+                self.transport.resume_reading()
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.ctx.metrics.bytes_down_out.inc(len(data))
+        self.transport.write(data)
+
+    def writelines(self, parts: list[bytes]) -> None:
+        assert self.transport is not None
+        self.ctx.metrics.bytes_down_out.inc(sum(map(len, parts)))
+        self.transport.writelines(parts)

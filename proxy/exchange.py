@@ -1,0 +1,397 @@
+"""One request's life between a downstream and the app, knowing no wire protocol.
+
+A downstream (an HTTP/1.1 connection; an HTTP/2 stream) hands over a checked `RequestHead`, body
+chunks and an end; the exchange decides what the app gets (or answers itself), holds the upstream
+connection, relays the response back through the downstream's `send_*`, retries what is safe to
+retry, moves the timeout phases, and records metrics and the access log once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from . import headers as hdr
+from .headers import ClientInfo, Headers
+from .identity import ClientIdentity
+from .request import BadRequest, RequestHead, UpstreamRequest, upstream_request
+from .upstream import UpstreamConnectError, UpstreamConnection
+
+if TYPE_CHECKING:
+    from .server import ProxyContext
+
+log = logging.getLogger("tls_sidecar.http")
+
+# Why a downstream stops reading; it reads again only when no reason is left.
+HOLD_CONNECT = 1  # waiting for an upstream connection
+HOLD_PIPELINE = 2  # a pipelined request waits until the current response is done
+HOLD_UPSTREAM_FULL = 4  # the app is not reading the request body fast enough
+
+
+@dataclass(slots=True)
+class Session:
+    """What an exchange needs to know of the client's TLS connection."""
+
+    client: ClientInfo
+    tls_version: str = "-"
+    identity: ClientIdentity | None = None
+    denied: str | None = None  # why the client certificate is refused, if it is
+    xfcc: bytes | None = None  # the X-Forwarded-Client-Cert value for an admitted identity
+
+
+class Downstream(Protocol):
+    """The client side of one exchange: an HTTP/1.1 connection, or an HTTP/2 stream."""
+
+    session: Session
+
+    def send_head(
+        self, status: int, reason: bytes, headers: Headers, length: int | None
+    ) -> None: ...
+    def send_data(self, data: bytes) -> None: ...
+    def send_end(self) -> None: ...
+    def send_informational(self, status: int, reason: bytes, headers: Headers) -> None: ...
+    def send_local(self, status: int, headers: Headers, body: bytes) -> None: ...
+    def switch_protocols(self, upstream: UpstreamConnection) -> None: ...
+    def hold(self, reason: int) -> None: ...
+    def release(self, reason: int) -> None: ...
+    def arm(self, phase: str, timeout: float) -> None: ...
+    def exchange_done(self, exchange: Exchange) -> None: ...
+    def abort_all(self) -> None: ...
+
+
+def local_body(status: int, message: str) -> bytes:
+    return f"{status} {message}\n".encode("utf-8", "replace")
+
+
+def local_headers(request_id: bytes | None) -> Headers:
+    out = [(b"content-type", b"text/plain; charset=utf-8")]
+    if request_id is not None:
+        out.append((b"x-request-id", request_id))
+    return out
+
+
+class Exchange:
+    """One request and its response."""
+
+    __slots__ = (
+        "_pending",
+        "bytes_in",
+        "bytes_out",
+        "connect_task",
+        "ctx",
+        "down",
+        "finished",
+        "head",
+        "request",
+        "request_complete",
+        "request_id",
+        "response_complete",
+        "response_started",
+        "retried",
+        "sent_at",
+        "session",
+        "started",
+        "status",
+        "upstream",
+        "upstream_duration",
+    )
+
+    def __init__(
+        self, ctx: ProxyContext, down: Downstream, session: Session, head: RequestHead
+    ) -> None:
+        self.ctx = ctx
+        self.down = down
+        self.session = session
+        self.head = head
+        self.started = time.perf_counter()
+        self.request_id = hdr.request_id_for(head.headers, ctx.new_request_id)
+        self.request: UpstreamRequest | None = None
+        self.upstream: UpstreamConnection | None = None
+        self.connect_task: asyncio.Task[None] | None = None
+        self.request_complete = False
+        self.response_started = False
+        self.response_complete = False
+        self.finished = False
+        self.retried = False
+        self.status = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.sent_at = 0.0
+        self.upstream_duration: float | None = None
+        self._pending: list[bytes] | None = None  # body that arrived while connecting
+        ctx.metrics.http_requests_in_flight.inc()
+
+    # --- the request ----------------------------------------------------------------------------
+    def start(self) -> None:
+        ctx = self.ctx
+        config = ctx.config
+        session = self.session
+        if session.denied is not None:
+            ctx.metrics.client_auth_denied.labels(session.denied).inc()
+            who = session.identity.subject if session.identity else ""
+            message = (
+                f"client certificate {who} is not allowed"
+                if who
+                else "a client certificate is required"
+            )
+            self.local(403, f"client_{session.denied}", message)
+            return
+        prepared = upstream_request(
+            self.head,
+            session.client,
+            trust_forwarded=config.trust_forwarded_headers,
+            request_id=self.request_id,
+            upstream_host=ctx.upstream_host,
+            max_header_bytes=config.max_header_bytes,
+            max_body_bytes=config.max_body_bytes,
+            allowed_upgrades=ctx.allowed_upgrades,
+            xfcc=session.xfcc,
+        )
+        if isinstance(prepared, BadRequest):
+            self.local(prepared.status, prepared.reason, str(prepared))
+            return
+        self.request = prepared
+        upstream = ctx.pool.take_idle()
+        if upstream is not None:
+            self._attach(upstream)
+        else:
+            self._connect_soon()
+
+    def _connect_soon(self) -> None:
+        self.down.hold(HOLD_CONNECT)
+        if self._pending is None:
+            self._pending = []
+        self.connect_task = self.ctx.loop.create_task(self._connect())
+
+    async def _connect(self) -> None:
+        try:
+            upstream = await self.ctx.pool.connect()
+        except UpstreamConnectError as e:
+            if not self.finished:
+                self.local(e.status, f"upstream_{e.reason}", str(e))
+            return
+        self.connect_task = None
+        if self.finished:
+            self.ctx.pool.close(upstream)
+            return
+        try:
+            self._attach(upstream)
+            self.down.release(HOLD_CONNECT)
+        except Exception:
+            # Nobody awaits this task: an error here must still end the connection.
+            log.exception(
+                "unexpected error starting a request",
+                extra={"client": self.session.client.address},
+            )
+            self.down.abort_all()
+
+    def _attach(self, upstream: UpstreamConnection) -> None:
+        request = self.request
+        assert request is not None
+        upstream.owner = self
+        self.upstream = upstream
+        codec = upstream.codec
+        try:
+            parts = [
+                codec.request_head(
+                    self.head.method, request.target, request.headers, chunked=self.head.chunked
+                )
+            ]
+        except BadRequest as e:
+            self.ctx.pool.close(upstream)
+            self.upstream = None
+            self.local(400, "bad_request", f"request cannot be forwarded: {e}")
+            return
+        pending, self._pending = self._pending, None
+        if pending:
+            for data in pending:
+                parts += codec.request_data(data)
+        if self.request_complete:
+            parts.append(codec.request_end())
+        upstream.writelines(parts)
+        self.sent_at = time.perf_counter()
+        config = self.ctx.config
+        if self.request_complete:
+            self.down.arm("upstream", config.upstream_timeout)
+        else:
+            self.down.arm("request_body", config.idle_timeout)
+
+    def request_data(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        limit = self.ctx.config.max_body_bytes
+        if limit is not None and self.bytes_in > limit:
+            self.local(413, "body_too_large", f"request body over {limit} bytes")
+            return
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.writelines(upstream.codec.request_data(data))
+        elif self._pending is not None:
+            self._pending.append(data)
+        # else: answered already (an early answer, or our own): the rest is read and dropped
+
+    def request_end(self) -> None:
+        self.request_complete = True
+        if self.finished:
+            return
+        upstream = self.upstream
+        if upstream is not None:
+            end = upstream.codec.request_end()
+            if end:
+                upstream.write(end)
+        if self.response_complete:
+            self._complete()
+        elif not self.response_started and self._pending is None:
+            self.down.arm("upstream", self.ctx.config.upstream_timeout)
+
+    # --- the app's response (called by the upstream connection's codec) -------------------------
+    def response_head(
+        self, status: int, reason: bytes, headers: Headers, length: int | None
+    ) -> None:
+        self.status = status
+        self.response_started = True
+        self.upstream_duration = time.perf_counter() - self.sent_at
+        self.ctx.metrics.upstream_response_duration.observe(self.upstream_duration)
+        self.down.send_head(
+            status, reason or hdr.reason_phrase(status), hdr.response_headers(headers), length
+        )
+        self.down.arm("upstream", self.ctx.config.upstream_timeout)
+
+    def response_data(self, data: bytes) -> None:
+        self.bytes_out += len(data)
+        self.down.send_data(data)
+
+    def response_end(self) -> None:
+        self.response_complete = True
+        self.down.send_end()
+        if not self.request_complete:
+            # The app answered before the whole body arrived (a 401 or 413, or an app that does
+            # not read bodies): the rest is relayed or dropped, then both sides can go on.
+            self.down.arm("request_body", self.ctx.config.idle_timeout)
+            return
+        self._complete()
+
+    def response_informational(self, status: int, reason: bytes, headers: Headers) -> None:
+        reason = reason or hdr.reason_phrase(status)
+        if status != 101:
+            self.down.send_informational(status, reason, hdr.response_headers(headers))
+            return
+        if self.request is None or not self.request.upgrade:
+            self.response_malformed("101 Switching Protocols to a request that did not upgrade")
+            return
+        # The app switched protocols (WebSocket): from now on the downstream relays raw bytes.
+        upstream = self.upstream
+        assert upstream is not None
+        self.upstream = None
+        self.status = 101
+        self.upstream_duration = time.perf_counter() - self.sent_at
+        self.down.send_informational(
+            status, reason, hdr.response_headers(headers, switching_protocols=True)
+        )
+        self._finish(101)
+        self.down.switch_protocols(upstream)
+
+    def response_malformed(self, message: str) -> None:
+        self._upstream_failed("bad_response", f"malformed response from the app: {message}")
+
+    def upstream_write_paused(self, paused: bool) -> None:
+        if paused:
+            self.down.hold(HOLD_UPSTREAM_FULL)
+        else:
+            self.down.release(HOLD_UPSTREAM_FULL)
+
+    def upstream_lost(self, upstream: UpstreamConnection, exc: Exception | None) -> None:
+        if self.upstream is not upstream:
+            return
+        self.upstream = None
+        if self.response_complete or self.finished:
+            return  # answered already; the rest of the request body is read and dropped
+        if self.response_started:
+            self.down.abort_all()  # truncated: closing is the only honest signal left
+            self._finish(self.status)
+            return
+        # The app closed a pooled connection just as we reused it: safe to send again only
+        # when it saw no body and we saw no answer.
+        if (
+            upstream.reused
+            and not upstream.received_any
+            and not self.head.has_body
+            and not self.retried
+        ):
+            self.retried = True
+            self._connect_soon()
+            return
+        self._upstream_failed("upstream_closed", "the app closed the connection without answering")
+
+    def _upstream_failed(self, reason: str, message: str) -> None:
+        upstream = self.upstream
+        self.upstream = None
+        if upstream is not None:
+            upstream.abort()
+        if self.response_started:
+            self.down.abort_all()
+            self._finish(self.status)
+            return
+        self.local(502, reason, message)
+
+    # --- ends -----------------------------------------------------------------------------------
+    def timed_out(self) -> bool:
+        """The upstream phase ran out: 504 when nothing was answered yet."""
+        if self.response_started or self.finished:
+            return False
+        self.local(504, "upstream_timeout", "the app did not answer in time")
+        return True
+
+    def local(self, status: int, reason: str, message: str) -> None:
+        """Answer the client ourselves instead of the app."""
+        self.ctx.metrics.local_responses.labels(str(status), reason).inc()
+        upstream = self.upstream
+        if upstream is not None:
+            self.upstream = None
+            upstream.abort()
+        self.status = status
+        self.down.send_local(status, local_headers(self.request_id), local_body(status, message))
+        self._finish(status)
+
+    def downstream_lost(self) -> None:
+        """The client went away before the exchange ended."""
+        upstream = self.upstream
+        if upstream is not None:
+            self.upstream = None
+            upstream.abort()
+        if self.connect_task is not None:
+            self.connect_task.cancel()
+        self._finish(self.status if self.response_started else 499)
+
+    def _complete(self) -> None:
+        upstream = self.upstream
+        self.upstream = None
+        self._finish(self.status)
+        if upstream is not None:
+            self.ctx.pool.release(upstream)
+        self.down.exchange_done(self)
+
+    def _finish(self, status: int) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        ctx = self.ctx
+        duration = time.perf_counter() - self.started
+        head = self.head
+        ctx.metrics.http_requests_in_flight.dec()
+        ctx.metrics.request_done(head.method, status, duration)
+        if ctx.access_log.enabled:
+            ctx.access(
+                client=self.session.client.address,
+                method=head.method,
+                target=head.target,
+                status=status,
+                bytes_in=self.bytes_in,
+                bytes_out=self.bytes_out,
+                duration=duration,
+                upstream_duration=self.upstream_duration,
+                tls_version=self.session.tls_version,
+                request_id=self.request_id,
+            )

@@ -1,0 +1,231 @@
+"""HTTP/1.1 to one client: keep-alive, pipelining, early answers and WebSocket tunnels, over a
+codec (httptools or h11); each request is an `Exchange`."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from .downstream import ClientConnection
+from .exchange import HOLD_PIPELINE, HOLD_UPSTREAM_FULL, Exchange, local_body, local_headers
+from .headers import Headers
+from .request import BadRequest, RequestHead
+from .upstream import UpstreamConnection
+
+if TYPE_CHECKING:
+    from .server import ProxyContext
+
+log = logging.getLogger("tls_sidecar.http")
+
+
+class Http1Connection(ClientConnection):
+    """Serves HTTP/1.1 over TLS to one client; a Downstream for one exchange at a time."""
+
+    def __init__(self, ctx: ProxyContext) -> None:
+        super().__init__(ctx)
+        self.codec = ctx.server_codec(self, ctx.config.max_header_bytes)
+        self.exchange: Exchange | None = None
+        self.tunnel: UpstreamConnection | None = None
+        self._early: list[bytes] | None = None  # bytes that came with the handshake's last flight
+        self._received_since_idle = False
+
+    @property
+    def idle(self) -> bool:
+        return not self.handshaking and self.exchange is None and not self._received_since_idle
+
+    def begin_drain(self) -> None:
+        if self.idle and self.tunnel is None:
+            self.close()
+
+    def handshake_complete(self) -> None:
+        early, self._early = self._early, None
+        if early:
+            self.data_received(b"".join(early))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.handshaking:
+            self.closed = True  # the handshake step sees this and cleans up
+            return
+        exchange = self.exchange
+        if exchange is not None and not exchange.finished:
+            exchange.downstream_lost()
+        if self.tunnel is not None:
+            self.tunnel.abort()
+            self.tunnel = None
+        self.forget()
+
+    def eof_received(self) -> bool | None:
+        return False  # TLS has no half-close: the client is gone
+
+    # --- the client's bytes -------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        self.ctx.metrics.bytes_down_in.inc(len(data))
+        if self.handshaking:  # delivered before the handshake step returned: parse after it
+            if self._early is None:
+                self._early = []
+            self._early.append(data)
+            return
+        if self.tunnel is not None:
+            self._phase_since = self.loop.time()
+            self.tunnel.write(data)
+            return
+        codec = self.codec
+        if self.exchange is None:
+            if not self._received_since_idle:
+                self._received_since_idle = True
+                self.arm("header", self.ctx.config.header_timeout)
+        elif codec.paused:
+            self.hold(HOLD_PIPELINE)  # a pipelined request: parsed after the current response
+        elif self._phase == "request_body":
+            self._phase_since = self.loop.time()
+        try:
+            codec.feed(data)
+        except BadRequest as e:
+            self._refuse(e)
+        except Exception:
+            log.exception(
+                "unexpected error on a client connection",
+                extra={"client": self.session.client.address},
+            )
+            self.ctx.metrics.local_responses.labels("500", "internal_error").inc()
+            self.abort_all()
+
+    # RequestSink: what the codec parsed
+    def on_request_head(self, head: RequestHead) -> None:
+        self._phase = None
+        self._received_since_idle = True
+        exchange = self.exchange = Exchange(self.ctx, self, self.session, head)
+        exchange.start()
+
+    def on_request_data(self, data: bytes) -> None:
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.request_data(data)
+
+    def on_request_end(self) -> None:
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.request_end()
+
+    def _refuse(self, error: BadRequest) -> None:
+        exchange = self.exchange
+        if exchange is not None and not exchange.finished:
+            exchange.local(error.status, error.reason, str(error))
+            return
+        ctx = self.ctx
+        ctx.metrics.local_responses.labels(str(error.status), error.reason).inc()
+        self.send_local(error.status, local_headers(None), local_body(error.status, str(error)))
+        ctx.metrics.request_done(b"OTHER", error.status, 0.0)
+        ctx.access(
+            client=self.session.client.address,
+            method=b"-",
+            target=b"-",
+            status=error.status,
+            bytes_in=0,
+            bytes_out=0,
+            duration=0.0,
+            upstream_duration=None,
+            tls_version=self.session.tls_version,
+            request_id=b"-",
+        )
+
+    # --- Downstream: what the exchange sends --------------------------------------------------
+    def send_head(self, status: int, reason: bytes, headers: Headers, length: int | None) -> None:
+        if self.ctx.draining:
+            headers.append((b"connection", b"close"))
+        self.write(self.codec.response_head(status, reason, headers, length))
+
+    def send_data(self, data: bytes) -> None:
+        self._phase_since = self.loop.time()
+        parts = self.codec.response_data(data)
+        if parts:
+            self.writelines(parts)
+
+    def send_end(self) -> None:
+        end = self.codec.response_end()
+        if end:
+            self.write(end)
+
+    def send_informational(self, status: int, reason: bytes, headers: Headers) -> None:
+        self.write(self.codec.informational(status, reason, headers))
+
+    def send_local(self, status: int, headers: Headers, body: bytes) -> None:
+        """The proxy's own answer; the connection closes after it (its framing is done with)."""
+        self._phase = None
+        parts = self.codec.local_response(status, headers, body)
+        if parts is None:
+            self.abort()  # a response is already under way: closing is the only answer left
+            return
+        self.writelines(parts)
+        self.close()
+
+    def switch_protocols(self, upstream: UpstreamConnection) -> None:
+        self.exchange = None
+        self.tunnel = upstream
+        upstream.start_tunnel(self)
+        leftover_up = upstream.codec.take_leftover()
+        leftover_down = self.codec.take_leftover()
+        if leftover_up:
+            self.tunnel_data(leftover_up)
+        if leftover_down:
+            upstream.write(leftover_down)
+        self.release(HOLD_PIPELINE)
+        self.arm("tunnel", self.ctx.config.idle_timeout)
+
+    def exchange_done(self, exchange: Exchange) -> None:
+        self.exchange = None
+        # A pooled connection no longer reports to us: its backpressure hold ends with it.
+        self.release(HOLD_UPSTREAM_FULL)
+        if self.ctx.draining or not self.codec.next_cycle():
+            self.close()
+            return
+        self._received_since_idle = False
+        self.arm("idle", self.ctx.config.idle_timeout)
+        self.release(HOLD_PIPELINE)
+        self.codec.resume()  # a pipelined request may already be buffered
+
+    def timed_out(self, phase: str) -> None:
+        exchange = self.exchange
+        if phase == "header" and self._received_since_idle and exchange is None:
+            self._refuse(BadRequest(408, "header_timeout", "request head not received in time"))
+        elif phase == "upstream" and exchange is not None and exchange.timed_out():
+            return
+        elif phase == "idle":
+            self.close()
+        else:
+            self.abort_all()
+
+    def abort_all(self) -> None:
+        exchange = self.exchange
+        if exchange is not None and exchange.upstream is not None:
+            exchange.upstream.abort()
+        if self.tunnel is not None:
+            self.tunnel.abort()
+        self.abort()
+
+    # --- the client's transport and the tunnel --------------------------------------------------
+    def pause_writing(self) -> None:
+        upstream = self.tunnel or (self.exchange.upstream if self.exchange else None)
+        if upstream is not None:
+            upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._phase_since = self.loop.time()
+        upstream = self.tunnel or (self.exchange.upstream if self.exchange else None)
+        if upstream is not None:
+            upstream.resume_reading()
+
+    def tunnel_data(self, data: bytes) -> None:
+        self._phase_since = self.loop.time()
+        self.write(data)
+
+    def upstream_lost(self, upstream: UpstreamConnection, exc: Exception | None) -> None:
+        if self.tunnel is upstream:
+            self.tunnel = None
+            self.close()
+
+    def upstream_write_paused(self, paused: bool) -> None:
+        if paused:
+            self.hold(HOLD_UPSTREAM_FULL)
+        else:
+            self.release(HOLD_UPSTREAM_FULL)

@@ -1,0 +1,182 @@
+"""A request head as every codec hands it over, its framing checks, and what the app gets (pure).
+
+Both HTTP/1.1 codecs (httptools and h11) call `read_head` on what their parser accepted, so the
+checks a lenient parser would skip run once, for both; `upstream_request` then decides what to
+send the app, or which answer the proxy gives itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import headers as hdr
+from .headers import ClientInfo, Headers
+
+# Upgrade protocols that are never tunnelled over TLS, whatever --upgrade says: h2c skips every
+# per-request rule once the app switches (the "h2c smuggling" technique).
+NEVER_UPGRADED = frozenset({b"h2c"})
+
+
+class BadRequest(Exception):
+    """The request cannot be trusted or served; `status` and `reason` say how it is answered."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(slots=True)
+class RequestHead:
+    """What a downstream codec parsed, already checked for framing by `read_head`."""
+
+    method: bytes
+    target: bytes
+    version: bytes  # b"1.1", b"1.0"; b"2" for HTTP/2 streams
+    headers: Headers  # lower-case names, in the client's order
+    content_length: int | None
+    chunked: bool
+    keep_alive: bool  # the client did not ask to close after this request
+    upgrade: bytes | None  # the Upgrade header when Connection names it (HTTP/1.1 only)
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+
+def read_head(method: bytes, target: bytes, version: bytes, headers: Headers) -> RequestHead:
+    """One pass over the headers: framing, Host and keep-alive, the same for every codec.
+
+    Refuses what parsers disagree on or let through (RFC 9112 §6.3): Content-Length together
+    with Transfer-Encoding, repeated or non-numeric Content-Length, a transfer coding other than
+    chunked, a missing or repeated Host on HTTP/1.1, and a chunked upgrade request (llhttp would
+    take its body for the new protocol's bytes)."""
+    length: bytes | None = None
+    te: bytes | None = None
+    hosts = 0
+    close = version == b"1.0"
+    upgrade: bytes | None = None
+    connection_upgrade = False
+    for name, value in headers:
+        if name == b"content-length":
+            if length is not None:
+                raise BadRequest(400, "bad_request", "more than one Content-Length")
+            length = value
+        elif name == b"transfer-encoding":
+            if te is not None:
+                raise BadRequest(400, "bad_request", "more than one Transfer-Encoding")
+            te = value
+        elif name == b"host":
+            hosts += 1
+        elif name == b"connection":
+            for raw in value.lower().split(b","):
+                token = raw.strip()
+                if token == b"close":
+                    close = True
+                elif token == b"keep-alive" and version == b"1.0":
+                    close = False
+                elif token == b"upgrade":
+                    connection_upgrade = True
+        elif name == b"upgrade":
+            upgrade = value
+    if te is not None:
+        if te.strip().lower() != b"chunked":
+            raise BadRequest(400, "bad_request", "the only transfer coding accepted is chunked")
+        if length is not None:
+            raise BadRequest(400, "bad_request", "both Content-Length and Transfer-Encoding")
+    content_length: int | None = None
+    if length is not None:
+        if not length.isdigit() or len(length) > 18:
+            raise BadRequest(400, "bad_request", "Content-Length is not a number")
+        content_length = int(length)
+    if hosts > 1 or (hosts == 0 and version == b"1.1"):
+        raise BadRequest(400, "bad_request", "HTTP/1.1 needs exactly one Host header")
+    if not connection_upgrade:
+        upgrade = None
+    elif upgrade is not None and te is not None:
+        raise BadRequest(400, "bad_request", "an upgrade request cannot have a chunked body")
+    return RequestHead(
+        method, target, version, headers, content_length, te is not None, not close, upgrade
+    )
+
+
+def upgrade_protocol(value: bytes) -> bytes:
+    """`websocket` from `WebSocket`, `h2c` from `h2c, foo/2`: the first protocol's name."""
+    return value.split(b",", 1)[0].split(b"/", 1)[0].strip().lower()
+
+
+def allowed_upgrade(head: RequestHead, allowed: frozenset[bytes]) -> bool:
+    """Whether the head's Upgrade goes to the app (`--upgrade`); any other is stripped."""
+    if head.upgrade is None:
+        return False
+    protocol = upgrade_protocol(head.upgrade)
+    return protocol in allowed and protocol not in NEVER_UPGRADED
+
+
+@dataclass(slots=True)
+class UpstreamRequest:
+    """What the app is sent: origin-form target and rewritten headers."""
+
+    target: bytes
+    headers: Headers
+    request_id: bytes
+    upgrade: bool
+
+
+def upstream_request(
+    head: RequestHead,
+    client: ClientInfo,
+    *,
+    trust_forwarded: bool,
+    request_id: bytes,
+    upstream_host: bytes,
+    max_header_bytes: int,
+    max_body_bytes: int | None,
+    allowed_upgrades: frozenset[bytes],
+    xfcc: bytes | None,
+) -> UpstreamRequest | BadRequest:
+    """The request for the app, or the answer the proxy gives itself instead (431, 505, 405,
+    400 for an unusable target, 413 for a declared body over the limit)."""
+    names = head.headers
+    target = head.target
+    bad_target = ""
+    if target[:1] != b"/":
+        try:
+            absolute = hdr.origin_form(target, names)
+        except ValueError as e:
+            absolute, target, bad_target = None, b"", str(e)
+        if absolute is not None:
+            target, names = absolute
+        elif target == b"*" and head.method != b"OPTIONS":
+            target, bad_target = b"", "asterisk-form is only for OPTIONS"
+        elif target != b"*" and target:
+            target, bad_target = b"", "authority-form is only for CONNECT"
+    upgrade = allowed_upgrade(head, allowed_upgrades)
+    out = hdr.forwarded_headers(
+        names, client, trust_forwarded=trust_forwarded, request_id=request_id, upgrade=upgrade
+    )
+    if head.chunked:
+        out.append((b"transfer-encoding", b"chunked"))
+    if xfcc is not None:
+        out.append((b"x-forwarded-client-cert", xfcc))
+    if head.version != b"1.1" and not hdr.has_header(names, b"host"):
+        out.insert(0, (b"host", upstream_host))
+    # The parsers cap a head that arrives in pieces; one that arrived whole is measured here.
+    head_size = (
+        len(head.method) + len(head.target) + 12 + sum(len(n) + len(v) + 4 for n, v in names)
+    )
+    if head_size > max_header_bytes:
+        return BadRequest(431, "header_too_large", f"request head over {max_header_bytes} bytes")
+    if head.version not in (b"1.1", b"1.0", b"2"):
+        return BadRequest(505, "version_not_supported", "only HTTP/1.0, HTTP/1.1 and HTTP/2")
+    if head.method == b"CONNECT":
+        return BadRequest(405, "method_not_allowed", "CONNECT is not supported")
+    if not target:
+        return BadRequest(400, "bad_request", f"bad request target: {bad_target}")
+    if (
+        max_body_bytes is not None
+        and head.content_length is not None
+        and head.content_length > max_body_bytes
+    ):
+        return BadRequest(413, "body_too_large", f"request body over {max_body_bytes} bytes")
+    return UpstreamRequest(target, out, request_id, upgrade)
