@@ -240,6 +240,16 @@ http {{
         wait_port(port, proc)
         return Target("tls-sidecar", f"https://127.0.0.1:{port}", proc.pid, proc)
 
+    def start_baseline(self, kind: str, upstream: Target | None = None) -> Target:
+        """A floor from loadtest.baselines: `pipe`, `parse` (both in front of upstream) or `h2`."""
+        port = free_port()
+        argv = [sys.executable, "-m", "loadtest.baselines", kind, str(port)]
+        if upstream is not None:
+            argv.append(upstream.url.rsplit(":", 1)[1])
+        proc = self._spawn([*argv, str(self.cert), str(self.key)], 0, f"baseline-{kind}.log")
+        wait_port(port, proc)
+        return Target(f"{kind} floor", f"https://127.0.0.1:{port}", proc.pid, proc)
+
     def start_nginx_proxy(self, upstream: Target, *, resumption: bool = True) -> Target:
         port = free_port()
         conf = self.work / f"nginx-proxy-{port}.conf"

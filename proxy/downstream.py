@@ -77,7 +77,6 @@ class ClientConnection(asyncio.Protocol):
             transport.close()
             return
         ctx.connections.add(self)
-        ctx.metrics.connections_active.inc()
         self._handshake_started = time.perf_counter()
         # uvloop starts reading as soon as connection_made returns, so the TLS protocol must be
         # in place before then: step start_tls's coroutine here instead of in a Task, whose
@@ -174,7 +173,6 @@ class ClientConnection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self.ctx.connections.discard(self)
-        self.ctx.metrics.connections_active.dec()
         self.ctx.connection_closed()
 
     def close(self) -> None:
@@ -227,10 +225,10 @@ class ClientConnection(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         assert self.transport is not None
-        self.ctx.metrics.bytes_down_out.inc(len(data))
+        self.ctx.metrics.down_out += len(data)
         self.transport.write(data)
 
     def writelines(self, parts: list[bytes]) -> None:
         assert self.transport is not None
-        self.ctx.metrics.bytes_down_out.inc(sum(map(len, parts)))
+        self.ctx.metrics.down_out += sum(map(len, parts))
         self.transport.writelines(parts)

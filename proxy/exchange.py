@@ -47,6 +47,8 @@ class Downstream(Protocol):
 
     session: Session
 
+    def cork(self) -> None: ...
+    def uncork(self) -> None: ...
     def send_head(
         self, status: int, reason: bytes, headers: Headers, length: int | None
     ) -> None: ...
@@ -122,7 +124,7 @@ class Exchange:
         self.sent_at = 0.0
         self.upstream_duration: float | None = None
         self._pending: list[bytes] | None = None  # body that arrived while connecting
-        ctx.metrics.http_requests_in_flight.inc()
+        ctx.metrics.in_flight += 1
 
     # --- the request ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -253,7 +255,7 @@ class Exchange:
         self.status = status
         self.response_started = True
         self.upstream_duration = time.perf_counter() - self.sent_at
-        self.ctx.metrics.upstream_response_duration.observe(self.upstream_duration)
+        self.ctx.metrics.upstream_responded(self.upstream_duration)
         self.down.send_head(
             status, reason or hdr.reason_phrase(status), hdr.response_headers(headers), length
         )
@@ -380,7 +382,7 @@ class Exchange:
         ctx = self.ctx
         duration = time.perf_counter() - self.started
         head = self.head
-        ctx.metrics.http_requests_in_flight.dec()
+        ctx.metrics.in_flight -= 1
         ctx.metrics.request_done(head.method, status, duration)
         if ctx.access_log.enabled:
             ctx.access(

@@ -27,6 +27,7 @@ class Http1Connection(ClientConnection):
         self.exchange: Exchange | None = None
         self.tunnel: UpstreamConnection | None = None
         self._early: list[bytes] | None = None  # bytes that came with the handshake's last flight
+        self._corked: list[bytes] | None = None  # response parts gathered during one app read
         self._received_since_idle = False
 
     @property
@@ -59,7 +60,7 @@ class Http1Connection(ClientConnection):
 
     # --- the client's bytes -------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
-        self.ctx.metrics.bytes_down_in.inc(len(data))
+        self.ctx.metrics.down_in += len(data)
         if self.handshaking:  # delivered before the handshake step returned: parse after it
             if self._early is None:
                 self._early = []
@@ -130,36 +131,59 @@ class Http1Connection(ClientConnection):
         )
 
     # --- Downstream: what the exchange sends --------------------------------------------------
+    def cork(self) -> None:
+        """Gather what is sent until `uncork`: one TLS record and one write for a response
+        that arrived in one read, instead of one per part."""
+        if self._corked is None:
+            self._corked = []
+
+    def uncork(self) -> None:
+        parts, self._corked = self._corked, None
+        if parts and not self.closed:
+            self.write(parts[0] if len(parts) == 1 else b"".join(parts))
+
+    def _send(self, data: bytes) -> None:
+        if self._corked is not None:
+            self._corked.append(data)
+        else:
+            self.write(data)
+
     def send_head(self, status: int, reason: bytes, headers: Headers, length: int | None) -> None:
         if self.ctx.draining:
             headers.append((b"connection", b"close"))
-        self.write(self.codec.response_head(status, reason, headers, length))
+        self._send(self.codec.response_head(status, reason, headers, length))
 
     def send_data(self, data: bytes) -> None:
         self._phase_since = self.loop.time()
         parts = self.codec.response_data(data)
-        if parts:
+        if not parts:
+            return
+        if self._corked is not None:
+            self._corked += parts
+        else:
             self.writelines(parts)
 
     def send_end(self) -> None:
         end = self.codec.response_end()
         if end:
-            self.write(end)
+            self._send(end)
 
     def send_informational(self, status: int, reason: bytes, headers: Headers) -> None:
-        self.write(self.codec.informational(status, reason, headers))
+        self._send(self.codec.informational(status, reason, headers))
 
     def send_local(self, status: int, headers: Headers, body: bytes) -> None:
         """The proxy's own answer; the connection closes after it (its framing is done with)."""
         self._phase = None
+        self.uncork()
         parts = self.codec.local_response(status, headers, body)
         if parts is None:
             self.abort()  # a response is already under way: closing is the only answer left
             return
-        self.writelines(parts)
+        self.write(b"".join(parts))
         self.close()
 
     def switch_protocols(self, upstream: UpstreamConnection) -> None:
+        self.uncork()
         self.exchange = None
         self.tunnel = upstream
         upstream.start_tunnel(self)

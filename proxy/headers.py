@@ -29,6 +29,8 @@ HOP_BY_HOP = frozenset(
 
 # A client naming these in `Connection` must not make us drop them.
 _NEVER_DROPPED = frozenset({b"host", b"content-length"})
+# Connection tokens in a response that name nothing to drop (`keep-alive` is hop-by-hop anyway).
+_RESPONSE_KEPT = frozenset({b"", b"keep-alive", b"close", b"content-length"})
 
 # Set by us from the connection; a client's values are only kept with trust_forwarded.
 _FORWARDED = frozenset(
@@ -51,6 +53,11 @@ def reason_phrase(status: int) -> bytes:
     """The standard reason phrase of a status code (empty for unknown codes)."""
     return _REASONS.get(status, b"")
 
+
+# Every request header forwarded_headers does something with other than pass it on.
+_REQUEST_SPECIAL = (
+    HOP_BY_HOP | _FORWARDED | _ALWAYS_STRIPPED | {b"x-request-id", b"host", b"content-length"}
+)
 
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:+/=\-]{1,200}$")
 
@@ -108,23 +115,25 @@ def forwarded_headers(
     prior_for: list[bytes] = []
     prior: dict[bytes, bytes] = {}
     for name, value in headers:
-        if name in HOP_BY_HOP or name in named or name in _ALWAYS_STRIPPED:
-            if upgrade and name == b"upgrade":
+        if name in _REQUEST_SPECIAL:  # one set lookup for the common, untouched header
+            if name == b"host":
+                host = value
+            elif name in _FORWARDED:
+                if trust_forwarded:
+                    if name == b"x-forwarded-for":
+                        prior_for.append(value)
+                    else:
+                        prior.setdefault(name, value)
+                        if name == b"forwarded":
+                            out.append((name, value))
+                continue
+            elif upgrade and name == b"upgrade":
                 out.append((name, value))
+                continue
+            elif name != b"content-length" or name in named:
+                continue  # hop-by-hop, always stripped, or x-request-id (set below)
+        elif name in named:
             continue
-        if name in _FORWARDED:
-            if trust_forwarded:
-                if name == b"x-forwarded-for":
-                    prior_for.append(value)
-                else:
-                    prior.setdefault(name, value)
-                    if name == b"forwarded":
-                        out.append((name, value))
-            continue
-        if name == b"x-request-id":
-            continue
-        if name == b"host":
-            host = value
         out.append((name, value))
     client_ip = client.address.encode("ascii")
     out.append((b"x-forwarded-for", b", ".join([*prior_for, client_ip])))
@@ -168,8 +177,21 @@ def response_headers(headers: HeaderSeq, *, switching_protocols: bool = False) -
     Framing (Content-Length / chunked) is redone by our HTTP layer, so Transfer-Encoding goes;
     a 101 keeps Upgrade and says Connection: upgrade.
     """
-    out = strip_hop_by_hop(headers)
-    if any(n == b"transfer-encoding" for n, _ in headers):
+    out: Headers = []
+    named: set[bytes] | None = None
+    chunked = False
+    for name, value in headers:
+        if name in HOP_BY_HOP:
+            if name == b"connection":
+                tokens = {t.strip().lower() for t in value.split(b",")} - _RESPONSE_KEPT
+                named = tokens if named is None else named | tokens
+            elif name == b"transfer-encoding":
+                chunked = True
+            continue
+        out.append((name, value))
+    if named:  # fields the app's Connection header names are hop-by-hop too
+        out = [(n, v) for n, v in out if n not in named]
+    if chunked:
         # The app's body is chunked: a Content-Length beside it is wrong (RFC 9112 §6.3).
         out = [(n, v) for n, v in out if n != b"content-length"]
     if switching_protocols:

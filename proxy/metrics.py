@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import platform
 import ssl
+from bisect import bisect_left
+from collections.abc import Callable
 
 from prometheus_client import (
     CollectorRegistry,
@@ -46,8 +48,39 @@ LATENCY_BUCKETS = (
 HANDSHAKE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 
 
+class _Observed:
+    """Observations of one histogram child since the last flush: plain numbers, no locks."""
+
+    __slots__ = ("buckets", "count", "sum")
+
+    def __init__(self, buckets: int) -> None:
+        self.count = 0
+        self.sum = 0.0
+        self.buckets = [0] * buckets
+
+    def add(self, bounds: tuple[float, ...], value: float) -> None:
+        self.count += 1
+        self.sum += value
+        self.buckets[bisect_left(bounds, value)] += 1
+
+    def flush_into(self, child: Histogram) -> None:
+        # prometheus-client has no public "observe N values at once": add to the child's
+        # bucket and sum values directly (le buckets: bisect_left finds the first bound >= v).
+        for i, n in enumerate(self.buckets):
+            if n:
+                child._buckets[i].inc(n)  # noqa: SLF001
+                self.buckets[i] = 0
+        child._sum.inc(self.sum)  # noqa: SLF001
+        self.count = 0
+        self.sum = 0.0
+
+
 class Metrics:
     """The sidecar's metrics on their own registry (one per server, so tests can run several).
+
+    The data path adds to plain numbers (`down_in += n`, `request_done`); `flush()` moves them
+    into the exported metrics: on every scrape, and every second in a worker process. Gauges of
+    live state (requests in flight, connections, the upstream pool) are read by the flush hooks.
 
     With --workers N each worker writes them to prometheus-client's multiprocess files and the
     supervisor sums them; every gauge says how (livesum: the live workers' values added up)."""
@@ -196,28 +229,72 @@ class Metrics:
             registry=r,
             multiprocess_mode="min",
         )
-        # Children resolved once: the hot path does no label lookups for these.
-        self.bytes_down_in = self.bytes.labels("downstream", "in")
-        self.bytes_down_out = self.bytes.labels("downstream", "out")
-        self.bytes_up_in = self.bytes.labels("upstream", "in")
-        self.bytes_up_out = self.bytes.labels("upstream", "out")
         self.upstream_idle = self.upstream_connections_active.labels("idle")
         self.upstream_busy = self.upstream_connections_active.labels("busy")
-        self._request_children: dict[tuple[bytes, int], tuple[Counter, Histogram]] = {}
+        # The data path's accumulators (see flush).
+        self.down_in = self.down_out = self.up_in = self.up_out = 0
+        self.in_flight = 0
+        self._bytes_children = [
+            self.bytes.labels("downstream", "in"),
+            self.bytes.labels("downstream", "out"),
+            self.bytes.labels("upstream", "in"),
+            self.bytes.labels("upstream", "out"),
+        ]
+        self._buckets = (*LATENCY_BUCKETS, float("inf"))
+        self._requests: dict[tuple[bytes, int], tuple[Counter, Histogram, _Observed]] = {}
+        self._upstream_observed = _Observed(len(self._buckets))
+        self._hooks: list[Callable[[], None]] = []
 
     def request_done(self, method: bytes, code: int, seconds: float) -> None:
-        children = self._request_children.get((method, code))
-        if children is None:
-            name = method.decode("ascii", "replace")
-            label = name if name in METHODS else "OTHER"
-            children = (
+        entry = self._requests.get((method, code))
+        if entry is None:
+            entry = self._request_entry(method, code)
+        observed = entry[2]
+        observed.count += 1
+        observed.sum += seconds
+        observed.buckets[bisect_left(self._buckets, seconds)] += 1
+
+    def _request_entry(
+        self, method: bytes, code: int
+    ) -> tuple[Counter, Histogram, _Observed]:
+        name = method.decode("ascii", "replace")
+        label = name if name in METHODS else "OTHER"
+        if label == "OTHER":
+            method = b"OTHER"  # one entry for every unknown method: a client cannot grow this
+        entry = self._requests.get((method, code))
+        if entry is None:
+            entry = (
                 self.http_requests.labels(label, str(code)),
                 self.http_request_duration.labels(f"{code // 100}xx"),
+                _Observed(len(self._buckets)),
             )
-            if len(self._request_children) < 4096:
-                self._request_children[(method, code)] = children
-        children[0].inc()
-        children[1].observe(seconds)
+            self._requests[(method, code)] = entry
+        return entry
+
+    def upstream_responded(self, seconds: float) -> None:
+        self._upstream_observed.add(self._buckets, seconds)
+
+    def on_flush(self, hook: Callable[[], None]) -> None:
+        """Run `hook` at every flush: it sets gauges from live state."""
+        self._hooks.append(hook)
+
+    def flush(self) -> None:
+        """Move what the data path counted into the exported metrics."""
+        counts = (self.down_in, self.down_out, self.up_in, self.up_out)
+        self.down_in = self.down_out = self.up_in = self.up_out = 0
+        for child, count in zip(self._bytes_children, counts, strict=True):
+            if count:
+                child.inc(count)
+        for counter, histogram, observed in self._requests.values():
+            if observed.count:
+                counter.inc(observed.count)
+                observed.flush_into(histogram)
+        if self._upstream_observed.count:
+            self._upstream_observed.flush_into(self.upstream_response_duration)
+        self.http_requests_in_flight.set(self.in_flight)
+        for hook in self._hooks:
+            hook()
 
     def exposition(self) -> bytes:
+        self.flush()
         return generate_latest(self.registry)

@@ -58,6 +58,7 @@ class ProxyContext:
         self.new_request_id = hdr.RequestIds()
         self.upstream_host = (str(upstream.address) if upstream.address else "localhost").encode()
         self._handshake_children: dict[tuple[str, bool], Counter] = {}
+        metrics.on_flush(lambda: metrics.connections_active.set(len(self.connections)))
         self._all_closed = asyncio.Event()
 
     def handshake_done(self, version: str, resumed: bool) -> None:
@@ -220,10 +221,18 @@ class ProxyServer:
                 await self._admin.close()
             raise bind_error("--listen", config.listen, e) from None
         self.state = "ready"
+        if config.worker_index is not None:
+            self._flush_metrics_every_second()
         reloadable = not (self.tls.self_signed and self.config.client_ca is None)
         if self.config.reload_interval > 0 and reloadable:
             self._watcher = loop.create_task(self._watch_certificates())
         return Bound(_addresses(self._listener.sockets), _addresses(admin_sockets))
+
+    def _flush_metrics_every_second(self) -> None:
+        """A worker's metrics reach the supervisor through files: keep them at most 1 s old."""
+        self.metrics.flush()
+        if self.state != "stopped":
+            self.ctx.loop.call_later(1.0, self._flush_metrics_every_second)
 
     async def readiness(self) -> tuple[bool, str]:
         """Ready only while serving, not draining, and while the app accepts connections."""
@@ -352,6 +361,7 @@ class ProxyServer:
             for connection in list(ctx.connections):
                 connection.abort_all()
         ctx.pool.close_idle()
+        self.metrics.flush()
         self.access_log.flush()
         if self._admin is not None:
             await self._admin.close()

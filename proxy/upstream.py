@@ -17,8 +17,16 @@ from .metrics import Metrics
 log = logging.getLogger("tls_sidecar.upstream")
 
 
+class Corkable(Protocol):
+    def cork(self) -> None: ...
+    def uncork(self) -> None: ...
+
+
 class UpstreamOwner(ResponseSink, Protocol):
     """The exchange an upstream connection currently works for."""
+
+    @property
+    def down(self) -> Corkable: ...
 
     def upstream_lost(self, upstream: UpstreamConnection, exc: Exception | None) -> None: ...
     def upstream_write_paused(self, paused: bool) -> None: ...
@@ -75,7 +83,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        self.pool.metrics.bytes_up_in.inc(len(data))
+        self.pool.metrics.up_in += len(data)
         tunnel = self.tunnel
         if tunnel is not None:
             tunnel.tunnel_data(data)
@@ -85,12 +93,16 @@ class UpstreamConnection(asyncio.Protocol):
             self.abort()  # an idle connection must not talk: its framing is no longer trusted
             return
         self.received_any = True
+        down = owner.down
+        down.cork()
         try:
             self.codec.feed(data, owner)
         except Exception:
             log.exception("unexpected error relaying a response")
             self.abort()
             owner.upstream_lost(self, None)
+        finally:
+            down.uncork()
 
     def eof_received(self) -> bool:
         owner = self.owner
@@ -128,12 +140,12 @@ class UpstreamConnection(asyncio.Protocol):
     # used by the downstream connection --------------------------------------------------------
     def write(self, data: bytes) -> None:
         assert self.transport is not None
-        self.pool.metrics.bytes_up_out.inc(len(data))
+        self.pool.metrics.up_out += len(data)
         self.transport.write(data)
 
     def writelines(self, parts: list[bytes]) -> None:
         assert self.transport is not None
-        self.pool.metrics.bytes_up_out.inc(sum(map(len, parts)))
+        self.pool.metrics.up_out += sum(map(len, parts))
         self.transport.writelines(parts)
 
     def pause_reading(self) -> None:
@@ -171,23 +183,21 @@ class UpstreamPool:
         # Kept, not looked up: get_running_loop() checks the PID (a getpid call) on Python 3.11.
         self.loop = loop
         self.codec_class = codec_class
+        self.counts = {"new": 0, "busy": 0, "idle": 0, "closed": 0}  # connections by state
+        metrics.on_flush(self._export)
         self._idle: collections.deque[UpstreamConnection] = collections.deque()
         self._sweeper: asyncio.TimerHandle | None = None
         self.closing = False
 
     def _set_state(self, up: UpstreamConnection, state: str) -> None:
-        old = up.state
-        if old == state:
-            return
-        if old == "idle":
-            self.metrics.upstream_idle.dec()
-        elif old == "busy":
-            self.metrics.upstream_busy.dec()
-        if state == "idle":
-            self.metrics.upstream_idle.inc()
-        elif state == "busy":
-            self.metrics.upstream_busy.inc()
+        counts = self.counts
+        counts[up.state] -= 1
+        counts[state] += 1
         up.state = state
+
+    def _export(self) -> None:
+        self.metrics.upstream_idle.set(self.counts["idle"])
+        self.metrics.upstream_busy.set(self.counts["busy"])
 
     def take_idle(self) -> UpstreamConnection | None:
         now = self.loop.time()

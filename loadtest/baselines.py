@@ -1,0 +1,217 @@
+"""The floors tls-sidecar is measured against, run in the same benchmark as the proxies.
+
+`python -m loadtest.baselines pipe PORT UPSTREAM_PORT CERT KEY`: a uvloop TLS server that pipes
+each client connection's bytes to its own connection to the upstream and back: the TLS loop
+and the syscalls, no HTTP at all.
+`python -m loadtest.baselines parse ...`: the same, but every request and response is parsed with
+httptools and the request is re-serialized: the least an HTTP-aware proxy does, nothing else
+(no header rewriting, no timeouts, no metrics, no pipelining, no error answers).
+`python -m loadtest.baselines h2 PORT CERT KEY`: a uvloop TLS server speaking HTTP/2 with the h2
+library that answers every stream itself: the ceiling of the h2 library in one process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import sys
+from typing import Any
+
+import uvloop
+
+
+class _Pipe(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.peer: asyncio.Transport | None = None
+        self.transport: asyncio.Transport | None = None
+        self.backlog: list[bytes] = []
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.peer is None:
+            self.backlog.append(data)
+        else:
+            self.peer.write(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.peer is not None:
+            self.peer.close()
+
+
+class _ClientSide(_Pipe):
+    def __init__(self, upstream_port: int) -> None:
+        super().__init__()
+        self.upstream_port = upstream_port
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        asyncio.get_running_loop().create_task(self._connect())
+
+    async def _connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        _, up = await loop.create_connection(_Pipe, "127.0.0.1", self.upstream_port)
+        up.peer = self.transport
+        self.peer = up.transport
+        assert self.peer is not None
+        for data in self.backlog:
+            self.peer.write(data)
+
+
+class _ParsingClientSide(asyncio.Protocol):
+    """Parse requests with httptools, send them on, parse responses, send them back."""
+
+    def __init__(self, upstream_port: int) -> None:
+        import httptools  # noqa: PLC0415
+
+        self.upstream_port = upstream_port
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: Any = None
+        self.up: _ParsingUpstream | None = None
+        self.pending: list[bytes] = []
+        self.url = b""
+        self.headers: list[bytes] = []
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        asyncio.get_running_loop().create_task(self._connect())
+
+    async def _connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        _, up = await loop.create_connection(
+            lambda: _ParsingUpstream(self.transport), "127.0.0.1", self.upstream_port
+        )
+        self.up = up
+        for data in self.pending:
+            up.transport.write(data)
+
+    def data_received(self, data: bytes) -> None:
+        self.parser.feed_data(data)
+
+    def on_url(self, url: bytes) -> None:
+        self.url = url
+        self.headers = []
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers += (name, b": ", value, b"\r\n")
+
+    def on_headers_complete(self) -> None:
+        head = b"".join(
+            [self.parser.get_method(), b" ", self.url, b" HTTP/1.1\r\n", *self.headers, b"\r\n"]
+        )
+        if self.up is None:
+            self.pending.append(head)
+        else:
+            self.up.transport.write(head)
+
+    def on_body(self, body: bytes) -> None:
+        if self.up is None:
+            self.pending.append(body)
+        else:
+            self.up.transport.write(body)
+
+
+class _ParsingUpstream(asyncio.Protocol):
+    def __init__(self, client: Any) -> None:
+        import httptools  # noqa: PLC0415
+
+        self.client = client
+        self.parser = httptools.HttpResponseParser(self)
+        self.transport: Any = None
+        self.headers: list[bytes] = []
+        self.out: list[bytes] = []
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.parser.feed_data(data)
+        if self.out:
+            self.client.write(b"".join(self.out))
+            self.out = []
+
+    def on_message_begin(self) -> None:
+        self.headers = []
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers += (name, b": ", value, b"\r\n")
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        self.out += (b"HTTP/1.1 %d OK\r\n" % status, *self.headers, b"\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        self.out.append(body)
+
+
+class _H2Responder(asyncio.Protocol):
+    """Answers every HTTP/2 stream with a fixed 6-byte body, as fast as the h2 library allows."""
+
+    def __init__(self) -> None:
+        import h2.config  # noqa: PLC0415
+        import h2.connection  # noqa: PLC0415
+
+        self.conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=False, header_encoding=None)
+        )
+        self.transport: Any = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self.conn.initiate_connection()
+        transport.write(self.conn.data_to_send())
+
+    def data_received(self, data: bytes) -> None:
+        import h2.events  # noqa: PLC0415
+
+        conn = self.conn
+        for event in conn.receive_data(data):
+            if isinstance(event, h2.events.RequestReceived):
+                conn.send_headers(
+                    event.stream_id,
+                    [(b":status", b"200"), (b"content-length", b"6")],
+                )
+                conn.send_data(event.stream_id, b"hello\n", end_stream=True)
+            elif isinstance(event, h2.events.DataReceived):
+                conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        out = conn.data_to_send()
+        if out:
+            self.transport.write(out)
+
+
+async def _serve(kind: str, argv: list[str]) -> None:
+    loop = asyncio.get_running_loop()
+    port = int(argv[0])
+    rest = argv[1:]
+    factory: Any
+    if kind == "h2":
+        cert, key = rest
+        factory = _H2Responder
+        alpn = ["h2"]
+    else:
+        upstream_port, cert, key = int(rest[0]), rest[1], rest[2]
+        alpn = ["http/1.1"]
+
+        def factory() -> asyncio.Protocol:
+            if kind == "pipe":
+                return _ClientSide(upstream_port)
+            return _ParsingClientSide(upstream_port)
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    context.set_alpn_protocols(alpn)
+    server = await loop.create_server(factory, "127.0.0.1", port, ssl=context, backlog=1024)
+    async with server:
+        await server.serve_forever()
+
+
+def main() -> None:
+    kind, *argv = sys.argv[1:]
+    if kind not in ("pipe", "parse", "h2"):
+        sys.exit("usage: python -m loadtest.baselines pipe|parse|h2 PORT [UPSTREAM_PORT] CERT KEY")
+    uvloop.run(_serve(kind, argv))
+
+
+if __name__ == "__main__":
+    main()
