@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import shlex
 import sys
@@ -340,6 +341,9 @@ async def serve_proxy(config: Config, on_ready: Callable[[Bound], None] | None =
     server.install_signals()
 
     def ready(bound: Bound) -> None:
+        # What start-up built (modules, certificates, the registry) lives as long as the
+        # process: keep it out of every later garbage collection, which would scan it all.
+        gc.freeze()
         _announce(config, server, bound)
         if on_ready:
             on_ready(bound)

@@ -16,6 +16,14 @@ from .request import RequestHead
 
 CODECS = ("httptools", "h11")
 
+# The methods llhttp parses itself; for any other token (RFC 9110 §9.1 allows extensions) the
+# httptools codec gives llhttp a stand-in and hands on the real one.
+LLHTTP_METHODS = frozenset(
+    b"DELETE GET HEAD POST PUT CONNECT OPTIONS TRACE COPY LOCK MKCOL MOVE PROPFIND PROPPATCH "
+    b"SEARCH UNLOCK BIND REBIND UNBIND ACL REPORT MKACTIVITY CHECKOUT MERGE M-SEARCH NOTIFY "
+    b"SUBSCRIBE UNSUBSCRIBE PATCH PURGE MKCALENDAR LINK UNLINK SOURCE QUERY PRI".split()
+)
+
 
 class RequestSink(Protocol):
     """The downstream connection: what a server codec delivers, one request at a time."""

@@ -5,6 +5,7 @@ h11 frames both directions itself; events it built from bytes it parsed are re-s
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import h11
@@ -14,6 +15,16 @@ from .headers import Headers, reason_phrase
 from .request import BadRequest, read_head
 
 _MAX_CHUNK = 0xFFFF_FFFF_FFFF_FFFF  # llhttp's bound; h11 reads up to 20 hex digits
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+# Control characters other than HTAB (and the CRLFs between lines): llhttp refuses them in a head,
+# h11 takes anything but NUL and whitespace in a field value.
+_CTL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)")
+
+
+def _head_part(raw: bytes) -> bytes:
+    """The head at the start of `raw` (through its blank line, in either line-ending style)."""
+    ends = [i for i in (raw.find(b"\n\n"), raw.find(b"\n\r\n")) if i >= 0]
+    return raw[: min(ends) + 1] if ends else raw
 
 
 def _bad(error: h11.RemoteProtocolError) -> BadRequest:
@@ -27,7 +38,14 @@ def _bad(error: h11.RemoteProtocolError) -> BadRequest:
 class H11Server:
     """The server side of one client connection (see codec.ServerCodec)."""
 
-    __slots__ = ("_closed_input", "_conn", "_keep_alive", "_stopped", "paused", "sink")
+    __slots__ = (
+        "_closed_input",
+        "_conn",
+        "_keep_alive",
+        "_stopped",
+        "paused",
+        "sink",
+    )
 
     def __init__(self, sink: RequestSink, max_header_bytes: int) -> None:
         self.sink = sink
@@ -48,6 +66,8 @@ class H11Server:
         conn = self._conn
         sink = self.sink
         while not self.paused and not self._stopped:
+            # The bytes of a head about to be parsed, for the checks h11 does not make.
+            pending = bytes(conn.trailing_data[0]) if conn.their_state is h11.IDLE else b""
             try:
                 event: Any = conn.next_event()
             except h11.RemoteProtocolError as e:
@@ -60,6 +80,13 @@ class H11Server:
             elif event is h11.NEED_DATA or event is h11.PAUSED:
                 return
             elif kind is h11.Request:
+                raw_head = _head_part(pending)
+                if _BARE_LF.search(raw_head):
+                    # RFC 9112 §2.2 lets a recipient accept a bare LF; llhttp does not, and
+                    # where the codecs would differ the proxy refuses.
+                    raise BadRequest(400, "bad_request", "line ending without CR in the head")
+                if _CTL.search(raw_head):
+                    raise BadRequest(400, "bad_request", "control character in the head")
                 head = read_head(
                     event.method, event.target, event.http_version, list(event.headers)
                 )

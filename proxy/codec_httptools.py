@@ -1,26 +1,20 @@
 """HTTP/1.1 on llhttp through httptools (the parser of Node.js and uvicorn): the default codec.
 
-llhttp parses; we write. Content-Length bodies that span reads skip the parser: they are counted
-and handed on as they arrived, and a fresh parser takes over after them.
+llhttp parses (with none of its leniencies on); we write. Content-Length bodies skip the parser:
+they are counted and handed on as they arrived.
 """
 
 from __future__ import annotations
 
 import re
-from collections import deque
 from typing import Any
 
 from httptools import HttpRequestParser, HttpResponseParser
-from httptools.parser.errors import (
-    HttpParserCallbackError,
-    HttpParserError,
-    HttpParserInvalidMethodError,
-    HttpParserUpgrade,
-)
+from httptools.parser.errors import HttpParserCallbackError, HttpParserError, HttpParserUpgrade
 
-from .codec import RequestSink, ResponseSink
+from .codec import LLHTTP_METHODS, RequestSink, ResponseSink
 from .headers import Headers, reason_phrase
-from .request import BadRequest, RequestHead, read_head
+from .request import BadRequest, read_head
 
 _STATUS_LINES = {code: b"HTTP/1.1 %d " % code for code in range(100, 600)}
 _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
@@ -28,8 +22,8 @@ _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
 
 # Response framing towards the client.
 _NONE, _LENGTH, _CHUNKED, _CLOSE = range(4)
-# Queued request events while a pipelined request waits for the current response.
-_HEAD, _DATA, _END = range(3)
+# What the server codec expects next from the client.
+_HEAD, _LENGTH_BODY, _CHUNKED_BODY = range(3)
 
 
 class _Stop(Exception):
@@ -48,44 +42,39 @@ def chunk(data: bytes) -> list[bytes]:
     return [b"%x\r\n" % len(data), data, b"\r\n"]
 
 
-def _request_parser(owner: Any) -> HttpRequestParser:
-    parser = HttpRequestParser(owner)
-    # llhttp refuses bytes that follow a request saying `Connection: close`; RFC 9112 §9.6 says
-    # to answer that request and ignore the rest (uvicorn does the same). We stop feeding after
-    # such a request anyway. Every other leniency stays off.
-    parser.set_dangerous_leniencies(lenient_data_after_close=True)
-    return parser
-
-
 def _parse_error(error: HttpParserError) -> BadRequest:
     message = str(error) or "malformed request"
-    if "version" in message.lower():
+    if message == "Invalid HTTP version":
         return BadRequest(505, "version_not_supported", f"{message}: only HTTP/1.0 and HTTP/1.1")
     return BadRequest(400, "bad_request", message)
 
 
 class HttptoolsServer:
-    """The server side of one client connection (see codec.ServerCodec)."""
+    """The server side of one client connection (see codec.ServerCodec).
+
+    The codec finds each message's bounds itself and gives llhttp one message at a time: the
+    head whole (located by its blank line, so its raw bytes can be checked and its size is
+    exact), a chunked body in slices that end at line ends (a message can only end at one),
+    and never a Content-Length body, which is counted and handed on as it arrived. Whatever
+    follows a message waits in `_pending` until the connection asks for the next one: that is
+    pipelining, data after `Connection: close` (dropped), and the bytes after an upgrade.
+    """
 
     __slots__ = (
-        "_body_left",
-        "_bypass",
         "_closed_input",
         "_headers",
-        "_in_head",
         "_keep_alive",
-        "_leftover",
+        "_left",
         "_max_head",
         "_method",
         "_method_override",
         "_mode",
         "_parser",
-        "_partial",
-        "_queue",
+        "_pending",
         "_responding",
         "_size",
+        "_state",
         "_stopped",
-        "_upgrade_pending",
         "_url",
         "_version",
         "paused",
@@ -96,22 +85,18 @@ class HttptoolsServer:
         self.sink = sink
         self.paused = False
         self._max_head = max_header_bytes
-        self._parser = _request_parser(self)
-        self._queue: deque[tuple[int, Any]] = deque()
+        self._parser = HttpRequestParser(self)
+        self._pending = b""  # bytes not taken yet: a partial head, or what waits behind a request
+        self._state = _HEAD
+        self._left = 0  # Content-Length body bytes still to come
         self._stopped = False
         self._closed_input = False
-        self._upgrade_pending = False
-        self._leftover = b""
-        self._in_head = True
-        self._partial = 0
-        self._size = 0
         self._url = b""
         self._headers: Headers = []
-        self._body_left = 0
-        self._bypass = False
+        self._size = 0
+        self._method_override: bytes | None = None
         self._keep_alive = True
         self._method = b""
-        self._method_override: bytes | None = None
         self._version = b"1.1"
         self._mode = _LENGTH
         self._responding = False
@@ -120,27 +105,95 @@ class HttptoolsServer:
     def feed(self, data: bytes) -> None:
         if self._closed_input or self._stopped:
             return
-        if self._upgrade_pending:
-            self._leftover += data
+        if self.paused:
+            self._pending += data  # behind the current request; the connection stops reading
             return
-        if self._bypass:
-            data = self._bypass_body(data)
-            if not data:
+        if self._pending:
+            data, self._pending = self._pending + data, b""
+        self._take(data)
+
+    def resume(self) -> None:
+        if self._pending and not self.paused and not self._stopped:
+            data, self._pending = self._pending, b""
+            self._take(data)
+
+    def take_leftover(self) -> bytes:
+        self._closed_input = True  # from now on the bytes belong to the tunnel
+        leftover, self._pending = self._pending, b""
+        return leftover
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._pending = b""
+
+    def _take(self, data: bytes) -> None:
+        pos = 0
+        end = len(data)
+        while pos < end:
+            if self._stopped or self._closed_input:
                 return
-        at_boundary = self._in_head and not self._partial
-        if self._in_head:
-            self._partial += len(data)
+            if self.paused:
+                self._pending = data[pos:]
+                return
+            state = self._state
+            if state == _HEAD:
+                pos = self._take_head(data, pos)
+            elif state == _LENGTH_BODY:
+                take = min(self._left, end - pos)
+                piece = data if take == end else data[pos : pos + take]
+                pos += take
+                self._left -= take
+                if not self._left:
+                    self._parser = HttpRequestParser(self)  # it saw the head, not the body
+                    self._state = _HEAD
+                self.sink.on_request_data(piece)
+                if not self._left and not self._stopped:
+                    self._message_complete()
+            else:
+                pos = self._take_chunked(data, pos)
+
+    def _take_head(self, data: bytes, pos: int) -> int:
+        blank = data.find(b"\r\n\r\n", pos)
+        head = data[pos:] if blank < 0 else data[pos : blank + 4]
+        if len(head) > self._max_head:
+            raise BadRequest(431, "header_too_large", f"request head over {self._max_head} bytes")
+        if head.count(b"\n") != head.count(b"\r\n"):
+            raise BadRequest(400, "bad_request", "line ending without CR in the head")
+        if blank < 0:
+            self._pending = head  # the rest of the head is still to come
+            return len(data)
+        line = head[: head.find(b"\r\n")]
+        if line.count(b" ") != 2:
+            raise BadRequest(400, "bad_request", "malformed request line")
+        method = line[: line.find(b" ")]
+        if method not in LLHTTP_METHODS:
+            # llhttp knows a fixed list of methods; RFC 9110 §9.1 allows any token (h11, nginx
+            # and Envoy take them): llhttp parses a stand-in, and the real one is handed on.
+            if not _TOKEN.fullmatch(method):
+                raise BadRequest(400, "bad_request", "malformed method")
+            self._method_override = method
+            head = b"GET" + head[len(method) :]
+        self._size = len(head)
+        self._execute(head)
+        return blank + 4
+
+    def _take_chunked(self, data: bytes, pos: int) -> int:
+        view = memoryview(data)
+        end = len(data)
+        while pos < end and self._state == _CHUNKED_BODY and not self._stopped:
+            newline = data.find(b"\n", pos)
+            stop = end if newline < 0 else newline + 1
+            self._execute(view[pos:stop])
+            pos = stop
+        return pos
+
+    def _execute(self, data: bytes | memoryview) -> None:
         try:
             self._parser.feed_data(data)
-        except HttpParserInvalidMethodError as e:
-            retry = self._extension_method(data) if at_boundary else None
-            if retry is None:
-                raise _parse_error(e) from None
-            self._partial = 0
-            self.feed(retry)
-            return
-        except HttpParserUpgrade as e:
-            self._upgraded(data[e.args[0] :])
+        except HttpParserUpgrade:
+            # llhttp stops after an upgrade request's head, and skips a body it declares;
+            # the body (Content-Length) is taken as any other, and what follows waits.
+            self._parser = HttpRequestParser(self)
         except HttpParserCallbackError as e:
             context = e.__context__
             if isinstance(context, _Stop):
@@ -150,75 +203,17 @@ class HttptoolsServer:
             raise _parse_error(e) from None
         except HttpParserError as e:
             raise _parse_error(e) from None
-        if self._in_head:
-            if self._partial > self._max_head:
-                raise BadRequest(
-                    431, "header_too_large", f"request head over {self._max_head} bytes"
-                )
-        elif self._body_left > 0 and not self.paused and not self._queue and not self._stopped:
-            self._bypass = True  # the rest of this Content-Length body skips the parser
-
-    def _extension_method(self, data: bytes) -> bytes | None:
-        """llhttp knows a fixed list of methods; RFC 9110 §9.1 allows any token (h11, nginx and
-        Envoy take them). For a request that starts this read, parse it with a stand-in method
-        and hand over the real one. (Behind a pipelined request in the same read it stays 400.)"""
-        method, space, rest = data.partition(b" ")
-        if not space or not _TOKEN.fullmatch(method):
-            return None
-        self._parser = _request_parser(self)
-        self._method_override = method
-        return b"GET " + rest
-
-    def _bypass_body(self, data: bytes) -> bytes:
-        """Relay a Content-Length body as it arrives; return what follows it."""
-        left = self._body_left
-        if len(data) < left:
-            self._body_left = left - len(data)
-            self.sink.on_request_data(data)
-            return b""
-        body, rest = (data, b"") if len(data) == left else (data[:left], data[left:])
-        self._body_left = 0
-        self._bypass = False
-        self._parser = _request_parser(self)
-        self.sink.on_request_data(body)
-        if not self._stopped:
-            self._message_complete()
-        return b"" if self._closed_input or self._stopped else rest
-
-    def _upgraded(self, rest: bytes) -> None:
-        # llhttp stops after an upgrade request's head and skips a body it declares.
-        self._parser = _request_parser(self)
-        if self._bypass:
-            rest = self._bypass_body(rest)
-        if self._stopped or self._closed_input:
-            return
-        self._upgrade_pending = True
-        self._leftover += rest
-
-    def stop(self) -> None:
-        self._stopped = True
-        self._queue.clear()
 
     # llhttp callbacks (found by name by httptools)
     def on_message_begin(self) -> None:
-        if self._stopped:
-            raise _Stop
         self._url = b""
         self._headers = []
-        self._size = 0
-        self._in_head = True
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        self._size += len(url)
-        if self._size > self._max_head:
-            raise BadRequest(431, "header_too_large", f"request head over {self._max_head} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name.lower(), value))
-        self._size += len(name) + len(value) + 4
-        if self._size > self._max_head:
-            raise BadRequest(431, "header_too_large", f"request head over {self._max_head} bytes")
 
     def on_headers_complete(self) -> None:
         parser = self._parser
@@ -226,40 +221,29 @@ class HttptoolsServer:
         if version is None:
             raise BadRequest(505, "version_not_supported", "only HTTP/1.0 and HTTP/1.1")
         method, self._method_override = self._method_override or parser.get_method(), None
-        head = read_head(method, self._url, version, self._headers)
-        self._in_head = False
-        self._body_left = head.content_length or 0
-        if self.paused or self._queue:
-            self._queue.append((_HEAD, head))
-            return
-        self._begin(head)
+        # the size as read_head measures it (method, target, names and values + 4 each)
+        head = read_head(method, self._url, version, self._headers, self._size - 15)
+        self._keep_alive = head.keep_alive
+        self._method = method
+        self._version = version
+        if head.chunked:
+            self._state = _CHUNKED_BODY
+        elif head.content_length:
+            self._state = _LENGTH_BODY
+            self._left = head.content_length
+        self.sink.on_request_head(head)
         if self._stopped:
             raise _Stop
 
-    def _begin(self, head: RequestHead) -> None:
-        self._keep_alive = head.keep_alive
-        self._method = head.method
-        self._version = head.version
-        self.sink.on_request_head(head)
-
     def on_body(self, data: bytes) -> None:
-        self._body_left -= len(data)
-        if self.paused or self._queue:
-            self._queue.append((_DATA, data))
-            return
         self.sink.on_request_data(data)
         if self._stopped:
             raise _Stop
 
     def on_message_complete(self) -> None:
-        self._in_head = True
-        self._partial = 0
-        if self._body_left > 0:  # an upgrade request's body, which llhttp skipped
-            self._bypass = True
-            return
-        if self.paused or self._queue:
-            self._queue.append((_END, None))
-            return
+        if self._state == _LENGTH_BODY:
+            return  # an upgrade request's body, which llhttp skipped: taken by _take
+        self._state = _HEAD
         self._message_complete()
         if self._stopped:
             raise _Stop
@@ -269,32 +253,6 @@ class HttptoolsServer:
             self._closed_input = True  # RFC 9112 §9.6: what follows `close` is ignored
         self.paused = True  # set first: the sink may finish the exchange and resume at once
         self.sink.on_request_end()
-
-    def resume(self) -> None:
-        """Deliver what waited behind the finished request (pipelined requests, their bodies)."""
-        queue = self._queue
-        while queue and not self.paused and not self._stopped:
-            kind, value = queue.popleft()
-            if kind == _HEAD:
-                self._begin(value)
-            elif kind == _DATA:
-                self.sink.on_request_data(value)
-            else:
-                self._message_complete()
-        if not queue and not self.paused and not self._stopped:
-            if self._body_left > 0 and not self._in_head:
-                self._bypass = True
-            if self._upgrade_pending:
-                self._upgrade_pending = False
-                leftover, self._leftover = self._leftover, b""
-                if leftover:
-                    self.feed(leftover)
-
-    def take_leftover(self) -> bytes:
-        self._upgrade_pending = False
-        self._closed_input = True  # from now on the bytes belong to the tunnel
-        leftover, self._leftover = self._leftover, b""
-        return leftover
 
     # --- output ---------------------------------------------------------------------------------
     def response_head(

@@ -109,7 +109,12 @@ class Exchange:
         self.session = session
         self.head = head
         self.started = time.perf_counter()
-        self.request_id = hdr.request_id_for(head.headers, ctx.new_request_id)
+        client_id = head.request_id
+        self.request_id = (
+            client_id
+            if client_id is not None and hdr.valid_request_id(client_id)
+            else ctx.new_request_id()
+        )
         self.request: UpstreamRequest | None = None
         self.upstream: UpstreamConnection | None = None
         self.connect_task: asyncio.Task[None] | None = None
@@ -218,7 +223,7 @@ class Exchange:
         config = self.ctx.config
         if self.request_complete:
             self.down.arm("upstream", config.upstream_timeout)
-        else:
+        elif self.head.has_body:  # a bodiless request's end follows at once and arms upstream
             self.down.arm("request_body", config.idle_timeout)
 
     def request_data(self, data: bytes) -> None:
@@ -256,10 +261,10 @@ class Exchange:
         self.response_started = True
         self.upstream_duration = time.perf_counter() - self.sent_at
         self.ctx.metrics.upstream_responded(self.upstream_duration)
+        # Sending pushes the downstream's deadline: the upstream phase now times the body.
         self.down.send_head(
             status, reason or hdr.reason_phrase(status), hdr.response_headers(headers), length
         )
-        self.down.arm("upstream", self.ctx.config.upstream_timeout)
 
     def response_data(self, data: bytes) -> None:
         self.bytes_out += len(data)

@@ -137,6 +137,10 @@ class Http1Connection(ClientConnection):
         if self._corked is None:
             self._corked = []
 
+    def close(self) -> None:
+        self.uncork()  # a response gathered before the close goes out first
+        super().close()
+
     def uncork(self) -> None:
         parts, self._corked = self._corked, None
         if parts and not self.closed:
@@ -149,6 +153,7 @@ class Http1Connection(ClientConnection):
             self.write(data)
 
     def send_head(self, status: int, reason: bytes, headers: Headers, length: int | None) -> None:
+        self._phase_since = self.loop.time()
         if self.ctx.draining:
             headers.append((b"connection", b"close"))
         self._send(self.codec.response_head(status, reason, headers, length))
@@ -199,13 +204,15 @@ class Http1Connection(ClientConnection):
     def exchange_done(self, exchange: Exchange) -> None:
         self.exchange = None
         # A pooled connection no longer reports to us: its backpressure hold ends with it.
-        self.release(HOLD_UPSTREAM_FULL)
+        if self._holds:
+            self.release(HOLD_UPSTREAM_FULL)
         if self.ctx.draining or not self.codec.next_cycle():
             self.close()
             return
         self._received_since_idle = False
         self.arm("idle", self.ctx.config.idle_timeout)
-        self.release(HOLD_PIPELINE)
+        if self._holds:
+            self.release(HOLD_PIPELINE)
         self.codec.resume()  # a pipelined request may already be buffered
 
     def timed_out(self, phase: str) -> None:

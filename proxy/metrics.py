@@ -68,9 +68,9 @@ class _Observed:
         # bucket and sum values directly (le buckets: bisect_left finds the first bound >= v).
         for i, n in enumerate(self.buckets):
             if n:
-                child._buckets[i].inc(n)  # noqa: SLF001
+                child._buckets[i].inc(n)
                 self.buckets[i] = 0
-        child._sum.inc(self.sum)  # noqa: SLF001
+        child._sum.inc(self.sum)
         self.count = 0
         self.sum = 0.0
 
@@ -254,9 +254,7 @@ class Metrics:
         observed.sum += seconds
         observed.buckets[bisect_left(self._buckets, seconds)] += 1
 
-    def _request_entry(
-        self, method: bytes, code: int
-    ) -> tuple[Counter, Histogram, _Observed]:
+    def _request_entry(self, method: bytes, code: int) -> tuple[Counter, Histogram, _Observed]:
         name = method.decode("ascii", "replace")
         label = name if name in METHODS else "OTHER"
         if label == "OTHER":

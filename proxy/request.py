@@ -17,6 +17,11 @@ from .headers import ClientInfo, Headers
 NEVER_UPGRADED = frozenset({b"h2c"})
 
 
+_VERSIONS = frozenset({b"1.1", b"1.0", b"2"})
+# The headers read_head looks at; every other one costs one set lookup.
+_FRAMING = frozenset({b"content-length", b"transfer-encoding", b"host", b"connection", b"upgrade"})
+
+
 class BadRequest(Exception):
     """The request cannot be trusted or served; `status` and `reason` say how it is answered."""
 
@@ -38,26 +43,39 @@ class RequestHead:
     chunked: bool
     keep_alive: bool  # the client did not ask to close after this request
     upgrade: bytes | None  # the Upgrade header when Connection names it (HTTP/1.1 only)
+    request_id: bytes | None = None  # the client's X-Request-Id, unchecked
+    connection: bool = False  # a Connection header is present (it may name more to drop)
+    size: int = 0  # bytes of the head as received (method, target, headers)
 
     @property
     def has_body(self) -> bool:
         return self.chunked or bool(self.content_length)
 
 
-def read_head(method: bytes, target: bytes, version: bytes, headers: Headers) -> RequestHead:
+def read_head(
+    method: bytes, target: bytes, version: bytes, headers: Headers, size: int = -1
+) -> RequestHead:
     """One pass over the headers: framing, Host and keep-alive, the same for every codec.
 
     Refuses what parsers disagree on or let through (RFC 9112 §6.3): Content-Length together
     with Transfer-Encoding, repeated or non-numeric Content-Length, a transfer coding other than
     chunked, a missing or repeated Host on HTTP/1.1, and a chunked upgrade request (llhttp would
     take its body for the new protocol's bytes)."""
+    if version not in _VERSIONS:
+        raise BadRequest(505, "version_not_supported", "only HTTP/1.0, HTTP/1.1 and HTTP/2")
     length: bytes | None = None
     te: bytes | None = None
     hosts = 0
     close = version == b"1.0"
     upgrade: bytes | None = None
     connection_upgrade = False
+    connection = False
+    request_id: bytes | None = None
     for name, value in headers:
+        if name not in _FRAMING:
+            if name == b"x-request-id" and request_id is None:
+                request_id = value
+            continue
         if name == b"content-length":
             if length is not None:
                 raise BadRequest(400, "bad_request", "more than one Content-Length")
@@ -69,6 +87,7 @@ def read_head(method: bytes, target: bytes, version: bytes, headers: Headers) ->
         elif name == b"host":
             hosts += 1
         elif name == b"connection":
+            connection = True
             for raw in value.lower().split(b","):
                 token = raw.strip()
                 if token == b"close":
@@ -95,8 +114,20 @@ def read_head(method: bytes, target: bytes, version: bytes, headers: Headers) ->
         upgrade = None
     elif upgrade is not None and te is not None:
         raise BadRequest(400, "bad_request", "an upgrade request cannot have a chunked body")
+    if size < 0:
+        size = len(method) + len(target) + sum(len(n) + len(v) + 4 for n, v in headers)
     return RequestHead(
-        method, target, version, headers, content_length, te is not None, not close, upgrade
+        method,
+        target,
+        version,
+        headers,
+        content_length,
+        te is not None,
+        not close,
+        upgrade,
+        request_id,
+        connection,
+        size,
     )
 
 
@@ -151,9 +182,14 @@ def upstream_request(
             target, bad_target = b"", "asterisk-form is only for OPTIONS"
         elif target != b"*" and target:
             target, bad_target = b"", "authority-form is only for CONNECT"
-    upgrade = allowed_upgrade(head, allowed_upgrades)
+    upgrade = head.upgrade is not None and allowed_upgrade(head, allowed_upgrades)
     out = hdr.forwarded_headers(
-        names, client, trust_forwarded=trust_forwarded, request_id=request_id, upgrade=upgrade
+        names,
+        client,
+        trust_forwarded=trust_forwarded,
+        request_id=request_id,
+        upgrade=upgrade,
+        connection=head.connection,
     )
     if head.chunked:
         out.append((b"transfer-encoding", b"chunked"))
@@ -162,10 +198,7 @@ def upstream_request(
     if head.version != b"1.1" and not hdr.has_header(names, b"host"):
         out.insert(0, (b"host", upstream_host))
     # The parsers cap a head that arrives in pieces; one that arrived whole is measured here.
-    head_size = (
-        len(head.method) + len(head.target) + 12 + sum(len(n) + len(v) + 4 for n, v in names)
-    )
-    if head_size > max_header_bytes:
+    if head.size + 12 > max_header_bytes:
         return BadRequest(431, "header_too_large", f"request head over {max_header_bytes} bytes")
     if head.version not in (b"1.1", b"1.0", b"2"):
         return BadRequest(505, "version_not_supported", "only HTTP/1.0, HTTP/1.1 and HTTP/2")

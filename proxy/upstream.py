@@ -57,6 +57,7 @@ class UpstreamConnection(asyncio.Protocol):
         "codec",
         "idle_since",
         "owner",
+        "paused",
         "pool",
         "received_any",
         "reused",
@@ -76,6 +77,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.idle_since = 0.0
         self.state = "new"  # new -> busy <-> idle -> closed
         self.received_any = False
+        self.paused = False
 
     # asyncio.Protocol callbacks ------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -150,10 +152,12 @@ class UpstreamConnection(asyncio.Protocol):
 
     def pause_reading(self) -> None:
         if self.transport is not None and not self.closed:
+            self.paused = True
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
         if self.transport is not None and not self.closed:
+            self.paused = False
             self.transport.resume_reading()
 
     def abort(self) -> None:
@@ -253,11 +257,13 @@ class UpstreamPool:
             self.close(up)
             return
         up.codec.next_cycle()
-        up.resume_reading()  # an idle connection must notice when the app closes it
+        if up.paused:
+            up.resume_reading()  # an idle connection must notice when the app closes it
         up.idle_since = self.loop.time()
         self._set_state(up, "idle")
         self._idle.append(up)
-        self._schedule_sweep()
+        if self._sweeper is None:
+            self._schedule_sweep()
 
     def close(self, up: UpstreamConnection) -> None:
         up.owner = None

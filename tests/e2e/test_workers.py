@@ -63,8 +63,11 @@ def test_requests_spread_over_workers_and_metrics_add_up(
         )
     )
     assert {r["worker"] for r in records} == {0, 1}, "SO_REUSEPORT spread the connections"
-    assert proxy.metric("tls_sidecar_http_requests_total", 'code="200"') >= 60, (
-        "the supervisor sums the workers"
+    # Workers hand their counts over every second; the supervisor sums them.
+    wait_for(
+        lambda: proxy.metric("tls_sidecar_http_requests_total", 'code="200"') >= 60,
+        timeout=5,
+        what="the supervisor's sum of the workers' requests",
     )
     assert proxy.metric("tls_sidecar_workers") == 2
     assert proxy.admin_get("/readyz")[0] == 200
