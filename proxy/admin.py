@@ -67,6 +67,8 @@ class AdminServer:
                     status, content_type, body = await self._answer(event)
                     writer.write(self._response(conn, event, status, content_type, body))
                     await writer.drain()
+                    if conn.our_state is h11.MUST_CLOSE:
+                        break  # the client said Connection: close (or spoke HTTP/1.0)
                 elif event is None and conn.our_state is conn.their_state is h11.DONE:
                     conn.start_next_cycle()  # keep-alive: Prometheus reuses its connection
                 else:

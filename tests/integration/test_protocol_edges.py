@@ -1,0 +1,145 @@
+"""Protocol edge cases an outside probe found, as raw bytes over TLS, with both codecs.
+
+Each test sends what the probe sent and asserts what the app saw and what the client saw."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ProxyFactory
+from tests.support.proxy import DevCerts, ProxyProcess, RawClient, https, serve_args, tls_socket
+from tests.support.upstream import UpstreamApp
+
+
+@pytest.fixture(scope="module")
+def app() -> Iterator[UpstreamApp]:
+    application = UpstreamApp().start()
+    yield application
+    application.stop()
+
+
+@pytest.fixture(scope="module")
+def edge(start_proxy: ProxyFactory, app: UpstreamApp) -> ProxyProcess:
+    return start_proxy(app.base, "--header-timeout", "5s")
+
+
+def read_all(sock: ssl.SSLSocket, timeout: float = 10) -> bytes:
+    """Everything the proxy sends until it closes (a test that hangs here found a bug)."""
+    sock.settimeout(timeout)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except (ConnectionResetError, ssl.SSLError):
+        pass
+    return data
+
+
+@pytest.mark.parametrize(
+    "size",
+    [
+        b"ffffffffffffffffff5",  # 19 hex digits: 2^76 and more
+        b"10000000000000000",  # 17 digits: 2^64, one past the largest size
+        b"00000010000000000000000",  # the same with leading zeros
+    ],
+)
+def test_chunk_size_beyond_64_bits_is_400_and_never_completes(
+    edge: ProxyProcess, app: UpstreamApp, ca: Path, size: bytes
+) -> None:
+    before = app.count()
+    with tls_socket(edge.port, ca) as sock:
+        sock.sendall(
+            b"POST /echo/overflow HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + size
+            + b"\r\nhello\r\n0\r\n\r\n"
+        )
+        answer = read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:80]
+    assert b"connection: close" in answer.lower()
+    assert app.count() == before, "the app never saw a complete request"
+
+
+def test_bytes_after_connection_close_are_ignored(
+    edge: ProxyProcess, app: UpstreamApp, ca: Path
+) -> None:
+    before, after = app.count("/echo/before-close"), app.count("/echo/after-close")
+    with tls_socket(edge.port, ca) as sock:
+        sock.sendall(
+            b"GET /echo/before-close HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            b"GET /echo/after-close HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        answer = read_all(sock)  # returns only because the proxy closes
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:80]
+    assert answer.count(b"HTTP/1.1 ") == 1, "one answer, then close"
+    assert b"connection: close" in answer.lower()
+    assert app.count("/echo/before-close") == before + 1
+    assert app.count("/echo/after-close") == after, "what followed close was never forwarded"
+
+
+def test_h2c_upgrade_is_stripped_and_served_as_http11(
+    edge: ProxyProcess, app: UpstreamApp, ca: Path
+) -> None:
+    with tls_socket(edge.port, ca) as sock:
+        sock.sendall(
+            b"GET /echo/h2c HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\n"
+            b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n"
+            b"Connection: Upgrade, HTTP2-Settings\r\n\r\n"
+        )
+        response = RawClient(sock).read_response()
+    assert response is not None and response.status == 200, "answered as plain HTTP/1.1"
+    seen = next(r for r in reversed(app.requests) if r.path == "/echo/h2c")
+    names = {n for n, _ in seen.headers}
+    assert not names & {"upgrade", "http2-settings", "connection"}, seen.headers
+
+
+def test_an_upgrade_off_the_allow_list_is_stripped(
+    edge: ProxyProcess, app: UpstreamApp, ca: Path
+) -> None:
+    with tls_socket(edge.port, ca) as sock:
+        sock.sendall(
+            b"GET /echo/foo-up HTTP/1.1\r\nHost: x\r\nUpgrade: foo/1\r\nConnection: upgrade\r\n\r\n"
+        )
+        response = RawClient(sock).read_response()
+    assert response is not None and response.status == 200
+    seen = next(r for r in reversed(app.requests) if r.path == "/echo/foo-up")
+    assert seen.header("upgrade") is None
+
+
+def test_an_allowed_upgrade_reaches_the_app(
+    start_proxy: ProxyFactory, app: UpstreamApp, ca: Path
+) -> None:
+    proxy = start_proxy(app.base, "--upgrade", "websocket", "--upgrade", "foo")
+    with tls_socket(proxy.port, ca) as sock:
+        sock.sendall(
+            b"GET /echo/foo-allowed HTTP/1.1\r\nHost: x\r\nUpgrade: foo\r\nConnection: upgrade\r\n\r\n"
+        )
+        response = RawClient(sock).read_response()
+    assert response is not None and response.status == 200  # the echo app declines it
+    seen = next(r for r in reversed(app.requests) if r.path == "/echo/foo-allowed")
+    assert seen.header("upgrade") == "foo"
+    assert seen.header("connection") == "upgrade"
+    assert https(proxy, ca, path="/echo/after-upgrade")[0] == 200
+
+
+def test_h2c_cannot_be_allowed(dev_certs: DevCerts) -> None:
+    proc = ProxyProcess(serve_args("http://127.0.0.1:9", dev_certs, "--upgrade", "h2c"))
+    proc.start(expect_ready=False)
+    assert proc.wait(20) == 2
+    errors = [line for line in proc.stderr_lines if line.strip()]
+    assert len(errors) == 1 and "--upgrade h2c" in errors[0], errors
+
+
+def test_admin_closes_after_answering_connection_close(edge: ProxyProcess) -> None:
+    with socket.create_connection(("127.0.0.1", edge.admin_port), timeout=10) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        sock.settimeout(5)
+        data = b""
+        while chunk := sock.recv(4096):  # EOF, not the 30 s admin idle timeout
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200 ") and data.endswith(b"ok\n")
+    assert b"connection: close" in data.lower()
