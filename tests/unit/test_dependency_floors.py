@@ -19,7 +19,7 @@ def release(text: str) -> tuple[int, ...]:
 
 def floors() -> dict[str, str]:
     """The rows of SECURITY.md's "Dependency floors" table."""
-    section = SECURITY.read_text().split("### Dependency floors", 1)[1]
+    section = SECURITY.read_text().split("### Dependency floors", 1)[1].split("\n## ", 1)[0]
     return dict(re.findall(r"^\| `([\w-]+)` \| ([\d.]+) \|", section, re.MULTILINE))
 
 
