@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import importlib
 import logging
 import shlex
 import sys
@@ -16,9 +17,7 @@ import click
 import uvloop
 
 from . import __version__
-from . import inject as injection
 from . import log as logs
-from .certs_cli import certs_group, ensure_dev_certificates
 from .config import (
     Config,
     ConfigError,
@@ -30,9 +29,8 @@ from .config import (
     readable_dir,
     readable_file,
 )
-from .demo import start_demo_app
 from .identity import AccessPolicy
-from .inject import DEFAULT_IMAGE, DEFAULT_SECRET, InjectOptions
+from .inject import DEFAULT_IMAGE, DEFAULT_SECRET, InjectOptions, inject
 from .server import Bound, ProxyServer
 from .workers import Supervisor, check_workers, die_with_parent
 
@@ -351,7 +349,25 @@ async def serve_proxy(config: Config, on_ready: Callable[[Bound], None] | None =
     await server.serve_until_stopped(ready)
 
 
-@click.group(context_settings=CONTEXT)
+class LazyGroup(click.Group):
+    """Loads a subcommand's module only when it runs (click's documented pattern): `serve`
+    does not pay for `certs`' cryptography in memory."""
+
+    lazy = {"certs": ("proxy.certs_cli", "certs_group")}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.lazy])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy:
+            module, attr = self.lazy[cmd_name]
+            command = getattr(importlib.import_module(module), attr)
+            assert isinstance(command, click.Command)
+            return command
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=LazyGroup, context_settings=CONTEXT)
 @click.version_option(__version__, "--version", prog_name="tls-sidecar")
 def cli() -> None:
     """tls-sidecar: terminate TLS in front of an app and forward plain HTTP/1.1 to it.
@@ -411,6 +427,9 @@ def serve(**opts: Any) -> None:
 )
 def demo(app_listen: str, listen: str, admin_listen: str, certs_dir: Path) -> None:
     """Run a demo app and the proxy in front of it, with a development certificate."""
+    from .certs_cli import ensure_dev_certificates  # noqa: PLC0415
+    from .demo import start_demo_app  # noqa: PLC0415
+
     app = parse_address(app_listen, option="--app-listen")
     files = ensure_dev_certificates(certs_dir)
     base = Config(
@@ -479,10 +498,7 @@ def inject_command(
     """Add tls-sidecar to the workloads in Kubernetes YAML (FILES or stdin) and print the result."""
     options = InjectOptions(image=image, secret=secret, native=native, upstream_port=upstream_port)
     sources: list[Any] = list(files) if files else [sys.stdin]
-    click.echo(injection.inject("---\n".join(f.read() for f in sources), options), nl=False)
-
-
-cli.add_command(certs_group)
+    click.echo(inject("---\n".join(f.read() for f in sources), options), nl=False)
 
 
 def _fail(message: str) -> NoReturn:

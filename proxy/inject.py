@@ -11,8 +11,6 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
 from . import __version__
 from .config import ConfigError
 
@@ -169,6 +167,8 @@ def split_documents(text: str) -> list[str]:
 
 
 def inject(text: str, options: InjectOptions) -> str:
+    import yaml  # noqa: PLC0415  (loaded by `inject` only, not by `serve`)
+
     out: list[str] = []
     for number, part in enumerate(split_documents(text), start=1):
         try:

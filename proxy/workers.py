@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from . import __version__
 from .admin import AdminServer
@@ -70,6 +69,10 @@ class _WorkerMetrics:
     """The workers' metrics summed (prometheus-client multiprocess mode), minus supervisor-owned."""
 
     def __init__(self, directory: str) -> None:
+        # Imported here: only a supervisor reads the workers' files (a worker or a single
+        # process never loads the multiprocess collector).
+        from prometheus_client.multiprocess import MultiProcessCollector  # noqa: PLC0415
+
         self._collector = MultiProcessCollector(None, path=directory)
 
     def collect(self) -> Iterator[object]:
@@ -185,6 +188,8 @@ class Supervisor:
             code = worker.proc.poll()
             if code is None:
                 continue
+            from prometheus_client.multiprocess import mark_process_dead  # noqa: PLC0415
+
             mark_process_dead(worker.proc.pid, self._multiproc)
             if self.state == "ready":
                 log.error(
