@@ -1,4 +1,5 @@
-"""`python -m loadtest`: tls-sidecar against nginx (TLS proxy, 1 worker) and the app directly."""
+"""`python -m loadtest`: tls-sidecar (both codecs) against nginx, HAProxy and Caddy as TLS
+proxies (one worker or thread each), floors that do only the unavoidable work, and the app."""
 
 from __future__ import annotations
 
@@ -12,11 +13,41 @@ from typing import Any
 
 import click
 
-from .harness import Bench, MissingTool
+from .harness import Bench, MissingTool, Target
 from .report import markdown_table, plot
 from .scenarios import FULL, SCENARIOS, SMOKE, Budget
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+ANCHORS = ("nginx", "haproxy", "caddy")
+OURS = ("tls-sidecar h11", "tls-sidecar")
+# Who runs in each scenario. Floors: `pipe` (TLS and byte relay only), `parse` (plus httptools
+# both ways); the parse floor does not close on Connection: close, so it sits out S2.
+PLAN = {
+    "S1": (*ANCHORS, "pipe floor", "parse floor", *OURS, "direct"),
+    "S2": (*ANCHORS, "pipe floor", *OURS),
+    "S2full": (*ANCHORS, "pipe floor", *OURS),
+    "S3": (*ANCHORS, "pipe floor", "parse floor", *OURS, "direct"),
+    "S4": ("nginx", "tls-sidecar", "direct"),
+    "S5": (*ANCHORS, "tls-sidecar"),
+    "S6": (*ANCHORS, *OURS, "direct"),
+}
+
+
+def start(bench: Bench, who: str, upstream: Target, resumption: bool) -> Target | None:
+    """Start one target; None when its program is not installed (it is left out)."""
+    if who == "direct":
+        return upstream
+    if who == "nginx":
+        return bench.start_nginx_proxy(upstream, resumption=resumption)
+    if who == "haproxy":
+        return bench.start_haproxy(upstream, resumption=resumption) if bench.haproxy else None
+    if who == "caddy":
+        return bench.start_caddy(upstream, resumption=resumption) if bench.caddy else None
+    if who.endswith("floor"):
+        return bench.start_baseline(who.split(maxsplit=1)[0], upstream)
+    http = "h11" if who.endswith("h11") else "httptools"
+    return bench.start_proxy(upstream, resumption=resumption, http=http)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -66,19 +97,20 @@ def main(
         for name in names:
             title, run = SCENARIOS[name]
             resumption = name != "S2full"
-            proxy = bench.start_proxy(upstream, resumption=resumption)
-            nginx = bench.start_nginx_proxy(upstream, resumption=resumption)
             row: dict[str, Any] = {"title": title}
-            targets = [proxy, nginx] + ([upstream] if name in ("S1", "S3", "S4", "S6") else [])
-            for target in targets:
+            for who in PLAN[name]:
+                target = start(bench, who, upstream, resumption)
+                if target is None:
+                    continue
                 click.echo(f"[{name}] {title}: {target.name} ...", nl=False)
                 row[target.name] = run(bench, target, budget)
                 click.echo(f" {_brief(row[target.name])}")
+                if target is not upstream and target.proc is not None:
+                    code = bench.stop(target.proc)
+                    if who in OURS:
+                        # a clean drain after load: exit 0 at once, nothing left behind
+                        results["proxy_exit_codes"].append(code)
             results["scenarios"][name] = row
-            assert proxy.proc is not None and nginx.proc is not None
-            # a clean drain after load: exit 0 at once, nothing left in the connection registry
-            results["proxy_exit_codes"].append(bench.stop(proxy.proc))
-            bench.stop(nginx.proc)
     finally:
         bench.close()
         shutil.rmtree(work, ignore_errors=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -22,11 +23,16 @@ from typing import Any
 from proxy import certs
 
 REPO = Path(__file__).resolve().parents[1]
-APT_HINT = "apt-get install -y nghttp2-client nginx"
+APT_HINT = "apt-get install -y nghttp2-client nginx haproxy caddy"
 
 
 class MissingTool(Exception):
     pass
+
+
+def optional_tool(name: str, fallback: str) -> str | None:
+    path = shutil.which(name) or fallback
+    return path if os.path.exists(path) else None
 
 
 def require_tools() -> tuple[str, str]:
@@ -130,6 +136,9 @@ class Bench:
 
     def __init__(self, work: Path, *, pin: bool, progress: Callable[[str], None]) -> None:
         self.h2load_bin, self.nginx = require_tools()
+        # Extra anchors: measured when installed, left out of the table when not.
+        self.haproxy = optional_tool("haproxy", "/usr/sbin/haproxy")
+        self.caddy = optional_tool("caddy", "/usr/bin/caddy")
         self.work = work
         self.pin = pin and (os.cpu_count() or 1) >= 2
         self.progress = progress
@@ -141,10 +150,16 @@ class Bench:
     def _cmd(self, core: int, argv: list[str]) -> list[str]:
         return ["taskset", "-c", str(core), *argv] if self.pin and shutil.which("taskset") else argv
 
-    def _spawn(self, argv: list[str], core: int, log_name: str) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, argv: list[str], core: int, log_name: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         log = (self.work / log_name).open("wb")
         proc = subprocess.Popen(
-            self._cmd(core, argv), stdout=log, stderr=subprocess.STDOUT, cwd=REPO
+            self._cmd(core, argv),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env={**os.environ, **env} if env else None,
         )
         self.procs.append(proc)
         return proc
@@ -213,7 +228,9 @@ http {{
         wait_port(port, proc)
         return Target("direct", f"http://127.0.0.1:{port}", proc.pid, proc)
 
-    def start_proxy(self, upstream: Target, *, resumption: bool = True) -> Target:
+    def start_proxy(
+        self, upstream: Target, *, resumption: bool = True, http: str = "httptools"
+    ) -> Target:
         port, admin = free_port(), free_port()
         argv = [
             sys.executable,
@@ -233,12 +250,114 @@ http {{
             "--no-access-log",
             "--max-body-bytes",
             "unlimited",
+            "--http",
+            http,
         ]
         if not resumption:
             argv.append("--no-tls-session-resumption")
-        proc = self._spawn(argv, 0, "proxy.log")
+        proc = self._spawn(argv, 0, f"proxy-{http}.log")
         wait_port(port, proc)
-        return Target("tls-sidecar", f"https://127.0.0.1:{port}", proc.pid, proc)
+        name = "tls-sidecar" if http == "httptools" else f"tls-sidecar {http}"
+        return Target(name, f"https://127.0.0.1:{port}", proc.pid, proc)
+
+    def start_haproxy(self, upstream: Target, *, resumption: bool = True) -> Target:
+        """HAProxy as a TLS-terminating HTTP proxy, one thread, keep-alive to the upstream."""
+        assert self.haproxy is not None
+        port = free_port()
+        pem = self.work / "haproxy.pem"
+        pem.write_bytes(self.cert.read_bytes() + self.key.read_bytes())
+        pem.chmod(0o600)
+        conf = self.work / f"haproxy-{port}.cfg"
+        tickets = "" if resumption else " no-tls-tickets"
+        cache = "" if resumption else "  tune.ssl.cachesize 0\n"
+        conf.write_text(
+            f"""global
+  nbthread 1
+  maxconn 8000
+{cache}defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  http-reuse always
+frontend tls
+  bind 127.0.0.1:{port} ssl crt {pem} alpn http/1.1{tickets}
+  default_backend app
+backend app
+  server app {upstream.url.removeprefix("http://")}
+"""
+        )
+        proc = self._spawn([self.haproxy, "-db", "-f", str(conf)], 0, f"haproxy-{port}.log")
+        wait_port(port, proc)
+        return Target("haproxy", f"https://127.0.0.1:{port}", proc.pid, proc)
+
+    def start_caddy(self, upstream: Target, *, resumption: bool = True) -> Target:
+        """Caddy's reverse_proxy with GOMAXPROCS=1, HTTP/1.1 only, the same certificate."""
+        assert self.caddy is not None
+        port = free_port()
+        conf = self.work / f"caddy-{port}.json"
+        conf.write_text(
+            json.dumps(
+                {
+                    "admin": {"disabled": True},
+                    "logging": {"logs": {"default": {"level": "ERROR"}}},
+                    "storage": {"module": "file_system", "root": str(self.work / "caddy")},
+                    "apps": {
+                        "http": {
+                            "servers": {
+                                "proxy": {
+                                    "listen": [f"127.0.0.1:{port}"],
+                                    "protocols": ["h1"],
+                                    "automatic_https": {"disable": True},
+                                    "tls_connection_policies": [
+                                        {"certificate_selection": {"any_tag": ["bench"]}}
+                                    ],
+                                    "routes": [
+                                        {
+                                            "handle": [
+                                                {
+                                                    "handler": "reverse_proxy",
+                                                    "upstreams": [
+                                                        {
+                                                            "dial": upstream.url.removeprefix(
+                                                                "http://"
+                                                            )
+                                                        }
+                                                    ],
+                                                }
+                                            ]
+                                        }
+                                    ],
+                                }
+                            }
+                        },
+                        "tls": {
+                            "certificates": {
+                                "load_files": [
+                                    {
+                                        "certificate": str(self.cert),
+                                        "key": str(self.key),
+                                        "tags": ["bench"],
+                                    }
+                                ]
+                            },
+                            "session_tickets": {"disabled": not resumption},
+                        },
+                    },
+                }
+            )
+        )
+        env = {
+            "GOMAXPROCS": "1",
+            "HOME": str(self.work),
+            "XDG_DATA_HOME": str(self.work / "caddy"),
+            "XDG_CONFIG_HOME": str(self.work / "caddy"),
+        }
+        proc = self._spawn(
+            [self.caddy, "run", "--config", str(conf)], 0, f"caddy-{port}.log", env=env
+        )
+        wait_port(port, proc)
+        return Target("caddy", f"https://127.0.0.1:{port}", proc.pid, proc)
 
     def start_baseline(self, kind: str, upstream: Target | None = None) -> Target:
         """A floor from loadtest.baselines: `pipe`, `parse` (both in front of upstream) or `h2`."""

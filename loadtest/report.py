@@ -6,15 +6,26 @@ import math
 from pathlib import Path
 from typing import Any
 
-# scenario -> (metric, target ratio to nginx) for throughput scenarios
+# scenario -> (metric, target ratio of tls-sidecar to nginx) for throughput scenarios
 THROUGHPUT = {
-    "S1": ("req_s", 0.30),
-    "S2": ("req_s", 0.80),
+    "S1": ("req_s", 0.40),
+    "S2": ("req_s", 0.30),
     "S2full": ("req_s", 0.80),
-    "S3": ("mb_s", 0.85),
-    "S6": ("req_s", 0.80),
+    "S3": ("mb_s", 1.0),
+    "S6": ("req_s", 1.0),
 }
-S4_ADDED_P99_MS = 1.0
+S4_ADDED_P99_MS = 0.5
+# Columns, in this order, for whoever ran.
+COLUMNS = (
+    "direct",
+    "nginx",
+    "haproxy",
+    "caddy",
+    "pipe floor",
+    "parse floor",
+    "tls-sidecar h11",
+    "tls-sidecar",
+)
 S5_REST_MIB = 40.0
 S5_PER_CONNECTION_KIB = 40.0
 
@@ -57,18 +68,24 @@ def verdicts(results: dict[str, Any]) -> dict[str, tuple[float, float, bool]]:
 
 
 def markdown_table(results: dict[str, Any]) -> str:
+    scenarios = results["scenarios"]
+    present = [c for c in COLUMNS if any(c in row for row in scenarios.values())]
     lines = [
         f"tls-sidecar load test, {results['time']}"
         + (" (smoke: figures mean nothing)" if results["smoke"] else "")
         + f"; upstream: {results['upstream']}; pinned to cores: {results['pinned']}",
         "",
-        "| scenario | metric | direct | nginx | tls-sidecar | tls-sidecar / nginx | target | met |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| scenario | metric | " + " | ".join(present) + " | tls-sidecar / nginx | target | met |",
+        "| --- | --- | " + " | ".join("---" for _ in present) + " | --- | --- | --- |",
     ]
     judged = verdicts(results)
-    for name, row in results["scenarios"].items():
+
+    def cells(row: dict[str, Any], key: str) -> str:
+        return " | ".join(_fmt(row.get(c, {}).get(key)) for c in present)
+
+    for name, row in scenarios.items():
         title = row["title"]
-        ours, nginx, direct = row["tls-sidecar"], row["nginx"], row.get("direct", {})
+        ours, nginx = row["tls-sidecar"], row["nginx"]
         if name == "S5":
             for metric, key, unit in (
                 ("RSS at rest", "rss_at_rest_mib", "MiB"),
@@ -77,7 +94,7 @@ def markdown_table(results: dict[str, Any]) -> str:
                 verdict = judged["S5 rest" if key.startswith("rss") else "S5 per conn"]
                 ratio = ours[key] / nginx[key] if nginx[key] else float("nan")
                 lines.append(
-                    f"| {name} {title} | {metric} ({unit}) | - | {_fmt(nginx[key])} | {_fmt(ours[key])} | "
+                    f"| {name} {title} | {metric} ({unit}) | {cells(row, key)} | "
                     f"{_ratio(ratio)} | <= {verdict[1]:g} {unit} | {'yes' if verdict[2] else 'no'} |"
                 )
             continue
@@ -93,16 +110,20 @@ def markdown_table(results: dict[str, Any]) -> str:
                 target = f"+{S4_ADDED_P99_MS:g} ms over direct (measured +{judged['S4'][0]:.2f} ms)"
                 met = "yes" if judged["S4"][2] else "no"
             lines.append(
-                f"| {name} {title} | {label} | {_fmt(direct.get(key))} | {_fmt(nginx.get(key))} | "
-                f"{_fmt(ours.get(key))} | {_ratio(ratio)} | {target} | {met} |"
+                f"| {name} {title} | {label} | {cells(row, key)} | {_ratio(ratio)} | {target} | {met} |"
             )
     failed = sum(
         r.get("failed", 0)
-        for row in results["scenarios"].values()
+        for row in scenarios.values()
         for r in row.values()
         if isinstance(r, dict)
     )
-    lines += ["", f"failed requests across all runs: {failed}"]
+    codes = results.get("proxy_exit_codes", [])
+    lines += [
+        "",
+        f"failed requests across all runs: {failed}; tls-sidecar exit codes after each run: "
+        + (", ".join(map(str, codes)) or "-"),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -118,24 +139,35 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
     scenarios = results["scenarios"]
     names = [n for n in THROUGHPUT if n in scenarios]
     if names:
-        fig, ax = plt.subplots(figsize=(8, 4))
-        ratios = [
-            scenarios[n]["tls-sidecar"][THROUGHPUT[n][0]] / scenarios[n]["nginx"][THROUGHPUT[n][0]]
-            for n in names
-        ]
-        ax.bar(names, ratios, color="#3b7dd8", label="tls-sidecar / nginx")
+        fig, ax = plt.subplots(figsize=(10, 4.5))
+        others = [c for c in COLUMNS[2:] if any(c in scenarios[n] for n in names)]
+        width = 0.8 / max(len(others), 1)
+        for i, who in enumerate(others):
+            ratios = [
+                scenarios[n][who][THROUGHPUT[n][0]] / scenarios[n]["nginx"][THROUGHPUT[n][0]]
+                if who in scenarios[n]
+                else 0.0
+                for n in names
+            ]
+            ax.bar(
+                [k - 0.4 + width * (i + 0.5) for k in range(len(names))],
+                ratios,
+                width=width,
+                label=who,
+            )
+        ax.set_xticks(range(len(names)), names)
         ax.scatter(
             names,
             [THROUGHPUT[n][1] for n in names],
             color="#d83b3b",
             marker="_",
             s=800,
-            label="target",
+            label="tls-sidecar target",
             zorder=3,
         )
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set_ylabel("throughput relative to nginx (1 worker each)")
-        ax.set_title("tls-sidecar throughput vs nginx, same run")
+        ax.set_title("throughput relative to nginx, same run")
         ax.legend()
         path = out / "throughput.png"
         fig.tight_layout()
@@ -147,15 +179,15 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
         fig, axes = plt.subplots(1, len(latency), figsize=(5 * len(latency), 4), squeeze=False)
         for ax, name in zip(axes[0], latency, strict=True):
             row = scenarios[name]
-            who = [w for w in ("direct", "nginx", "tls-sidecar") if w in row]
+            shown = [w for w in COLUMNS if w in row]
             for offset, key in ((-0.2, "p50_ms"), (0.2, "p99_ms")):
                 ax.bar(
-                    [i + offset for i in range(len(who))],
-                    [row[w][key] for w in who],
+                    [i + offset for i in range(len(shown))],
+                    [row[w][key] for w in shown],
                     width=0.4,
                     label=key,
                 )
-            ax.set_xticks(range(len(who)), who)
+            ax.set_xticks(range(len(shown)), shown, rotation=30, fontsize=7)
             ax.set_ylabel("latency (ms)")
             ax.set_title(f"{name}: {row['title']}", fontsize=9)
             ax.legend()
