@@ -69,10 +69,8 @@ class ServerCodec(Protocol):
         is already under way (then only closing is left)."""
 
     def next_cycle(self) -> bool:
-        """After a response: True when the connection may serve another request."""
-
-    def resume(self) -> None:
-        """After next_cycle: deliver a request that waited behind the last one."""
+        """After a response: False when the connection must close; else it goes on, and a
+        request that waited behind the last one is delivered now."""
 
     def take_leftover(self) -> bytes:
         """Bytes received after an upgrade request: the new protocol's, for the tunnel."""
@@ -88,8 +86,10 @@ class ClientCodec(Protocol):
     def request_end(self) -> bytes: ...
     def feed(self, data: bytes, sink: ResponseSink) -> None: ...
     def feed_eof(self, sink: ResponseSink) -> None: ...
-    def reusable(self) -> bool: ...
-    def next_cycle(self) -> None: ...
+    def recycle(self) -> bool:
+        """After a response: True, and ready for the next request, when the connection can
+        carry another."""
+
     def take_leftover(self) -> bytes: ...
 
 

@@ -110,10 +110,6 @@ class H11Server:
     def stop(self) -> None:
         self._stopped = True
 
-    def resume(self) -> None:
-        if not self.paused and not self._stopped:
-            self._events()
-
     def take_leftover(self) -> bytes:
         self._closed_input = True  # from now on the bytes belong to the tunnel
         return bytes(self._conn.trailing_data[0])
@@ -163,6 +159,7 @@ class H11Server:
             return False
         conn.start_next_cycle()
         self.paused = False
+        self._events()  # a request that waited behind the last one
         return True
 
 
@@ -219,12 +216,12 @@ class H11Client:
     def feed_eof(self, sink: ResponseSink) -> None:
         self.feed(b"", sink)
 
-    def reusable(self) -> bool:
+    def recycle(self) -> bool:
         conn = self._conn
-        return conn.our_state is h11.DONE and conn.their_state is h11.DONE
-
-    def next_cycle(self) -> None:
-        self._conn.start_next_cycle()
+        if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+            return False
+        conn.start_next_cycle()
+        return True
 
     def take_leftover(self) -> bytes:
         return bytes(self._conn.trailing_data[0])

@@ -112,11 +112,6 @@ class HttptoolsServer:
             data, self._pending = self._pending + data, b""
         self._take(data)
 
-    def resume(self) -> None:
-        if self._pending and not self.paused and not self._stopped:
-            data, self._pending = self._pending, b""
-            self._take(data)
-
     def take_leftover(self) -> bytes:
         self._closed_input = True  # from now on the bytes belong to the tunnel
         leftover, self._pending = self._pending, b""
@@ -174,6 +169,8 @@ class HttptoolsServer:
             self._method_override = method
             head = b"GET" + head[len(method) :]
         self._size = len(head)
+        self._url = b""
+        self._headers = []
         self._execute(head)
         return blank + 4
 
@@ -204,11 +201,7 @@ class HttptoolsServer:
         except HttpParserError as e:
             raise _parse_error(e) from None
 
-    # llhttp callbacks (found by name by httptools)
-    def on_message_begin(self) -> None:
-        self._url = b""
-        self._headers = []
-
+    # llhttp callbacks (found by name by httptools; a missing one costs nothing per message)
     def on_url(self, url: bytes) -> None:
         self._url += url
 
@@ -308,6 +301,9 @@ class HttptoolsServer:
             return False
         self.paused = False
         self._responding = False
+        if self._pending:
+            data, self._pending = self._pending, b""
+            self._take(data)
         return True
 
 
@@ -423,15 +419,6 @@ class HttptoolsClient:
             self._complete()
 
     # llhttp callbacks
-    def on_message_begin(self) -> None:
-        if self._done:  # bytes after a whole response: the app is not speaking HTTP with us
-            self._keep_alive = False
-            raise _Stop
-        self._headers = []
-        self._reason = b""
-        self._length = None
-        self._te = False
-
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
 
@@ -444,6 +431,9 @@ class HttptoolsClient:
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        if self._done:  # bytes after a whole response: the app is not speaking HTTP with us
+            self._keep_alive = False
+            raise _Stop
         parser = self._parser
         status = parser.get_status_code()
         if status < 200:
@@ -452,6 +442,8 @@ class HttptoolsClient:
             else:
                 self._informational = True
                 self._sink.response_informational(status, self._reason, self._headers)
+                self._headers = []
+                self._reason = b""
             return
         length = int(self._length) if self._length is not None and not self._te else None
         no_body = self._head_request or status in (204, 304)
@@ -482,14 +474,14 @@ class HttptoolsClient:
         self._in_body = False
         self._sink.response_end()
 
-    def reusable(self) -> bool:
-        return self._done and self._request_done and self._keep_alive and not self._until_close
-
-    def next_cycle(self) -> None:
+    def recycle(self) -> bool:
+        if not (self._done and self._request_done and self._keep_alive) or self._until_close:
+            return False
         if self._stale:
             self._parser = HttpResponseParser(self)
             self._stale = False
         self._reset()
+        return True
 
     def take_leftover(self) -> bytes:
         leftover, self._leftover = self._leftover, b""

@@ -205,15 +205,14 @@ class Http1Connection(ClientConnection):
         self.exchange = None
         # A pooled connection no longer reports to us: its backpressure hold ends with it.
         if self._holds:
-            self.release(HOLD_UPSTREAM_FULL)
-        if self.ctx.draining or not self.codec.next_cycle():
+            self.release(HOLD_UPSTREAM_FULL | HOLD_PIPELINE)
+        if self.ctx.draining:
             self.close()
             return
         self._received_since_idle = False
         self.arm("idle", self.ctx.config.idle_timeout)
-        if self._holds:
-            self.release(HOLD_PIPELINE)
-        self.codec.resume()  # a pipelined request may already be buffered
+        if not self.codec.next_cycle():  # which delivers a pipelined request at once
+            self.close()
 
     def timed_out(self, phase: str) -> None:
         exchange = self.exchange

@@ -205,7 +205,7 @@ def response_headers(headers: HeaderSeq, *, switching_protocols: bool = False) -
     chunked = False
     for name, value in headers:
         if name in HOP_BY_HOP:
-            if name == b"connection":
+            if name == b"connection" and value.lower() not in _RESPONSE_KEPT:
                 tokens = {t.strip().lower() for t in value.split(b",")} - _RESPONSE_KEPT
                 named = tokens if named is None else named | tokens
             elif name == b"transfer-encoding":

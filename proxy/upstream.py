@@ -167,10 +167,6 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.abort()
         self.pool.forget(self)
 
-    @property
-    def reusable(self) -> bool:
-        return not self.closed and self.tunnel is None and self.codec.reusable()
-
 
 class UpstreamPool:
     """Idle keep-alive connections to the app: bounded, most recent first, expired when old."""
@@ -214,7 +210,10 @@ class UpstreamPool:
                 continue
             up.reused = True
             up.received_any = False
-            self._set_state(up, "busy")
+            counts = self.counts
+            counts["idle"] -= 1
+            counts["busy"] += 1
+            up.state = "busy"
             return up
         return None
 
@@ -253,14 +252,22 @@ class UpstreamPool:
     def release(self, up: UpstreamConnection) -> None:
         """Return a finished connection to the pool, or close it if it cannot serve again."""
         up.owner = None
-        if not up.reusable or self.closing or len(self._idle) >= self.config.upstream_max_idle:
+        if (
+            up.closed
+            or up.tunnel is not None
+            or self.closing
+            or len(self._idle) >= self.config.upstream_max_idle
+            or not up.codec.recycle()
+        ):
             self.close(up)
             return
-        up.codec.next_cycle()
         if up.paused:
             up.resume_reading()  # an idle connection must notice when the app closes it
         up.idle_since = self.loop.time()
-        self._set_state(up, "idle")
+        counts = self.counts
+        counts[up.state] -= 1
+        counts["idle"] += 1
+        up.state = "idle"
         self._idle.append(up)
         if self._sweeper is None:
             self._schedule_sweep()

@@ -70,8 +70,7 @@ class Recorder:
         codec = self.codec
         codec.response_head(204, b"No Content", [], None)
         codec.response_end()
-        if codec.next_cycle():
-            codec.resume()
+        codec.next_cycle()
 
 
 def run(
