@@ -71,16 +71,19 @@ class Http1Connection(ClientConnection):
             self.tunnel.write(data)
             return
         codec = self.codec
+        starting = False
         if self.exchange is None:
             if not self._received_since_idle:
-                self._received_since_idle = True
-                self.arm("header", self.ctx.config.header_timeout)
+                self._received_since_idle = starting = True
         elif codec.paused:
             self.hold(HOLD_PIPELINE)  # a pipelined request: parsed after the current response
         elif self._phase == "request_body":
             self._phase_since = self.loop.time()
         try:
             codec.feed(data)
+            if starting and self.exchange is None and not self.closed:
+                # The head did not come whole in this read: it now has --header-timeout.
+                self.arm("header", self.ctx.config.header_timeout)
         except BadRequest as e:
             self._refuse(e)
         except Exception:
