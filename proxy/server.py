@@ -328,13 +328,13 @@ class ProxyServer:
         return True
 
     async def _watch_certificates(self) -> None:
-        """Poll the files' content; a change (a `..data` swap included) triggers a reload."""
-        loop = asyncio.get_running_loop()
+        """Poll the files; a change (a `..data` swap included) triggers a reload. The poll runs
+        on the loop (a few `stat` calls): no thread wakes while nothing changes."""
         interval = self.config.reload_interval
         while True:
             await asyncio.sleep(interval)
             try:
-                changed = await loop.run_in_executor(None, self.tls.changed)
+                changed = self.tls.changed()
             except OSError:
                 continue
             if changed:
