@@ -16,15 +16,18 @@ from .request import BadRequest, read_head
 
 _MAX_CHUNK = 0xFFFF_FFFF_FFFF_FFFF  # llhttp's bound; h11 reads up to 20 hex digits
 _BARE_LF = re.compile(rb"(?<!\r)\n")
+# h11 merges repeated or listed identical Content-Lengths ("5, 5") before we see them.
+_RAW_LENGTH = re.compile(rb"(?im)^content-length[ \t]*:[ \t]*([^\r\n]*?)[ \t]*\r?$")
 # Control characters other than HTAB (and the CRLFs between lines): llhttp refuses them in a head,
 # h11 takes anything but NUL and whitespace in a field value.
 _CTL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)")
 
 
 def _head_part(raw: bytes) -> bytes:
-    """The head at the start of `raw` (through its blank line, in either line-ending style)."""
-    ends = [i for i in (raw.find(b"\n\n"), raw.find(b"\n\r\n")) if i >= 0]
-    return raw[: min(ends) + 1] if ends else raw
+    """The head at the start of `raw`, its terminating blank line included (either style)."""
+    ends = [i + 2 for i in (raw.find(b"\n\n"),) if i >= 0]
+    ends += [i + 3 for i in (raw.find(b"\n\r\n"),) if i >= 0]
+    return raw[: min(ends)] if ends else raw
 
 
 def _bad(error: h11.RemoteProtocolError) -> BadRequest:
@@ -87,6 +90,12 @@ class H11Server:
                     raise BadRequest(400, "bad_request", "line ending without CR in the head")
                 if _CTL.search(raw_head):
                     raise BadRequest(400, "bad_request", "control character in the head")
+                lengths = _RAW_LENGTH.findall(raw_head)
+                if len(lengths) > 1 or (lengths and not lengths[0].isdigit()):
+                    raise BadRequest(400, "bad_request", "Content-Length is not one number")
+                if b"\n " in raw_head or b"\n\t" in raw_head:
+                    # obs-fold: RFC 9112 §5.2 lets a server refuse it; llhttp does, h11 unfolds.
+                    raise BadRequest(400, "bad_request", "obsolete line folding in the head")
                 head = read_head(
                     event.method, event.target, event.http_version, list(event.headers)
                 )

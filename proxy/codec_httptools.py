@@ -22,6 +22,8 @@ _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
 
 # Response framing towards the client.
 _NONE, _LENGTH, _CHUNKED, _CLOSE = range(4)
+_MAX_CHUNK_DIGITS = 20
+_CARRY = 4096
 # What the server codec expects next from the client.
 _HEAD, _LENGTH_BODY, _CHUNKED_BODY = range(3)
 
@@ -61,10 +63,12 @@ class HttptoolsServer:
     """
 
     __slots__ = (
+        "_carry",
         "_closed_input",
         "_headers",
         "_keep_alive",
         "_left",
+        "_line",
         "_max_head",
         "_method",
         "_method_override",
@@ -89,6 +93,8 @@ class HttptoolsServer:
         self._pending = b""  # bytes not taken yet: a partial head, or what waits behind a request
         self._state = _HEAD
         self._left = 0  # Content-Length body bytes still to come
+        self._line: tuple[bytes, int, int] = (b"", 0, 0)  # the chunked-body slice being parsed
+        self._carry = b""  # the start of a chunked-body line that goes on in the next read
         self._stopped = False
         self._closed_input = False
         self._url = b""
@@ -180,9 +186,23 @@ class HttptoolsServer:
         while pos < end and self._state == _CHUNKED_BODY and not self._stopped:
             newline = data.find(b"\n", pos)
             stop = end if newline < 0 else newline + 1
+            self._line = (data, pos, stop)
             self._execute(view[pos:stop])
+            if newline < 0 and self._state == _CHUNKED_BODY:
+                # a line goes on in the next read: keep its start (a chunk-size line is short)
+                self._carry = (self._carry + data[pos:stop])[-_CARRY:]
+            else:
+                self._carry = b""
             pos = stop
         return pos
+
+    def on_chunk_header(self) -> None:
+        # llhttp takes any number of leading zeros in a chunk size, h11 at most 20 digits: the
+        # proxy keeps to the stricter (the line ends the slice being parsed, see _take_chunked).
+        data, start, stop = self._line
+        size = (self._carry + data[start:stop]).split(b";", 1)[0].strip()
+        if len(size) > _MAX_CHUNK_DIGITS:
+            raise BadRequest(400, "bad_request", "chunk size longer than 20 hex digits")
 
     def _execute(self, data: bytes | memoryview) -> None:
         try:

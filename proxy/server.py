@@ -328,8 +328,8 @@ class ProxyServer:
         return True
 
     async def _watch_certificates(self) -> None:
-        """Poll the files; a change (a `..data` swap included) triggers a reload. The poll runs
-        on the loop (a few `stat` calls): no thread wakes while nothing changes."""
+        """Poll the files' content; a change (a `..data` swap included) triggers a reload. The
+        poll runs on the loop: no thread wakes while nothing changes."""
         interval = self.config.reload_interval
         while True:
             await asyncio.sleep(interval)

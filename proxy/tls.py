@@ -297,21 +297,6 @@ def content_digest(paths: Iterable[Path]) -> str:
     return digest.hexdigest()
 
 
-def file_signature(paths: Iterable[Path]) -> tuple[tuple[str, int, int, int], ...]:
-    """What `stat` says of the files, links resolved: cheap enough to poll on the event loop.
-    A Kubernetes `..data` swap changes the resolved path even when mtimes stay."""
-    out = []
-    for path in paths:
-        try:
-            real = path.resolve()
-            st = real.stat()
-        except OSError:
-            out.append((str(path), -1, -1, -1))
-            continue
-        out.append((str(real), st.st_ino, st.st_size, st.st_mtime_ns))
-    return tuple(out)
-
-
 class TlsState:
     """The context new handshakes use; swapped whole on reload, never mutated in place."""
 
@@ -319,7 +304,6 @@ class TlsState:
         self._config = config
         self.bundle, warnings = build_bundle(config)
         self.digest = content_digest(input_files(config))
-        self._signature = file_signature(input_files(config))
         self._failed_digest: str | None = None
         for warning in warnings:
             log.warning(warning)
@@ -356,14 +340,10 @@ class TlsState:
     def changed(self) -> bool:
         """True when the files differ from what is served and from the last failed attempt.
 
-        Polled on the event loop: a few `stat` calls, and the content is hashed only when
-        they see something new (a file touched but not changed is not a change)."""
-        files = input_files(self._config)
-        signature = file_signature(files)
-        if signature == self._signature:
-            return False
-        self._signature = signature
-        return content_digest(files) not in (self.digest, self._failed_digest)
+        Polled on the event loop: hashing a few KiB of certificate files costs microseconds,
+        and content is what counts (a rewrite in the same clock tick keeps size and mtime)."""
+        digest = content_digest(input_files(self._config))
+        return digest not in (self.digest, self._failed_digest)
 
     def mark_failed(self) -> None:
         self._failed_digest = content_digest(input_files(self._config))

@@ -40,9 +40,7 @@ def test_smoke_run_writes_results_table_and_plots(tmp_path: Path) -> None:
                 assert figures["succeeded"] > 0, (name, who, figures)
     runs = sum(1 for row in data["scenarios"].values() for who in row if who.startswith("tls-"))
     assert "tls-sidecar h11" in data["scenarios"]["S1"], "both codecs are measured"
-    assert data["proxy_exit_codes"] == [0] * runs, (
-        "the proxy drained and exited 0 after every run"
-    )
+    assert data["proxy_exit_codes"] == [0] * runs, "the proxy drained and exited 0 after every run"
     table = (tmp_path / "results.md").read_text()
     assert "| S1 keep-alive" in table and "tls-sidecar / nginx" in table
     assert (tmp_path / "throughput.png").stat().st_size > 1000

@@ -162,6 +162,20 @@ def _valid(method: bytes, path: bytes, extra: bytes = b"", payload: bytes = b"")
 )
 @given(st.lists(request(), min_size=1, max_size=3), st.lists(st.integers(0, 400), max_size=4))
 @example([_valid(b"GET", b"/a") + _valid(b"BREW", b"/b")], [])
+@example([b"GET /a HTTP/1.0\r\nContent-Length: 5, 5\r\n\r\nGET /a HTTP/1.1\r\n\r\n"], [])
+@example([b"GET /a HTTP/1.1\r\nHost: \r\n\n\r\n\r\n"], [])
+@example(
+    [
+        _valid(
+            b"POST",
+            b"/a",
+            b"Transfer-Encoding: chunked\r\n",
+            b"0" * 21 + b"5\r\nhello\r\n0\r\n\r\n",
+        )
+    ],
+    [60, 70],
+)
+@example([b"GET /a HTTP/1.1\r\nHost: h\r\n :: x\r\n\r\n"], [])
 @example(
     [
         _valid(
