@@ -218,7 +218,10 @@ class Exchange:
                 parts += codec.request_data(data)
         if self.request_complete:
             parts.append(codec.request_end())
-        upstream.writelines(parts)
+        if len(parts) == 1:
+            upstream.write(parts[0])
+        else:
+            upstream.writelines(parts)
         self.sent_at = time.perf_counter()
         config = self.ctx.config
         if self.request_complete:

@@ -270,7 +270,10 @@ class Metrics:
         return entry
 
     def upstream_responded(self, seconds: float) -> None:
-        self._upstream_observed.add(self._buckets, seconds)
+        observed = self._upstream_observed
+        observed.count += 1
+        observed.sum += seconds
+        observed.buckets[bisect_left(self._buckets, seconds)] += 1
 
     def on_flush(self, hook: Callable[[], None]) -> None:
         """Run `hook` at every flush: it sets gauges from live state."""

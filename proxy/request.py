@@ -46,10 +46,7 @@ class RequestHead:
     request_id: bytes | None = None  # the client's X-Request-Id, unchecked
     connection: bool = False  # a Connection header is present (it may name more to drop)
     size: int = 0  # bytes of the head as received (method, target, headers)
-
-    @property
-    def has_body(self) -> bool:
-        return self.chunked or bool(self.content_length)
+    has_body: bool = False  # chunked, or a Content-Length above 0
 
 
 def read_head(
@@ -128,6 +125,7 @@ def read_head(
         request_id,
         connection,
         size,
+        te is not None or bool(content_length),
     )
 
 
