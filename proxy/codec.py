@@ -118,7 +118,7 @@ def server_codec_class(name: str) -> Callable[[RequestSink, int], ServerCodec]:
 
 def client_codec_class(name: str) -> Callable[[], ClientCodec]:
     if name == "httptools":
-        from .codec_httptools import HttptoolsClient  # noqa: PLC0415
+        from .codec_httptools_client import HttptoolsClient  # noqa: PLC0415
 
         return HttptoolsClient
     from .codec_h11 import H11Client  # noqa: PLC0415

@@ -1,4 +1,5 @@
 """HTTP/1.1 on llhttp through httptools (the parser of Node.js and uvicorn): the default codec.
+This module is the server side (and what both sides share); codec_httptools_client the other.
 
 llhttp parses (with none of its leniencies on); we write. Content-Length bodies skip the parser:
 they are counted and handed on as they arrived.
@@ -7,12 +8,11 @@ they are counted and handed on as they arrived.
 from __future__ import annotations
 
 import re
-from typing import Any
 
-from httptools import HttpRequestParser, HttpResponseParser
+from httptools import HttpRequestParser
 from httptools.parser.errors import HttpParserCallbackError, HttpParserError, HttpParserUpgrade
 
-from .codec import LLHTTP_METHODS, RequestSink, ResponseSink
+from .codec import LLHTTP_METHODS, RequestSink
 from .headers import Headers, reason_phrase
 from .request import BadRequest, read_head
 
@@ -28,7 +28,7 @@ _CARRY = 4096
 _HEAD, _LENGTH_BODY, _CHUNKED_BODY = range(3)
 
 
-class _Stop(Exception):
+class Stop(Exception):
     """Raised in a callback to end llhttp's pass: nothing more from this input is wanted."""
 
 
@@ -213,7 +213,7 @@ class HttptoolsServer:
             self._parser = HttpRequestParser(self)
         except HttpParserCallbackError as e:
             context = e.__context__
-            if isinstance(context, _Stop):
+            if isinstance(context, Stop):
                 return
             if context is not None:
                 raise context from None
@@ -246,12 +246,12 @@ class HttptoolsServer:
             self._left = head.content_length
         self.sink.on_request_head(head)
         if self._stopped:
-            raise _Stop
+            raise Stop
 
     def on_body(self, data: bytes) -> None:
         self.sink.on_request_data(data)
         if self._stopped:
-            raise _Stop
+            raise Stop
 
     def on_message_complete(self) -> None:
         if self._state == _LENGTH_BODY:
@@ -259,7 +259,7 @@ class HttptoolsServer:
         self._state = _HEAD
         self._message_complete()
         if self._stopped:
-            raise _Stop
+            raise Stop
 
     def _message_complete(self) -> None:
         if not self._keep_alive:
@@ -325,184 +325,3 @@ class HttptoolsServer:
             data, self._pending = self._pending, b""
             self._take(data)
         return True
-
-
-class HttptoolsClient:
-    """The client side of one connection to the app (see codec.ClientCodec)."""
-
-    __slots__ = (
-        "_body_left",
-        "_bypass",
-        "_chunked",
-        "_done",
-        "_head_request",
-        "_headers",
-        "_in_body",
-        "_informational",
-        "_keep_alive",
-        "_leftover",
-        "_length",
-        "_parser",
-        "_reason",
-        "_request_done",
-        "_sink",
-        "_stale",
-        "_switching",
-        "_te",
-        "_until_close",
-    )
-
-    def __init__(self) -> None:
-        self._parser = HttpResponseParser(self)
-        self._sink: Any = None
-        self._head_request = False
-        self._chunked = False
-        self._request_done = False
-        self._leftover = b""
-        self._stale = False
-        self._reset()
-
-    def _reset(self) -> None:
-        self._done = False
-        self._keep_alive = True
-        self._until_close = False
-        self._in_body = False
-        self._body_left = 0
-        self._bypass = False
-        self._informational = False
-        self._switching: tuple[int, bytes, Headers] | None = None
-        self._headers: Headers = []
-        self._reason = b""
-        self._length: bytes | None = None
-        self._te = False
-
-    # --- the request ----------------------------------------------------------------------------
-    def request_head(
-        self, method: bytes, target: bytes, headers: Headers, *, chunked: bool
-    ) -> bytes:
-        self._head_request = method == b"HEAD"
-        self._chunked = chunked
-        self._request_done = False
-        return head_bytes(method + b" " + target + b" HTTP/1.1\r\n", headers)
-
-    def request_data(self, data: bytes) -> list[bytes]:
-        if self._chunked:
-            return chunk(data) if data else []
-        return [data]
-
-    def request_end(self) -> bytes:
-        self._request_done = True
-        return b"0\r\n\r\n" if self._chunked else b""
-
-    # --- the response ---------------------------------------------------------------------------
-    def feed(self, data: bytes, sink: ResponseSink) -> None:
-        self._sink = sink
-        if self._bypass:
-            left = self._body_left
-            if len(data) < left:
-                self._body_left = left - len(data)
-                sink.response_data(data)
-                return
-            self._bypass = False
-            self._stale = True
-            self._body_left = 0
-            if len(data) > left:
-                self._keep_alive = False  # the app sent more than it declared
-            sink.response_data(data[:left] if len(data) > left else data)
-            self._complete()
-            return
-        try:
-            self._parser.feed_data(data)
-        except HttpParserUpgrade as e:
-            self._stale = True
-            self._leftover = data[e.args[0] :]
-            if self._switching is not None:
-                sink.response_informational(*self._switching)
-            return
-        except HttpParserCallbackError as e:
-            if isinstance(e.__context__, _Stop):
-                return
-            if e.__context__ is not None:
-                raise e.__context__ from None
-            sink.response_malformed(str(e))
-            return
-        except HttpParserError as e:
-            self._stale = True
-            sink.response_malformed(str(e) or "not HTTP")
-            return
-        if self._in_body and self._body_left > 0:
-            self._bypass = True
-
-    def feed_eof(self, sink: ResponseSink) -> None:
-        if self._until_close and self._in_body and not self._done:
-            self._keep_alive = False
-            self._complete()
-
-    # llhttp callbacks
-    def on_status(self, reason: bytes) -> None:
-        self._reason += reason
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        name = name.lower()
-        if name == b"content-length":
-            self._length = value
-        elif name == b"transfer-encoding":
-            self._te = True
-        self._headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        if self._done:  # bytes after a whole response: the app is not speaking HTTP with us
-            self._keep_alive = False
-            raise _Stop
-        parser = self._parser
-        status = parser.get_status_code()
-        if status < 200:
-            if status == 101:
-                self._switching = (status, self._reason, self._headers)
-            else:
-                self._informational = True
-                self._sink.response_informational(status, self._reason, self._headers)
-                self._headers = []
-                self._reason = b""
-            return
-        length = int(self._length) if self._length is not None and not self._te else None
-        no_body = self._head_request or status in (204, 304)
-        self._keep_alive = parser.should_keep_alive()
-        self._in_body = not no_body
-        self._body_left = 0 if no_body or length is None else length
-        self._until_close = not no_body and length is None and not self._te
-        self._sink.response_head(status, self._reason, self._headers, length)
-        if self._head_request:  # llhttp cannot be told that a HEAD answer has no body
-            self._stale = True
-            self._complete()
-            raise _Stop
-
-    def on_body(self, data: bytes) -> None:
-        self._body_left -= len(data)
-        self._sink.response_data(data)
-
-    def on_message_complete(self) -> None:
-        if self._informational:
-            self._informational = False
-            return
-        if self._switching is not None:
-            return
-        self._complete()
-
-    def _complete(self) -> None:
-        self._done = True
-        self._in_body = False
-        self._sink.response_end()
-
-    def recycle(self) -> bool:
-        if not (self._done and self._request_done and self._keep_alive) or self._until_close:
-            return False
-        if self._stale:
-            self._parser = HttpResponseParser(self)
-            self._stale = False
-        self._reset()
-        return True
-
-    def take_leftover(self) -> bytes:
-        leftover, self._leftover = self._leftover, b""
-        return leftover
