@@ -41,7 +41,7 @@ class Http1Connection(ClientConnection):
     def handshake_complete(self) -> None:
         early, self._early = self._early, None
         if early:
-            self.data_received(b"".join(early))
+            self._received(b"".join(early))  # counted when it arrived
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.handshaking:
@@ -66,6 +66,9 @@ class Http1Connection(ClientConnection):
                 self._early = []
             self._early.append(data)
             return
+        self._received(data)
+
+    def _received(self, data: bytes) -> None:
         if self.tunnel is not None:
             self._phase_since = self.loop.time()
             self.tunnel.write(data)

@@ -6,7 +6,7 @@ import http
 import itertools
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 Headers = list[tuple[bytes, bytes]]
@@ -73,17 +73,6 @@ def connection_tokens(headers: HeaderSeq) -> set[bytes]:
 
 def _has_connection(headers: HeaderSeq) -> bool:
     return any(name == b"connection" for name, _ in headers)
-
-
-def is_upgrade_request(headers: HeaderSeq) -> bool:
-    """An HTTP/1.1 protocol upgrade (e.g. WebSocket): Connection names upgrade and Upgrade is set."""
-    return b"upgrade" in connection_tokens(headers) and any(n == b"upgrade" for n, _ in headers)
-
-
-def strip_hop_by_hop(headers: HeaderSeq) -> Headers:
-    """Drop hop-by-hop fields and those the Connection header names."""
-    named = connection_tokens(headers) - _NEVER_DROPPED
-    return [(n, v) for n, v in headers if n not in HOP_BY_HOP and n not in named]
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,9 +155,6 @@ def forwarded_headers(
     return out
 
 
-RequestIdSource = Callable[[], bytes]
-
-
 class RequestIds:
     """New request ids: a random per-process prefix and a counter. Unique, not secret, and
     without a system call per request (uuid4 was 4% of the hot path)."""
@@ -184,14 +170,6 @@ class RequestIds:
 def valid_request_id(value: bytes) -> bool:
     """A client's X-Request-Id is kept when it is a sane token."""
     return _REQUEST_ID.match(value) is not None
-
-
-def request_id_for(headers: HeaderSeq, new_id: Callable[[], bytes]) -> bytes:
-    """The client's X-Request-Id when it is a sane token, else a new one."""
-    for name, value in headers:
-        if name == b"x-request-id" and _REQUEST_ID.match(value):
-            return value
-    return new_id()
 
 
 def response_headers(headers: HeaderSeq, *, switching_protocols: bool = False) -> Headers:
@@ -221,14 +199,6 @@ def response_headers(headers: HeaderSeq, *, switching_protocols: bool = False) -
         out.extend((n, v) for n, v in headers if n == b"upgrade")
         out.append((b"connection", b"upgrade"))
     return out
-
-
-def header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
-    """The first value of a header (names are lower-case, as h11 delivers them)."""
-    for n, v in headers:
-        if n == name:
-            return v
-    return None
 
 
 def has_header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bool:

@@ -10,11 +10,11 @@ from proxy.headers import (
     ClientInfo,
     RequestIds,
     forwarded_headers,
-    is_upgrade_request,
-    request_id_for,
     response_headers,
+    valid_request_id,
 )
 from proxy.identity import ClientIdentity, xfcc_value
+from proxy.request import read_head
 
 CLIENT = ClientInfo("192.0.2.7", 8443)
 
@@ -87,10 +87,14 @@ def test_connection_named_headers_are_dropped_but_never_host() -> None:
 
 def test_allowed_upgrade_keeps_upgrade_and_says_connection_upgrade() -> None:
     request = [(b"connection", b"Upgrade"), (b"upgrade", b"websocket"), (b"host", b"h")]
-    assert is_upgrade_request(request)
+    assert read_head(b"GET", b"/", b"1.1", request).upgrade == b"websocket"
     out = forwarded_headers(request, CLIENT, trust_forwarded=False, request_id=b"r", upgrade=True)
     assert (b"upgrade", b"websocket") in out and (b"connection", b"upgrade") in out
-    assert not is_upgrade_request([(b"upgrade", b"websocket")])
+    # Upgrade without Connection naming it is no upgrade request
+    assert (
+        read_head(b"GET", b"/", b"1.1", [(b"upgrade", b"websocket"), (b"host", b"h")]).upgrade
+        is None
+    )
 
 
 def test_an_upgrade_not_allowed_goes_with_its_connection_token() -> None:
@@ -102,9 +106,10 @@ def test_an_upgrade_not_allowed_goes_with_its_connection_token() -> None:
 
 def test_request_id_passthrough_and_generation() -> None:
     ids = RequestIds()
-    assert request_id_for([(b"x-request-id", b"abc-1")], ids) == b"abc-1"
-    generated = request_id_for([(b"x-request-id", b"bad value\x01")], ids)
-    assert len(generated) == 32 and generated != request_id_for([], ids)
+    assert valid_request_id(b"abc-1")
+    assert not valid_request_id(b"bad value\x01") and not valid_request_id(b"x" * 201)
+    generated = ids()
+    assert len(generated) == 32 and generated != ids()
 
 
 def test_response_drops_hop_by_hop_and_conflicting_length() -> None:
