@@ -16,16 +16,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .config import ConfigError
+from .config import CertificateError
 
 KeyType = Literal["ecdsa", "rsa"]
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
 DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
-
-
-class CertificateError(ConfigError):
-    """Certificate material is unusable; the message names the file and the fix."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,10 @@ class ConfigError(Exception):
     """A setting a user gave is wrong; the message names it and says how to fix it."""
 
 
+class CertificateError(ConfigError):
+    """Certificate material is unusable; the message names the file and the fix."""
+
+
 @dataclass(frozen=True, slots=True)
 class Address:
     host: str

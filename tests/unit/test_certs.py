@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from proxy import certs
+from proxy.config import CertificateError
 
 
 def test_issued_leaf_has_names_and_chains_to_the_ca() -> None:
@@ -33,12 +34,12 @@ def test_check_pair_refuses_mismatch_disorder_and_expiry(tmp_path: Path) -> None
     leaf = certs.issue(ca, ["localhost"])
     path = tmp_path / "tls.crt"
     assert certs.check_pair([leaf.certificate, ca.certificate], leaf.key, path) == []
-    with pytest.raises(certs.CertificateError, match="does not match"):
+    with pytest.raises(CertificateError, match="does not match"):
         certs.check_pair([leaf.certificate], ca.key, path)
-    with pytest.raises(certs.CertificateError, match="out of order"):
+    with pytest.raises(CertificateError, match="out of order"):
         certs.check_pair([leaf.certificate, leaf.certificate], leaf.key, path)
     later = dt.datetime.now(dt.UTC) + dt.timedelta(days=1000)
-    with pytest.raises(certs.CertificateError, match="expired"):
+    with pytest.raises(CertificateError, match="expired"):
         certs.check_pair([leaf.certificate], leaf.key, path, now=later)
     warnings = certs.check_pair([leaf.certificate], leaf.key, path, now=later, allow_expired=True)
     assert "expired" in warnings[0]
@@ -53,9 +54,9 @@ def test_key_files_are_private(tmp_path: Path) -> None:
 def test_loading_errors_are_clear(tmp_path: Path) -> None:
     junk = tmp_path / "junk.pem"
     junk.write_text("junk")
-    with pytest.raises(certs.CertificateError, match="no PEM certificate"):
+    with pytest.raises(CertificateError, match="no PEM certificate"):
         certs.load_chain(junk)
-    with pytest.raises(certs.CertificateError, match="no usable PEM private key"):
+    with pytest.raises(CertificateError, match="no usable PEM private key"):
         certs.load_key(junk)
-    with pytest.raises(certs.CertificateError, match="cannot be read"):
+    with pytest.raises(CertificateError, match="cannot be read"):
         certs.load_key(tmp_path / "missing.key")

@@ -1,0 +1,191 @@
+"""Certificate material read and checked with cryptography: for the serving process, or in a
+short-lived helper process (`python -m proxy.certload`) so that `serve` without mutual TLS never
+loads cryptography (8 MiB of resident memory) for the rest of its life.
+
+The helper reads the settings as JSON on stdin and writes the validated material (PEM chain,
+unencrypted PEM key, what is served) and the warnings as JSON on stdout; the key passes only
+through that pipe, as it passes through a private temporary file to OpenSSL afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import stat
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import pkcs12
+
+from . import certs
+from .config import CertificateError, Config
+from .identity import dns_and_uri_sans
+from .tls import Material, ServedCertificate
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedCertificate:
+    name: str
+    chain: list[x509.Certificate]
+    key: certs.PrivateKey
+
+
+def key_exposed(key_path: Path) -> list[str]:
+    """Private keys should not be readable by group or others (Secret volumes use 0400/0440)."""
+    try:
+        mode = key_path.stat().st_mode
+    except OSError:
+        return []
+    if mode & stat.S_IROTH:
+        return [f"key file {key_path} is readable by every user; restrict it with chmod 600"]
+    return []
+
+
+def _read_password(path: Path | None, option: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes().rstrip(b"\r\n")
+    except OSError as e:
+        raise CertificateError(f"{option}: {path} cannot be read ({e.strerror})") from None
+
+
+def load_certificates(config: Config) -> tuple[list[LoadedCertificate], list[str]]:
+    """Every configured certificate, validated; (certificates, warnings). Empty: self-signed."""
+    password = _read_password(config.key_password_file, "--key-password-file")
+    loaded: list[LoadedCertificate] = []
+    warnings: list[str] = []
+
+    def add(name: str, cert_path: Path, key_path: Path) -> None:
+        chain = certs.load_chain(cert_path)
+        key = certs.load_key(key_path, password=password)
+        warnings.extend(certs.check_pair(chain, key, cert_path, allow_expired=config.allow_expired))
+        warnings.extend(key_exposed(key_path))
+        loaded.append(LoadedCertificate(name, chain, key))
+
+    for cert_path, key_path in zip(config.cert_files, config.key_files, strict=True):
+        add(cert_path.stem if len(config.cert_files) > 1 else "default", cert_path, key_path)
+    if config.cert_dir is not None:
+        for folder in sorted(config.cert_dir.iterdir()):
+            if folder.name.startswith(".") or not folder.is_dir():
+                continue  # Kubernetes keeps its ..data and timestamped folders hidden
+            cert_path, key_path = folder / "tls.crt", folder / "tls.key"
+            if cert_path.exists() and key_path.exists():
+                add(folder.name, cert_path, key_path)
+        if not loaded:
+            raise CertificateError(
+                f"--cert-dir: {config.cert_dir} has no NAME/tls.crt + NAME/tls.key pairs"
+            )
+    if config.pkcs12_file is not None:
+        loaded.append(_load_pkcs12(config))
+        leaf = loaded[-1]
+        warnings.extend(
+            certs.check_pair(
+                leaf.chain, leaf.key, config.pkcs12_file, allow_expired=config.allow_expired
+            )
+        )
+    return loaded, warnings
+
+
+def _load_pkcs12(config: Config) -> LoadedCertificate:
+    assert config.pkcs12_file is not None
+    path = config.pkcs12_file
+    password = _read_password(config.pkcs12_password_file, "--pkcs12-password-file")
+    try:
+        key, cert, extra = pkcs12.load_key_and_certificates(path.read_bytes(), password)
+    except OSError as e:
+        raise CertificateError(f"--pkcs12: {path} cannot be read ({e.strerror})") from None
+    except ValueError:
+        raise CertificateError(
+            f"--pkcs12: {path} is not a PKCS#12 bundle or the password is wrong; "
+            "give it with --pkcs12-password-file"
+        ) from None
+    if cert is None or key is None:
+        raise CertificateError(f"--pkcs12: {path} must hold a certificate and its key")
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise CertificateError(f"--pkcs12: {path} holds a {type(key).__name__}; use EC or RSA")
+    return LoadedCertificate("default", [cert, *extra], key)
+
+
+def _served(loaded: LoadedCertificate) -> ServedCertificate:
+    leaf = loaded.chain[0]
+    dns, uris = dns_and_uri_sans(leaf)
+    if not dns:
+        dns = tuple(
+            str(a.value) for a in leaf.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        )
+    return ServedCertificate(
+        name=loaded.name,
+        subject=leaf.subject.rfc4514_string(),
+        not_after=leaf.not_valid_after_utc.timestamp(),
+        serial=leaf.serial_number,
+        dns_names=dns,
+        uri_names=uris,
+    )
+
+
+def _material(loaded: LoadedCertificate) -> Material:
+    key_pem = loaded.key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    chain_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in loaded.chain)
+    return Material(chain_pem, key_pem, _served(loaded))
+
+
+def inspect(config: Config) -> tuple[list[Material], list[str]]:
+    """The configured certificates, checked, as PEM; a generated one when none is configured."""
+    loaded, warnings = load_certificates(config)
+    if not loaded:
+        issued = certs.self_signed()
+        loaded = [LoadedCertificate("self-signed", [issued.certificate], issued.key)]
+    return [_material(item) for item in loaded], warnings
+
+
+def check_client_ca(path: Path) -> bytes:
+    certs.load_chain(path, "--client-ca")  # a clear error for a bad file
+    return path.read_bytes()
+
+
+# --- the helper process ---------------------------------------------------------------------
+def _config_from(text: str) -> Config:
+    raw = json.loads(text)
+    return Config(
+        cert_files=tuple(Path(p) for p in raw["cert_files"]),
+        key_files=tuple(Path(p) for p in raw["key_files"]),
+        cert_dir=Path(raw["cert_dir"]) if raw["cert_dir"] else None,
+        key_password_file=Path(raw["key_password_file"]) if raw["key_password_file"] else None,
+        pkcs12_file=Path(raw["pkcs12_file"]) if raw["pkcs12_file"] else None,
+        pkcs12_password_file=(
+            Path(raw["pkcs12_password_file"]) if raw["pkcs12_password_file"] else None
+        ),
+        allow_expired=bool(raw["allow_expired"]),
+    )
+
+
+def main() -> None:
+    try:
+        materials, warnings = inspect(_config_from(sys.stdin.read()))
+    except CertificateError as e:
+        json.dump({"error": str(e)}, sys.stdout)
+        return
+    json.dump(
+        {
+            "certificates": [
+                {
+                    "chain_pem": m.chain_pem.decode("ascii"),
+                    "key_pem": m.key_pem.decode("ascii"),
+                    "served": asdict(m.served),
+                }
+                for m in materials
+            ],
+            "warnings": warnings,
+        },
+        sys.stdout,
+    )
+
+
+if __name__ == "__main__":
+    main()
