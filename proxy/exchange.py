@@ -64,7 +64,13 @@ class Downstream(Protocol):
     def abort_all(self) -> None: ...
 
 
-def local_body(status: int, message: str) -> bytes:
+def local_body(status: int, message: str, request_id: bytes | None = None) -> bytes:
+    """The body of an answer of the proxy's own. A 4xx says what was wrong with the request; a
+    5xx says only that the app failed, with the request id to find the detail in the logs
+    (addresses and errors of the app are the operator's, not the client's)."""
+    if status >= 500:
+        rid = request_id.decode("latin-1") if request_id else "-"
+        return f"{status} {hdr.reason_phrase(status).decode()}: request id {rid}\n".encode()
     return f"{status} {message}\n".encode("utf-8", "replace")
 
 
@@ -87,6 +93,7 @@ class Exchange:
         "down",
         "finished",
         "head",
+        "local_reason",
         "request",
         "request_complete",
         "request_id",
@@ -128,6 +135,7 @@ class Exchange:
         self.bytes_out = 0
         self.sent_at = 0.0
         self.upstream_duration: float | None = None
+        self.local_reason: tuple[str, str] | None = None  # (reason, detail) of our own answer
         self._pending: list[bytes] | None = None  # body that arrived while connecting
         ctx.metrics.in_flight += 1
 
@@ -362,7 +370,21 @@ class Exchange:
             self.upstream = None
             upstream.abort()
         self.status = status
-        self.down.send_local(status, local_headers(self.request_id), local_body(status, message))
+        self.local_reason = (reason, message)
+        if status >= 500:
+            log.warning(
+                "answered for the app",
+                extra={
+                    "status": status,
+                    "reason": reason,
+                    "detail": message,
+                    "request_id": self.request_id.decode("latin-1"),
+                    "client": self.session.client.address,
+                },
+            )
+        self.down.send_local(
+            status, local_headers(self.request_id), local_body(status, message, self.request_id)
+        )
         self._finish(status)
 
     def downstream_lost(self) -> None:
@@ -393,6 +415,7 @@ class Exchange:
         ctx.metrics.in_flight -= 1
         ctx.metrics.request_done(head.method, status, duration)
         if ctx.access_log.enabled:
+            local = self.local_reason
             ctx.access(
                 client=self.session.client.address,
                 method=head.method,
@@ -404,4 +427,6 @@ class Exchange:
                 upstream_duration=self.upstream_duration,
                 tls_version=self.session.tls_version,
                 request_id=self.request_id,
+                local=local[0] if local else None,
+                detail=local[1] if local else None,
             )

@@ -134,6 +134,8 @@ class Http1Connection(ClientConnection):
             upstream_duration=None,
             tls_version=self.session.tls_version,
             request_id=b"-",
+            local=error.reason,
+            detail=str(error),
         )
 
     # --- Downstream: what the exchange sends --------------------------------------------------

@@ -70,9 +70,14 @@ class AccessRecord:
     tls_version: str
     request_id: str
     worker: int | None = None
+    local: str | None = None  # why the proxy answered itself (a local_responses reason)
+    detail: str | None = None  # what went wrong, for the operator (never sent to the client)
 
     def as_json(self) -> str:
-        extra = {} if self.worker is None else {"worker": self.worker}
+        extra: dict[str, object] = {} if self.worker is None else {"worker": self.worker}
+        if self.local is not None:
+            extra["local"] = self.local
+            extra["detail"] = self.detail
         return json.dumps(
             {
                 "time": _timestamp(self.time),
@@ -98,6 +103,7 @@ class AccessRecord:
             f'{_timestamp(self.time)} {self.client} "{self.method} {self.path}" {self.status} '
             f"in={self.bytes_in} out={self.bytes_out} {self.duration * 1000:.1f}ms "
             f"upstream={upstream}ms {self.tls_version} id={self.request_id}"
+            + ("" if self.local is None else f" local={self.local} detail={self.detail!r}")
         )
 
 

@@ -91,6 +91,8 @@ class ProxyContext:
         upstream_duration: float | None,
         tls_version: str,
         request_id: bytes,
+        local: str | None = None,
+        detail: str | None = None,
     ) -> None:
         if not self.access_log.enabled:
             return
@@ -108,6 +110,8 @@ class ProxyContext:
                 tls_version=tls_version,
                 request_id=request_id.decode("latin-1"),
                 worker=self.config.worker_index,
+                local=local,
+                detail=detail,
             )
         )
 

@@ -55,30 +55,54 @@ def strict(start_proxy: ProxyFactory, upstream: UpstreamApp) -> ProxyProcess:
 def test_upstream_refused_is_502_without_waiting_for_a_timeout(
     start_proxy: ProxyFactory, ca: Path
 ) -> None:
-    proxy = start_proxy(f"http://127.0.0.1:{free_port()}", "--upstream-connect-timeout", "30s")
+    port = free_port()
+    proxy = start_proxy(f"http://127.0.0.1:{port}", "--upstream-connect-timeout", "30s")
     started = time.monotonic()
     status, headers, body = https(proxy, ca, path="/x")
     elapsed = time.monotonic() - started
     assert status == 502
-    assert b"refused" in body.lower()
     assert elapsed < 10, (
         "a refused connection is answered at once, not after the 30s connect timeout"
     )
-    assert headers.get("x-request-id")
+    request_id = headers["x-request-id"]
+    # The client learns that the app failed and the id to quote, not the app's address or error.
+    assert body == f"502 Bad Gateway: request id {request_id}\n".encode()
     assert proxy.metric("tls_sidecar_upstream_connect_errors_total", 'reason="refused"') >= 1
+    # The operator gets the detail: in the access log and in the log.
+    record = wait_for(
+        lambda: next((r for r in proxy.access_records() if r["request_id"] == request_id), None),
+        what="the access log line",
+    )
+    assert record["local"] == "upstream_refused"
+    assert f"127.0.0.1:{port}" in record["detail"] and "refused" in record["detail"].lower()
+    assert wait_for(
+        lambda: any(
+            "answered for the app" in line and request_id in line for line in proxy.stderr_lines
+        ),
+        what="the warning with the detail",
+    )
 
 
 def test_silent_upstream_is_504_after_the_upstream_timeout(strict: ProxyProcess, ca: Path) -> None:
-    status, _, body = https(strict, ca, path="/stall")
+    status, headers, body = https(strict, ca, path="/stall")
     assert status == 504
-    assert b"did not answer in time" in body
+    assert body == f"504 Gateway Timeout: request id {headers['x-request-id']}\n".encode()
     assert strict.metric("tls_sidecar_timeouts_total", 'phase="upstream"') >= 1
 
 
 def test_garbage_from_upstream_is_502(strict: ProxyProcess, ca: Path) -> None:
-    status, _, body = https(strict, ca, path="/garbage")
+    status, headers, body = https(strict, ca, path="/garbage")
     assert status == 502
-    assert b"malformed response" in body
+    assert body == f"502 Bad Gateway: request id {headers['x-request-id']}\n".encode()
+    record = wait_for(
+        lambda: next(
+            (r for r in strict.access_records() if r["request_id"] == headers["x-request-id"]),
+            None,
+        ),
+        what="the access log line",
+    )
+    assert record["local"] == "bad_response"
+    assert "malformed response" in record["detail"]
 
 
 def test_upstream_reset_before_answering_is_502(strict: ProxyProcess, ca: Path) -> None:
