@@ -169,6 +169,10 @@ class Exchange:
             self.local(prepared.status, prepared.reason, str(prepared))
             return
         self.request = prepared
+        if self.head.expect_continue and self.head.has_body:
+            # As Envoy does: once admitted (403, 413 and the rest were decided above), the
+            # client may send its body at once; most apps never send 100 themselves.
+            self.down.send_informational(100, b"Continue", [])
         upstream = ctx.pool.take_idle()
         if upstream is not None:
             self._attach(upstream)

@@ -19,7 +19,9 @@ NEVER_UPGRADED = frozenset({b"h2c"})
 
 _VERSIONS = frozenset({b"1.1", b"1.0", b"2"})
 # The headers read_head looks at; every other one costs one set lookup.
-_FRAMING = frozenset({b"content-length", b"transfer-encoding", b"host", b"connection", b"upgrade"})
+_FRAMING = frozenset(
+    {b"content-length", b"transfer-encoding", b"host", b"connection", b"upgrade", b"expect"}
+)
 
 
 class BadRequest(Exception):
@@ -47,6 +49,7 @@ class RequestHead:
     connection: bool = False  # a Connection header is present (it may name more to drop)
     size: int = 0  # bytes of the head as received (method, target, headers)
     has_body: bool = False  # chunked, or a Content-Length above 0
+    expect_continue: bool = False  # `Expect: 100-continue`: the client waits before its body
 
 
 def read_head(
@@ -67,6 +70,7 @@ def read_head(
     upgrade: bytes | None = None
     connection_upgrade = False
     connection = False
+    expect_continue = False
     request_id: bytes | None = None
     for name, value in headers:
         if name not in _FRAMING:
@@ -95,6 +99,8 @@ def read_head(
                     connection_upgrade = True
         elif name == b"upgrade":
             upgrade = value
+        elif name == b"expect":
+            expect_continue = value.strip().lower() == b"100-continue"
     if te is not None:
         if te.strip().lower() != b"chunked":
             raise BadRequest(400, "bad_request", "the only transfer coding accepted is chunked")
@@ -126,6 +132,7 @@ def read_head(
         connection,
         size,
         te is not None or bool(content_length),
+        expect_continue and version == b"1.1",
     )
 
 
@@ -189,6 +196,9 @@ def upstream_request(
         upgrade=upgrade,
         connection=head.connection,
     )
+    if head.expect_continue:
+        # The proxy answers 100 Continue itself (see Exchange.start): the app is not asked.
+        out = [(n, v) for n, v in out if n != b"expect"]
     if head.chunked:
         out.append((b"transfer-encoding", b"chunked"))
     if xfcc is not None:

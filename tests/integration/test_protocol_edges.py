@@ -134,3 +134,39 @@ def test_admin_closes_after_answering_connection_close(edge: ProxyProcess) -> No
             data += chunk
     assert data.startswith(b"HTTP/1.1 200 ") and data.endswith(b"ok\n")
     assert b"connection: close" in data.lower()
+
+
+def test_expect_100_continue_is_answered_by_the_proxy(
+    edge: ProxyProcess, app: UpstreamApp, ca: Path
+) -> None:
+    body = b"x" * 300_000
+    with tls_socket(edge.port, ca) as sock:
+        sock.sendall(
+            b"POST /echo/expect HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body)
+        )
+        # A client that waits for 100 before its body, as curl does for large uploads: the app
+        # (like most) never sends 100, so this read returns only because the proxy answers.
+        sock.settimeout(10)
+        interim = sock.recv(4096)
+        assert interim.startswith(b"HTTP/1.1 100 Continue\r\n"), interim
+        sock.sendall(body)
+        response = RawClient(sock).read_response(b"POST")
+    assert response is not None and response.status == 200
+    seen = next(r for r in reversed(app.requests) if r.path == "/echo/expect")
+    assert seen.body_length == len(body)
+    assert seen.header("expect") is None, "the app is not asked to continue"
+
+
+def test_expect_100_continue_over_the_body_limit_is_413_without_100(
+    start_proxy: ProxyFactory, app: UpstreamApp, ca: Path
+) -> None:
+    proxy = start_proxy(app.base, "--max-body-bytes", "1000")
+    with tls_socket(proxy.port, ca) as sock:
+        sock.sendall(
+            b"POST /echo/expect-big HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+            b"Content-Length: 5000\r\n\r\n"
+        )
+        answer = read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:60]
+    assert b"100 Continue" not in answer
