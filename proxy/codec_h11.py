@@ -63,14 +63,17 @@ class H11Server:
             return
         self._conn.receive_data(data)
         if not self.paused:
-            self._events()
+            # A head can only have completed in a read with a line end in it: only then are the
+            # unparsed bytes copied for the raw-head checks (a trickling client stays linear).
+            self._events(may_complete_head=b"\n" in data)
 
-    def _events(self) -> None:
+    def _events(self, *, may_complete_head: bool = True) -> None:
         conn = self._conn
         sink = self.sink
         while not self.paused and not self._stopped:
             # The bytes of a head about to be parsed, for the checks h11 does not make.
-            pending = bytes(conn.trailing_data[0]) if conn.their_state is h11.IDLE else b""
+            idle = conn.their_state is h11.IDLE
+            pending = bytes(conn.trailing_data[0]) if idle and may_complete_head else b""
             try:
                 event: Any = conn.next_event()
             except h11.RemoteProtocolError as e:

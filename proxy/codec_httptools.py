@@ -23,6 +23,7 @@ _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
 # Response framing towards the client.
 _NONE, _LENGTH, _CHUNKED, _CLOSE = range(4)
 _MAX_CHUNK_DIGITS = 20
+_BARE_LF = re.compile(rb"(?<!\r)\n")
 _CARRY = 4096
 # What the server codec expects next from the client.
 _HEAD, _LENGTH_BODY, _CHUNKED_BODY = range(3)
@@ -76,6 +77,7 @@ class HttptoolsServer:
         "_parser",
         "_pending",
         "_responding",
+        "_scanned",
         "_size",
         "_state",
         "_stopped",
@@ -91,6 +93,7 @@ class HttptoolsServer:
         self._max_head = max_header_bytes
         self._parser = HttpRequestParser(self)
         self._pending = b""  # bytes not taken yet: a partial head, or what waits behind a request
+        self._scanned = 0  # how much of a partial head in `_pending` was searched already
         self._state = _HEAD
         self._left = 0  # Content-Length body bytes still to come
         self._line: tuple[bytes, int, int] = (b"", 0, 0)  # the chunked-body slice being parsed
@@ -154,15 +157,26 @@ class HttptoolsServer:
                 pos = self._take_chunked(data, pos)
 
     def _take_head(self, data: bytes, pos: int) -> int:
-        blank = data.find(b"\r\n\r\n", pos)
-        head = data[pos:] if blank < 0 else data[pos : blank + 4]
+        # A head arriving in pieces is searched only where it is new (its first `_scanned`
+        # bytes were searched before): a client trickling bytes costs linear work, not square.
+        scanned = self._scanned
+        self._scanned = 0
+        blank = data.find(b"\r\n\r\n", max(pos, pos + scanned - 3))
+        if blank < 0:
+            if len(data) - pos > self._max_head:
+                raise BadRequest(
+                    431, "header_too_large", f"request head over {self._max_head} bytes"
+                )
+            if _BARE_LF.search(data, pos + scanned):
+                raise BadRequest(400, "bad_request", "line ending without CR in the head")
+            self._pending = data[pos:]  # the rest of the head is still to come
+            self._scanned = len(data) - pos
+            return len(data)
+        head = data[pos : blank + 4]
         if len(head) > self._max_head:
             raise BadRequest(431, "header_too_large", f"request head over {self._max_head} bytes")
         if head.count(b"\n") != head.count(b"\r\n"):
             raise BadRequest(400, "bad_request", "line ending without CR in the head")
-        if blank < 0:
-            self._pending = head  # the rest of the head is still to come
-            return len(data)
         line = head[: head.find(b"\r\n")]
         if line.count(b" ") != 2:
             raise BadRequest(400, "bad_request", "malformed request line")
@@ -296,7 +310,6 @@ class HttptoolsServer:
         return [] if mode == _NONE else [data]
 
     def response_end(self) -> bytes:
-        self._responding = False
         return b"0\r\n\r\n" if self._mode == _CHUNKED else b""
 
     def informational(self, status: int, reason: bytes, headers: Headers) -> bytes:

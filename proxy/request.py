@@ -155,7 +155,6 @@ class UpstreamRequest:
 
     target: bytes
     headers: Headers
-    request_id: bytes
     upgrade: bool
 
 
@@ -220,4 +219,4 @@ def upstream_request(
         and head.content_length > max_body_bytes
     ):
         return BadRequest(413, "body_too_large", f"request body over {max_body_bytes} bytes")
-    return UpstreamRequest(target, out, request_id, upgrade)
+    return UpstreamRequest(target, out, upgrade)
