@@ -58,7 +58,10 @@ def serve_options(func: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         _option("--listen", "0.0.0.0:8443", "TLS address to serve on; IPv6 as [::]:8443."),
         _option(
-            "--upstream", "http://127.0.0.1:8080", "The app: http://HOST:PORT or unix:/path.sock."
+            "--upstream",
+            "http://127.0.0.1:8080",
+            "The app: http://HOST:PORT or unix:/path.sock; h2c://HOST:PORT or h2c+unix:/path.sock "
+            "for an app speaking HTTP/2 (gRPC).",
         ),
         _option(
             "--admin-listen",
@@ -228,6 +231,17 @@ def serve_options(func: Callable[..., Any]) -> Callable[..., Any]:
             type=click.Choice(["auto", "httptools", "h11"]),
         ),
         _option(
+            "--http2/--no-http2",
+            True,
+            "Offer HTTP/2 to clients (TLS ALPN h2); without it every client speaks HTTP/1.1.",
+        ),
+        _option(
+            "--max-concurrent-streams",
+            100,
+            "Most HTTP/2 streams one client may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS).",
+            type=click.IntRange(1),
+        ),
+        _option(
             "--upgrade",
             ("websocket",),
             "Upgrade protocol passed to the app (repeatable); any other Upgrade is removed. "
@@ -301,6 +315,8 @@ def build_config(opts: dict[str, Any]) -> Config:
         ),
         trust_forwarded_headers=opts["trust_forwarded_headers"],
         http=opts["http"],
+        http2=opts["http2"],
+        max_concurrent_streams=opts["max_concurrent_streams"],
         upgrades=tuple(u.lower() for u in opts["upgrade"]),
         log_format=opts["log_format"],
         log_level=parse_log_level(opts["log_level"]),

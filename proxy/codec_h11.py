@@ -195,7 +195,8 @@ class H11Client:
     def request_data(self, data: bytes) -> list[bytes]:
         return self._conn.send_with_data_passthrough(h11.Data(data=data)) or []
 
-    def request_end(self) -> bytes:
+    def request_end(self, trailers: Headers | None = None) -> bytes:
+        """The end of the body; request trailers are not sent to an HTTP/1.1 app."""
         return self._conn.send(h11.EndOfMessage()) or b""
 
     def feed(self, data: bytes, sink: ResponseSink) -> None:

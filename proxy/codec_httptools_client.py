@@ -79,7 +79,8 @@ class HttptoolsClient:
             return chunk(data) if data else []
         return [data]
 
-    def request_end(self) -> bytes:
+    def request_end(self, trailers: Headers | None = None) -> bytes:
+        """The end of the body; request trailers are not sent to an HTTP/1.1 app."""
         self._request_done = True
         return b"0\r\n\r\n" if self._chunked else b""
 

@@ -35,9 +35,12 @@ class Upstream:
 
     address: Address | None = None
     unix_path: str | None = None
+    h2c: bool = False  # HTTP/2 without TLS (prior knowledge), as gRPC servers speak it
 
     def __str__(self) -> str:
-        return f"unix:{self.unix_path}" if self.unix_path else f"http://{self.address}"
+        if self.unix_path:
+            return f"{'h2c+' if self.h2c else ''}unix:{self.unix_path}"
+        return f"{'h2c' if self.h2c else 'http'}://{self.address}"
 
 
 TlsVersion = Literal["1.2", "1.3"]
@@ -81,6 +84,8 @@ class Config:
     max_body_bytes: int | None = None
     trust_forwarded_headers: bool = False
     http: HttpCodec = "auto"
+    http2: bool = True
+    max_concurrent_streams: int = 100
     upgrades: tuple[str, ...] = ("websocket",)
     log_format: LogFormat = "json"
     log_level: LogLevel = "info"
@@ -139,6 +144,8 @@ class Config:
                 raise ConfigError(f"{name} must be greater than zero, e.g. 10s")
         if self.max_connections < 1:
             raise ConfigError("--max-connections must be at least 1")
+        if self.max_concurrent_streams < 1:
+            raise ConfigError("--max-concurrent-streams must be at least 1")
         if self.max_header_bytes < 1024:
             raise ConfigError("--max-header-bytes must be at least 1KiB (1024)")
         if self.http == "httptools" and importlib.util.find_spec("httptools") is None:
@@ -235,27 +242,32 @@ def _check_ip(host: str, option: str, text: str) -> None:
 
 
 def parse_upstream(text: str, *, option: str = "--upstream") -> Upstream:
-    """'http://127.0.0.1:8080', '127.0.0.1:8080' or 'unix:/run/app.sock' -> Upstream."""
+    """'http://127.0.0.1:8080', '127.0.0.1:8080', 'unix:/run/app.sock' -> Upstream; the same
+    with h2c:// and h2c+unix: (Caddy's spelling) for an app that speaks HTTP/2 (gRPC)."""
     text = text.strip()
+    h2c = text.startswith("h2c+unix:")
+    if h2c:
+        text = text[len("h2c+") :]
     if text.startswith("unix:"):
         path = text[len("unix:") :]
         if path.startswith("//"):
             path = path[2:]
         if not path.startswith("/"):
             raise ConfigError(f"{option}: {text!r} needs an absolute path, e.g. unix:/run/app.sock")
-        return Upstream(unix_path=path)
+        return Upstream(unix_path=path, h2c=h2c)
     if "://" in text:
         scheme, _, rest = text.partition("://")
-        if scheme != "http":
+        if scheme not in ("http", "h2c"):
             raise ConfigError(
                 f"{option}: scheme {scheme!r} is not supported; the app is reached over "
-                "plain http:// or unix:"
+                "plain http://, h2c:// (HTTP/2, e.g. gRPC), unix: or h2c+unix:"
             )
+        h2c = scheme == "h2c"
         text = rest
     text = text.rstrip("/")
     if "/" in text:
         raise ConfigError(f"{option}: {text!r} has a path; give only http://HOST:PORT")
-    return Upstream(address=parse_address(text, option=option))
+    return Upstream(address=parse_address(text, option=option), h2c=h2c)
 
 
 def parse_log_level(text: str) -> LogLevel:

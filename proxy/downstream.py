@@ -19,10 +19,62 @@ if TYPE_CHECKING:
 log = logging.getLogger("tls_sidecar.http")
 
 
-class ClientConnection(asyncio.Protocol):
+class PhaseTimer:
+    """One lazy timer for what is being waited for (a phase) and how long it may take.
+
+    Activity moves `_phase_since`, not the timer: the timer fires at the first deadline, sees
+    the phase was pushed back, and sleeps again. One timer handle per connection (or HTTP/2
+    stream), not one per read."""
+
+    ctx: ProxyContext
+    loop: asyncio.AbstractEventLoop
+
+    def __init__(self) -> None:
+        self._phase: str | None = None
+        self._phase_timeout = 0.0
+        self._phase_since = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+
+    def timed_out(self, phase: str) -> None:
+        """The phase ran out; counted already."""
+
+    def arm(self, phase: str, timeout: float) -> None:
+        """Start a timeout phase."""
+        now = self.loop.time()
+        self._phase, self._phase_timeout, self._phase_since = phase, timeout, now
+        deadline = now + timeout
+        if self._timer is None or deadline < self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+            self._timer_at = deadline
+
+    def stop_timer(self) -> None:
+        self._phase = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._phase is None:
+            return
+        deadline = self._phase_since + self._phase_timeout
+        if self.loop.time() < deadline:
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+            self._timer_at = deadline
+            return
+        phase, self._phase = self._phase, None
+        self.ctx.metrics.timeouts.labels(phase).inc()
+        self.timed_out(phase)
+
+
+class ClientConnection(PhaseTimer, asyncio.Protocol):
     """Owns the TLS side of one client connection; subclasses speak the protocol over it."""
 
     def __init__(self, ctx: ProxyContext) -> None:
+        super().__init__()
         self.ctx = ctx
         self.loop = ctx.loop
         self.transport: asyncio.Transport | None = None
@@ -33,12 +85,6 @@ class ClientConnection(asyncio.Protocol):
         self._handshake: Any = None
         self._handshake_started = 0.0
         self._raw: asyncio.Transport | None = None
-        # One timer per connection, pushed back lazily (see _on_timer).
-        self._phase: str | None = None
-        self._phase_timeout = 0.0
-        self._phase_since = 0.0
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
 
     # --- to be provided by the protocol -------------------------------------------------------
     def handshake_complete(self) -> None:
@@ -163,15 +209,26 @@ class ClientConnection(asyncio.Protocol):
             self._raw.abort()
         self.forget()
 
+    def hand_over(self, successor: ClientConnection) -> None:
+        """ALPN chose another protocol: `successor` takes this connection's place."""
+        assert self.transport is not None
+        successor.transport = self.transport
+        successor._raw = self._raw
+        successor.session = self.session
+        successor.handshaking = False
+        self.stop_timer()
+        connections = self.ctx.connections
+        connections.discard(self)
+        connections.add(successor)
+        self.closed = True
+        self.transport.set_protocol(successor)
+
     # --- closing --------------------------------------------------------------------------------
     def forget(self) -> None:
         self.closed = True
         if self not in self.ctx.connections:
             return
-        self._phase = None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.stop_timer()
         self.ctx.connections.discard(self)
         self.ctx.connection_closed()
 
@@ -185,31 +242,6 @@ class ClientConnection(asyncio.Protocol):
             self.transport.abort()
         elif self._raw is not None:
             self._raw.abort()
-
-    # --- the timer ------------------------------------------------------------------------------
-    def arm(self, phase: str, timeout: float) -> None:
-        """Start a timeout phase; activity moves `_phase_since`, not the timer."""
-        now = self.loop.time()
-        self._phase, self._phase_timeout, self._phase_since = phase, timeout, now
-        deadline = now + timeout
-        if self._timer is None or deadline < self._timer_at:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer = self.loop.call_at(deadline, self._on_timer)
-            self._timer_at = deadline
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        if self._phase is None or self.closed:
-            return
-        deadline = self._phase_since + self._phase_timeout
-        if self.loop.time() < deadline:
-            self._timer = self.loop.call_at(deadline, self._on_timer)
-            self._timer_at = deadline
-            return
-        phase, self._phase = self._phase, None
-        self.ctx.metrics.timeouts.labels(phase).inc()
-        self.timed_out(phase)
 
     # --- reading holds --------------------------------------------------------------------------
     def hold(self, reason: int) -> None:

@@ -14,11 +14,12 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from . import grpc
 from . import headers as hdr
 from .headers import ClientInfo, Headers
 from .identity import ClientIdentity
 from .request import BadRequest, RequestHead, UpstreamRequest, upstream_request
-from .upstream import UpstreamConnectError, UpstreamConnection
+from .upstream import UpstreamConnectError, UpstreamConnection, UpstreamLink
 
 if TYPE_CHECKING:
     from .server import ProxyContext
@@ -53,6 +54,7 @@ class Downstream(Protocol):
         self, status: int, reason: bytes, headers: Headers, length: int | None
     ) -> None: ...
     def send_data(self, data: bytes) -> None: ...
+    def send_trailers(self, headers: Headers) -> None: ...
     def send_end(self) -> None: ...
     def send_informational(self, status: int, reason: bytes, headers: Headers) -> None: ...
     def send_local(self, status: int, headers: Headers, body: bytes) -> None: ...
@@ -92,11 +94,14 @@ class Exchange:
         "ctx",
         "down",
         "finished",
+        "grpc_status",
         "head",
         "local_reason",
         "request",
         "request_complete",
         "request_id",
+        "request_trailers",
+        "reset_code",
         "response_complete",
         "response_started",
         "retried",
@@ -123,7 +128,7 @@ class Exchange:
             else ctx.new_request_id()
         )
         self.request: UpstreamRequest | None = None
-        self.upstream: UpstreamConnection | None = None
+        self.upstream: UpstreamLink | None = None
         self.connect_task: asyncio.Task[None] | None = None
         self.request_complete = False
         self.response_started = False
@@ -136,6 +141,9 @@ class Exchange:
         self.sent_at = 0.0
         self.upstream_duration: float | None = None
         self.local_reason: tuple[str, str] | None = None  # (reason, detail) of our own answer
+        self.request_trailers: Headers | None = None  # the client's, sent on with the end
+        self.reset_code: int | None = None  # how the app's HTTP/2 stream was reset
+        self.grpc_status: bytes | None = None
         self._pending: list[bytes] | None = None  # body that arrived while connecting
         ctx.metrics.in_flight += 1
 
@@ -207,7 +215,7 @@ class Exchange:
             )
             self.down.abort_all()
 
-    def _attach(self, upstream: UpstreamConnection) -> None:
+    def _attach(self, upstream: UpstreamLink) -> None:
         request = self.request
         assert request is not None
         upstream.owner = self
@@ -229,7 +237,7 @@ class Exchange:
             for data in pending:
                 parts += codec.request_data(data)
         if self.request_complete:
-            parts.append(codec.request_end())
+            parts.append(codec.request_end(self.request_trailers))
         if len(parts) == 1:
             upstream.write(parts[0])
         else:
@@ -260,7 +268,7 @@ class Exchange:
             return
         upstream = self.upstream
         if upstream is not None:
-            end = upstream.codec.request_end()
+            end = upstream.codec.request_end(self.request_trailers)
             if end:
                 upstream.write(end)
         if self.response_complete:
@@ -276,6 +284,8 @@ class Exchange:
         self.response_started = True
         self.upstream_duration = time.perf_counter() - self.sent_at
         self.ctx.metrics.upstream_responded(self.upstream_duration)
+        if self.head.grpc:  # a trailers-only answer carries the status in its head
+            self.grpc_status = hdr.get_header(headers, b"grpc-status")
         # Sending pushes the downstream's deadline: the upstream phase now times the body.
         self.down.send_head(
             status, reason or hdr.reason_phrase(status), hdr.response_headers(headers), length
@@ -284,6 +294,11 @@ class Exchange:
     def response_data(self, data: bytes) -> None:
         self.bytes_out += len(data)
         self.down.send_data(data)
+
+    def response_trailers(self, headers: Headers) -> None:
+        if self.head.grpc:
+            self.grpc_status = hdr.get_header(headers, b"grpc-status")
+        self.down.send_trailers(hdr.trailer_fields(headers))
 
     def response_end(self) -> None:
         self.response_complete = True
@@ -305,7 +320,9 @@ class Exchange:
             return
         # The app switched protocols (WebSocket): from now on the downstream relays raw bytes.
         upstream = self.upstream
-        assert upstream is not None
+        if not isinstance(upstream, UpstreamConnection):
+            self.response_malformed("101 Switching Protocols over HTTP/2")
+            return
         self.upstream = None
         self.status = 101
         self.upstream_duration = time.perf_counter() - self.sent_at
@@ -324,10 +341,11 @@ class Exchange:
         else:
             self.down.release(HOLD_UPSTREAM_FULL)
 
-    def upstream_lost(self, upstream: UpstreamConnection, exc: Exception | None) -> None:
+    def upstream_lost(self, upstream: UpstreamLink, exc: Exception | None) -> None:
         if self.upstream is not upstream:
             return
         self.upstream = None
+        self.reset_code = getattr(exc, "code", None)  # an HTTP/2 app's RST_STREAM, relayed
         if self.response_complete or self.finished:
             return  # answered already; the rest of the request body is read and dropped
         if self.response_started:
@@ -367,7 +385,7 @@ class Exchange:
         return True
 
     def local(self, status: int, reason: str, message: str) -> None:
-        """Answer the client ourselves instead of the app."""
+        """Answer the client ourselves instead of the app (for gRPC, in gRPC's terms)."""
         self.ctx.metrics.local_responses.labels(str(status), reason).inc()
         upstream = self.upstream
         if upstream is not None:
@@ -386,6 +404,13 @@ class Exchange:
                     "client": self.session.client.address,
                 },
             )
+        if self.head.grpc:
+            code = grpc.status_for(status)
+            self.grpc_status = grpc.STATUS_BYTES[code]
+            text = local_body(status, message, self.request_id).decode().strip()
+            self.down.send_local(200, grpc.trailers_only(code, text, self.request_id), b"")
+            self._finish(200)
+            return
         self.down.send_local(
             status, local_headers(self.request_id), local_body(status, message, self.request_id)
         )
@@ -417,7 +442,9 @@ class Exchange:
         duration = time.perf_counter() - self.started
         head = self.head
         ctx.metrics.in_flight -= 1
-        ctx.metrics.request_done(head.method, status, duration)
+        ctx.metrics.request_done(head.method, status, duration, head.version)
+        if self.grpc_status is not None:
+            ctx.metrics.grpc_done(self.grpc_status)
         if ctx.access_log.enabled:
             local = self.local_reason
             ctx.access(
@@ -433,4 +460,6 @@ class Exchange:
                 request_id=self.request_id,
                 local=local[0] if local else None,
                 detail=local[1] if local else None,
+                version=head.version,
+                grpc_status=self.grpc_status,
             )

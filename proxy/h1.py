@@ -40,8 +40,20 @@ class Http1Connection(ClientConnection):
 
     def handshake_complete(self) -> None:
         early, self._early = self._early, None
+        if self.ctx.http2 and self._alpn_h2():
+            from .http2 import Http2Connection  # noqa: PLC0415
+
+            successor = Http2Connection(self.ctx)
+            self.hand_over(successor)
+            successor.start(b"".join(early) if early else None)
+            return
         if early:
             self._received(b"".join(early))  # counted when it arrived
+
+    def _alpn_h2(self) -> bool:
+        assert self.transport is not None
+        ssl_object = self.transport.get_extra_info("ssl_object")
+        return ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2"
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.handshaking:
@@ -122,7 +134,7 @@ class Http1Connection(ClientConnection):
         ctx = self.ctx
         ctx.metrics.local_responses.labels(str(error.status), error.reason).inc()
         self.send_local(error.status, local_headers(None), local_body(error.status, str(error)))
-        ctx.metrics.request_done(b"OTHER", error.status, 0.0)
+        ctx.metrics.request_done(b"OTHER", error.status, 0.0, b"1.1")
         ctx.access(
             client=self.session.client.address,
             method=b"-",
@@ -175,6 +187,9 @@ class Http1Connection(ClientConnection):
             self._corked += parts
         else:
             self.writelines(parts)
+
+    def send_trailers(self, headers: Headers) -> None:
+        """Response trailers are not relayed to an HTTP/1.1 client (its body ends as usual)."""
 
     def send_end(self) -> None:
         end = self.codec.response_end()

@@ -201,6 +201,22 @@ def response_headers(headers: HeaderSeq, *, switching_protocols: bool = False) -
     return out
 
 
+def get_header(headers: HeaderSeq, name: bytes) -> bytes | None:
+    for n, v in headers:
+        if n == name:
+            return v
+    return None
+
+
+def trailer_fields(headers: HeaderSeq) -> Headers:
+    """Trailers for the client: no pseudo-headers, nothing hop-by-hop, no framing."""
+    return [
+        (n, v)
+        for n, v in headers
+        if n[:1] != b":" and n not in HOP_BY_HOP and n != b"content-length"
+    ]
+
+
 def has_header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bool:
     return any(n == name for n, _ in headers)
 

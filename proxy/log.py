@@ -72,12 +72,16 @@ class AccessRecord:
     worker: int | None = None
     local: str | None = None  # why the proxy answered itself (a local_responses reason)
     detail: str | None = None  # what went wrong, for the operator (never sent to the client)
+    protocol: str = "http/1.1"  # http/1.1, http/1.0 or h2
+    grpc_status: str | None = None  # a gRPC request's outcome (the app's, or the proxy's own)
 
     def as_json(self) -> str:
         extra: dict[str, object] = {} if self.worker is None else {"worker": self.worker}
         if self.local is not None:
             extra["local"] = self.local
             extra["detail"] = self.detail
+        if self.grpc_status is not None:
+            extra["grpc_status"] = self.grpc_status
         return json.dumps(
             {
                 "time": _timestamp(self.time),
@@ -91,6 +95,7 @@ class AccessRecord:
                 "upstream_ms": None
                 if self.upstream_duration is None
                 else round(self.upstream_duration * 1000, 3),
+                "protocol": self.protocol,
                 "tls": self.tls_version,
                 "request_id": self.request_id,
                 **extra,
@@ -102,7 +107,8 @@ class AccessRecord:
         return (
             f'{_timestamp(self.time)} {self.client} "{self.method} {self.path}" {self.status} '
             f"in={self.bytes_in} out={self.bytes_out} {self.duration * 1000:.1f}ms "
-            f"upstream={upstream}ms {self.tls_version} id={self.request_id}"
+            f"upstream={upstream}ms {self.protocol} {self.tls_version} id={self.request_id}"
+            + ("" if self.grpc_status is None else f" grpc_status={self.grpc_status}")
             + ("" if self.local is None else f" local={self.local} detail={self.detail!r}")
         )
 

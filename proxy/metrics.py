@@ -21,6 +21,8 @@ from prometheus_client.process_collector import ProcessCollector
 from . import __version__
 
 PREFIX = "tls_sidecar"
+# The protocol label of a request, from the version its head carries.
+PROTOCOLS = {b"1.1": "http/1.1", b"1.0": "http/1.0", b"2": "h2"}
 
 # Closed set: anything else is counted as OTHER so a client cannot grow our label space.
 METHODS = frozenset(
@@ -136,8 +138,9 @@ class Metrics:
         )
         self.http_requests = Counter(
             f"{p}_http_requests",
-            "Requests answered, by method (closed set, else OTHER) and status code.",
-            ["method", "code"],
+            "Requests answered, by method (closed set, else OTHER), status code and protocol "
+            "(http/1.1, http/1.0, h2).",
+            ["method", "code", "protocol"],
             registry=r,
         )
         self.http_request_duration = Histogram(
@@ -169,6 +172,19 @@ class Metrics:
         self.upstream_connect_errors = Counter(
             f"{p}_upstream_connect_errors",
             "Failed attempts to connect to the upstream, by reason (refused, timeout, error).",
+            ["reason"],
+            registry=r,
+        )
+        self.grpc_responses = Counter(
+            f"{p}_grpc_responses",
+            "gRPC requests answered, by grpc-status (the app's, or the proxy's own).",
+            ["grpc_status"],
+            registry=r,
+        )
+        self.http2_connection_errors = Counter(
+            f"{p}_http2_connection_errors",
+            "HTTP/2 connections ended with GOAWAY for an error, by reason (protocol_error, "
+            "rapid_reset, control_flood, header_block, internal_error).",
             ["reason"],
             registry=r,
         )
@@ -241,33 +257,46 @@ class Metrics:
             self.bytes.labels("upstream", "out"),
         ]
         self._buckets = (*LATENCY_BUCKETS, float("inf"))
-        self._requests: dict[tuple[bytes, int], tuple[Counter, Histogram, _Observed]] = {}
+        self._requests: dict[tuple[bytes, int, bytes], tuple[Counter, Histogram, _Observed]] = {}
+        self._grpc: dict[bytes, Counter] = {}
         self._upstream_observed = _Observed(len(self._buckets))
         self._hooks: list[Callable[[], None]] = []
 
-    def request_done(self, method: bytes, code: int, seconds: float) -> None:
-        entry = self._requests.get((method, code))
+    def request_done(self, method: bytes, code: int, seconds: float, version: bytes) -> None:
+        entry = self._requests.get((method, code, version))
         if entry is None:
-            entry = self._request_entry(method, code)
+            entry = self._request_entry(method, code, version)
         observed = entry[2]
         observed.count += 1
         observed.sum += seconds
         observed.buckets[bisect_left(self._buckets, seconds)] += 1
 
-    def _request_entry(self, method: bytes, code: int) -> tuple[Counter, Histogram, _Observed]:
+    def _request_entry(
+        self, method: bytes, code: int, version: bytes
+    ) -> tuple[Counter, Histogram, _Observed]:
         name = method.decode("ascii", "replace")
         label = name if name in METHODS else "OTHER"
         if label == "OTHER":
             method = b"OTHER"  # one entry for every unknown method: a client cannot grow this
-        entry = self._requests.get((method, code))
+        key = (method, code, version)
+        entry = self._requests.get(key)
         if entry is None:
             entry = (
-                self.http_requests.labels(label, str(code)),
+                self.http_requests.labels(label, str(code), PROTOCOLS.get(version, "other")),
                 self.http_request_duration.labels(f"{code // 100}xx"),
                 _Observed(len(self._buckets)),
             )
-            self._requests[(method, code)] = entry
+            self._requests[key] = entry
         return entry
+
+    def grpc_done(self, status: bytes) -> None:
+        child = self._grpc.get(status)
+        if child is None:
+            code = status.decode("latin-1")
+            child = self.grpc_responses.labels(code if code.isdigit() and len(code) < 3 else "?")
+            if len(self._grpc) < 64:
+                self._grpc[status] = child
+        child.inc()
 
     def upstream_responded(self, seconds: float) -> None:
         observed = self._upstream_observed

@@ -7,10 +7,11 @@ send the app, or which answer the proxy gives itself.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from . import headers as hdr
-from .headers import ClientInfo, Headers
+from .headers import ClientInfo, Headers, HeaderSeq
 
 # Upgrade protocols that are never tunnelled over TLS, whatever --upgrade says: h2c skips every
 # per-request rule once the app switches (the "h2c smuggling" technique).
@@ -50,6 +51,7 @@ class RequestHead:
     size: int = 0  # bytes of the head as received (method, target, headers)
     has_body: bool = False  # chunked, or a Content-Length above 0
     expect_continue: bool = False  # `Expect: 100-continue`: the client waits before its body
+    grpc: bool = False  # content-type application/grpc*: the proxy's own errors speak gRPC
 
 
 def read_head(
@@ -134,6 +136,128 @@ def read_head(
         te is not None or bool(content_length),
         expect_continue and version == b"1.1",
     )
+
+
+# RFC 9113 §8.2.2: connection-specific fields make an HTTP/2 request malformed.
+_H2_CONNECTION_SPECIFIC = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
+)
+_H2_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path"})
+# RFC 9113 §8.2.1: a field name has no upper case, no controls, no separators that are not
+# token characters; a value no NUL, CR or LF and no leading or trailing whitespace.
+_H2_BAD_NAME = re.compile(rb"[^a-z0-9!#$%&'*+\-.^_`|~]")
+_H2_BAD_VALUE = re.compile(rb"[\x00\r\n]|^[ \t]|[ \t]$")
+
+
+def read_h2_head(fields: HeaderSeq, ended: bool) -> RequestHead:
+    """An HTTP/2 request's header block as a `RequestHead`, checked per RFC 9113 §8.
+
+    What makes a request malformed raises BadRequest (the stream is reset; the app never sees
+    it): a missing, repeated, unknown or late pseudo-header, an invalid field name or value, a
+    connection-specific field, `te` other than `trailers`, a Host that names another authority
+    than `:authority`, a repeated or non-numeric Content-Length. `:authority` becomes Host for
+    an HTTP/1.1 app; cookie fields are joined (§8.2.3)."""
+    pseudo: dict[bytes, bytes] = {}
+    headers: Headers = []
+    cookies: list[bytes] = []
+    host: bytes | None = None
+    length: bytes | None = None
+    request_id: bytes | None = None
+    grpc = False
+    size = 0
+    for name, value in fields:
+        size += len(name) + len(value) + 4
+        if _H2_BAD_VALUE.search(value) is not None:
+            raise BadRequest(400, "malformed", f"invalid value of {name!r}")
+        if name[:1] == b":":
+            if headers or cookies or host is not None:
+                raise BadRequest(400, "malformed", f"pseudo-header {name!r} after a field")
+            if name not in _H2_PSEUDO or name in pseudo:
+                raise BadRequest(400, "malformed", f"unknown or repeated pseudo-header {name!r}")
+            pseudo[name] = value
+            continue
+        if _H2_BAD_NAME.search(name) is not None or not name:
+            raise BadRequest(400, "malformed", f"invalid field name {name!r}")
+        if name in _H2_CONNECTION_SPECIFIC:
+            raise BadRequest(400, "malformed", f"connection-specific field {name.decode()!r}")
+        if name == b"cookie":
+            cookies.append(value)
+            continue
+        if name == b"host":
+            if host is not None:
+                raise BadRequest(400, "malformed", "more than one Host")
+            host = value
+            continue
+        if name == b"te":
+            if value.lower() != b"trailers":
+                raise BadRequest(400, "malformed", "te other than trailers")
+        elif name == b"content-length":
+            if length is not None and value != length:
+                raise BadRequest(400, "malformed", "more than one Content-Length")
+            if length is not None:
+                continue
+            length = value
+        elif name == b"content-type":
+            grpc = value[:16] == b"application/grpc"
+        elif name == b"x-request-id" and request_id is None:
+            request_id = value
+        headers.append((name, value))
+    method = pseudo.get(b":method")
+    path = pseudo.get(b":path")
+    authority = pseudo.get(b":authority")
+    if method is None or path is None or b":scheme" not in pseudo:
+        if method == b"CONNECT":
+            raise BadRequest(405, "method_not_allowed", "CONNECT is not supported")
+        raise BadRequest(400, "malformed", "a request needs :method, :scheme and :path")
+    if not path or (path[:1] != b"/" and not (path == b"*" and method == b"OPTIONS")):
+        raise BadRequest(400, "malformed", "invalid :path")
+    if authority is not None:
+        if host is not None and host != authority:
+            raise BadRequest(400, "malformed", "Host and :authority differ")
+        host = authority
+    if host is not None:
+        headers.insert(0, (b"host", host))
+    if cookies:
+        headers.append((b"cookie", b"; ".join(cookies)))
+    content_length: int | None = None
+    if length is not None:
+        if not length.isdigit() or len(length) > 18:
+            raise BadRequest(400, "malformed", "Content-Length is not a number")
+        content_length = int(length)
+    has_body = not ended and content_length != 0
+    return RequestHead(
+        method,
+        path,
+        b"2",
+        headers,
+        content_length,
+        has_body and content_length is None,  # an HTTP/1.1 app gets such a body chunked
+        True,
+        None,
+        request_id,
+        False,
+        size,
+        has_body,
+        False,
+        grpc,
+    )
+
+
+def read_h2_trailers(fields: HeaderSeq) -> Headers:
+    """An HTTP/2 request's trailers, checked as its head is: no pseudo-header, valid names and
+    values, nothing connection-specific (RFC 9113 §8.1)."""
+    out: Headers = []
+    for name, value in fields:
+        if (
+            name[:1] == b":"
+            or not name
+            or _H2_BAD_NAME.search(name) is not None
+            or _H2_BAD_VALUE.search(value) is not None
+            or name in _H2_CONNECTION_SPECIFIC
+        ):
+            raise BadRequest(400, "malformed", f"invalid trailer field {name!r}")
+        out.append((name, value))
+    return out
 
 
 def upgrade_protocol(value: bytes) -> bytes:

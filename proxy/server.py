@@ -13,7 +13,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter
 
@@ -24,9 +24,12 @@ from .config import Address, Config, ConfigError
 from .downstream import ClientConnection
 from .h1 import Http1Connection
 from .log import AccessLog, AccessRecord
-from .metrics import Metrics
+from .metrics import PROTOCOLS, Metrics
 from .tls import TlsState
 from .upstream import UpstreamPool, probe_upstream
+
+if TYPE_CHECKING:
+    from .upstream_h2 import H2UpstreamPool
 
 log = logging.getLogger("tls_sidecar.server")
 
@@ -50,8 +53,15 @@ class ProxyContext:
         self.metrics = metrics
         self.access_log = access_log
         self.http = codec.resolve(config.http)
+        self.http2 = config.http2
         self.server_codec = codec.server_codec_class(self.http)
-        self.pool = UpstreamPool(config, metrics, loop, codec.client_codec_class(self.http))
+        self.pool: UpstreamPool | H2UpstreamPool
+        if config.upstream.h2c:
+            from .upstream_h2 import H2UpstreamPool  # noqa: PLC0415
+
+            self.pool = H2UpstreamPool(config, metrics, loop)
+        else:
+            self.pool = UpstreamPool(config, metrics, loop, codec.client_codec_class(self.http))
         self.allowed_upgrades = frozenset(u.encode() for u in config.upgrades)
         self.connections: set[ClientConnection] = set()
         self.draining = False
@@ -93,6 +103,8 @@ class ProxyContext:
         request_id: bytes,
         local: str | None = None,
         detail: str | None = None,
+        version: bytes = b"1.1",
+        grpc_status: bytes | None = None,
     ) -> None:
         if not self.access_log.enabled:
             return
@@ -112,6 +124,8 @@ class ProxyContext:
                 worker=self.config.worker_index,
                 local=local,
                 detail=detail,
+                protocol=PROTOCOLS.get(version, "-"),
+                grpc_status=None if grpc_status is None else grpc_status.decode("latin-1"),
             )
         )
 

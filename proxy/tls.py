@@ -21,7 +21,9 @@ log = logging.getLogger("tls_sidecar.tls")
 
 # TLS 1.2: forward secrecy (ECDHE) and AEAD only. TLS 1.3 suites are all AEAD and PFS.
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL"
-ALPN = ["http/1.1"]
+# ALPN: HTTP/2 first when it is on (RFC 9113 §3.2); a client without ALPN speaks HTTP/1.1.
+ALPN_H2 = ["h2", "http/1.1"]
+ALPN_H1 = ["http/1.1"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +47,9 @@ class Material:
     served: ServedCertificate
 
 
-def base_context(min_version: str, *, session_resumption: bool = True) -> ssl.SSLContext:
+def base_context(
+    min_version: str, *, session_resumption: bool = True, http2: bool = True
+) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if min_version == "1.3" else ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(TLS12_CIPHERS)
@@ -55,7 +59,8 @@ def base_context(min_version: str, *, session_resumption: bool = True) -> ssl.SS
         | ssl.OP_CIPHER_SERVER_PREFERENCE
         | ssl.OP_SINGLE_ECDH_USE
     )
-    ctx.set_alpn_protocols(ALPN)
+    # TLS12_CIPHERS holds none of RFC 9113 Appendix A's prohibited suites, as HTTP/2 needs.
+    ctx.set_alpn_protocols(ALPN_H2 if http2 else ALPN_H1)
     if not session_resumption:
         ctx.options |= ssl.OP_NO_TICKET
         ctx.num_tickets = 0  # TLS 1.3: no tickets at all, so every handshake is a full one
@@ -65,7 +70,9 @@ def base_context(min_version: str, *, session_resumption: bool = True) -> ssl.SS
 def context_for(config: Config, material: Material, client_ca: bytes | None) -> ssl.SSLContext:
     """OpenSSL loads certificates only from files: the PEM passes through a private temporary
     directory (0700, key 0600) that is removed at once."""
-    ctx = base_context(config.tls_min_version, session_resumption=config.session_resumption)
+    ctx = base_context(
+        config.tls_min_version, session_resumption=config.session_resumption, http2=config.http2
+    )
     with tempfile.TemporaryDirectory(prefix="tls-sidecar-") as tmp:
         cert_path, key_path = Path(tmp, "tls.crt"), Path(tmp, "tls.key")
         cert_path.write_bytes(material.chain_pem)

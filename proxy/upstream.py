@@ -28,8 +28,24 @@ class UpstreamOwner(ResponseSink, Protocol):
     @property
     def down(self) -> Corkable: ...
 
-    def upstream_lost(self, upstream: UpstreamConnection, exc: Exception | None) -> None: ...
+    def upstream_lost(self, upstream: UpstreamLink, exc: Exception | None) -> None: ...
     def upstream_write_paused(self, paused: bool) -> None: ...
+
+
+class UpstreamLink(Protocol):
+    """What an exchange holds to reach the app: an HTTP/1.1 connection, or an HTTP/2 stream
+    (upstream_h2). Its codec frames the request; replies reach `owner`."""
+
+    owner: UpstreamOwner | None
+    codec: ClientCodec
+    reused: bool  # it served a request before (so the app may have closed it meanwhile)
+    received_any: bool
+
+    def write(self, data: bytes) -> None: ...
+    def writelines(self, parts: list[bytes]) -> None: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+    def abort(self) -> None: ...
 
 
 class TunnelOwner(Protocol):
@@ -199,7 +215,7 @@ class UpstreamPool:
         self.metrics.upstream_idle.set(self.counts["idle"])
         self.metrics.upstream_busy.set(self.counts["busy"])
 
-    def take_idle(self) -> UpstreamConnection | None:
+    def take_idle(self) -> UpstreamLink | None:
         now = self.loop.time()
         while self._idle:
             up = self._idle.pop()
@@ -217,7 +233,7 @@ class UpstreamPool:
             return up
         return None
 
-    async def connect(self, timeout: float | None = None) -> UpstreamConnection:
+    async def connect(self, timeout: float | None = None) -> UpstreamLink:
         loop = self.loop
         target = self.config.upstream
         limit = self.config.upstream_connect_timeout if timeout is None else timeout
@@ -249,8 +265,9 @@ class UpstreamPool:
         self._set_state(up, "busy")
         return up
 
-    def release(self, up: UpstreamConnection) -> None:
+    def release(self, link: UpstreamLink) -> None:
         """Return a finished connection to the pool, or close it if it cannot serve again."""
+        up = cast(UpstreamConnection, link)
         up.owner = None
         if (
             up.closed
@@ -272,7 +289,8 @@ class UpstreamPool:
         if self._sweeper is None:
             self._schedule_sweep()
 
-    def close(self, up: UpstreamConnection) -> None:
+    def close(self, link: UpstreamLink) -> None:
+        up = cast(UpstreamConnection, link)
         up.owner = None
         if up.transport is not None and not up.closed:
             up.transport.close()

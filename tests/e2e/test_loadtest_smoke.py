@@ -29,11 +29,22 @@ def test_smoke_run_writes_results_table_and_plots(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     data = json.loads((tmp_path / "results.json").read_text())
-    assert set(data["scenarios"]) == {"S1", "S2", "S2full", "S3", "S4", "S5", "S6"}
+    assert set(data["scenarios"]) == {
+        "S1",
+        "S2",
+        "S2full",
+        "S3",
+        "S4",
+        "S5",
+        "S6",
+        "S7",
+        "S8",
+        "S5h2",
+    }
     for name, row in data["scenarios"].items():
         for who in ("tls-sidecar", "nginx"):
             figures = row[who]
-            if name == "S5":
+            if name.startswith("S5"):
                 assert figures["connections"] == 50 and figures["rss_at_rest_mib"] > 0
             else:
                 assert figures["failed"] == 0, (name, who, figures)
@@ -43,6 +54,8 @@ def test_smoke_run_writes_results_table_and_plots(tmp_path: Path) -> None:
     assert data["proxy_exit_codes"] == [0] * runs, "the proxy drained and exited 0 after every run"
     table = (tmp_path / "results.md").read_text()
     assert "| S1 keep-alive" in table and "tls-sidecar / nginx" in table
+    assert "the h2 floor (measured" in table  # S7 and S8 are judged against it
+    assert "h2 floor" in data["scenarios"]["S8"]
     assert (tmp_path / "throughput.png").stat().st_size > 1000
     assert (tmp_path / "latency.png").stat().st_size > 1000
 

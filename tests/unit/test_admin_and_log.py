@@ -46,6 +46,7 @@ def test_access_record_json_has_every_field() -> None:
         "bytes_out": 10,
         "duration_ms": 12.3,
         "upstream_ms": None,
+        "protocol": "http/1.1",
         "tls": "TLSv1.3",
         "request_id": "r1",
     }
@@ -54,7 +55,7 @@ def test_access_record_json_has_every_field() -> None:
 def test_access_record_text() -> None:
     assert (
         RECORD.as_text()
-        == '1970-01-01T00:00:00.000Z 192.0.2.1 "GET /a?b" 200 in=3 out=10 12.3ms upstream=-ms TLSv1.3 id=r1'
+        == '1970-01-01T00:00:00.000Z 192.0.2.1 "GET /a?b" 200 in=3 out=10 12.3ms upstream=-ms http/1.1 TLSv1.3 id=r1'
     )
 
 

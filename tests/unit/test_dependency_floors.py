@@ -1,4 +1,4 @@
-"""The installed HTTP parsers are not older than the floors SECURITY.md lists (known CVEs)."""
+"""The installed HTTP/1.1 and HTTP/2 libraries are not older than the floors SECURITY.md lists (known CVEs)."""
 
 from __future__ import annotations
 
@@ -24,10 +24,10 @@ def floors() -> dict[str, str]:
 
 
 def test_security_lists_the_parsers() -> None:
-    assert set(floors()) == {"h11", "httptools"}
+    assert set(floors()) == {"h11", "h2", "httptools"}
 
 
-@pytest.mark.parametrize("package", ["h11", "httptools"])
+@pytest.mark.parametrize("package", ["h11", "h2", "httptools"])
 def test_installed_version_is_not_below_its_floor(package: str) -> None:
     floor = floors()[package]
     installed = version(package)
@@ -36,6 +36,6 @@ def test_installed_version_is_not_below_its_floor(package: str) -> None:
     )
 
 
-@pytest.mark.parametrize("package", ["h11", "httptools"])
+@pytest.mark.parametrize("package", ["h11", "h2", "httptools"])
 def test_pyproject_requires_the_floor(package: str) -> None:
     assert f'"{package}>={floors()[package]}"' in PYPROJECT.read_text()

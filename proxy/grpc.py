@@ -1,0 +1,64 @@
+"""gRPC's view of the proxy's own answers: status codes and trailers-only responses (pure).
+
+A gRPC client reads the outcome from `grpc-status`, not from the HTTP status, so an error of the
+proxy's own for a gRPC request is HTTP 200 with the status in a trailers-only response, as Envoy
+does (https://github.com/grpc/grpc/blob/master/doc/http-grpc-status-mapping.md)."""
+
+from __future__ import annotations
+
+from .headers import Headers
+
+OK = 0
+CANCELLED = 1
+UNKNOWN = 2
+DEADLINE_EXCEEDED = 4
+PERMISSION_DENIED = 7
+RESOURCE_EXHAUSTED = 8
+UNIMPLEMENTED = 12
+INTERNAL = 13
+UNAVAILABLE = 14
+UNAUTHENTICATED = 16
+
+_BY_HTTP = {
+    400: INTERNAL,
+    401: UNAUTHENTICATED,
+    403: PERMISSION_DENIED,
+    404: UNIMPLEMENTED,
+    405: UNIMPLEMENTED,
+    408: DEADLINE_EXCEEDED,
+    413: RESOURCE_EXHAUSTED,
+    429: RESOURCE_EXHAUSTED,
+    431: RESOURCE_EXHAUSTED,
+    502: UNAVAILABLE,
+    503: UNAVAILABLE,
+    504: DEADLINE_EXCEEDED,
+}
+
+STATUS_BYTES = {code: b"%d" % code for code in range(17)}
+
+
+def status_for(http_status: int) -> int:
+    """The gRPC status of an answer the proxy gives itself: UNAVAILABLE when the app is down
+    or refused, DEADLINE_EXCEEDED when it did not answer in time, PERMISSION_DENIED for a
+    refused client certificate, RESOURCE_EXHAUSTED for a limit."""
+    return _BY_HTTP.get(http_status, UNKNOWN)
+
+
+def _percent_encode(message: str) -> bytes:
+    """grpc-message is percent-encoded UTF-8: bytes outside 0x20-0x7E, and '%' itself."""
+    return b"".join(
+        bytes((b,)) if 0x20 <= b <= 0x7E and b != 0x25 else b"%%%02X" % b
+        for b in message.encode("utf-8")
+    )
+
+
+def trailers_only(code: int, message: str, request_id: bytes | None) -> Headers:
+    """The headers of a trailers-only response (HTTP 200, no body)."""
+    out = [
+        (b"content-type", b"application/grpc"),
+        (b"grpc-status", STATUS_BYTES.get(code) or b"%d" % code),
+        (b"grpc-message", _percent_encode(message)),
+    ]
+    if request_id is not None:
+        out.append((b"x-request-id", request_id))
+    return out

@@ -1,0 +1,746 @@
+"""HTTP/2 to one client (RFC 9113) with the `h2` library: each stream is one `Exchange`.
+
+The connection turns frames into exchanges and back; a stream is the exchange's `Downstream`.
+Flow control is the backpressure both ways: a request body is acknowledged (the client's window
+reopened) only once it went on to the app, and a response body waits in the stream when the
+client's window is shut, pausing the app's side past a bound. Defences against the known
+HTTP/2 attacks are here too: header blocks bounded in total (CONTINUATION flood), budgets for
+resets and for frames that make the server work without a request (rapid reset; SETTINGS,
+PING and empty DATA floods), and h2's own checks answer every protocol error with GOAWAY.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+from h2.errors import ErrorCodes
+from h2.frame_buffer import FrameBuffer
+from hyperframe.frame import ContinuationFrame, Frame, GoAwayFrame, HeadersFrame
+
+from .downstream import ClientConnection, PhaseTimer
+from .exchange import Exchange, Session
+from .headers import Headers
+from .request import BadRequest, read_h2_head, read_h2_trailers
+from .upstream import UpstreamConnection
+
+if TYPE_CHECKING:
+    from .server import ProxyContext
+
+log = logging.getLogger("tls_sidecar.http")
+
+# Windows we open to the client: what it may send before the app has taken it. A stream's
+# window bounds what one slow upload buffers here; the connection's bounds them all together.
+STREAM_WINDOW = 256 * 1024
+CONNECTION_WINDOW = 1024 * 1024
+# A response body waiting for the client's window: past this much per stream (or all streams
+# together) the app's side is paused until the client reads.
+STREAM_BUFFER = 64 * 1024
+CONNECTION_BUFFER = 1024 * 1024
+# Frames that cost work but carry no request (SETTINGS, PING, empty DATA, unknown types): a
+# burst, then a steady rate per second; past it, GOAWAY ENHANCE_YOUR_CALM.
+CONTROL_BURST = 1000.0
+CONTROL_RATE = 100.0
+
+_SERVER_CONFIG = h2.config.H2Configuration(
+    client_side=False,
+    header_encoding=None,
+    # read_h2_head checks requests itself, so that a malformed one resets its stream only
+    # (h2's checks end the whole connection); the proxy builds what it sends.
+    validate_inbound_headers=False,
+    normalize_inbound_headers=False,
+    validate_outbound_headers=False,
+    normalize_outbound_headers=False,
+    split_outbound_cookies=False,
+)
+
+LINGER_SECONDS = 1.0
+_DRAIN_PING = b"drain\x00\x00\x00"
+_STATUS = {code: b"%d" % code for code in range(100, 600)}
+
+
+class CalmDown(h2.exceptions.DenialOfServiceError):
+    """The client spent a budget: the connection ends with GOAWAY ENHANCE_YOUR_CALM."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class HeaderBlockBudget(FrameBuffer):
+    """h2 joins up to 64 CONTINUATION frames of any size into one header block; here a block is
+    bounded in total by --max-header-bytes as it arrives (CVE-2024-27316)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(server=True)
+        self.limit = limit
+        self._block = 0
+
+    def _update_header_buffer(self, f: Frame | None) -> Frame | None:
+        if isinstance(f, HeadersFrame):
+            self._block = len(f.data)
+        elif isinstance(f, ContinuationFrame):
+            self._block += len(f.data)
+        if self._block > self.limit:
+            raise CalmDown("header_block", f"header block over {self.limit} bytes")
+        return super()._update_header_buffer(f)
+
+
+class Budget:
+    """A token bucket: `burst` at once, refilled at `rate` per second."""
+
+    __slots__ = ("_at", "_level", "burst", "rate")
+
+    def __init__(self, burst: float, rate: float, now: float) -> None:
+        self.burst = burst
+        self.rate = rate
+        self._level = burst
+        self._at = now
+
+    def spend(self, now: float) -> bool:
+        """Take one token; False when none is left."""
+        level = min(self.burst, self._level + (now - self._at) * self.rate) - 1.0
+        self._at = now
+        self._level = level
+        return level >= 0.0
+
+
+class Http2Connection(ClientConnection):
+    """Serves HTTP/2 over TLS to one client; created when ALPN chose h2."""
+
+    def __init__(self, ctx: ProxyContext) -> None:
+        super().__init__(ctx)
+        config = ctx.config
+        conn = h2.connection.H2Connection(config=_SERVER_CONFIG)
+        # The HPACK decoder stops a header list over the limit while decoding (HPACK bombs);
+        # h2 would apply the setting only once the client acknowledged it.
+        conn.decoder.max_header_list_size = config.max_header_bytes
+        conn.incoming_buffer = HeaderBlockBudget(config.max_header_bytes)
+        self.h2 = conn
+        self.streams: dict[int, H2Stream] = {}
+        self.buffered = 0  # response bytes waiting for the client's window, all streams
+        self.corked = 0
+        self.going_away = False  # a GOAWAY went out (or came in): no new streams
+        self._final_sent = False
+        now = self.loop.time()
+        self._control = Budget(CONTROL_BURST, CONTROL_RATE, now)
+        streams = config.max_concurrent_streams
+        # Rapid reset (CVE-2023-44487): streams the client cancels before their answer.
+        self._resets = Budget(max(200.0, 2.0 * streams), max(100.0, float(streams)), now)
+        self._handlers: dict[type[h2.events.Event], Callable[[Any], None]] = {
+            h2.events.RequestReceived: self._on_request,
+            h2.events.DataReceived: self._on_data,
+            h2.events.StreamEnded: self._on_stream_ended,
+            h2.events.TrailersReceived: self._on_trailers,
+            h2.events.StreamReset: self._on_reset,
+            h2.events.WindowUpdated: self._on_window,
+            h2.events.RemoteSettingsChanged: self._on_settings,
+            h2.events.PingReceived: self._on_control,
+            h2.events.PingAckReceived: self._on_ping_ack,
+            h2.events.UnknownFrameReceived: self._on_control,
+            h2.events.ConnectionTerminated: self._on_goaway,
+        }
+
+    def start(self, early: bytes | None) -> None:
+        """After the handshake: our SETTINGS, a wide connection window, then the client's."""
+        conn = self.h2
+        conn.local_settings = self._settings(self.ctx.config.max_concurrent_streams)
+        conn.initiate_connection()
+        # h2 ends the whole connection for a stream past the limit; the proxy refuses that
+        # stream alone (REFUSED_STREAM, RFC 9113 §5.1.2), so h2 is held to a looser bound.
+        conn.local_settings = self._settings(2 * self.ctx.config.max_concurrent_streams + 100)
+        conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        self.flush()
+        if early:
+            self._received(early)
+
+    def _settings(self, streams: int) -> h2.settings.Settings:
+        return h2.settings.Settings(
+            client=False,
+            initial_values={
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: streams,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: self.ctx.config.max_header_bytes,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+            },
+        )
+
+    @property
+    def idle(self) -> bool:
+        return not self.streams
+
+    def begin_drain(self) -> None:
+        """GOAWAY with the largest stream id first (streams under way may still arrive), then,
+        a round trip later (a PING's answer), with the last stream actually taken."""
+        if self.closed or self.going_away:
+            return
+        self.going_away = True
+        if not self.streams:
+            self._final_goaway()
+            return
+        self._goaway(2**31 - 1)
+        self.h2.ping(_DRAIN_PING)
+        self.flush()
+
+    def _final_goaway(self) -> None:
+        if self._final_sent:
+            return
+        self._final_sent = True
+        self._goaway(self.h2.highest_inbound_stream_id)
+        if not self.streams:
+            self.close()
+
+    def _goaway(self, last_stream_id: int) -> None:
+        """A graceful GOAWAY, written past h2: its state machine would refuse to send anything
+        after one, and the streams in flight must still be answered."""
+        self.flush()
+        frame = GoAwayFrame(0)
+        frame.last_stream_id = last_stream_id
+        frame.error_code = ErrorCodes.NO_ERROR
+        if self.transport is not None and not self.transport.is_closing():
+            self.write(frame.serialize())
+
+    # --- the client's bytes ---------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        self.ctx.metrics.down_in += len(data)
+        self._received(data)
+
+    def eof_received(self) -> bool | None:
+        return False
+
+    def _received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            events = self.h2.receive_data(data)
+        except CalmDown as e:
+            self._connection_error(e.reason, str(e))
+            return
+        except h2.exceptions.ProtocolError as e:  # h2 queued a GOAWAY with the error's code
+            self._connection_error("protocol_error", str(e))
+            return
+        self.corked += 1
+        try:
+            handlers = self._handlers
+            for event in events:
+                handler = handlers.get(type(event))
+                if handler is not None:
+                    handler(event)
+        except CalmDown as e:
+            self.corked -= 1
+            self._connection_error(e.reason, str(e), ErrorCodes.ENHANCE_YOUR_CALM)
+            return
+        except Exception:
+            log.exception(
+                "unexpected error on an HTTP/2 connection",
+                extra={"client": self.session.client.address},
+            )
+            self.corked -= 1
+            self._connection_error("internal_error", "", ErrorCodes.INTERNAL_ERROR)
+            return
+        self.corked -= 1
+        self.flush()
+
+    def _connection_error(self, reason: str, message: str, code: int | None = None) -> None:
+        """End the connection with GOAWAY (h2 queued it already unless `code` is given)."""
+        self.ctx.metrics.http2_connection_errors.labels(reason).inc()
+        log.info(
+            "http/2 connection error",
+            extra={"client": self.session.client.address, "reason": reason, "detail": message},
+        )
+        if code is not None:
+            self.h2.close_connection(code, last_stream_id=self.h2.highest_inbound_stream_id)
+        self.going_away = self._final_sent = True
+        self.flush()
+        self._linger()
+        for stream in list(self.streams.values()):
+            stream.lost()
+
+    def _linger(self) -> None:
+        """Close a little later, reading and dropping what still comes: closing a socket with
+        unread bytes sends a TCP reset, which destroys the GOAWAY before a client that is still
+        sending (a flood) reads it (nginx's lingering close)."""
+        self.closed = True
+        if self.transport is not None:
+            self.loop.call_later(LINGER_SECONDS, self.abort)
+
+    def _calm(self, budget: Budget, reason: str) -> None:
+        if not budget.spend(self.loop.time()):
+            raise CalmDown(reason, f"{reason.replace('_', ' ')} budget spent")
+
+    # --- events ---------------------------------------------------------------------------------
+    def _on_request(self, event: h2.events.RequestReceived) -> None:
+        sid = event.stream_id
+        if self._final_sent:  # past the last stream id our GOAWAY promised to serve
+            self.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+            return
+        if len(self.streams) >= self.ctx.config.max_concurrent_streams:
+            self.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+            return
+        try:
+            head = read_h2_head(event.headers, event.stream_ended is not None)
+        except BadRequest as e:
+            self.ctx.metrics.local_responses.labels(str(e.status), e.reason).inc()
+            if e.reason == "malformed":
+                log.debug(
+                    "malformed http/2 request",
+                    extra={"client": self.session.client.address, "detail": str(e)},
+                )
+                self.h2.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
+                return
+            head = None
+            refusal: BadRequest | None = e
+        else:
+            refusal = None
+        self.stop_timer()  # the idle timer runs only while no stream is open
+        stream = H2Stream(self, sid)
+        self.streams[sid] = stream
+        if head is None:
+            assert refusal is not None
+            stream.refuse(refusal)
+            return
+        exchange = stream.exchange = Exchange(self.ctx, stream, self.session, head)
+        exchange.start()
+
+    def _on_data(self, event: h2.events.DataReceived) -> None:
+        stream = self.streams.get(event.stream_id)
+        size = event.flow_controlled_length
+        if not event.data and event.stream_ended is None:
+            self._calm(self._control, "control_flood")  # empty DATA frames: work, no progress
+        if stream is None or stream.exchange is None:
+            if size:
+                self.acknowledge(size, event.stream_id)
+            return
+        stream.request_data(event.data, size)
+
+    def _on_stream_ended(self, event: h2.events.StreamEnded) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is not None and stream.exchange is not None:
+            stream.exchange.request_end()
+
+    def _on_trailers(self, event: h2.events.TrailersReceived) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is None or stream.exchange is None:
+            return
+        try:
+            stream.exchange.request_trailers = read_h2_trailers(event.headers)
+        except BadRequest:
+            stream.lost(ErrorCodes.PROTOCOL_ERROR)
+
+    def _on_reset(self, event: h2.events.StreamReset) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is None:
+            return
+        exchange = stream.exchange
+        if exchange is not None and not exchange.response_complete:
+            self._calm(self._resets, "rapid_reset")
+        stream.lost(event.error_code)
+
+    def _on_window(self, event: h2.events.WindowUpdated) -> None:
+        sid = event.stream_id
+        if sid:
+            stream = self.streams.get(sid)
+            if stream is not None and stream.waiting:
+                stream.send_waiting()
+        else:
+            self._window_opened()
+
+    def _window_opened(self) -> None:
+        for stream in list(self.streams.values()):
+            if stream.waiting:
+                stream.send_waiting()
+
+    def _on_settings(self, event: h2.events.RemoteSettingsChanged) -> None:
+        self._calm(self._control, "control_flood")
+        if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
+            self._window_opened()
+
+    def _on_control(self, event: h2.events.Event) -> None:
+        self._calm(self._control, "control_flood")
+
+    def _on_ping_ack(self, event: h2.events.PingAckReceived) -> None:
+        if event.ping_data == _DRAIN_PING and self.going_away:
+            self._final_goaway()  # a round trip after the first GOAWAY: no stream is in flight
+
+    def _on_goaway(self, event: h2.events.ConnectionTerminated) -> None:
+        """The client is going away. h2 sends nothing after a GOAWAY it received, so streams
+        still open are ended here (clients say GOAWAY when they have none)."""
+        self.going_away = self._final_sent = True
+        self.closed = True
+        for stream in list(self.streams.values()):
+            stream.lost()
+        self.close()
+
+    def acknowledge(self, size: int, sid: int) -> None:
+        """Reopen the client's windows by what was taken (h2 sends WINDOW_UPDATE in batches)."""
+        self.h2.acknowledge_received_data(size, sid)  # a closed stream's: the connection's only
+
+    # --- writing ----------------------------------------------------------------------------------
+    def flush(self) -> None:
+        if self.corked or self.transport is None:
+            return
+        data = self.h2.data_to_send()
+        if data and not self.transport.is_closing():
+            self.write(data)
+
+    def close(self) -> None:
+        """What h2 holds goes out first, corked or not: nothing follows it."""
+        if self.transport is not None and not self.transport.is_closing():
+            data = self.h2.data_to_send()
+            if data:
+                self.write(data)
+        super().close()
+
+    def stream_done(self, stream: H2Stream) -> None:
+        if self.streams.pop(stream.sid, None) is None:
+            return
+        if self.streams or self.closed:
+            return
+        if self._final_sent:
+            self.close()
+        elif not self.going_away and not self.closed:
+            self.arm("idle", self.ctx.config.idle_timeout)
+
+    def timed_out(self, phase: str) -> None:
+        if phase in ("idle", "header") and not self.streams:
+            self.going_away = self._final_sent = True
+            self.h2.close_connection(ErrorCodes.NO_ERROR)
+            self.flush()
+            self.close()
+        else:
+            self.abort_all()
+
+    def abort_all(self) -> None:
+        for stream in list(self.streams.values()):
+            stream.lost()
+        self.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for stream in list(self.streams.values()):
+            stream.lost()
+        self.streams.clear()
+        self.forget()
+
+    # The stream a pooled upstream connection works for relays the app's backpressure.
+    def pause_writing(self) -> None:
+        for stream in self.streams.values():
+            stream.pause_upstream()
+
+    def resume_writing(self) -> None:
+        for stream in list(self.streams.values()):
+            if not stream.waiting:
+                stream.resume_upstream()
+
+
+class H2Stream(PhaseTimer):
+    """One request and its response on an HTTP/2 connection: the exchange's Downstream."""
+
+    __slots__ = (
+        "conn",
+        "ctx",
+        "ended",
+        "exchange",
+        "head",
+        "holds",
+        "local_sent",
+        "loop",
+        "session",
+        "sid",
+        "trailers_waiting",
+        "unacked",
+        "upstream_paused",
+        "waiting",
+        "waiting_bytes",
+        "waiting_end",
+    )
+
+    def __init__(self, conn: Http2Connection, sid: int) -> None:
+        super().__init__()
+        self.conn = conn
+        self.ctx = conn.ctx
+        self.loop = conn.loop
+        self.session: Session = conn.session
+        self.sid = sid
+        self.exchange: Exchange | None = None
+        self.head: Headers | None = None  # a response head held until we know if a body follows
+        self.holds = 0
+        self.unacked = 0  # request bytes taken but not acknowledged (the app is not reading)
+        self.waiting: list[bytes] = []  # response bytes the client's window has no room for
+        self.waiting_bytes = 0
+        self.waiting_end = False
+        self.trailers_waiting: Headers | None = None
+        self.ended = False  # our END_STREAM (or RST_STREAM) went out
+        self.local_sent = False
+        self.upstream_paused = False
+
+    # --- the request body -------------------------------------------------------------------------
+    def request_data(self, data: bytes, size: int) -> None:
+        exchange = self.exchange
+        assert exchange is not None
+        if self._phase == "request_body":
+            self._phase_since = self.loop.time()
+        exchange.request_data(data)
+        if self.holds and not self.ended:
+            self.unacked += size  # acknowledged when the app takes more
+        elif size:
+            self.conn.acknowledge(size, self.sid)
+
+    def refuse(self, error: BadRequest) -> None:
+        """A request refused before it had an exchange (431 for an oversized head)."""
+        from .exchange import local_body, local_headers  # noqa: PLC0415
+
+        self.send_local(error.status, local_headers(None), local_body(error.status, str(error)))
+
+    # --- Downstream -------------------------------------------------------------------------------
+    def cork(self) -> None:
+        self.conn.corked += 1
+
+    def uncork(self) -> None:
+        if self.head is not None:
+            self._emit_head(False)
+        conn = self.conn
+        conn.corked -= 1
+        if not conn.corked:
+            conn.flush()
+
+    def hold(self, reason: int) -> None:
+        self.holds |= reason
+
+    def release(self, reason: int) -> None:
+        if self.holds & reason:
+            self.holds &= ~reason
+            if not self.holds and self.unacked and not self.ended:
+                unacked, self.unacked = self.unacked, 0
+                self.conn.acknowledge(unacked, self.sid)
+                self.conn.flush()
+
+    def send_head(self, status: int, reason: bytes, headers: Headers, length: int | None) -> None:
+        self._phase_since = self.loop.time()
+        headers.insert(0, (b":status", _STATUS.get(status) or b"%d" % status))
+        self.head = headers
+        if not self.conn.corked:
+            self._emit_head(False)
+            self.conn.flush()
+
+    def _emit_head(self, end: bool) -> None:
+        """The held head goes out; with END_STREAM when nothing follows it (a gRPC
+        trailers-only answer must be one HEADERS frame)."""
+        head, self.head = self.head, None
+        if head is not None:
+            self.conn.h2.send_headers(self.sid, head, end_stream=end)
+
+    def send_data(self, data: bytes) -> None:
+        if not data:
+            return
+        self._phase_since = self.loop.time()
+        if self.head is not None:
+            self._emit_head(False)
+        if self.waiting:
+            self._wait(data)
+        else:
+            self._send(data)
+        self.conn.flush()
+
+    def _send(self, data: bytes) -> None:
+        """As much as the client's windows let through; the rest waits."""
+        conn = self.conn.h2
+        window = conn.local_flow_control_window(self.sid)
+        if window >= len(data) and len(data) <= conn.max_outbound_frame_size:
+            conn.send_data(self.sid, data)
+            return
+        frame = conn.max_outbound_frame_size
+        view = memoryview(data)
+        sent = 0
+        end = min(window, len(data))
+        while sent < end:
+            step = min(frame, end - sent)
+            conn.send_data(self.sid, view[sent : sent + step].tobytes())
+            sent += step
+        if sent < len(data):
+            self._wait(data[sent:])
+
+    def _wait(self, data: bytes) -> None:
+        if not self.waiting:
+            self.arm("send", self.ctx.config.idle_timeout)  # a shut window is cut in time
+        self.waiting.append(data)
+        self.waiting_bytes += len(data)
+        self.conn.buffered += len(data)
+        if not self.upstream_paused and (
+            self.waiting_bytes > STREAM_BUFFER or self.conn.buffered > CONNECTION_BUFFER
+        ):
+            self.pause_upstream()
+
+    def send_waiting(self) -> None:
+        """The client's window opened: send what waited, and the end that waited behind it."""
+        waiting, self.waiting = self.waiting, []
+        self.conn.buffered -= self.waiting_bytes
+        self.waiting_bytes = 0
+        for index, data in enumerate(waiting):
+            self._send(data)
+            if self.waiting:  # shut again: keep the rest in order
+                rest = waiting[index + 1 :]
+                self.waiting += rest
+                size = sum(map(len, rest))
+                self.waiting_bytes += size
+                self.conn.buffered += size
+                break
+        if self.waiting:
+            self._phase_since = self.loop.time()
+        else:
+            exchange = self.exchange
+            if exchange is not None and not exchange.response_complete:
+                self.arm("upstream", self.ctx.config.upstream_timeout)
+            else:
+                self.stop_timer()
+            if self.trailers_waiting is not None:
+                trailers, self.trailers_waiting = self.trailers_waiting, None
+                self.send_trailers(trailers)
+            elif self.waiting_end:
+                self.send_end()
+            self.resume_upstream()
+        self.conn.flush()
+
+    def send_trailers(self, headers: Headers) -> None:
+        if self.head is not None:
+            self._emit_head(False)
+        if self.waiting:
+            self.trailers_waiting = headers
+            return
+        self.conn.h2.send_headers(self.sid, headers, end_stream=True)
+        self._ended()
+
+    def send_end(self) -> None:
+        if self.ended:
+            return
+        if self.waiting:
+            self.waiting_end = True
+            return
+        if self.head is not None:
+            self._emit_head(True)
+        else:
+            self.conn.h2.end_stream(self.sid)
+        self._ended()
+
+    def _ended(self) -> None:
+        self.ended = True
+        self.conn.flush()
+        exchange = self.exchange
+        if self.local_sent or exchange is None or exchange.finished:
+            self._done()
+
+    def send_informational(self, status: int, reason: bytes, headers: Headers) -> None:
+        if status == 101:
+            return
+        self.conn.h2.send_headers(self.sid, [(b":status", _STATUS[status]), *headers])
+        self.conn.flush()
+
+    def send_local(self, status: int, headers: Headers, body: bytes) -> None:
+        """The proxy's own answer: the stream ends with it; the rest of the request is not
+        wanted (RST_STREAM NO_ERROR, RFC 9113 §8.1); the connection goes on."""
+        if self.ended:
+            return
+        self.local_sent = True
+        conn = self.conn.h2
+        head = [(b":status", _STATUS.get(status) or b"%d" % status), *headers]
+        exchange = self.exchange
+        request_open = exchange is None or not exchange.request_complete
+        if conn.streams.get(self.sid) is None or self.waiting:
+            self.lost(ErrorCodes.INTERNAL_ERROR)  # a response is under way: reset is all left
+            return
+        try:
+            if body:
+                head.append((b"content-length", b"%d" % len(body)))
+                conn.send_headers(self.sid, head)
+                self.send_data(body)
+                self.send_end()
+            else:
+                conn.send_headers(self.sid, head, end_stream=True)
+                self._ended()
+        except h2.exceptions.ProtocolError:  # the head went out already
+            self.lost(ErrorCodes.INTERNAL_ERROR)
+            return
+        if self.ended and request_open:
+            self.conn.h2.reset_stream(self.sid, ErrorCodes.NO_ERROR)
+        self.conn.flush()
+
+    def switch_protocols(self, upstream: UpstreamConnection) -> None:
+        upstream.abort()  # never asked for: an HTTP/2 request carries no Upgrade
+        self.abort_all()
+
+    def exchange_done(self, exchange: Exchange) -> None:
+        if self.ended:
+            self._done()
+
+    def abort_all(self) -> None:
+        """The response cannot be completed: reset this stream, not the connection."""
+        exchange = self.exchange
+        code: int = ErrorCodes.INTERNAL_ERROR
+        if exchange is not None:
+            code = exchange.reset_code or code
+            if exchange.upstream is not None:
+                exchange.upstream.abort()
+        self._reset(code)
+
+    def timed_out(self, phase: str) -> None:
+        exchange = self.exchange
+        if phase == "upstream" and exchange is not None and exchange.timed_out():
+            return
+        if exchange is not None and not exchange.finished:
+            exchange.downstream_lost()
+        self._reset(ErrorCodes.CANCEL)
+
+    def lost(self, code: int | None = None) -> None:
+        """The client reset the stream, or the connection ended: nothing more is sent."""
+        exchange = self.exchange
+        if exchange is not None and not exchange.finished:
+            exchange.downstream_lost()
+        if code is not None and not self.ended:
+            self._reset(code)
+            return
+        self.ended = True
+        self._done()
+
+    def _reset(self, code: int) -> None:
+        self.head = None
+        if not self.ended:
+            self.ended = True
+            if self.conn.h2.streams.get(self.sid) is not None:
+                with contextlib.suppress(h2.exceptions.ProtocolError):  # closed there already
+                    self.conn.h2.reset_stream(self.sid, code)
+                self.conn.flush()
+        self._done()
+
+    def _done(self) -> None:
+        self.stop_timer()
+        if self.waiting:
+            self.conn.buffered -= self.waiting_bytes
+            self.waiting = []
+            self.waiting_bytes = 0
+        if self.unacked:  # the connection's window still counts what this stream held back
+            unacked, self.unacked = self.unacked, 0
+            self.conn.acknowledge(unacked, self.sid)
+        self.conn.stream_done(self)
+
+    # --- backpressure on the app's side -----------------------------------------------------------
+    def pause_upstream(self) -> None:
+        self.upstream_paused = True
+        exchange = self.exchange
+        if exchange is not None and exchange.upstream is not None:
+            exchange.upstream.pause_reading()
+
+    def resume_upstream(self) -> None:
+        if not self.upstream_paused:
+            return
+        conn = self.conn
+        if self.waiting_bytes > STREAM_BUFFER // 2 or conn.buffered > CONNECTION_BUFFER // 2:
+            return
+        self.upstream_paused = False
+        exchange = self.exchange
+        if exchange is not None and exchange.upstream is not None:
+            exchange.upstream.resume_reading()

@@ -1,0 +1,629 @@
+"""HTTP/2 cleartext to the app (`--upstream h2c://`, `h2c+unix:`), as gRPC servers speak it.
+
+A few connections carry many requests: a new one is opened only when every open one has as
+many streams as the app's SETTINGS_MAX_CONCURRENT_STREAMS allows. Each request is an
+`H2UpstreamStream`, which is to its exchange what an HTTP/1.1 `UpstreamConnection` is: the
+client codec and the way to the app. Flow control is the backpressure both ways; trailers and
+resets travel in both directions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+from collections.abc import Callable
+from typing import Any, cast
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+from h2.errors import ErrorCodes
+
+from .codec import ClientCodec, ResponseSink
+from .config import Config
+from .headers import Headers
+from .metrics import Metrics
+from .upstream import UpstreamConnectError, UpstreamLink, UpstreamOwner
+
+log = logging.getLogger("tls_sidecar.upstream")
+
+STREAM_WINDOW = 256 * 1024  # what the app may send on one stream before we pass it on
+CONNECTION_WINDOW = 16 * 1024 * 1024
+REQUEST_BUFFER = 64 * 1024  # a request body waiting for the app's window, past which we pause
+MAX_STREAMS = 1000  # per connection, whatever the app allows
+
+_CLIENT_CONFIG = h2.config.H2Configuration(
+    client_side=True,
+    header_encoding=None,
+    validate_inbound_headers=True,  # the app's answer is checked before a client sees it
+    normalize_inbound_headers=False,
+    validate_outbound_headers=False,
+    normalize_outbound_headers=False,
+    split_outbound_cookies=False,
+)
+
+# Not sent over HTTP/2 (RFC 9113 §8.2.2); Host becomes :authority.
+_NOT_SENT = frozenset(
+    {
+        b"host",
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"transfer-encoding",
+        b"upgrade",
+        b"te",
+    }
+)
+
+
+class StreamReset(ConnectionError):
+    """The app reset a stream; `code` is relayed to the client's stream."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(f"the app reset the stream ({ErrorCodes(code).name})")
+        self.code = code
+
+
+class H2UpstreamStream:
+    """One request on a shared HTTP/2 connection to the app; its own client codec."""
+
+    __slots__ = (
+        "closed",
+        "codec",
+        "conn",
+        "ended",
+        "owner",
+        "paused",
+        "received_any",
+        "reused",
+        "sid",
+        "unacked",
+        "waiting",
+        "waiting_bytes",
+        "waiting_end",
+        "write_paused",
+    )
+
+    def __init__(self, conn: H2UpstreamConnection, sid: int, reused: bool) -> None:
+        self.conn = conn
+        self.sid = sid
+        self.codec: ClientCodec = self
+        self.owner: UpstreamOwner | None = None
+        self.reused = reused
+        self.received_any = False
+        self.paused = False
+        self.closed = False
+        self.ended = False  # our END_STREAM went out
+        self.unacked = 0  # response bytes taken while the client side is slow
+        self.waiting: list[bytes] = []  # request bytes the app's window has no room for
+        self.waiting_bytes = 0
+        self.waiting_end: Headers | bool = False
+        self.write_paused = False
+
+    # --- ClientCodec ------------------------------------------------------------------------------
+    def request_head(
+        self, method: bytes, target: bytes, headers: Headers, *, chunked: bool
+    ) -> bytes:
+        authority = self.conn.pool.authority
+        out: Headers = []
+        grpc = False
+        for name, value in headers:
+            if name in _NOT_SENT:
+                if name == b"host":
+                    authority = value
+                continue
+            if name == b"content-type" and value[:16] == b"application/grpc":
+                grpc = True
+            out.append((name, value))
+        if grpc:
+            out.append((b"te", b"trailers"))  # gRPC servers require it (gRPC over HTTP/2)
+        out[:0] = [
+            (b":method", method),
+            (b":scheme", b"http"),
+            (b":authority", authority),
+            (b":path", target),
+        ]
+        conn = self.conn.h2
+        conn.send_headers(self.sid, out)
+        return conn.data_to_send()
+
+    def request_data(self, data: bytes) -> list[bytes]:
+        if self.closed or not data:
+            return []
+        if self.waiting:
+            self._wait(data)
+            return []
+        self._send(data)
+        out = self.conn.h2.data_to_send()
+        return [out] if out else []
+
+    def _send(self, data: bytes) -> None:
+        conn = self.conn.h2
+        window = conn.local_flow_control_window(self.sid)
+        frame = conn.max_outbound_frame_size
+        end = min(window, len(data))
+        sent = 0
+        while sent < end:
+            step = min(frame, end - sent)
+            conn.send_data(self.sid, data[sent : sent + step])
+            sent += step
+        if sent < len(data):
+            self._wait(data[sent:])
+
+    def _wait(self, data: bytes) -> None:
+        self.waiting.append(data)
+        self.waiting_bytes += len(data)
+        if self.waiting_bytes > REQUEST_BUFFER and not self.write_paused and self.owner:
+            self.write_paused = True
+            self.owner.upstream_write_paused(True)
+
+    def request_end(self, trailers: Headers | None = None) -> bytes:
+        if self.closed or self.ended:
+            return b""
+        if self.waiting:
+            self.waiting_end = trailers or True
+            return b""
+        self._end(trailers)
+        return self.conn.h2.data_to_send()
+
+    def _end(self, trailers: Headers | None) -> None:
+        self.ended = True
+        conn = self.conn.h2
+        if trailers:
+            conn.send_headers(self.sid, trailers, end_stream=True)
+        else:
+            conn.end_stream(self.sid)
+
+    def window_opened(self) -> None:
+        """The app's window grew: send what waited, then the end that waited behind it."""
+        waiting, self.waiting = self.waiting, []
+        self.waiting_bytes = 0
+        for index, data in enumerate(waiting):
+            self._send(data)
+            if self.waiting:
+                rest = waiting[index + 1 :]
+                self.waiting += rest
+                self.waiting_bytes += sum(map(len, rest))
+                return
+        if self.waiting_end is not False:
+            end, self.waiting_end = self.waiting_end, False
+            self._end(end if isinstance(end, list) else None)
+        if self.write_paused and self.owner is not None:
+            self.write_paused = False
+            self.owner.upstream_write_paused(False)
+
+    def feed(self, data: bytes, sink: ResponseSink) -> None:
+        raise NotImplementedError  # the connection reads for all its streams
+
+    def feed_eof(self, sink: ResponseSink) -> None:
+        raise NotImplementedError
+
+    def recycle(self) -> bool:
+        return False  # a stream carries one request; the connection is what is reused
+
+    def take_leftover(self) -> bytes:
+        return b""
+
+    # --- the way to the app -----------------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        if data:
+            self.conn.write(data)
+
+    def writelines(self, parts: list[bytes]) -> None:
+        for part in parts:
+            if part:
+                self.conn.write(part)
+
+    def pause_reading(self) -> None:
+        """The client is slow: stop reopening the app's window for this stream."""
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+        if self.unacked and not self.closed:
+            unacked, self.unacked = self.unacked, 0
+            self.conn.h2.acknowledge_received_data(unacked, self.sid)
+            self.conn.flush()
+
+    def abort(self) -> None:
+        """The exchange gave up (the client went away, a timeout): RST_STREAM CANCEL."""
+        self.owner = None
+        if not self.closed:
+            self.conn.reset(self, ErrorCodes.CANCEL)
+
+
+class H2UpstreamConnection(asyncio.Protocol):
+    """One HTTP/2 connection to the app, carrying many streams."""
+
+    def __init__(self, pool: H2UpstreamPool) -> None:
+        self.pool = pool
+        conn = h2.connection.H2Connection(config=_CLIENT_CONFIG)
+        conn.local_settings = h2.settings.Settings(
+            client=True,
+            initial_values={
+                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: 256 * 1024,
+            },
+        )
+        self.h2 = conn
+        self.streams: dict[int, H2UpstreamStream] = {}
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.going_away = False  # the app sent GOAWAY, or we are closing: no new streams
+        self.used = False
+        self.idle_since = 0.0
+        self._handlers: dict[type[h2.events.Event], Callable[[Any], None]] = {
+            h2.events.ResponseReceived: self._on_response,
+            h2.events.InformationalResponseReceived: self._on_informational,
+            h2.events.DataReceived: self._on_data,
+            h2.events.TrailersReceived: self._on_trailers,
+            h2.events.StreamEnded: self._on_ended,
+            h2.events.StreamReset: self._on_reset,
+            h2.events.WindowUpdated: self._on_window,
+            h2.events.RemoteSettingsChanged: self._on_settings,
+            h2.events.ConnectionTerminated: self._on_goaway,
+        }
+
+    @property
+    def has_room(self) -> bool:
+        if self.closed or self.going_away:
+            return False
+        limit = min(self.h2.remote_settings.max_concurrent_streams, MAX_STREAMS)
+        return len(self.streams) < limit
+
+    def open_stream(self) -> H2UpstreamStream:
+        stream = H2UpstreamStream(self, self.h2.get_next_available_stream_id(), self.used)
+        self.used = True
+        if not self.streams:
+            self.pool.counted(self, busy=True)
+        self.streams[stream.sid] = stream
+        return stream
+
+    def stream_closed(self, stream: H2UpstreamStream) -> None:
+        stream.closed = True
+        stream.owner = None
+        if self.streams.pop(stream.sid, None) is not None and not self.streams and not self.closed:
+            self.idle_since = self.pool.loop.time()
+            self.pool.counted(self, busy=False)
+            if self.going_away:
+                self.close()
+
+    def reset(self, stream: H2UpstreamStream, code: int) -> None:
+        if not stream.closed and not self.closed:
+            with contextlib.suppress(h2.exceptions.ProtocolError):  # ended on h2's side
+                self.h2.reset_stream(stream.sid, code)
+            self.flush()
+        self.stream_closed(stream)
+
+    # --- asyncio.Protocol -------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.h2.initiate_connection()
+        self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        self.flush()
+
+    def data_received(self, data: bytes) -> None:
+        self.pool.metrics.up_in += len(data)
+        try:
+            events = self.h2.receive_data(data)
+        except h2.exceptions.ProtocolError as e:
+            log.warning("the app broke HTTP/2; closing its connection", extra={"detail": str(e)})
+            self.flush()
+            self._lose_all(e)
+            self.close()
+            return
+        corked: list[Any] = []
+        try:
+            handlers = self._handlers
+            for event in events:
+                handler = handlers.get(type(event))
+                if handler is None:
+                    continue
+                stream = self.streams.get(getattr(event, "stream_id", 0))
+                if stream is not None and stream.owner is not None:
+                    down = stream.owner.down
+                    if down not in corked:
+                        down.cork()
+                        corked.append(down)
+                handler(event)
+        finally:
+            for down in corked:
+                down.uncork()
+        self.flush()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.forget(self)
+        self._lose_all(exc)
+
+    def _lose_all(self, exc: Exception | None, above: int = 0) -> None:
+        for sid, stream in list(self.streams.items()):
+            if sid > above:
+                owner = stream.owner
+                self.stream_closed(stream)
+                if owner is not None:
+                    owner.upstream_lost(stream, exc)
+
+    def pause_writing(self) -> None:
+        for stream in list(self.streams.values()):
+            if stream.owner is not None:
+                stream.owner.upstream_write_paused(True)
+
+    def resume_writing(self) -> None:
+        for stream in list(self.streams.values()):
+            if stream.owner is not None and not stream.write_paused:
+                stream.owner.upstream_write_paused(False)
+
+    # --- events -----------------------------------------------------------------------------------
+    def _owner(self, sid: int) -> tuple[H2UpstreamStream, UpstreamOwner] | None:
+        stream = self.streams.get(sid)
+        if stream is None or stream.owner is None:
+            return None
+        stream.received_any = True
+        return stream, stream.owner
+
+    def _on_response(self, event: h2.events.ResponseReceived) -> None:
+        found = self._owner(event.stream_id)
+        if found is None:
+            return
+        status = 0
+        length: int | None = None
+        headers: Headers = []
+        for name, value in event.headers:
+            if name[:1] == b":":
+                if name == b":status":
+                    status = int(value)
+                continue
+            if name == b"content-length" and value.isdigit():
+                length = int(value)
+            headers.append((name, value))
+        found[1].response_head(status, b"", headers, length)
+
+    def _on_informational(self, event: h2.events.InformationalResponseReceived) -> None:
+        found = self._owner(event.stream_id)
+        if found is None:
+            return
+        status = 0
+        headers: Headers = []
+        for name, value in event.headers:
+            if name == b":status":
+                status = int(value)
+            elif name[:1] != b":":
+                headers.append((name, value))
+        found[1].response_informational(status, b"", headers)
+
+    def _on_data(self, event: h2.events.DataReceived) -> None:
+        size = event.flow_controlled_length
+        found = self._owner(event.stream_id)
+        if found is None:
+            if size:
+                self.h2.acknowledge_received_data(size, event.stream_id)
+            return
+        stream, owner = found
+        owner.response_data(event.data)
+        if not size:
+            return
+        if stream.paused:
+            stream.unacked += size
+        else:
+            self.h2.acknowledge_received_data(size, event.stream_id)
+
+    def _on_trailers(self, event: h2.events.TrailersReceived) -> None:
+        found = self._owner(event.stream_id)
+        if found is not None:
+            found[1].response_trailers(list(event.headers))
+
+    def _on_ended(self, event: h2.events.StreamEnded) -> None:
+        found = self._owner(event.stream_id)
+        if found is None:
+            return
+        stream, owner = found
+        if stream.ended:
+            self.stream_closed(stream)
+        owner.response_end()
+
+    def _on_reset(self, event: h2.events.StreamReset) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is None:
+            return
+        owner = stream.owner
+        self.stream_closed(stream)
+        if owner is not None:
+            # REFUSED_STREAM: the app did not process it at all (retried when that is safe).
+            if event.error_code == ErrorCodes.REFUSED_STREAM:
+                stream.received_any = False
+            owner.upstream_lost(stream, StreamReset(event.error_code))
+
+    def _on_window(self, event: h2.events.WindowUpdated) -> None:
+        if event.stream_id:
+            stream = self.streams.get(event.stream_id)
+            if stream is not None and stream.waiting:
+                stream.window_opened()
+            return
+        for stream in list(self.streams.values()):
+            if stream.waiting:
+                stream.window_opened()
+
+    def _on_settings(self, event: h2.events.RemoteSettingsChanged) -> None:
+        if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
+            for stream in list(self.streams.values()):
+                if stream.waiting:
+                    stream.window_opened()
+        self.pool.room_changed()
+
+    def _on_goaway(self, event: h2.events.ConnectionTerminated) -> None:
+        """The app is going away: streams above its last id were not processed (retryable)."""
+        self.going_away = True
+        last = event.last_stream_id if event.last_stream_id is not None else 0
+        self._lose_all(ConnectionResetError("the app sent GOAWAY"), above=last)
+        if not self.streams:
+            self.close()
+
+    # --- writing ----------------------------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not self.closed:
+            self.pool.metrics.up_out += len(data)
+            transport.write(data)
+
+    def flush(self) -> None:
+        data = self.h2.data_to_send()
+        if data:
+            self.write(data)
+
+    def close(self) -> None:
+        """GOAWAY, then close once what was written is flushed."""
+        self.going_away = True
+        if self.transport is not None and not self.closed:
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.h2.close_connection()
+            self.flush()
+            self.transport.close()
+
+
+class H2UpstreamPool:
+    """The connections to an h2c app: streams go on the newest one with room."""
+
+    def __init__(
+        self,
+        config: Config,
+        metrics: Metrics,
+        loop: asyncio.AbstractEventLoop,
+        codec_class: Callable[[], ClientCodec] | None = None,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.loop = loop
+        self.counts = {"idle": 0, "busy": 0}
+        upstream = config.upstream
+        self.authority = (str(upstream.address) if upstream.address else "localhost").encode()
+        self.connections: list[H2UpstreamConnection] = []
+        self.closing = False
+        self._opening: asyncio.Task[H2UpstreamConnection] | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        metrics.on_flush(self._export)
+
+    def _export(self) -> None:
+        self.metrics.upstream_idle.set(self.counts["idle"])
+        self.metrics.upstream_busy.set(self.counts["busy"])
+
+    def counted(self, conn: H2UpstreamConnection, *, busy: bool) -> None:
+        old, new = ("idle", "busy") if busy else ("busy", "idle")
+        self.counts[old] -= 1
+        self.counts[new] += 1
+        if not busy and self._sweeper is None:
+            self._sweeper = self.loop.call_later(
+                self.config.upstream_idle_timeout / 2 + 0.05, self._sweep
+            )
+
+    def room_changed(self) -> None:
+        """The app changed its stream limit: nothing to do now; take_idle reads it."""
+
+    def take_idle(self) -> UpstreamLink | None:
+        for conn in reversed(self.connections):
+            if conn.has_room:
+                return conn.open_stream()
+        return None
+
+    async def connect(self, timeout: float | None = None) -> UpstreamLink:
+        """A stream on a new connection (one is opened at a time; waiters share it)."""
+        while True:
+            if self._opening is None:
+                self._opening = self.loop.create_task(self._open(timeout))
+            opening = self._opening
+            try:
+                conn = await asyncio.shield(opening)
+            finally:
+                if self._opening is opening and opening.done():
+                    self._opening = None
+            if conn.has_room:
+                return conn.open_stream()
+            stream = self.take_idle()
+            if stream is not None:
+                return stream
+
+    async def _open(self, timeout: float | None) -> H2UpstreamConnection:
+        target = self.config.upstream
+        limit = self.config.upstream_connect_timeout if timeout is None else timeout
+        try:
+            async with asyncio.timeout(limit):
+                if target.unix_path:
+                    _, conn = await self.loop.create_unix_connection(
+                        lambda: H2UpstreamConnection(self), target.unix_path
+                    )
+                else:
+                    assert target.address is not None
+                    _, conn = await self.loop.create_connection(
+                        lambda: H2UpstreamConnection(self),
+                        target.address.host,
+                        target.address.port,
+                    )
+        except TimeoutError:
+            self.metrics.upstream_connect_errors.labels("timeout").inc()
+            raise UpstreamConnectError(
+                "timeout", 504, f"upstream {target} did not accept within {limit:g}s"
+            ) from None
+        except OSError as e:
+            refused = e.errno in (errno.ECONNREFUSED, errno.ENOENT, errno.ECONNRESET)
+            reason = "refused" if refused else "error"
+            self.metrics.upstream_connect_errors.labels(reason).inc()
+            raise UpstreamConnectError(
+                reason, 502, f"upstream {target} {e.strerror or e}".rstrip()
+            ) from None
+        self.connections.append(conn)
+        self.counts["idle"] += 1
+        conn.idle_since = self.loop.time()
+        return conn
+
+    def release(self, up: UpstreamLink) -> None:
+        """The exchange is complete: the stream is done with (both ends closed)."""
+        stream = cast(H2UpstreamStream, up)
+        if not stream.closed:
+            if stream.ended:
+                stream.conn.stream_closed(stream)
+            else:  # the app answered before the request ended: the rest is not wanted
+                stream.conn.reset(stream, ErrorCodes.NO_ERROR)
+
+    def close(self, up: UpstreamLink) -> None:
+        stream = cast(H2UpstreamStream, up)
+        if not stream.closed:
+            stream.conn.reset(stream, ErrorCodes.CANCEL)
+
+    def forget(self, conn: H2UpstreamConnection) -> None:
+        if conn in self.connections:
+            self.connections.remove(conn)
+            self.counts["busy" if conn.streams else "idle"] -= 1
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        now = self.loop.time()
+        idle = False
+        for conn in list(self.connections):
+            if not conn.streams:
+                if now - conn.idle_since > self.config.upstream_idle_timeout:
+                    conn.close()
+                else:
+                    idle = True
+        if idle:
+            self._sweeper = self.loop.call_later(
+                self.config.upstream_idle_timeout / 2 + 0.05, self._sweep
+            )
+
+    def close_idle(self) -> None:
+        self.closing = True
+        for conn in list(self.connections):
+            if not conn.streams:
+                conn.close()
+            else:
+                conn.going_away = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None

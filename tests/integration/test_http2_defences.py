@@ -1,0 +1,206 @@
+"""The known HTTP/2 attacks, each sent with raw frames at a running proxy: the attacker's
+connection ends (GOAWAY with the right code, or its stream reset), and everyone else is served."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import h2.errors
+import h2.settings
+import pytest
+from hyperframe.frame import (
+    ContinuationFrame,
+    DataFrame,
+    HeadersFrame,
+    PingFrame,
+    SettingsFrame,
+)
+
+from tests.support.h2client import H2Client, get
+from tests.support.proxy import DevCerts, ProxyProcess, serve_args
+from tests.support.upstream import UpstreamApp
+
+CALM = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+
+
+@pytest.fixture(scope="module")
+def proxy(upstream: UpstreamApp, dev_certs: DevCerts) -> Iterator[ProxyProcess]:
+    proc = ProxyProcess(
+        serve_args(
+            upstream.base,
+            dev_certs,
+            "--idle-timeout",
+            "1s",
+            "--max-concurrent-streams",
+            "20",
+        )
+    ).start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(autouse=True)
+def others_are_still_served(proxy: ProxyProcess, ca: Path) -> Iterator[None]:
+    yield
+    assert get(proxy.port, ca, b"/echo").status == 200
+
+
+def headers_block(client: H2Client, path: bytes = b"/echo") -> bytes:
+    fields = [
+        (b":method", b"GET"),
+        (b":scheme", b"https"),
+        (b":authority", b"localhost"),
+        (b":path", path),
+    ]
+    return bytes(client.conn.encoder.encode(fields))  # h2's own context: the server's in step
+
+
+def test_rapid_reset_gets_enhance_your_calm(proxy: ProxyProcess, ca: Path) -> None:
+    """CVE-2023-44487: streams opened and reset at once, as fast as the socket takes them."""
+    client = H2Client(proxy.port, ca)
+    client.pump(lambda: bool(client.remote_settings), 5)
+    for _ in range(2000):
+        if client.send_failed:
+            break
+        sid = client.conn.get_next_available_stream_id()
+        client.conn.send_headers(
+            sid,
+            [
+                (b":method", b"GET"),
+                (b":scheme", b"https"),
+                (b":authority", b"x"),
+                (b":path", b"/echo"),
+            ],
+        )
+        client.conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+        client.send_raw(client.conn.data_to_send())
+    goaway = client.wait_goaway()
+    assert goaway.error_code == CALM
+    assert proxy.metric("tls_sidecar_http2_connection_errors_total", 'reason="rapid_reset"') >= 1
+    client.close()
+
+
+def test_continuation_flood_is_bounded_by_max_header_bytes(proxy: ProxyProcess, ca: Path) -> None:
+    """CVE-2024-27316: one header block in endless CONTINUATION frames. The block is cut at
+    --max-header-bytes (16 KiB) in total, long before h2's own 64-frame limit."""
+    client = H2Client(proxy.port, ca)
+    block = headers_block(client)
+    client.send_frames([HeadersFrame(1, block, flags=[])])
+    sent = 0
+    for _ in range(60):
+        if client.send_failed:
+            break
+        client.send_frames([ContinuationFrame(1, b"\x00\x01a\x01b" * 800)])  # 4 KiB each
+        sent += 4000
+    goaway = client.wait_goaway()
+    assert goaway.error_code == CALM
+    assert proxy.metric("tls_sidecar_http2_connection_errors_total", 'reason="header_block"') >= 1
+    client.close()
+
+
+@pytest.mark.parametrize("kind", ["settings", "ping", "empty-data"])
+def test_control_frame_floods_get_enhance_your_calm(
+    proxy: ProxyProcess, ca: Path, kind: str
+) -> None:
+    client = H2Client(proxy.port, ca)
+    if kind == "empty-data":
+        client.send_frames([HeadersFrame(1, headers_block(client), flags=["END_HEADERS"])])
+        flood = DataFrame(1, b"").serialize()
+    elif kind == "ping":
+        flood = PingFrame(0, os.urandom(8)).serialize()
+    else:
+        flood = SettingsFrame(0, {h2.settings.SettingCodes.MAX_FRAME_SIZE: 16384}).serialize()
+    for _ in range(30):
+        if client.send_failed:
+            break
+        client.send_raw(flood * 500)
+    goaway = client.wait_goaway()
+    assert goaway.error_code == CALM
+    client.close()
+
+
+def test_hpack_bomb_is_refused(proxy: ProxyProcess, ca: Path) -> None:
+    """A small header block that decodes to a huge header list: one 4 KiB field entered in the
+    dynamic table, then named again by index a hundred times (~400 KiB decoded)."""
+    client = H2Client(proxy.port, ca)
+    bomb = [(b"x-bomb", b"a" * 4000)] * 100
+    block = headers_block(client, b"/echo")
+    block += bytes(client.conn.encoder.encode(bomb))
+    assert len(block) < 4500
+    client.send_frames([HeadersFrame(1, block, flags=["END_HEADERS", "END_STREAM"])])
+    goaway = client.wait_goaway()
+    assert goaway.error_code in (CALM, h2.errors.ErrorCodes.COMPRESSION_ERROR)
+    client.close()
+
+
+def test_max_concurrent_streams_is_advertised_and_enforced(
+    proxy: ProxyProcess, upstream: UpstreamApp, ca: Path
+) -> None:
+    """Streams past the advertised limit are refused one by one (REFUSED_STREAM, so the client
+    may retry them); the connection and the streams within the limit go on."""
+    client = H2Client(proxy.port, ca)
+    client.pump(lambda: bool(client.remote_settings), 5)
+    assert client.remote_settings[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] == 20
+    frames = [
+        HeadersFrame(
+            sid, headers_block(client, b"/gate/limit"), flags=["END_HEADERS", "END_STREAM"]
+        )
+        for sid in range(1, 2 * 25, 2)
+    ]
+    client.send_frames(frames)
+    client.pump(lambda: len(client.raw_resets()) >= 5, 10)
+    assert client.raw_resets() == dict.fromkeys(
+        range(41, 50, 2), h2.errors.ErrorCodes.REFUSED_STREAM
+    )
+    upstream.open_gate("limit")
+    client.pump(lambda: len([f for f in client.raw_frames() if "END_STREAM" in f.flags]) >= 20)
+    ended = {f.stream_id for f in client.raw_frames() if "END_STREAM" in f.flags}
+    assert ended == set(range(1, 40, 2))  # the twenty within the limit were answered
+    assert client._raw_goaway() is None
+    client.close()
+
+
+def test_a_shut_window_is_cut_by_the_idle_timeout_and_buffers_stay_bounded(
+    proxy: ProxyProcess, ca: Path
+) -> None:
+    """A client that never opens its window: nothing is sent, the proxy buffers a bounded
+    amount per stream (it stops reading the app), and the stream is reset after
+    --idle-timeout (1 s here)."""
+    rss_before = _rss_kib(proxy)
+    client = H2Client(proxy.port, ca, settings={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+    streams = [client.request(b"/bytes/20000000") for _ in range(10)]  # 200 MB asked for
+    for sid in streams:
+        assert client.response(sid, timeout=15).reset == h2.errors.ErrorCodes.CANCEL
+    grown = _rss_kib(proxy) - rss_before
+    assert grown < 40 * 1024, f"the proxy grew by {grown} KiB for 10 stalled streams"
+    assert proxy.metric("tls_sidecar_timeouts_total", 'phase="send"') >= 10
+    client.close()
+
+
+def _rss_kib(proxy: ProxyProcess) -> int:
+    assert proxy.proc is not None
+    status = Path(f"/proc/{proxy.proc.pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1])
+
+
+def test_a_lower_stream_id_is_a_protocol_error(proxy: ProxyProcess, ca: Path) -> None:
+    client = H2Client(proxy.port, ca)
+    client.send_frames(
+        [HeadersFrame(5, headers_block(client), flags=["END_HEADERS", "END_STREAM"])]
+    )
+    client.send_frames(
+        [HeadersFrame(3, headers_block(client), flags=["END_HEADERS", "END_STREAM"])]
+    )
+    goaway = client.wait_goaway()
+    assert goaway.error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
+    assert proxy.metric("tls_sidecar_http2_connection_errors_total", 'reason="protocol_error"') >= 1
+    client.close()
+
+
+def test_a_frame_out_of_place_is_a_protocol_error(proxy: ProxyProcess, ca: Path) -> None:
+    client = H2Client(proxy.port, ca)
+    client.send_frames([ContinuationFrame(7, b"junk", flags=["END_HEADERS"])])  # no HEADERS before
+    assert client.wait_goaway().error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
+    client.close()
