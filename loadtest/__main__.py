@@ -31,15 +31,25 @@ PLAN = {
     "S4": ("nginx", "tls-sidecar", "direct"),
     "S5": (*ANCHORS, "tls-sidecar"),
     "S6": (*ANCHORS, *OURS, "direct"),
+    # HTTP/2: nginx with http2 on (S8: grpc_pass), and the h2 floor: the h2 library answering
+    # every stream itself in one process, the ceiling of anything built on it.
+    "S7": ("nginx", "h2 floor", "tls-sidecar"),
+    "S8": ("nginx", "h2 floor", "tls-sidecar"),
+    "S5h2": ("nginx", "tls-sidecar"),
 }
+HTTP2 = ("S7", "S8", "S5h2")
 
 
-def start(bench: Bench, who: str, upstream: Target, resumption: bool) -> Target | None:
+def start(
+    bench: Bench, who: str, upstream: Target, resumption: bool, http2: bool = False
+) -> Target | None:
     """Start one target; None when its program is not installed (it is left out)."""
     if who == "direct":
         return upstream
     if who == "nginx":
-        return bench.start_nginx_proxy(upstream, resumption=resumption)
+        return bench.start_nginx_proxy(upstream, resumption=resumption, http2=http2)
+    if who == "h2 floor":
+        return bench.start_baseline("h2")
     if who == "haproxy":
         return bench.start_haproxy(upstream, resumption=resumption) if bench.haproxy else None
     if who == "caddy":
@@ -98,14 +108,18 @@ def main(
             title, run = SCENARIOS[name]
             resumption = name != "S2full"
             row: dict[str, Any] = {"title": title}
+            app = bench.grpc_upstream if name == "S8" else upstream
+            if app is None:
+                click.echo(f"[{name}] {title}: skipped (needs nginx as the gRPC app)")
+                continue
             for who in PLAN[name]:
-                target = start(bench, who, upstream, resumption)
+                target = start(bench, who, app, resumption, http2=name in HTTP2)
                 if target is None:
                     continue
                 click.echo(f"[{name}] {title}: {target.name} ...", nl=False)
                 row[target.name] = run(bench, target, budget)
                 click.echo(f" {_brief(row[target.name])}")
-                if target is not upstream and target.proc is not None:
+                if target is not app and target.proc is not None:
                     code = bench.stop(target.proc)
                     if who in OURS:
                         # a clean drain after load: exit 0 at once, nothing left behind

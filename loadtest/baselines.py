@@ -7,7 +7,8 @@ and the syscalls, no HTTP at all.
 httptools and the request is re-serialized: the least an HTTP-aware proxy does, nothing else
 (no header rewriting, no timeouts, no metrics, no pipelining, no error answers).
 `python -m loadtest.baselines h2 PORT CERT KEY`: a uvloop TLS server speaking HTTP/2 with the h2
-library that answers every stream itself: the ceiling of the h2 library in one process.
+library that answers every stream itself (a gRPC request, at its end, with a message and
+`grpc-status` trailers): the ceiling of the h2 library in one process.
 """
 
 from __future__ import annotations
@@ -156,6 +157,7 @@ class _H2Responder(asyncio.Protocol):
             h2.config.H2Configuration(client_side=False, header_encoding=None)
         )
         self.transport: Any = None
+        self.grpc: set[int] = set()
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -168,6 +170,9 @@ class _H2Responder(asyncio.Protocol):
         conn = self.conn
         for event in conn.receive_data(data):
             if isinstance(event, h2.events.RequestReceived):
+                if (b"content-type", b"application/grpc") in event.headers:
+                    self.grpc.add(event.stream_id)  # answered at its end, as gRPC unary is
+                    continue
                 conn.send_headers(
                     event.stream_id,
                     [(b":status", b"200"), (b"content-length", b"6")],
@@ -175,6 +180,13 @@ class _H2Responder(asyncio.Protocol):
                 conn.send_data(event.stream_id, b"hello\n", end_stream=True)
             elif isinstance(event, h2.events.DataReceived):
                 conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, h2.events.StreamEnded) and event.stream_id in self.grpc:
+                self.grpc.discard(event.stream_id)
+                conn.send_headers(
+                    event.stream_id, [(b":status", b"200"), (b"content-type", b"application/grpc")]
+                )
+                conn.send_data(event.stream_id, b"\x00\x00\x00\x00\x05hello")
+                conn.send_headers(event.stream_id, [(b"grpc-status", b"0")], end_stream=True)
         out = conn.data_to_send()
         if out:
             self.transport.write(out)

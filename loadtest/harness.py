@@ -143,6 +143,7 @@ class Bench:
         self.pin = pin and (os.cpu_count() or 1) >= 2
         self.progress = progress
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.grpc_upstream: Target | None = None
         self._runs = 0
         self._make_files()
 
@@ -197,9 +198,17 @@ class Bench:
         self.upload.write_bytes(os.urandom(1024 * 1024))
         (self.work / "www").mkdir(exist_ok=True)
         (self.work / "www" / "10m").write_bytes(b"x" * (10 * 1024 * 1024))
+        # S8: one unary gRPC message each way ("hello" framed: no compression, 5 bytes)
+        self.grpc_message = self.work / "grpc.bin"
+        self.grpc_message.write_bytes(GRPC_HELLO)
+        (self.work / "www" / "bench.Echo").mkdir(exist_ok=True)
+        (self.work / "www" / "bench.Echo" / "Unary").write_bytes(GRPC_HELLO)
 
     def start_upstream(self, builtin: bool) -> Target:
+        """The app: nginx (or the built-in Python one). With nginx, `grpc_upstream` is the h2c
+        gRPC app of S8 in the same process."""
         port = free_port()
+        grpc_port = free_port()
         if builtin:
             proc = self._spawn(
                 [sys.executable, "-m", "loadtest.upstream", str(port)], 1, "upstream.log"
@@ -219,6 +228,17 @@ http {{
     location = /10m {{ root {self.work / "www"}; }}
     location = /upload {{ return 200 "ok\\n"; }}
   }}
+  server {{
+    # the gRPC app of S8: h2c, a fixed unary answer with grpc-status in the trailers
+    listen 127.0.0.1:{grpc_port} http2 backlog=4096;
+    http2_max_requests 1000000;
+    location / {{
+      root {self.work / "www"};
+      error_page 405 =200 $uri;  # POST to a static file
+      default_type application/grpc;
+      add_trailer grpc-status 0 always;
+    }}
+  }}
 }}
 """
             )
@@ -226,6 +246,9 @@ http {{
                 [self.nginx, "-c", str(conf), "-p", str(self.work)], 1, "upstream.log"
             )
         wait_port(port, proc)
+        if not builtin:
+            wait_port(grpc_port, proc)
+            self.grpc_upstream = Target("direct", f"h2c://127.0.0.1:{grpc_port}", proc.pid, None)
         return Target("direct", f"http://127.0.0.1:{port}", proc.pid, proc)
 
     def start_proxy(
@@ -369,8 +392,23 @@ backend app
         wait_port(port, proc)
         return Target(f"{kind} floor", f"https://127.0.0.1:{port}", proc.pid, proc)
 
-    def start_nginx_proxy(self, upstream: Target, *, resumption: bool = True) -> Target:
+    def start_nginx_proxy(
+        self, upstream: Target, *, resumption: bool = True, http2: bool = False
+    ) -> Target:
+        """nginx as a TLS proxy, one worker; with http2, ALPN h2 too; an h2c:// upstream is
+        reached with grpc_pass (nginx's gRPC proxy)."""
         port = free_port()
+        h2 = " http2" if http2 or upstream.url.startswith("h2c://") else ""
+        address = upstream.url.split("://", 1)[1]
+        if upstream.url.startswith("h2c://"):
+            location = f"grpc_pass grpc://{address};"
+        else:
+            location = """proxy_pass http://app;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host $host;
+      proxy_set_header X-Forwarded-For $remote_addr;
+      proxy_set_header X-Forwarded-Proto https;"""
         conf = self.work / f"nginx-proxy-{port}.conf"
         sessions = "" if resumption else "ssl_session_tickets off; ssl_session_cache off;"
         conf.write_text(
@@ -379,21 +417,17 @@ backend app
 http {{
   access_log off;
   keepalive_requests 1000000;
-  upstream app {{ server {upstream.url.removeprefix("http://")}; keepalive 128; }}
+  upstream app {{ server {address}; keepalive 128; }}
   server {{
-    listen 127.0.0.1:{port} ssl backlog=4096;
+    listen 127.0.0.1:{port} ssl{h2} backlog=4096;
+    http2_max_requests 1000000;
     ssl_certificate {self.cert};
     ssl_certificate_key {self.key};
     ssl_protocols TLSv1.2 TLSv1.3;
     {sessions}
     client_max_body_size 0;
     location / {{
-      proxy_pass http://app;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Host $host;
-      proxy_set_header X-Forwarded-For $remote_addr;
-      proxy_set_header X-Forwarded-Proto https;
+      {location}
     }}
   }}
 }}
@@ -409,10 +443,12 @@ http {{
         )
 
     # --- load -----------------------------------------------------------------------------------
-    def h2load(self, url: str, *args: str, timeout: float = 120) -> H2Result:
+    def h2load(self, url: str, *args: str, timeout: float = 120, h1: bool = True) -> H2Result:
+        """Run h2load on core 1: HTTP/1.1 by default, HTTP/2 (ALPN h2) with h1=False."""
         self._runs += 1
         log_file = self.work / f"h2load-{self._runs}.log"
-        argv = self._cmd(1, [self.h2load_bin, "--h1", f"--log-file={log_file}", *args, url])
+        protocol = ["--h1"] if h1 else []
+        argv = self._cmd(1, [self.h2load_bin, *protocol, f"--log-file={log_file}", *args, url])
         done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
         try:
             return parse_h2load(done.stdout, log_file)
@@ -420,10 +456,14 @@ http {{
             log_file.unlink(missing_ok=True)
 
     @contextmanager
-    def idle_tls_connections(self, target: Target, count: int) -> Iterator[int]:
-        """Open `count` keep-alive TLS connections, one request each, and hold them open."""
+    def idle_tls_connections(
+        self, target: Target, count: int, *, h2: bool = False
+    ) -> Iterator[int]:
+        """Open `count` keep-alive TLS connections, one request each (HTTP/2 with h2), and hold
+        them open."""
         ctx = ssl.create_default_context(cafile=str(self.ca))
         ctx.check_hostname = False
+        ctx.set_alpn_protocols(["h2"] if h2 else ["http/1.1"])
         port = int(target.url.rsplit(":", 1)[1])
         socks: list[ssl.SSLSocket] = []
         lock = threading.Lock()
@@ -432,13 +472,16 @@ http {{
             for _ in range(n):
                 raw = socket.create_connection(("127.0.0.1", port), timeout=30)
                 sock = ctx.wrap_socket(raw, server_hostname="localhost")
-                sock.sendall(b"GET /small HTTP/1.1\r\nHost: localhost\r\n\r\n")
-                data = b""
-                while b"hello" not in data:
-                    chunk = sock.recv(4096)
-                    if not chunk:
-                        break
-                    data += chunk
+                if h2:
+                    _h2_request(sock)
+                else:
+                    sock.sendall(b"GET /small HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                    data = b""
+                    while b"hello" not in data:
+                        chunk = sock.recv(4096)
+                        if not chunk:
+                            break
+                        data += chunk
                 with lock:
                     socks.append(sock)
 
@@ -456,6 +499,39 @@ http {{
             for sock in socks:
                 sock.close()
 
+
+def _h2_request(sock: ssl.SSLSocket) -> None:
+    """GET /small over HTTP/2 on `sock`, read until its stream ends; the connection stays."""
+    import h2.config  # noqa: PLC0415
+    import h2.connection  # noqa: PLC0415
+    import h2.events  # noqa: PLC0415
+
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(header_encoding=None))
+    conn.initiate_connection()
+    conn.send_headers(
+        1,
+        [
+            (b":method", b"GET"),
+            (b":scheme", b"https"),
+            (b":authority", b"localhost"),
+            (b":path", b"/small"),
+        ],
+        end_stream=True,
+    )
+    sock.sendall(conn.data_to_send())
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            return
+        events = conn.receive_data(data)
+        out = conn.data_to_send()
+        if out:
+            sock.sendall(out)
+        if any(isinstance(e, h2.events.StreamEnded) for e in events):
+            return
+
+
+GRPC_HELLO = b"\x00\x00\x00\x00\x05hello"  # a gRPC length-prefixed message, uncompressed
 
 _NGINX_HEAD = """
 worker_processes 1;

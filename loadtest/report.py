@@ -14,7 +14,10 @@ THROUGHPUT = {
     "S3": ("mb_s", 1.0),
     "S6": ("req_s", 1.0),
 }
+# HTTP/2 scenarios: judged against the h2 floor (the h2 library answering by itself)
+H2_FLOOR = {"S7": 0.6, "S8": 0.6}
 S4_ADDED_P99_MS = 0.5
+S5H2_PER_CONNECTION_KIB = 64.0
 # Columns, in this order, for whoever ran.
 COLUMNS = (
     "direct",
@@ -23,6 +26,7 @@ COLUMNS = (
     "caddy",
     "pipe floor",
     "parse floor",
+    "h2 floor",
     "tls-sidecar h11",
     "tls-sidecar",
 )
@@ -52,6 +56,14 @@ def verdicts(results: dict[str, Any]) -> dict[str, tuple[float, float, bool]]:
     if "S4" in scenarios and "direct" in scenarios["S4"]:
         added = scenarios["S4"]["tls-sidecar"]["p99_ms"] - scenarios["S4"]["direct"]["p99_ms"]
         out["S4"] = (added, S4_ADDED_P99_MS, added <= S4_ADDED_P99_MS)
+    for name, target in H2_FLOOR.items():
+        row = scenarios.get(name)
+        if row and row.get("h2 floor", {}).get("req_s"):
+            ratio = row["tls-sidecar"]["req_s"] / row["h2 floor"]["req_s"]
+            out[name] = (ratio, target, ratio >= target)
+    if "S5h2" in scenarios:
+        kib = scenarios["S5h2"]["tls-sidecar"]["kib_per_connection"]
+        out["S5h2 per conn"] = (kib, S5H2_PER_CONNECTION_KIB, kib <= S5H2_PER_CONNECTION_KIB)
     if "S5" in scenarios:
         ours = scenarios["S5"]["tls-sidecar"]
         out["S5 rest"] = (
@@ -86,12 +98,14 @@ def markdown_table(results: dict[str, Any]) -> str:
     for name, row in scenarios.items():
         title = row["title"]
         ours, nginx = row["tls-sidecar"], row["nginx"]
-        if name == "S5":
+        if name in ("S5", "S5h2"):
             for metric, key, unit in (
                 ("RSS at rest", "rss_at_rest_mib", "MiB"),
                 ("per idle TLS connection", "kib_per_connection", "KiB"),
             ):
-                verdict = judged["S5 rest" if key.startswith("rss") else "S5 per conn"]
+                if name == "S5h2" and key.startswith("rss"):
+                    continue
+                verdict = judged[f"{name} per conn" if key == "kib_per_connection" else "S5 rest"]
                 ratio = ours[key] / nginx[key] if nginx[key] else float("nan")
                 lines.append(
                     f"| {name} {title} | {metric} ({unit}) | {cells(row, key)} | "
@@ -106,6 +120,10 @@ def markdown_table(results: dict[str, Any]) -> str:
             target, met = "", ""
             if name in THROUGHPUT and THROUGHPUT[name][0] == key:
                 target, met = f">= {THROUGHPUT[name][1]:.2f}x", "yes" if judged[name][2] else "no"
+            if name in judged and name in H2_FLOOR and key == "req_s":
+                measured, floor_target, ok = judged[name]
+                target = f">= {floor_target:.2f}x the h2 floor (measured {measured:.2f}x)"
+                met = "yes" if ok else "no"
             if name == "S4" and key == "p99_ms":
                 target = f"+{S4_ADDED_P99_MS:g} ms over direct (measured +{judged['S4'][0]:.2f} ms)"
                 met = "yes" if judged["S4"][2] else "no"

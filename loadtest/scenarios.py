@@ -85,6 +85,64 @@ def s5_memory(bench: Bench, target: Target, budget: Budget) -> dict[str, Any]:
     }
 
 
+def s5_h2_memory(bench: Bench, target: Target, budget: Budget) -> dict[str, Any]:
+    assert target.pid is not None
+    bench.h2load(f"{target.url}/small", "-c", "4", "-n", "200", h1=False)  # warm
+    at_rest = rss_kib(target.pid)
+    with bench.idle_tls_connections(target, budget.s5_connections, h2=True) as opened:
+        deadline = time.monotonic() + 2
+        loaded = rss_kib(target.pid)
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            loaded = max(loaded, rss_kib(target.pid))
+    return {
+        "rss_at_rest_mib": round(at_rest / 1024, 1),
+        "rss_loaded_mib": round(loaded / 1024, 1),
+        "connections": opened,
+        "kib_per_connection": round((loaded - at_rest) / max(opened, 1), 1),
+    }
+
+
+def s7_h2_multiplexed(bench: Bench, target: Target, budget: Budget) -> dict[str, Any]:
+    return _row(
+        bench.h2load(
+            f"{target.url}/small",
+            "-c",
+            "10",
+            "-m",
+            "10",
+            "-D",
+            str(budget.seconds),
+            "--warm-up-time",
+            "1",
+            h1=False,
+        )
+    )
+
+
+def s8_grpc_unary(bench: Bench, target: Target, budget: Budget) -> dict[str, Any]:
+    return _row(
+        bench.h2load(
+            f"{target.url}/bench.Echo/Unary",
+            "-c",
+            "10",
+            "-m",
+            "10",
+            "-D",
+            str(budget.seconds),
+            "--warm-up-time",
+            "1",
+            "-d",
+            str(bench.grpc_message),
+            "-H",
+            "content-type: application/grpc",
+            "-H",
+            "te: trailers",
+            h1=False,
+        )
+    )
+
+
 def s6_uploads(bench: Bench, target: Target, budget: Budget) -> dict[str, Any]:
     return _row(
         bench.h2load(
@@ -101,4 +159,7 @@ SCENARIOS = {
     "S4": ("fixed 1000 req/s over 10 connections (latency)", s4_fixed_rate),
     "S5": ("memory: at rest and with idle keep-alive TLS connections", s5_memory),
     "S6": ("1 MiB uploads over 10 connections", s6_uploads),
+    "S7": ("HTTP/2, 10 connections x 10 streams, 6-byte responses", s7_h2_multiplexed),
+    "S8": ("gRPC unary over HTTP/2, 10 x 10 streams, to an h2c app", s8_grpc_unary),
+    "S5h2": ("memory per idle HTTP/2 connection", s5_h2_memory),
 }
