@@ -126,7 +126,8 @@ class Http2Connection(ClientConnection):
         self.h2 = conn
         self.streams: dict[int, H2Stream] = {}
         self.buffered = 0  # response bytes waiting for the client's window, all streams
-        self.corked = 0
+        self.corked = 0  # a response head waits while corked (it may end with its stream)
+        self._flush_soon = False
         self.going_away = False  # a GOAWAY went out (or came in): no new streams
         self._final_sent = False
         now = self.loop.time()
@@ -199,7 +200,7 @@ class Http2Connection(ClientConnection):
     def _goaway(self, last_stream_id: int) -> None:
         """A graceful GOAWAY, written past h2: its state machine would refuse to send anything
         after one, and the streams in flight must still be answered."""
-        self.flush()
+        self.flush_now()
         frame = GoAwayFrame(0)
         frame.last_stream_id = last_stream_id
         frame.error_code = ErrorCodes.NO_ERROR
@@ -257,7 +258,7 @@ class Http2Connection(ClientConnection):
         if code is not None:
             self.h2.close_connection(code, last_stream_id=self.h2.highest_inbound_stream_id)
         self.going_away = self._final_sent = True
-        self.flush()
+        self.flush_now()
         self._linger()
         for stream in list(self.streams.values()):
             stream.lost()
@@ -383,18 +384,24 @@ class Http2Connection(ClientConnection):
 
     # --- writing ----------------------------------------------------------------------------------
     def flush(self) -> None:
-        if self.corked or self.transport is None:
+        """Write what h2 holds at the end of this loop iteration: the frames of every stream
+        answered meanwhile go out in one TLS write."""
+        if not self._flush_soon:
+            self._flush_soon = True
+            self.loop.call_soon(self.flush_now)
+
+    def flush_now(self) -> None:
+        self._flush_soon = False
+        transport = self.transport
+        if transport is None or transport.is_closing():
             return
         data = self.h2.data_to_send()
-        if data and not self.transport.is_closing():
+        if data:
             self.write(data)
 
     def close(self) -> None:
-        """What h2 holds goes out first, corked or not: nothing follows it."""
-        if self.transport is not None and not self.transport.is_closing():
-            data = self.h2.data_to_send()
-            if data:
-                self.write(data)
+        """What h2 holds goes out first: nothing follows it."""
+        self.flush_now()
         super().close()
 
     def stream_done(self, stream: H2Stream) -> None:

@@ -147,6 +147,7 @@ _H2_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path"})
 # token characters; a value no NUL, CR or LF and no leading or trailing whitespace.
 _H2_BAD_NAME = re.compile(rb"[^a-z0-9!#$%&'*+\-.^_`|~]")
 _H2_BAD_VALUE = re.compile(rb"[\x00\r\n]|^[ \t]|[ \t]$")
+_WHITESPACE = (0x20, 0x09)
 
 
 def read_h2_head(fields: HeaderSeq, ended: bool) -> RequestHead:
@@ -167,7 +168,12 @@ def read_h2_head(fields: HeaderSeq, ended: bool) -> RequestHead:
     size = 0
     for name, value in fields:
         size += len(name) + len(value) + 4
-        if _H2_BAD_VALUE.search(value) is not None:
+        if (
+            b"\r" in value
+            or b"\n" in value
+            or b"\x00" in value
+            or (value and (value[0] in _WHITESPACE or value[-1] in _WHITESPACE))
+        ):
             raise BadRequest(400, "malformed", f"invalid value of {name!r}")
         if name[:1] == b":":
             if headers or cookies or host is not None:
@@ -326,7 +332,11 @@ def upstream_request(
         out.append((b"transfer-encoding", b"chunked"))
     if xfcc is not None:
         out.append((b"x-forwarded-client-cert", xfcc))
-    if head.version != b"1.1" and not hdr.has_header(names, b"host"):
+    if head.version == b"2":
+        no_host = not names or names[0][0] != b"host"  # read_h2_head puts it first
+    else:
+        no_host = head.version == b"1.0" and not hdr.has_header(names, b"host")
+    if no_host:
         out.insert(0, (b"host", upstream_host))
     # The parsers cap a head that arrives in pieces; one that arrived whole is measured here.
     if head.size + 12 > max_header_bytes:

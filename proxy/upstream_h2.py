@@ -127,9 +127,9 @@ class H2UpstreamStream:
             (b":authority", authority),
             (b":path", target),
         ]
-        conn = self.conn.h2
-        conn.send_headers(self.sid, out)
-        return conn.data_to_send()
+        self.conn.h2.send_headers(self.sid, out)
+        self.conn.flush()
+        return b""  # the connection writes every stream's frames once per loop iteration
 
     def request_data(self, data: bytes) -> list[bytes]:
         if self.closed or not data:
@@ -138,8 +138,8 @@ class H2UpstreamStream:
             self._wait(data)
             return []
         self._send(data)
-        out = self.conn.h2.data_to_send()
-        return [out] if out else []
+        self.conn.flush()
+        return []
 
     def _send(self, data: bytes) -> None:
         conn = self.conn.h2
@@ -168,7 +168,8 @@ class H2UpstreamStream:
             self.waiting_end = trailers or True
             return b""
         self._end(trailers)
-        return self.conn.h2.data_to_send()
+        self.conn.flush()
+        return b""
 
     def _end(self, trailers: Headers | None) -> None:
         self.ended = True
@@ -257,6 +258,7 @@ class H2UpstreamConnection(asyncio.Protocol):
         self.going_away = False  # the app sent GOAWAY, or we are closing: no new streams
         self.used = False
         self.idle_since = 0.0
+        self._flush_soon = False
         self._handlers: dict[type[h2.events.Event], Callable[[Any], None]] = {
             h2.events.ResponseReceived: self._on_response,
             h2.events.InformationalResponseReceived: self._on_informational,
@@ -475,6 +477,13 @@ class H2UpstreamConnection(asyncio.Protocol):
             transport.write(data)
 
     def flush(self) -> None:
+        """Write what h2 holds at the end of this loop iteration, for all streams at once."""
+        if not self._flush_soon:
+            self._flush_soon = True
+            self.pool.loop.call_soon(self.flush_now)
+
+    def flush_now(self) -> None:
+        self._flush_soon = False
         data = self.h2.data_to_send()
         if data:
             self.write(data)
@@ -485,7 +494,7 @@ class H2UpstreamConnection(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             with contextlib.suppress(h2.exceptions.ProtocolError):
                 self.h2.close_connection()
-            self.flush()
+            self.flush_now()
             self.transport.close()
 
 
