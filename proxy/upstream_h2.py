@@ -259,6 +259,9 @@ class H2UpstreamConnection(asyncio.Protocol):
         self.used = False
         self.idle_since = 0.0
         self._flush_soon = False
+        # Streams go on a connection only once the app said how many it takes (its first
+        # SETTINGS), as gRPC clients do: until then HTTP/2 would allow unlimited streams.
+        self.settled: asyncio.Future[None] = pool.loop.create_future()
         self._handlers: dict[type[h2.events.Event], Callable[[Any], None]] = {
             h2.events.ResponseReceived: self._on_response,
             h2.events.InformationalResponseReceived: self._on_informational,
@@ -273,7 +276,7 @@ class H2UpstreamConnection(asyncio.Protocol):
 
     @property
     def has_room(self) -> bool:
-        if self.closed or self.going_away:
+        if self.closed or self.going_away or not self.settled.done():
             return False
         limit = min(self.h2.remote_settings.max_concurrent_streams, MAX_STREAMS)
         return len(self.streams) < limit
@@ -343,6 +346,8 @@ class H2UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if not self.settled.done():
+            self.settled.set_exception(ConnectionResetError("the app closed the connection"))
         self.pool.forget(self)
         self._lose_all(exc)
 
@@ -455,6 +460,8 @@ class H2UpstreamConnection(asyncio.Protocol):
                 stream.window_opened()
 
     def _on_settings(self, event: h2.events.RemoteSettingsChanged) -> None:
+        if not self.settled.done():
+            self.settled.set_result(None)
         if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
             for stream in list(self.streams.values()):
                 if stream.waiting:
@@ -575,6 +582,11 @@ class H2UpstreamPool:
                         target.address.host,
                         target.address.port,
                     )
+                try:
+                    await conn.settled
+                except BaseException:
+                    conn.close()
+                    raise
         except TimeoutError:
             self.metrics.upstream_connect_errors.labels("timeout").inc()
             raise UpstreamConnectError(

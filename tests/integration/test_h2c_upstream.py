@@ -1,0 +1,94 @@
+"""`--upstream h2c://` and `h2c+unix:` against a small HTTP/2 app of our own (tests/support/h2app):
+trailers both ways, resets relayed back, the app's stream limit respected with few
+connections."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import h2.errors
+import pytest
+
+from tests.support.h2app import H2App
+from tests.support.h2client import H2Client
+from tests.support.proxy import DevCerts, ProxyProcess, serve_args
+
+
+@pytest.fixture
+def run(dev_certs: DevCerts) -> Iterator[list[object]]:
+    """Apps and proxies started by a test, stopped after it."""
+    started: list[object] = []
+    yield started
+    for thing in reversed(started):
+        thing.stop()  # type: ignore[attr-defined]
+
+
+def start(run: list[object], app: H2App, dev: DevCerts) -> ProxyProcess:
+    run.append(app.start())
+    proxy = ProxyProcess(serve_args(app.url, dev)).start()
+    run.append(proxy)
+    return proxy
+
+
+def test_trailers_go_both_ways(run: list[object], dev_certs: DevCerts, ca: Path) -> None:
+    proxy = start(run, H2App(), dev_certs)
+    client = H2Client(proxy.port, ca)
+    sid = client.request(
+        b"/upload",
+        method=b"POST",
+        headers=[(b"content-type", b"application/grpc")],
+        body=b"\x00\x00\x00\x00\x02hi",
+        end=False,
+    )
+    client.conn.send_headers(sid, [(b"x-client-trailer", b"sent")], end_stream=True)
+    client.flush()
+    response = client.response(sid)
+    client.close()
+    seen = json.loads(response.body)
+    assert seen["trailers"] == [["x-client-trailer", "sent"]]
+    assert seen["body_length"] == 7
+    headers = dict(seen["headers"])
+    assert headers[":authority"] == "localhost"
+    assert headers["te"] == "trailers"  # gRPC servers require it
+    assert headers["x-forwarded-proto"] == "https"
+    assert response.trailers == [(b"x-app-trailer", b"done")]
+
+
+def test_a_unix_socket_app(
+    run: list[object], dev_certs: DevCerts, ca: Path, tmp_path: Path
+) -> None:
+    proxy = start(run, H2App(unix_path=str(tmp_path / "app.sock")), dev_certs)
+    client = H2Client(proxy.port, ca)
+    response = client.response(client.request(b"/hello"))
+    client.close()
+    assert response.status == 200
+    assert json.loads(response.body)["body_length"] == 0
+
+
+def test_the_apps_reset_reaches_the_client(
+    run: list[object], dev_certs: DevCerts, ca: Path
+) -> None:
+    proxy = start(run, H2App(), dev_certs)
+    client = H2Client(proxy.port, ca)
+    response = client.response(client.request(b"/reset-mid"))
+    assert response.status == 200 and bytes(response.body) == b"partial"
+    assert response.reset == h2.errors.ErrorCodes.CANCEL  # relayed, not turned into an error
+    again = client.response(client.request(b"/after"))  # the connection goes on
+    client.close()
+    assert again.status == 200
+
+
+def test_streams_spread_over_few_connections_within_the_apps_limit(
+    run: list[object], dev_certs: DevCerts, ca: Path
+) -> None:
+    """The app allows 5 streams per connection: 20 at once take 4 connections, not 20."""
+    app = H2App(max_streams=5)
+    proxy = start(run, app, dev_certs)
+    client = H2Client(proxy.port, ca)
+    streams = [client.request(b"/slow") for _ in range(20)]
+    statuses = [client.response(sid, timeout=20).status for sid in streams]
+    client.close()
+    assert statuses == [200] * 20
+    assert 4 <= app.connections <= 6

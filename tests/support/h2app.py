@@ -1,0 +1,146 @@
+"""A small HTTP/2 cleartext app (h2 library, prior knowledge) for the h2c:// upstream tests:
+it reports what it received (headers, body, trailers) and can reset a stream mid-response."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.settings
+
+
+class _Conn(asyncio.Protocol):
+    def __init__(self, app: H2App) -> None:
+        self.app = app
+        self.conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=False, header_encoding=None)
+        )
+        if app.max_streams is not None:
+            self.conn.local_settings = h2.settings.Settings(
+                client=False,
+                initial_values={h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: app.max_streams},
+            )
+        self.transport: Any = None
+        self.requests: dict[int, dict[str, Any]] = {}
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self.app.connections += 1
+        self.conn.initiate_connection()
+        self.flush()
+
+    def flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data:
+            self.transport.write(data)
+
+    def data_received(self, data: bytes) -> None:
+        for event in self.conn.receive_data(data):
+            sid = getattr(event, "stream_id", 0)
+            if isinstance(event, h2.events.RequestReceived):
+                self.requests[sid] = {
+                    "headers": [[n.decode(), v.decode()] for n, v in event.headers],
+                    "body": b"",
+                    "trailers": [],
+                }
+                path = dict(event.headers)[b":path"]
+                if path.startswith(b"/reset-mid"):
+                    self.conn.send_headers(sid, [(b":status", b"200")])
+                    self.conn.send_data(sid, b"partial")
+                    self.flush()
+                    asyncio.get_running_loop().call_later(
+                        0.05, self._reset, sid, h2.errors.ErrorCodes.CANCEL
+                    )
+            elif isinstance(event, h2.events.DataReceived):
+                self.requests[sid]["body"] += event.data
+                self.conn.acknowledge_received_data(event.flow_controlled_length, sid)
+            elif isinstance(event, h2.events.TrailersReceived):
+                self.requests[sid]["trailers"] = [
+                    [n.decode(), v.decode()] for n, v in event.headers
+                ]
+            elif isinstance(event, h2.events.StreamEnded):
+                if dict(self.requests[sid]["headers"])[":path"].startswith("/slow"):
+                    asyncio.get_running_loop().call_later(0.3, self._answer, sid)
+                else:
+                    self._answer(sid)
+            elif isinstance(event, h2.events.StreamReset):
+                self.app.resets.append(event.error_code)
+        self.flush()
+
+    def _reset(self, sid: int, code: int) -> None:
+        self.conn.reset_stream(sid, code)
+        self.flush()
+
+    def _answer(self, sid: int) -> None:
+        request = self.requests.pop(sid)
+        path = dict((n, v) for n, v in request["headers"])[":path"]
+        if path.startswith("/reset-mid"):
+            return
+        self.app.seen.append(request)
+        body = json.dumps(
+            {
+                "headers": request["headers"],
+                "body_length": len(request["body"]),
+                "trailers": request["trailers"],
+                "connections": self.app.connections,
+            }
+        ).encode()
+        self.conn.send_headers(
+            sid,
+            [
+                (b":status", b"200"),
+                (b"content-type", b"application/json"),
+                (b"content-length", b"%d" % len(body)),
+            ],
+        )
+        self.conn.send_data(sid, body)
+        self.conn.send_headers(sid, [(b"x-app-trailer", b"done")], end_stream=True)
+        self.flush()
+
+
+class H2App:
+    """Runs in its own thread and event loop on 127.0.0.1 (or a unix socket)."""
+
+    def __init__(self, unix_path: str | None = None, max_streams: int | None = None) -> None:
+        self.unix_path = unix_path
+        self.max_streams = max_streams
+        self.port = 0
+        self.seen: list[dict[str, Any]] = []
+        self.resets: list[int] = []
+        self.connections = 0
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> H2App:
+        self._thread.start()
+        assert self._ready.wait(10)
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"h2c+unix:{self.unix_path}" if self.unix_path else f"h2c://127.0.0.1:{self.port}"
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+
+        async def listen() -> None:
+            if self.unix_path:
+                await self._loop.create_unix_server(lambda: _Conn(self), self.unix_path)
+            else:
+                server = await self._loop.create_server(lambda: _Conn(self), "127.0.0.1", 0)
+                self.port = server.sockets[0].getsockname()[1]
+            self._ready.set()
+
+        self._loop.run_until_complete(listen())
+        self._loop.run_forever()
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
