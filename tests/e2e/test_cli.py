@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import hashlib
 import json
 import os
 import re
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from wsproto import WSConnection
 from wsproto.connection import ConnectionType
 from wsproto.events import AcceptConnection, TextMessage
@@ -381,3 +384,62 @@ def test_serve_without_mutual_tls_never_loads_cryptography(dev_certs: DevCerts) 
             proxy.stop()
     finally:
         app.stop()
+
+
+@pytest.mark.skipif(
+    shutil.which("chromium") is None, reason="chromium is not installed (apt-get install chromium)"
+)
+def test_a_real_browser_loads_the_demo_over_http2(tmp_path: Path) -> None:
+    """Headless Chromium, trusting only the demo certificate's key, gets the page over h2."""
+    demo = ProxyProcess(
+        [
+            "demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--app-listen",
+            "127.0.0.1:0",
+            "--certs-dir",
+            str(tmp_path / "certs"),
+        ]
+    ).start(expect_ready=False)
+    try:
+        line = wait_for(
+            lambda: next((s for s in demo.stderr_lines if "try:" in s), None),
+            30,
+            "the demo's curl hint",
+        )
+        match = re.search(r"https://localhost:(\d+)/hello", line)
+        assert match, line
+        leaf = x509.load_pem_x509_certificate((tmp_path / "certs" / "server.crt").read_bytes())
+        spki = leaf.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        pin = base64.b64encode(hashlib.sha256(spki).digest()).decode()
+        result = subprocess.run(
+            [
+                "chromium",
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                f"--user-data-dir={tmp_path / 'profile'}",
+                f"--ignore-certificate-errors-spki-list={pin}",
+                "--host-resolver-rules=MAP localhost 127.0.0.1",
+                "--dump-dom",
+                f"https://localhost:{match.group(1)}/from-chromium",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert '"path": "/from-chromium"' in result.stdout, result.stdout + result.stderr[-2000:]
+        line = wait_for(
+            lambda: next((s for s in demo.stdout_lines if '"GET /from-chromium" 200' in s), None),
+            10,
+            "the browser's access-log line",
+        )
+        assert " h2 TLSv1.3 " in line  # the demo logs as text: the protocol, then TLS
+    finally:
+        demo.stop()
+    assert demo.wait() == 0
