@@ -83,6 +83,7 @@ def test_every_kustomization_renders_and_validates(rendered: dict[str, str]) -> 
         "deploy/kubernetes/overlays/cert-manager",
         "deploy/kubernetes/overlays/prometheus",
         "deploy/kubernetes/overlays/classic-sidecar",
+        "deploy/kubernetes/overlays/grpc",
     }
     counts = {}
     for name, text in rendered.items():
@@ -100,6 +101,17 @@ def sidecar_of(deployment: dict[str, Any]) -> tuple[str, dict[str, Any]]:
             if container["name"] == "tls-sidecar":
                 return where, container
     raise AssertionError("no tls-sidecar container")
+
+
+def test_the_grpc_example_reaches_its_app_over_h2c(rendered: dict[str, str]) -> None:
+    grpc = next(
+        o for o in objects(rendered["deploy/kubernetes/overlays/grpc"]) if o["kind"] == "Deployment"
+    )
+    _, sidecar = sidecar_of(grpc)
+    assert "--upstream=h2c://127.0.0.1:9000" in sidecar["args"]
+    [app] = grpc["spec"]["template"]["spec"]["containers"]
+    assert app["ports"] == [{"name": "grpc", "containerPort": 9000}]
+    assert not any(a.startswith("--no-http2") for a in sidecar["args"])  # h2 is on by default
 
 
 def test_native_and_classic_sidecars_are_wired_as_documented(rendered: dict[str, str]) -> None:
