@@ -34,7 +34,7 @@ PLAN = {
     # HTTP/2: nginx with http2 on (S8: grpc_pass), and the h2 floor: the h2 library answering
     # every stream itself in one process, the ceiling of anything built on it.
     "S7": ("nginx", "h2 floor", "tls-sidecar"),
-    "S8": ("nginx", "h2 floor", "tls-sidecar"),
+    "S8": ("nginx", "h2 floor", "h2relay floor", "tls-sidecar"),
     "S5h2": ("nginx", "tls-sidecar"),
 }
 HTTP2 = ("S7", "S8", "S5h2")

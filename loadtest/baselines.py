@@ -9,6 +9,9 @@ httptools and the request is re-serialized: the least an HTTP-aware proxy does, 
 `python -m loadtest.baselines h2 PORT CERT KEY`: a uvloop TLS server speaking HTTP/2 with the h2
 library that answers every stream itself (a gRPC request, at its end, with a message and
 `grpc-status` trailers): the ceiling of the h2 library in one process.
+`python -m loadtest.baselines h2relay PORT UPSTREAM_PORT CERT KEY`: HTTP/2 in, h2c out, each
+stream relayed frame for frame and nothing else: the floor of a gRPC proxy built on h2 (two h2
+stacks per request, where the h2 floor has one).
 """
 
 from __future__ import annotations
@@ -192,6 +195,93 @@ class _H2Responder(asyncio.Protocol):
             self.transport.write(out)
 
 
+class _H2Relay(asyncio.Protocol):
+    """HTTP/2 in, h2c out, nothing else: each client connection gets its own connection to the
+    app, and every stream is relayed frame for frame (headers, data, trailers, flow control).
+    No checks, timers, metrics or logs: the least a gRPC-carrying proxy on h2 does."""
+
+    def __init__(self, upstream_port: int) -> None:
+        import h2.config  # noqa: PLC0415
+        import h2.connection  # noqa: PLC0415
+
+        self.down = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=False, header_encoding=None)
+        )
+        self.up = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding=None)
+        )
+        self.upstream_port = upstream_port
+        self.transport: Any = None
+        self.up_transport: Any = None
+        self.backlog: list[bytes] = []
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self.down.initiate_connection()
+        transport.write(self.down.data_to_send())
+        asyncio.get_running_loop().create_task(self._connect())
+
+    async def _connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        relay = self
+
+        class Up(asyncio.Protocol):
+            def data_received(self, data: bytes) -> None:
+                relay.from_app(data)
+
+        up_transport, _ = await loop.create_connection(Up, "127.0.0.1", self.upstream_port)
+        self.up.initiate_connection()
+        up_transport.write(self.up.data_to_send())
+        self.up_transport = up_transport
+        for data in self.backlog:
+            self.data_received(data)
+        self.backlog = []
+
+    def data_received(self, data: bytes) -> None:
+        import h2.events  # noqa: PLC0415
+
+        if self.up_transport is None:
+            self.backlog.append(data)
+            return
+        up = self.up
+        event: Any
+        for event in self.down.receive_data(data):
+            kind = type(event)
+            if kind is h2.events.RequestReceived:
+                headers = [(n, b"http" if n == b":scheme" else v) for n, v in event.headers]
+                up.send_headers(event.stream_id, headers)
+            elif kind is h2.events.DataReceived:
+                up.send_data(event.stream_id, event.data)
+                self.down.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif kind is h2.events.StreamEnded:
+                up.end_stream(event.stream_id)
+        self._flush()
+
+    def from_app(self, data: bytes) -> None:
+        import h2.events  # noqa: PLC0415
+
+        down = self.down
+        event: Any
+        for event in self.up.receive_data(data):
+            kind = type(event)
+            if kind is h2.events.ResponseReceived:
+                down.send_headers(event.stream_id, event.headers)
+            elif kind is h2.events.DataReceived:
+                down.send_data(event.stream_id, event.data)
+                self.up.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif kind is h2.events.TrailersReceived:
+                down.send_headers(event.stream_id, event.headers, end_stream=True)
+        self._flush()
+
+    def _flush(self) -> None:
+        out = self.up.data_to_send()
+        if out:
+            self.up_transport.write(out)
+        out = self.down.data_to_send()
+        if out:
+            self.transport.write(out)
+
+
 async def _serve(kind: str, argv: list[str]) -> None:
     loop = asyncio.get_running_loop()
     port = int(argv[0])
@@ -203,11 +293,13 @@ async def _serve(kind: str, argv: list[str]) -> None:
         alpn = ["h2"]
     else:
         upstream_port, cert, key = int(rest[0]), rest[1], rest[2]
-        alpn = ["http/1.1"]
+        alpn = ["h2"] if kind == "h2relay" else ["http/1.1"]
 
         def factory() -> asyncio.Protocol:
             if kind == "pipe":
                 return _ClientSide(upstream_port)
+            if kind == "h2relay":
+                return _H2Relay(upstream_port)
             return _ParsingClientSide(upstream_port)
 
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -220,8 +312,10 @@ async def _serve(kind: str, argv: list[str]) -> None:
 
 def main() -> None:
     kind, *argv = sys.argv[1:]
-    if kind not in ("pipe", "parse", "h2"):
-        sys.exit("usage: python -m loadtest.baselines pipe|parse|h2 PORT [UPSTREAM_PORT] CERT KEY")
+    if kind not in ("pipe", "parse", "h2", "h2relay"):
+        sys.exit(
+            "usage: python -m loadtest.baselines pipe|parse|h2|h2relay PORT [UPSTREAM_PORT] CERT KEY"
+        )
     uvloop.run(_serve(kind, argv))
 
 
