@@ -135,19 +135,6 @@ class Http2Connection(ClientConnection):
         streams = config.max_concurrent_streams
         # Rapid reset (CVE-2023-44487): streams the client cancels before their answer.
         self._resets = Budget(max(200.0, 2.0 * streams), max(100.0, float(streams)), now)
-        self._handlers: dict[type[h2.events.Event], Callable[[Any], None]] = {
-            h2.events.RequestReceived: self._on_request,
-            h2.events.DataReceived: self._on_data,
-            h2.events.StreamEnded: self._on_stream_ended,
-            h2.events.TrailersReceived: self._on_trailers,
-            h2.events.StreamReset: self._on_reset,
-            h2.events.WindowUpdated: self._on_window,
-            h2.events.RemoteSettingsChanged: self._on_settings,
-            h2.events.PingReceived: self._on_control,
-            h2.events.PingAckReceived: self._on_ping_ack,
-            h2.events.UnknownFrameReceived: self._on_control,
-            h2.events.ConnectionTerminated: self._on_goaway,
-        }
 
     def start(self, early: bytes | None) -> None:
         """After the handshake: our SETTINGS, a wide connection window, then the client's."""
@@ -228,11 +215,10 @@ class Http2Connection(ClientConnection):
             return
         self.corked += 1
         try:
-            handlers = self._handlers
             for event in events:
-                handler = handlers.get(type(event))
+                handler = _SERVER_HANDLERS.get(type(event))
                 if handler is not None:
-                    handler(event)
+                    handler(self, event)
         except CalmDown as e:
             self.corked -= 1
             self._connection_error(e.reason, str(e), ErrorCodes.ENHANCE_YOUR_CALM)
@@ -443,6 +429,22 @@ class Http2Connection(ClientConnection):
         for stream in list(self.streams.values()):
             if not stream.waiting:
                 stream.resume_upstream()
+
+
+# Event type -> handler: one table for every connection (not bound methods per connection).
+_SERVER_HANDLERS: dict[type[h2.events.Event], Callable[[Http2Connection, Any], None]] = {
+    h2.events.RequestReceived: Http2Connection._on_request,
+    h2.events.DataReceived: Http2Connection._on_data,
+    h2.events.StreamEnded: Http2Connection._on_stream_ended,
+    h2.events.TrailersReceived: Http2Connection._on_trailers,
+    h2.events.StreamReset: Http2Connection._on_reset,
+    h2.events.WindowUpdated: Http2Connection._on_window,
+    h2.events.RemoteSettingsChanged: Http2Connection._on_settings,
+    h2.events.PingReceived: Http2Connection._on_control,
+    h2.events.PingAckReceived: Http2Connection._on_ping_ack,
+    h2.events.UnknownFrameReceived: Http2Connection._on_control,
+    h2.events.ConnectionTerminated: Http2Connection._on_goaway,
+}
 
 
 class H2Stream(PhaseTimer):

@@ -262,17 +262,6 @@ class H2UpstreamConnection(asyncio.Protocol):
         # Streams go on a connection only once the app said how many it takes (its first
         # SETTINGS), as gRPC clients do: until then HTTP/2 would allow unlimited streams.
         self.settled: asyncio.Future[None] = pool.loop.create_future()
-        self._handlers: dict[type[h2.events.Event], Callable[[Any], None]] = {
-            h2.events.ResponseReceived: self._on_response,
-            h2.events.InformationalResponseReceived: self._on_informational,
-            h2.events.DataReceived: self._on_data,
-            h2.events.TrailersReceived: self._on_trailers,
-            h2.events.StreamEnded: self._on_ended,
-            h2.events.StreamReset: self._on_reset,
-            h2.events.WindowUpdated: self._on_window,
-            h2.events.RemoteSettingsChanged: self._on_settings,
-            h2.events.ConnectionTerminated: self._on_goaway,
-        }
 
     @property
     def has_room(self) -> bool:
@@ -324,9 +313,8 @@ class H2UpstreamConnection(asyncio.Protocol):
             return
         corked: list[Any] = []
         try:
-            handlers = self._handlers
             for event in events:
-                handler = handlers.get(type(event))
+                handler = _CLIENT_HANDLERS.get(type(event))
                 if handler is None:
                     continue
                 stream = self.streams.get(getattr(event, "stream_id", 0))
@@ -335,7 +323,7 @@ class H2UpstreamConnection(asyncio.Protocol):
                     if down not in corked:
                         down.cork()
                         corked.append(down)
-                handler(event)
+                handler(self, event)
         finally:
             for down in corked:
                 down.uncork()
@@ -503,6 +491,20 @@ class H2UpstreamConnection(asyncio.Protocol):
                 self.h2.close_connection()
             self.flush_now()
             self.transport.close()
+
+
+# Event type -> handler, for every connection.
+_CLIENT_HANDLERS: dict[type[h2.events.Event], Callable[[H2UpstreamConnection, Any], None]] = {
+    h2.events.ResponseReceived: H2UpstreamConnection._on_response,
+    h2.events.InformationalResponseReceived: H2UpstreamConnection._on_informational,
+    h2.events.DataReceived: H2UpstreamConnection._on_data,
+    h2.events.TrailersReceived: H2UpstreamConnection._on_trailers,
+    h2.events.StreamEnded: H2UpstreamConnection._on_ended,
+    h2.events.StreamReset: H2UpstreamConnection._on_reset,
+    h2.events.WindowUpdated: H2UpstreamConnection._on_window,
+    h2.events.RemoteSettingsChanged: H2UpstreamConnection._on_settings,
+    h2.events.ConnectionTerminated: H2UpstreamConnection._on_goaway,
+}
 
 
 class H2UpstreamPool:

@@ -204,3 +204,35 @@ def test_a_frame_out_of_place_is_a_protocol_error(proxy: ProxyProcess, ca: Path)
     client.send_frames([ContinuationFrame(7, b"junk", flags=["END_HEADERS"])])  # no HEADERS before
     assert client.wait_goaway().error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
     client.close()
+
+
+def test_an_idle_connection_gets_goaway_and_is_closed(proxy: ProxyProcess, ca: Path) -> None:
+    """--idle-timeout (1 s here) with no stream open: GOAWAY NO_ERROR, then the close."""
+    client = H2Client(proxy.port, ca)
+    assert client.response(client.request(b"/echo")).status == 200
+    assert client.pump(lambda: client.closed, 10), "the idle connection stayed open"
+    goaway = client.wait_goaway(1)
+    assert goaway.error_code == h2.errors.ErrorCodes.NO_ERROR
+    assert goaway.last_stream_id == 1
+    client.close()
+
+
+def test_websocket_over_http2_is_not_offered(proxy: ProxyProcess, ca: Path) -> None:
+    """No SETTINGS_ENABLE_CONNECT_PROTOCOL (RFC 8441): browsers keep WebSocket on HTTP/1.1; an
+    extended CONNECT anyway is malformed here and resets its stream only."""
+    client = H2Client(proxy.port, ca, validate=False)
+    client.pump(lambda: bool(client.remote_settings), 5)
+    assert client.remote_settings.get(h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL, 0) == 0
+    sid = client.request(
+        fields=[
+            (b":method", b"CONNECT"),
+            (b":protocol", b"websocket"),
+            (b":scheme", b"https"),
+            (b":authority", b"localhost"),
+            (b":path", b"/ws"),
+        ],
+        end=False,
+    )
+    assert client.response(sid).reset == h2.errors.ErrorCodes.PROTOCOL_ERROR
+    assert client.response(client.request(b"/echo")).status == 200
+    client.close()
