@@ -34,12 +34,14 @@ class LoadedCertificate:
 
 
 def key_exposed(key_path: Path) -> list[str]:
-    """Private keys should not be readable by group or others (Secret volumes use 0400/0440)."""
+    """Private keys should not be readable by group or others. A Kubernetes Secret volume (the
+    kubelet's `..data` layout) is exempt: only containers that mount it see it, and
+    `tls-sidecar inject` gives it mode 0444 rather than change the pod's fsGroup."""
     try:
         mode = key_path.stat().st_mode
     except OSError:
         return []
-    if mode & stat.S_IROTH:
+    if mode & stat.S_IROTH and not (key_path.parent / "..data").is_dir():
         return [f"key file {key_path} is readable by every user; restrict it with chmod 600"]
     return []
 

@@ -514,7 +514,10 @@ def inject_command(
     """Add tls-sidecar to the workloads in Kubernetes YAML (FILES or stdin) and print the result."""
     options = InjectOptions(image=image, secret=secret, native=native, upstream_port=upstream_port)
     sources: list[Any] = list(files) if files else [sys.stdin]
-    click.echo(inject("---\n".join(f.read() for f in sources), options), nl=False)
+    notes: list[str] = []
+    click.echo(inject("---\n".join(f.read() for f in sources), options, notes), nl=False)
+    for note in notes:
+        click.echo(f"tls-sidecar: note: {note}", err=True)
 
 
 def _fail(message: str) -> NoReturn:

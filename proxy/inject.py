@@ -19,6 +19,12 @@ CERT_VOLUME = "tls-sidecar-certs"
 TMP_VOLUME = "tls-sidecar-tmp"
 RESERVED_PORTS = (8443, 9901)
 SIDECAR_UID = 65532
+# The termination arithmetic (deploy/README.md): the app's preStop holds it while endpoints
+# drop the pod, the app drains, then the sidecar drains within --drain-timeout.
+PRESTOP_SECONDS = {True: 10, False: 15}  # native; classic (= its --shutdown-delay)
+APP_DRAIN_SECONDS = 10
+DRAIN_TIMEOUT_SECONDS = 30
+DEFAULT_GRACE_SECONDS = 30  # Kubernetes' default terminationGracePeriodSeconds
 
 # kind -> path from the document to its pod spec
 POD_SPEC_PATHS: dict[str, tuple[str, ...]] = {
@@ -68,17 +74,21 @@ def sidecar_container(options: InjectOptions) -> dict[str, Any]:
     container.update(
         {
             "args": args,
+            # The base's names: the shipped PodMonitor scrapes `admin`, Services target `https`.
             "ports": [
                 {"name": "https", "containerPort": 8443},
-                {"name": "tls-admin", "containerPort": 9901},
+                {"name": "admin", "containerPort": 9901},
             ],
             "startupProbe": {
-                "httpGet": {"path": "/livez", "port": 9901},
+                "httpGet": {"path": "/livez", "port": "admin"},
                 "periodSeconds": 1,
                 "failureThreshold": 30,
             },
-            "livenessProbe": {"httpGet": {"path": "/livez", "port": 9901}, "periodSeconds": 10},
-            "readinessProbe": {"httpGet": {"path": "/readyz", "port": 9901}, "periodSeconds": 5},
+            "livenessProbe": {"httpGet": {"path": "/livez", "port": "admin"}, "periodSeconds": 10},
+            "readinessProbe": {
+                "httpGet": {"path": "/readyz", "port": "admin"},
+                "periodSeconds": 5,
+            },
             "resources": {
                 "requests": {"cpu": "100m", "memory": "64Mi"},
                 "limits": {"cpu": "1", "memory": "256Mi"},
@@ -106,8 +116,27 @@ def _where(kind: str, doc: dict[str, Any]) -> str:
     return f"{kind}/{name}"
 
 
-def inject_pod_spec(spec: dict[str, Any], options: InjectOptions, where: str) -> bool:
+def grace_needed(native: bool) -> int:
+    """terminationGracePeriodSeconds that covers the app's preStop, its drain and the
+    sidecar's --drain-timeout (classic: the preStop is as long as --shutdown-delay)."""
+    return PRESTOP_SECONDS[native] + APP_DRAIN_SECONDS + DRAIN_TIMEOUT_SECONDS
+
+
+def app_prestop(native: bool) -> dict[str, Any]:
+    """Native sidecars need Kubernetes 1.29+, where the `sleep` action exists (beta and on by
+    default from 1.30); the classic layout is for older clusters, so it uses `sleep` in the
+    app's image (an image without one needs its own preStop)."""
+    seconds = PRESTOP_SECONDS[native]
+    if native:
+        return {"sleep": {"seconds": seconds}}
+    return {"exec": {"command": ["sleep", str(seconds)]}}
+
+
+def inject_pod_spec(
+    spec: dict[str, Any], options: InjectOptions, where: str, notes: list[str] | None = None
+) -> bool:
     """Add the sidecar to one pod spec; False when it is there already."""
+    notes = notes if notes is not None else []
     containers = spec.get("containers")
     if not isinstance(containers, list) or not containers:
         raise InjectError(f"{where}: the pod spec has no containers")
@@ -122,9 +151,27 @@ def inject_pod_spec(spec: dict[str, Any], options: InjectOptions, where: str) ->
                     f"{port['containerPort']}; tls-sidecar needs 8443 and 9901 (move the app's port)"
                 )
     sidecar = sidecar_container(options)
-    pod_security = spec.setdefault("securityContext", {})
-    group = pod_security.setdefault("fsGroup", SIDECAR_UID)
-    sidecar["securityContext"]["runAsGroup"] = group  # the Secret's files are 0440, group-owned
+    for container in containers:
+        # The app is held while endpoints drop the pod, so no request reaches it after it
+        # stopped accepting (the window every rollout has).
+        lifecycle = container.setdefault("lifecycle", {})
+        if "preStop" in lifecycle:
+            notes.append(
+                f"{where}: container {container.get('name')} has a preStop already; kept as "
+                f"it is (it should last at least {PRESTOP_SECONDS[options.native]}s while "
+                "endpoints drop the pod)"
+            )
+        else:
+            lifecycle["preStop"] = app_prestop(options.native)
+    needed = grace_needed(options.native)
+    grace = spec.get("terminationGracePeriodSeconds", DEFAULT_GRACE_SECONDS)
+    if isinstance(grace, int) and grace < needed:
+        spec["terminationGracePeriodSeconds"] = needed
+        notes.append(
+            f"{where}: terminationGracePeriodSeconds raised from {grace} to {needed} (preStop "
+            f"{PRESTOP_SECONDS[options.native]}s + app drain {APP_DRAIN_SECONDS}s + sidecar "
+            f"drain {DRAIN_TIMEOUT_SECONDS}s)"
+        )
     if options.native:
         spec["initContainers"] = [sidecar, *(spec.get("initContainers") or [])]
     else:
@@ -132,22 +179,26 @@ def inject_pod_spec(spec: dict[str, Any], options: InjectOptions, where: str) ->
     volumes = spec.setdefault("volumes", [])
     names = {v.get("name") for v in volumes}
     if CERT_VOLUME not in names:
+        # Readable by the sidecar's user without touching the pod's securityContext (no
+        # fsGroup): only the sidecar mounts this volume, so no other container sees the key.
         volumes.append(
-            {"name": CERT_VOLUME, "secret": {"secretName": options.secret, "defaultMode": 0o440}}
+            {"name": CERT_VOLUME, "secret": {"secretName": options.secret, "defaultMode": 0o444}}
         )
     if TMP_VOLUME not in names:
         volumes.append({"name": TMP_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}})
     return True
 
 
-def inject_object(doc: dict[str, Any], options: InjectOptions, where: str) -> bool:
+def inject_object(
+    doc: dict[str, Any], options: InjectOptions, where: str, notes: list[str] | None = None
+) -> bool:
     kind = doc.get("kind")
     if kind == "List":
         changed = False
         for index, item in enumerate(doc.get("items") or []):
             if not isinstance(item, dict) or "kind" not in item:
                 raise InjectError(f"{where}: item {index} is not a Kubernetes object")
-            changed |= inject_object(item, options, f"{where} item {index}")
+            changed |= inject_object(item, options, f"{where} item {index}", notes)
         return changed
     path = POD_SPEC_PATHS.get(str(kind))
     if path is None:
@@ -157,7 +208,7 @@ def inject_object(doc: dict[str, Any], options: InjectOptions, where: str) -> bo
         spec = spec.get(key) if isinstance(spec, dict) else None
     if not isinstance(spec, dict):
         raise InjectError(f"{_where(str(kind), doc)}: no pod spec at {'.'.join(path)}")
-    return inject_pod_spec(spec, options, _where(str(kind), doc))
+    return inject_pod_spec(spec, options, _where(str(kind), doc), notes)
 
 
 def split_documents(text: str) -> list[str]:
@@ -166,7 +217,9 @@ def split_documents(text: str) -> list[str]:
     return [p for i, p in enumerate(parts) if p.strip() or 0 < i < len(parts) - 1]
 
 
-def inject(text: str, options: InjectOptions) -> str:
+def inject(text: str, options: InjectOptions, notes: list[str] | None = None) -> str:
+    """The injected YAML; what the user should know (a kept preStop, a raised grace period) is
+    appended to `notes`."""
     import yaml  # noqa: PLC0415  (loaded by `inject` only, not by `serve`)
 
     out: list[str] = []
@@ -183,7 +236,7 @@ def inject(text: str, options: InjectOptions) -> str:
                 "give manifests, e.g. kubectl get deploy web -o yaml | tls-sidecar inject"
             )
         changed_doc = copy.deepcopy(doc)
-        if inject_object(changed_doc, options, f"document {number} ({doc['kind']})"):
+        if inject_object(changed_doc, options, f"document {number} ({doc['kind']})", notes):
             out.append(yaml.safe_dump(changed_doc, sort_keys=False, default_flow_style=False))
         else:
             out.append(part.strip("\n") + "\n")

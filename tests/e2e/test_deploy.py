@@ -13,7 +13,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from proxy.inject import InjectError, InjectOptions, inject
+from proxy.inject import APP_DRAIN_SECONDS, InjectError, InjectOptions, inject
 
 REPO = Path(__file__).resolve().parents[2]
 KUSTOMIZATIONS = sorted(
@@ -194,3 +194,97 @@ def test_inject_cli_reads_stdin_and_fails_with_one_line() -> None:
     assert ok.returncode == 0 and ok.stdout == (GOLDEN / "native.yaml").read_text()
     bad = subprocess.run(cli, input="not: kubernetes\n", capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def _named_ports(pod_spec: dict[str, Any]) -> dict[str, int]:
+    return {
+        port["name"]: port["containerPort"]
+        for container in (pod_spec.get("initContainers") or []) + pod_spec["containers"]
+        for port in container.get("ports") or []
+        if "name" in port
+    }
+
+
+def test_every_metrics_port_reference_resolves_to_a_named_container_port(
+    rendered: dict[str, str],
+) -> None:
+    """The shipped PodMonitor and scrape annotations point at the admin port of the pods they
+    select: the base's, and an injected workload's (inject names ports as the base does)."""
+    monitored = objects(rendered["deploy/kubernetes/overlays/prometheus"])
+    monitor = next(o for o in monitored if o["kind"] == "PodMonitor")
+    deployment = next(o for o in monitored if o["kind"] == "Deployment")
+    injected = next(
+        o
+        for o in objects(inject((GOLDEN / "input.yaml").read_text(), InjectOptions()))
+        if o["kind"] == "Deployment"
+    )
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    for workload in (deployment, injected):
+        ports = _named_ports(workload["spec"]["template"]["spec"])
+        for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+            assert endpoint["port"] in ports, (workload["metadata"]["name"], endpoint, ports)
+            assert ports[endpoint["port"]] == 9901
+        assert int(annotations["prometheus.io/port"]) in ports.values()
+        _, sidecar = sidecar_of(workload)
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            port = sidecar[probe]["httpGet"]["port"]
+            assert port in ports or port in ports.values(), (probe, port)
+
+
+@pytest.mark.parametrize(
+    "overlay", ["deploy/kubernetes/base", "deploy/kubernetes/overlays/classic-sidecar"]
+)
+def test_the_grace_period_covers_prestop_app_drain_and_sidecar_drain(
+    rendered: dict[str, str], overlay: str
+) -> None:
+    deployment = next(o for o in objects(rendered[overlay]) if o["kind"] == "Deployment")
+    spec = deployment["spec"]["template"]["spec"]
+    app = spec["containers"][0]
+    prestop = app["lifecycle"]["preStop"]["sleep"]["seconds"]
+    _, sidecar = sidecar_of(deployment)
+    assert "lifecycle" not in sidecar, "the sidecar must outlive the app: no draining preStop"
+    drain = next(
+        (
+            int(a.split("=")[1].rstrip("s"))
+            for a in sidecar["args"]
+            if a.startswith("--drain-timeout=")
+        ),
+        30,
+    )
+    assert prestop >= 5, "endpoints need a few seconds to drop the pod"
+    assert spec["terminationGracePeriodSeconds"] >= prestop + APP_DRAIN_SECONDS + drain
+    if overlay.endswith("classic-sidecar"):
+        delay = next(
+            int(a.split("=")[1].rstrip("s"))
+            for a in sidecar["args"]
+            if a.startswith("--shutdown-delay=")
+        )
+        assert prestop == delay, "classic: the app is held as long as the sidecar serves on"
+
+
+def test_inject_adds_the_app_prestop_raises_the_grace_period_and_adds_no_fsgroup() -> None:
+    notes: list[str] = []
+    injected = objects(inject((GOLDEN / "input.yaml").read_text(), InjectOptions(), notes))
+    shop = next(o for o in injected if o["metadata"]["name"] == "shop")
+    spec = shop["spec"]["template"]["spec"]
+    assert spec["containers"][0]["lifecycle"]["preStop"] == {"sleep": {"seconds": 10}}
+    assert spec["terminationGracePeriodSeconds"] == 50
+    assert "securityContext" not in spec, "the pod's security context is left alone"
+    db = next(o for o in injected if o["kind"] == "StatefulSet")
+    assert db["spec"]["template"]["spec"]["securityContext"] == {"fsGroup": 2000}
+    volume = next(v for v in spec["volumes"] if v["name"] == "tls-sidecar-certs")
+    assert volume["secret"]["defaultMode"] == 0o444
+    debug = next(o for o in injected if o["metadata"]["name"] == "debug")
+    assert debug["spec"]["terminationGracePeriodSeconds"] == 120  # never lowered
+    assert debug["spec"]["containers"][0]["lifecycle"]["preStop"] == {
+        "exec": {"command": ["/bin/drain"]}
+    }
+    assert any("debug has a preStop already" in n for n in notes)
+    assert any(
+        "Deployment/shop: terminationGracePeriodSeconds raised from 30 to 50" in n for n in notes
+    )
+    classic = objects(inject((GOLDEN / "input.yaml").read_text(), InjectOptions(native=False)))
+    shop = next(o for o in classic if o["metadata"]["name"] == "shop")
+    app = shop["spec"]["template"]["spec"]["containers"][0]
+    assert app["lifecycle"]["preStop"] == {"exec": {"command": ["sleep", "15"]}}
+    assert shop["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 55

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import re
 import shutil
 import signal
 import socket
@@ -23,6 +24,7 @@ import yaml
 from cryptography import x509
 
 from proxy import certs
+from proxy.inject import InjectOptions, inject
 from tests.support.proxy import ProxyProcess, wait_for
 from tests.support.upstream import UpstreamApp
 
@@ -31,16 +33,34 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 
 
-def rendered_sidecar(overlay: str) -> tuple[list[str], dict[str, str], dict[str, Any]]:
+# How long after a pod's deletion its endpoints are gone everywhere (kube-proxy, ingress, other
+# clients' caches): new connections still arrive meanwhile. A few seconds is typical.
+PROPAGATION_S = 3.0
+
+
+def render(overlay: str) -> str:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl (with kustomize) is not installed")
-    text = subprocess.run(
+    return subprocess.run(
         [kubectl, "kustomize", str(REPO / "deploy" / "kubernetes" / overlay)],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
+
+
+def injected(native: bool) -> str:
+    """A workload of a user's, through `tls-sidecar inject`."""
+    workload = (REPO / "tests" / "golden" / "inject" / "input.yaml").read_text()
+    return inject(workload, InjectOptions(native=native))
+
+
+def rendered_sidecar(
+    overlay: str, text: str | None = None
+) -> tuple[list[str], dict[str, str], dict[str, Any], dict[str, Any]]:
+    """The sidecar's args, env and container spec, and the app container, of the Deployment."""
+    text = render(overlay) if text is None else text
     deployment = next(d for d in yaml.safe_load_all(text) if d and d["kind"] == "Deployment")
     spec = deployment["spec"]["template"]["spec"]
     sidecar = next(
@@ -48,8 +68,21 @@ def rendered_sidecar(overlay: str) -> tuple[list[str], dict[str, str], dict[str,
         for c in (spec.get("initContainers") or []) + spec["containers"]
         if c["name"] == "tls-sidecar"
     )
+    app = next(c for c in spec["containers"] if c["name"] != "tls-sidecar")
     env = {e["name"]: e["value"] for e in sidecar.get("env", [])}
-    return sidecar["args"], env, sidecar
+    return sidecar["args"], env, sidecar, app
+
+
+def prestop_seconds(app: dict[str, Any]) -> float:
+    """The app's preStop, as the kubelet runs it: a sleep action or an exec `sleep N`."""
+    prestop = (app.get("lifecycle") or {}).get("preStop")
+    if prestop is None:
+        return 0.0
+    if "sleep" in prestop:
+        return float(prestop["sleep"]["seconds"])
+    command = prestop["exec"]["command"]
+    assert command[0] == "sleep", command
+    return float(command[1])
 
 
 def secret_volume(folder: Path, generation: int, ca: certs.Issued) -> certs.Issued:
@@ -116,6 +149,10 @@ class Traffic:
             thread.start()
         return self
 
+    def leave_endpoints(self) -> None:
+        """The endpoint update has reached every client: no new requests."""
+        self.in_endpoints = False
+
     def stop_and_wait(self) -> None:
         self.in_endpoints = False
         for thread in self.threads:
@@ -141,14 +178,15 @@ class Traffic:
 class Pod:
     proxy: ProxyProcess
     sidecar: dict[str, Any]  # the rendered container spec
+    app_spec: dict[str, Any]  # the app container's
     volume: Path  # the Secret-like folder behind --cert/--key
     ca: certs.Issued
     ca_file: Path
     app_port: int
 
 
-def start_pod(tmp_path: Path, overlay: str) -> Pod:
-    args, env, sidecar = rendered_sidecar(overlay)
+def start_pod(tmp_path: Path, overlay: str, text: str | None = None) -> Pod:
+    args, env, sidecar, app_spec = rendered_sidecar(overlay, text)
     volume = tmp_path / "etc-tls"
     volume.mkdir()
     ca = certs.create_ca("pod CA")
@@ -159,13 +197,13 @@ def start_pod(tmp_path: Path, overlay: str) -> Pod:
         s.bind(("127.0.0.1", 0))
         app_port = s.getsockname()[1]
     substituted = [
-        a.replace("/etc/tls", str(volume)).replace("127.0.0.1:8080", f"127.0.0.1:{app_port}")
+        re.sub(r"127\.0\.0\.1:\d+", f"127.0.0.1:{app_port}", a.replace("/etc/tls", str(volume)))
         for a in args
     ]
     proxy = ProxyProcess(
         [*substituted, "--listen=127.0.0.1:0", "--admin-listen=127.0.0.1:0"], env=env
     ).start()
-    return Pod(proxy, sidecar, volume, ca, ca_file, app_port)
+    return Pod(proxy, sidecar, app_spec, volume, ca, ca_file, app_port)
 
 
 def kubelet_startup(proxy: ProxyProcess, sidecar: dict[str, Any]) -> None:
@@ -190,18 +228,46 @@ def kubelet_ready(
     raise AssertionError(f"readiness never became {want}")
 
 
-def test_native_sidecar_pod(tmp_path: Path) -> None:
-    pod = start_pod(tmp_path, "base")
-    proxy, sidecar, volume, ca, ca_file, app_port = (
-        pod.proxy,
-        pod.sidecar,
-        pod.volume,
-        pod.ca,
-        pod.ca_file,
-        pod.app_port,
+def delete_native_pod(pod: Pod, app: UpstreamApp, traffic: Traffic) -> float:
+    """Pod deletion, native sidecar order. Endpoints drop the pod PROPAGATION_S later, and
+    requests arrive until then. The kubelet runs the app's preStop, then SIGTERMs the app; the
+    sidecar gets SIGTERM only once the app has exited. Returns the preStop's length."""
+    prestop = prestop_seconds(pod.app_spec)
+    endpoints = threading.Timer(PROPAGATION_S, traffic.leave_endpoints)
+    endpoints.start()
+    time.sleep(prestop)  # the app's preStop, modelled: part of the behaviour under test
+    app.drain()  # SIGTERM: the app stops accepting and finishes what it has
+    endpoints.join()
+    traffic.stop_and_wait()
+    pod.proxy.signal(signal.SIGTERM)
+    assert pod.proxy.wait(30) == 0
+    return prestop
+
+
+def run_native_pod(tmp_path: Path, overlay: str, text: str | None = None) -> tuple[int, int]:
+    """A native-sidecar pod under traffic through its deletion: (requests, failed)."""
+    pod = start_pod(tmp_path, overlay, text)
+    kubelet_startup(pod.proxy, pod.sidecar)  # native: the app container starts only after this
+    app = UpstreamApp(port=pod.app_port).start()
+    kubelet_ready(pod.proxy, pod.sidecar, True)
+    traffic = Traffic(pod.proxy.port, pod.ca_file).start()
+    wait_for(lambda: len(traffic.results) > 30, 30, "traffic flowing")
+    before = len(traffic.results)
+    delete_native_pod(pod, app, traffic)
+    failures = [r for r in traffic.results if r != 200]
+    print(
+        f"\n{overlay}: requests {len(traffic.results)} "
+        f"({len(traffic.results) - before} after the deletion), failed {len(failures)}"
     )
-    kubelet_startup(proxy, sidecar)  # native: the app container starts only after this
-    app = UpstreamApp(port=app_port).start()
+    assert len(traffic.results) - before > 20, "requests arrived after the deletion"
+    return len(traffic.results), len(failures)
+
+
+def test_native_sidecar_pod_rotates_and_loses_nothing_on_deletion(tmp_path: Path) -> None:
+    pod = start_pod(tmp_path, "base")
+    proxy, sidecar, volume, ca, ca_file = pod.proxy, pod.sidecar, pod.volume, pod.ca, pod.ca_file
+    kubelet_startup(proxy, sidecar)
+    app = UpstreamApp(port=pod.app_port).start()
     kubelet_ready(proxy, sidecar, True)
     traffic = Traffic(proxy.port, ca_file).start()
     wait_for(lambda: len(traffic.results) > 30, 30, "traffic flowing")
@@ -210,20 +276,39 @@ def test_native_sidecar_pod(tmp_path: Path) -> None:
     wait_for(lambda: served_cn(proxy.port, ca_file) == "gen-2", 30, "the rotated certificate")
     rotation_s = time.monotonic() - rotated
     wait_for(lambda: len(traffic.results) > 80, 30, "traffic after the rotation")
-    # Termination: endpoints drop the pod; the app gets SIGTERM first and finishes what it has;
-    # then the sidecar gets SIGTERM and drains.
-    traffic.stop_and_wait()
-    app.drain()
-    proxy.signal(signal.SIGTERM)
-    assert proxy.wait(30) == 0
+    before = len(traffic.results)
+    prestop = delete_native_pod(pod, app, traffic)
     failures = [r for r in traffic.results if r != 200]
     print(
-        f"\nnative pod: requests {len(traffic.results)}, failed {len(failures)}, rotation seen after {rotation_s:.1f}s"
+        f"\nnative pod: requests {len(traffic.results)} ({len(traffic.results) - before} after "
+        f"the deletion, app preStop {prestop:g}s), failed {len(failures)}, rotation seen after "
+        f"{rotation_s:.1f}s"
     )
+    assert prestop >= PROPAGATION_S
     assert failures == []
 
 
-def test_classic_sidecar_pod(tmp_path: Path) -> None:
+def test_an_injected_workload_loses_nothing_on_deletion(tmp_path: Path) -> None:
+    _, failed = run_native_pod(tmp_path, "injected workload", injected(native=True))
+    assert failed == 0
+
+
+def test_without_the_app_prestop_the_deletion_window_fails_requests(tmp_path: Path) -> None:
+    """The control: the base as it was before the app's preStop. The app exits at once while
+    endpoints still send requests, and some of them fail: the simulation can see the window."""
+    text = render("base")
+    broken = yaml.safe_load_all(text)
+    docs = [d for d in broken if d]
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    for container in deployment["spec"]["template"]["spec"]["containers"]:
+        container.pop("lifecycle", None)
+    requests, failed = run_native_pod(
+        tmp_path, "base without the app's preStop", yaml.safe_dump_all(docs)
+    )
+    assert failed > 0, f"no request failed out of {requests}: the window was not exercised"
+
+
+def test_classic_sidecar_pod_loses_nothing_on_deletion(tmp_path: Path) -> None:
     pod = start_pod(tmp_path, "overlays/classic-sidecar")
     proxy, sidecar, ca_file, app_port = pod.proxy, pod.sidecar, pod.ca_file, pod.app_port
     app = UpstreamApp(port=app_port).start()  # classic: the containers start together
@@ -231,29 +316,25 @@ def test_classic_sidecar_pod(tmp_path: Path) -> None:
     kubelet_ready(proxy, sidecar, True)
     traffic = Traffic(proxy.port, ca_file).start()
     wait_for(lambda: len(traffic.results) > 30, 30, "traffic flowing")
-    # Termination: every container gets SIGTERM at once. The app's preStop sleep holds its
-    # SIGTERM; the sidecar serves on for --shutdown-delay with readiness at 503; traffic goes on
-    # until the kubelet's readiness probe sees 503 and the endpoints drop the pod.
-    terminating = time.monotonic()
-    proxy.signal(signal.SIGTERM)
+    # Deletion: every container is told at once. The app's preStop holds its SIGTERM; the
+    # sidecar gets SIGTERM now and serves on for --shutdown-delay with readiness at 503; the
+    # endpoints drop the pod PROPAGATION_S later, and requests arrive until then.
     before = len(traffic.results)
-    # Worst case for the endpoint update: the kubelet's next readiness probe is a whole period
-    # away. Modelled lag, not a wait: traffic keeps flowing through the draining sidecar.
-    time.sleep(sidecar["readinessProbe"]["periodSeconds"])
-    assert not probe(proxy.admin_port, sidecar["readinessProbe"]), "readiness says 503 by now"
-    during_delay = len(traffic.results) - before
-    traffic.stop_and_wait()
-    delay = next(
-        int(a.split("=")[1].rstrip("s")) for a in proxy.args if a.startswith("--shutdown-delay=")
-    )
-    # The app's preStop sleep, modelled: part of the behaviour under test, not a wait.
-    time.sleep(max(0.0, delay - (time.monotonic() - terminating)))
+    prestop = prestop_seconds(pod.app_spec)
+    endpoints = threading.Timer(PROPAGATION_S, traffic.leave_endpoints)
+    endpoints.start()
+    proxy.signal(signal.SIGTERM)
+    time.sleep(prestop)  # the app's preStop, modelled: part of the behaviour under test
     app.drain()
+    endpoints.join()
+    traffic.stop_and_wait()
+    assert not probe(proxy.admin_port, sidecar["readinessProbe"]), "readiness says 503"
     assert proxy.wait(45) == 0
     failures = [r for r in traffic.results if r != 200]
+    after = len(traffic.results) - before
     print(
-        f"\nclassic pod: requests {len(traffic.results)} ({during_delay} after SIGTERM), "
-        f"failed {len(failures)}"
+        f"\nclassic pod: requests {len(traffic.results)} ({after} after the deletion, app "
+        f"preStop {prestop:g}s), failed {len(failures)}"
     )
-    assert during_delay > 50, "requests arrived while the sidecar was shutting down"
+    assert after > 20, "requests arrived while the sidecar was shutting down"
     assert failures == []

@@ -60,3 +60,24 @@ def test_loading_errors_are_clear(tmp_path: Path) -> None:
         certs.load_key(junk)
     with pytest.raises(CertificateError, match="cannot be read"):
         certs.load_key(tmp_path / "missing.key")
+
+
+def test_a_world_readable_key_is_flagged_unless_it_is_a_secret_volume(tmp_path: Path) -> None:
+    from proxy.certload import key_exposed  # noqa: PLC0415
+
+    plain = tmp_path / "plain.key"
+    plain.write_bytes(b"k")
+    plain.chmod(0o644)
+    assert key_exposed(plain) == [
+        f"key file {plain} is readable by every user; restrict it with chmod 600"
+    ]
+    plain.chmod(0o600)
+    assert key_exposed(plain) == []
+    # The kubelet's layout: files behind a `..data` symlink to a timestamped folder.
+    volume = tmp_path / "etc-tls"
+    (volume / "..2026_11_25").mkdir(parents=True)
+    (volume / "..2026_11_25" / "tls.key").write_bytes(b"k")
+    (volume / "..2026_11_25" / "tls.key").chmod(0o444)
+    (volume / "..data").symlink_to("..2026_11_25")
+    (volume / "tls.key").symlink_to("..data/tls.key")
+    assert key_exposed(volume / "tls.key") == []
