@@ -10,7 +10,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import h11
-from prometheus_client import CONTENT_TYPE_LATEST
 
 from .config import Address
 from .metrics import Metrics
@@ -110,7 +109,9 @@ class AdminServer:
             return (200, text, b"ready\n") if ok else (503, text, f"not ready: {reason}\n".encode())
         if endpoint == "metrics":
             await self._readiness()  # refresh the ready/upstream_up gauges (cached, <= 1/s)
-            return 200, CONTENT_TYPE_LATEST.encode(), self._metrics.exposition()
+            accept = b",".join(v for n, v in request.headers if n == b"accept")
+            content_type, body = self._metrics.exposition(accept)
+            return 200, content_type, body
         return 404, text, b"not found: the admin port serves /livez /healthz /readyz /metrics\n"
 
     @staticmethod

@@ -21,12 +21,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from . import __version__
 from .admin import AdminServer
 from .config import Config, ConfigError
-from .metrics import PREFIX
+from .metrics import PREFIX, render
 from .server import bind_error
 from .upstream import probe_upstream
 
@@ -97,8 +97,8 @@ class SupervisorMetrics:
             f"{PREFIX}_worker_restarts", "Workers that died and were started again.", registry=r
         )
 
-    def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+    def exposition(self, accept: bytes = b"") -> tuple[bytes, bytes]:
+        return render(self.registry, accept)
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import math
+import urllib.request
 from pathlib import Path
 
 from tests.conftest import ProxyFactory
@@ -96,3 +97,25 @@ def test_unknown_methods_share_one_label(proxy: ProxyProcess, ca: Path) -> None:
     assert proxy.metric("tls_sidecar_http_requests_total", 'method="OTHER"') >= 3
     _, text = proxy.admin_get("/metrics")
     assert 'method="BREW"' not in text
+
+
+def test_metrics_without_created_series_and_in_openmetrics_when_asked(proxy: ProxyProcess) -> None:
+    text = (
+        urllib.request.urlopen(f"http://127.0.0.1:{proxy.admin_port}/metrics", timeout=10)
+        .read()
+        .decode()
+    )
+    assert (
+        "tls_sidecar_http_requests_total" in text
+        or "tls_sidecar_connections_accepted_total" in text
+    )
+    assert "_created" not in text
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{proxy.admin_port}/metrics",
+        headers={"Accept": "application/openmetrics-text; version=1.0.0; charset=utf-8"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.headers["content-type"].startswith("application/openmetrics-text")
+        body = response.read().decode()
+    assert body.rstrip().endswith("# EOF")
+    assert "# TYPE tls_sidecar_connections_accepted counter" in body

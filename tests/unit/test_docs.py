@@ -30,3 +30,11 @@ def test_quick_start_has_exactly_two_commands() -> None:
     section = text.split("## Quick start", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
     commands = [line.split("#")[0].strip() for line in section.strip().splitlines()]
     assert commands == ["make run", "make test"]
+
+
+def test_the_readme_metrics_table_is_the_generated_one() -> None:
+    from proxy.metrics import reference  # noqa: PLC0415
+
+    readme = README.read_text()
+    section = readme.split("<!-- metrics:begin -->\n", 1)[1].split("<!-- metrics:end -->", 1)[0]
+    assert section == reference(), "regenerate it: python -m proxy.metrics"
