@@ -118,6 +118,13 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.worker_connections_active = Gauge(
+            f"{p}_worker_connections_active",
+            "Downstream connections open now in this process; with --workers, one series per "
+            "live worker (a pid label), for per-worker views.",
+            registry=r,
+            multiprocess_mode="liveall",
+        )
         self.connections_rejected = Counter(
             f"{p}_connections_rejected",
             "Downstream connections closed at once, by reason (max_connections, draining).",

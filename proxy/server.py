@@ -69,8 +69,13 @@ class ProxyContext:
         self.new_request_id = hdr.RequestIds()
         self.upstream_host = (str(upstream.address) if upstream.address else "localhost").encode()
         self._handshake_children: dict[tuple[str, bool], Counter] = {}
-        metrics.on_flush(lambda: metrics.connections_active.set(len(self.connections)))
+        metrics.on_flush(self._export_connections)
         self._all_closed = asyncio.Event()
+
+    def _export_connections(self) -> None:
+        open_now = len(self.connections)
+        self.metrics.connections_active.set(open_now)
+        self.metrics.worker_connections_active.set(open_now)
 
     def handshake_done(self, version: str, resumed: bool) -> None:
         child = self._handshake_children.get((version, resumed))

@@ -3,6 +3,7 @@ schemas for 1.29 and the newest version), and `tls-sidecar inject` against golde
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -26,7 +27,10 @@ CUSTOM_KINDS = {
     ("cert-manager.io/v1", "Issuer"),
     ("cert-manager.io/v1", "Certificate"),
     ("monitoring.coreos.com/v1", "PodMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
 }
+PROMETHEUS = REPO / "deploy" / "prometheus"
+OVERLAY = REPO / "deploy" / "kubernetes" / "overlays" / "prometheus"
 
 
 def objects(text: str) -> list[dict[str, Any]]:
@@ -288,3 +292,73 @@ def test_inject_adds_the_app_prestop_raises_the_grace_period_and_adds_no_fsgroup
     app = shop["spec"]["template"]["spec"]["containers"][0]
     assert app["lifecycle"]["preStop"] == {"exec": {"command": ["sleep", "15"]}}
     assert shop["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 55
+
+
+def test_the_prometheusrule_carries_exactly_the_plain_rules(rendered: dict[str, str]) -> None:
+    rule = next(
+        o
+        for o in objects(rendered["deploy/kubernetes/overlays/prometheus"])
+        if o["kind"] == "PrometheusRule"
+    )
+    plain = yaml.safe_load((PROMETHEUS / "alerts.yaml").read_text())
+    assert rule["spec"]["groups"] == plain["groups"]
+    alerts = [r for g in plain["groups"] for r in g["rules"]]
+    assert len(alerts) == 7
+    runbook = (REPO / "docs" / "runbook.md").read_text()
+    for alert in alerts:
+        annotations = alert["annotations"]
+        assert {"summary", "description", "runbook_url"} <= set(annotations), alert["alert"]
+        assert (
+            "$labels.pod" in annotations["description"] and "$value" in annotations["description"]
+        )
+        anchor = annotations["runbook_url"].split("#", 1)[1]
+        heading = anchor.replace("-", " ")
+        assert f"## {heading}" in runbook.lower(), f"docs/runbook.md has no section #{anchor}"
+
+
+@pytest.mark.skipif(
+    shutil.which("promtool") is None, reason="promtool is missing: apt-get install prometheus"
+)
+def test_promtool_checks_the_rules_and_every_alert_fires_and_stays_silent_as_tested() -> None:
+    check = subprocess.run(
+        ["promtool", "check", "rules", "alerts.yaml"],
+        cwd=PROMETHEUS,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    tested = subprocess.run(
+        ["promtool", "test", "rules", "alerts_test.yaml"],
+        cwd=PROMETHEUS,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    cases = yaml.safe_load((PROMETHEUS / "alerts_test.yaml").read_text())["tests"]
+    covered = {t["alertname"] for case in cases for t in case["alert_rule_test"] if t["exp_alerts"]}
+    plain = yaml.safe_load((PROMETHEUS / "alerts.yaml").read_text())
+    assert covered == {r["alert"] for g in plain["groups"] for r in g["rules"]}
+
+
+def test_the_dashboard_ships_as_a_file_and_as_a_sidecar_configmap(
+    rendered: dict[str, str],
+) -> None:
+    text = (OVERLAY / "tls-sidecar-dashboard.json").read_text()
+    dashboard = json.loads(text)
+    names = [v["name"] for v in dashboard["templating"]["list"]]
+    assert names[0] == "datasource" and dashboard["templating"]["list"][0]["type"] == "datasource"
+    rows = [p["title"] for p in dashboard["panels"] if p["type"] == "row"]
+    assert len(rows) >= 5
+    for panel in dashboard["panels"]:
+        if panel["type"] != "row":
+            assert panel["datasource"]["uid"] == "${datasource}"
+            assert all(t["expr"] for t in panel["targets"]), panel["title"]
+    configmap = next(
+        o
+        for o in objects(rendered["deploy/kubernetes/overlays/prometheus"])
+        if o["kind"] == "ConfigMap"
+    )
+    assert configmap["metadata"]["labels"] == {"grafana_dashboard": "1"}
+    assert configmap["data"]["tls-sidecar-dashboard.json"] == text
