@@ -52,6 +52,12 @@ def configure(log_format: str, level: str, stream: IO[str] | None = None) -> Non
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+    # Library warnings (DeprecationWarning, ResourceWarning, ...) become log lines in the same
+    # format instead of raw text on stderr, which would break one-JSON-object-per-line.
+    logging.captureWarnings(True)
+    warnings_log = logging.getLogger("py.warnings")
+    warnings_log.handlers[:] = [handler]
+    warnings_log.propagate = False
 
 
 @dataclass(slots=True)

@@ -124,3 +124,33 @@ def test_auto_follows_the_cpu_quota(tmp_path: Path, files: dict[str, str], expec
 def test_auto_without_a_quota_uses_the_usable_cpus(tmp_path: Path) -> None:
     (tmp_path / "cpu.max").write_text("max 100000\n")
     assert cpu_quota_workers(tmp_path) == len(os.sched_getaffinity(0))
+
+
+def test_library_warnings_are_json_log_lines_with_workers(
+    dev_certs: DevCerts, tmp_path: Path
+) -> None:
+    """A warning raised in each worker (by a sitecustomize module, as any library could) reaches
+    stderr as a JSON log line like every other line."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import threading, warnings\n"
+        "threading.Timer(1.0, warnings.warn, args=('a library warning',)).start()\n"
+    )
+    app = UpstreamApp().start()
+    proxy = ProxyProcess(
+        [*serve_args(app.base, dev_certs), "--workers", "2"],
+        env={"PYTHONPATH": str(tmp_path)},
+    ).start()
+    try:
+        wait_for(
+            lambda: sum("a library warning" in line for line in list(proxy.stderr_lines)) >= 3,
+            20,
+            "the warning from the supervisor and both workers",
+        )
+    finally:
+        proxy.stop()
+        app.stop()
+    lines = [line for line in proxy.stderr_lines if line.strip()]
+    for line in lines:
+        json.loads(line)  # every line is one JSON object
+    warned = [json.loads(line) for line in lines if "a library warning" in line]
+    assert all(w["level"] == "warning" and "UserWarning" in w["msg"] for w in warned)
