@@ -9,6 +9,7 @@ import ssl
 import time
 from typing import TYPE_CHECKING, Any, cast
 
+from . import tls
 from .exchange import Session
 from .headers import ClientInfo
 from .identity import identity_from_der, xfcc_value
@@ -85,6 +86,8 @@ class ClientConnection(PhaseTimer, asyncio.Protocol):
         self._handshake: Any = None
         self._handshake_started = 0.0
         self._raw: asyncio.Transport | None = None
+        self._tls_protocol: Any = None  # the TLS layer's protocol, while _HandshakeReader is in
+        self._server_name: str | None = None  # SNI of a failed handshake, for its log line
 
     # --- to be provided by the protocol -------------------------------------------------------
     def handshake_complete(self) -> None:
@@ -136,6 +139,14 @@ class ClientConnection(PhaseTimer, asyncio.Protocol):
         )
         self._raw = transport
         self._step_handshake(None)
+        if self.handshaking and not self.closed:
+            # Every read of the handshake goes through _HandshakeReader, so that a failed
+            # handshake's alert reaches the client (tls.AlertingSSLObject); it steps aside after.
+            self._tls_protocol = transport.get_protocol()
+            reader = _HandshakeReader(self._tls_protocol, self)
+            transport.set_protocol(reader)
+            # After the TLS layer's own connection_made (start_tls queued it just now).
+            self.loop.call_soon(reader.start)
 
     def _step_handshake(self, _done: object) -> None:
         coro = self._handshake
@@ -165,8 +176,17 @@ class ClientConnection(PhaseTimer, asyncio.Protocol):
         else:  # a bare yield: go on at the next loop turn
             self.loop.call_soon(self._step_handshake, None)
 
+    def alert_ready(self, alert: bytes, server_name: str | None) -> None:
+        """The TLS layer failed the handshake: send its alert before the transport closes."""
+        self._server_name = server_name
+        if alert and self._raw is not None and not self._raw.is_closing():
+            self._raw.write(alert)
+
     def _handshake_done(self, tls: asyncio.BaseTransport) -> None:
         ctx = self.ctx
+        if self._tls_protocol is not None and self._raw is not None:
+            self._raw.set_protocol(self._tls_protocol)  # the hot path reads without the hook
+            self._tls_protocol = None
         tls = cast(asyncio.Transport, tls)
         ssl_object = tls.get_extra_info("ssl_object")
         self.handshaking = False
@@ -201,10 +221,19 @@ class ClientConnection(PhaseTimer, asyncio.Protocol):
 
     def _handshake_failed(self, reason: str, exc: BaseException) -> None:
         self.ctx.metrics.tls_handshake_errors.labels(reason).inc()
-        log.debug(
-            "tls handshake failed",
-            extra={"client": self.session.client.address, "reason": str(exc)},
-        )
+        detail = handshake_failure(exc)
+        suppressed = self.ctx.handshake_log.allow(detail)
+        if suppressed is not None:
+            log.info(
+                "tls handshake failed",
+                extra={
+                    "client": self.session.client.address,
+                    "reason": detail,
+                    "sni": self._server_name,
+                    "error": str(exc),
+                    "suppressed_since_last": suppressed,
+                },
+            )
         if self._raw is not None:
             self._raw.abort()
         self.forget()
@@ -264,3 +293,106 @@ class ClientConnection(PhaseTimer, asyncio.Protocol):
         assert self.transport is not None
         self.ctx.metrics.down_out += sum(map(len, parts))
         self.transport.writelines(parts)
+
+
+class _HandshakeReader(asyncio.BufferedProtocol):
+    """Between the raw transport and the TLS layer during a handshake: marks whose bytes are
+    being processed (tls.handshaking), so a failure's alert goes back on the right socket."""
+
+    def __init__(self, inner: Any, connection: ClientConnection) -> None:
+        self.inner = inner
+        self.connection = connection
+        # uvloop reads as soon as the connection is accepted, possibly before the TLS layer
+        # has started its handshake: what comes that early waits here.
+        self.early: bytearray | None = bytearray()
+        self._buffer: bytearray | None = None
+
+    def start(self) -> None:
+        early, self.early = self.early, None
+        if early:
+            buffer = self.inner.get_buffer(len(early))
+            buffer[: len(early)] = early
+            self.buffer_updated(len(early))
+
+    def get_buffer(self, sizehint: int) -> Any:
+        if self.early is not None:
+            if self._buffer is None:
+                self._buffer = bytearray(16384)
+            return self._buffer
+        return self.inner.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.early is not None:
+            assert self._buffer is not None
+            self.early += self._buffer[:nbytes]
+            return
+        tls.handshaking = self.connection
+        try:
+            self.inner.buffer_updated(nbytes)
+        finally:
+            tls.handshaking = None
+
+    def eof_received(self) -> bool | None:
+        return cast(bool | None, self.inner.eof_received())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
+# OpenSSL's reasons for a failed handshake -> what the log line says.
+_FAILURES = {
+    "UNSUPPORTED_PROTOCOL": "protocol_version",
+    "TLSV1_ALERT_PROTOCOL_VERSION": "protocol_version",
+    "NO_SHARED_CIPHER": "no_shared_cipher",
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "no_client_certificate",
+    "HTTP_REQUEST": "plain_http_on_tls_port",
+    "WRONG_VERSION_NUMBER": "not_tls",
+}
+
+
+def handshake_failure(exc: BaseException) -> str:
+    """Why a handshake failed, in words an operator greps for."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        message = (exc.verify_message or "").lower()
+        if "expired" in message:
+            return "expired_client_certificate"
+        if "issuer" in message or "self-signed" in message or "self signed" in message:
+            return "unknown_ca"
+        return "bad_client_certificate"
+    if isinstance(exc, ssl.SSLError):
+        reason = str(exc.reason or "").upper()
+        if reason in _FAILURES:
+            return _FAILURES[reason]
+        if reason.startswith(("TLSV1_ALERT_", "SSLV3_ALERT_", "TLSV13_ALERT_")):
+            return "client_alert_" + reason.split("_ALERT_", 1)[1].lower()
+        return reason.lower() or "protocol"
+    if isinstance(exc, TimeoutError) or "taking longer" in str(exc):
+        return "timeout"
+    return "closed"
+
+
+class FailureLog:
+    """At most one log line per failure reason every `every` seconds, saying how many were
+    left out since: a scanner cannot flood the log, and nothing goes unseen."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        self.every = every
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def allow(self, reason: str) -> int | None:
+        """None when this one is left out; else how many were left out before it."""
+        now = time.monotonic()
+        if now - self._last.get(reason, -1e9) < self.every:
+            self._suppressed[reason] = self._suppressed.get(reason, 0) + 1
+            return None
+        if len(self._last) > 64:  # reasons are a closed set, but stay bounded anyway
+            self._last.clear()
+        self._last[reason] = now
+        return self._suppressed.pop(reason, 0)

@@ -21,7 +21,7 @@ from . import codec
 from . import headers as hdr
 from .admin import AdminServer
 from .config import Address, Config, ConfigError
-from .downstream import ClientConnection
+from .downstream import ClientConnection, FailureLog
 from .h1 import Http1Connection
 from .log import AccessLog, AccessRecord
 from .metrics import PROTOCOLS, Metrics
@@ -67,6 +67,7 @@ class ProxyContext:
         self.draining = False
         upstream = config.upstream
         self.new_request_id = hdr.RequestIds()
+        self.handshake_log = FailureLog()
         self.upstream_host = (str(upstream.address) if upstream.address else "localhost").encode()
         self._handshake_children: dict[tuple[str, bool], Counter] = {}
         metrics.on_flush(self._export_connections)

@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .config import CertificateError, Config
 
@@ -24,6 +24,55 @@ TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL"
 # ALPN: HTTP/2 first when it is on (RFC 9113 §3.2); a client without ALPN speaks HTTP/1.1.
 ALPN_H2 = ["h2", "http/1.1"]
 ALPN_H1 = ["http/1.1"]
+
+
+class HandshakeWatch(Protocol):
+    """The connection whose handshake bytes are being processed (see AlertingSSLObject)."""
+
+    def alert_ready(self, alert: bytes, server_name: str | None) -> None: ...
+
+
+# Set by the connection around each read it hands to the TLS layer during its handshake.
+handshaking: HandshakeWatch | None = None
+
+
+class AlertingSSLObject(ssl.SSLObject):
+    """An SSLObject that gets the TLS alert of a failed handshake to the client.
+
+    The event loop's TLS layer (asyncio's sslproto and uvloop's port of it) closes the transport
+    at once when the handshake fails, and the alert OpenSSL wrote stays unsent in its outgoing
+    memory BIO: the client sees EOF. This object keeps a reference to that BIO and, when
+    do_handshake fails, hands its bytes to the connection being read (`handshaking`), which
+    writes them to the socket before the close. It also records the client's SNI."""
+
+    _alert_bio: ssl.MemoryBIO
+    server_name_seen: str | None = None
+
+    @classmethod
+    def _create(
+        cls, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, *args: Any, **kwargs: Any
+    ) -> Any:
+        self = super()._create(incoming, outgoing, *args, **kwargs)  # type: ignore[misc]
+        self._alert_bio = outgoing
+        return self
+
+    def do_handshake(self) -> None:
+        try:
+            super().do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise
+        except ssl.SSLError:
+            watch = handshaking
+            if watch is not None:
+                watch.alert_ready(self._alert_bio.read(), self.server_name_seen)
+            raise
+
+
+def _record_server_name(
+    ssl_object: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext
+) -> None:
+    if isinstance(ssl_object, AlertingSSLObject):
+        ssl_object.server_name_seen = server_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +110,8 @@ def base_context(
     )
     # TLS12_CIPHERS holds none of RFC 9113 Appendix A's prohibited suites, as HTTP/2 needs.
     ctx.set_alpn_protocols(ALPN_H2 if http2 else ALPN_H1)
+    ctx.sslobject_class = AlertingSSLObject
+    ctx.sni_callback = _record_server_name
     if not session_resumption:
         ctx.options |= ssl.OP_NO_TICKET
         ctx.num_tickets = 0  # TLS 1.3: no tickets at all, so every handshake is a full one
@@ -220,6 +271,7 @@ def _install_sni(
     contexts: tuple[ssl.SSLContext, ...], exact: dict[str, int], wildcard: dict[str, int]
 ) -> None:
     def choose(ssl_object: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> None:
+        _record_server_name(ssl_object, server_name, _ctx)
         index = select_certificate(server_name, exact, wildcard)
         if index:
             ssl_object.context = contexts[index]

@@ -1,0 +1,111 @@
+"""A failed handshake is visible: the client gets the TLS alert OpenSSL produced (not a bare
+EOF), and the proxy logs it at info with the client, the reason and the SNI, rate-limited."""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from proxy import certs
+from tests.conftest import ProxyFactory
+from tests.support.proxy import ProxyProcess, client_context, wait_for
+from tests.support.upstream import UpstreamApp
+
+
+def no_shared_cipher(port: int, server_name: str = "localhost") -> ssl.SSLError:
+    """A TLS 1.2 client offering only RSA key exchange with CBC, which the proxy never does."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers("AES128-SHA")
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        pytest.raises(ssl.SSLError) as caught,
+    ):
+        ctx.wrap_socket(raw, server_hostname=server_name)
+    return caught.value
+
+
+def failures(proxy: ProxyProcess) -> list[dict[str, object]]:
+    return [
+        json.loads(line)
+        for line in list(proxy.stderr_lines)
+        if '"msg": "tls handshake failed"' in line
+    ]
+
+
+def test_no_shared_cipher_gets_the_alert_and_a_log_line(
+    start_proxy: ProxyFactory, upstream: UpstreamApp
+) -> None:
+    proxy = start_proxy(upstream.base)
+    error = no_shared_cipher(proxy.port, "shop.example")
+    # The alert by name, not SSLEOFError / "unexpected eof" (what a bare close gives).
+    assert error.reason == "SSLV3_ALERT_HANDSHAKE_FAILURE", error
+    line = wait_for(lambda: next(iter(failures(proxy)), None), 10, "the log line")
+    assert line["level"] == "info"
+    assert (line["client"], line["reason"], line["sni"]) == (
+        "127.0.0.1",
+        "no_shared_cipher",
+        "shop.example",
+    )
+
+
+def test_openssl_s_client_prints_the_alert(
+    start_proxy: ProxyFactory, upstream: UpstreamApp
+) -> None:
+    proxy = start_proxy(upstream.base)
+    out = subprocess.run(
+        [
+            "openssl",
+            "s_client",
+            "-connect",
+            f"127.0.0.1:{proxy.port}",
+            "-tls1_2",
+            "-cipher",
+            "AES128-SHA",
+        ],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert "alert handshake failure" in out.stdout + out.stderr
+
+
+def test_a_missing_client_certificate_gets_certificate_required(
+    start_proxy: ProxyFactory, upstream: UpstreamApp, ca: Path, tmp_path: Path
+) -> None:
+    clients = certs.create_ca("clients")
+    (tmp_path / "clients.crt").write_bytes(clients.cert_pem)
+    proxy = start_proxy(upstream.base, "--client-ca", str(tmp_path / "clients.crt"), "--allow-all")
+    ctx = client_context(ca)
+    with (
+        socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+        pytest.raises(ssl.SSLError) as caught,
+    ):
+        # TLS 1.3: the client's handshake ends before the server checks its certificate; the
+        # alert arrives on the first read.
+        tls.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        tls.recv(100)
+    assert caught.value.reason == "TLSV13_ALERT_CERTIFICATE_REQUIRED", caught.value
+    line = wait_for(lambda: next(iter(failures(proxy)), None), 10, "the log line")
+    assert line["reason"] == "no_client_certificate"
+
+
+def test_a_scanner_cannot_flood_the_log(start_proxy: ProxyFactory, upstream: UpstreamApp) -> None:
+    proxy = start_proxy(upstream.base)
+    for _ in range(30):
+        no_shared_cipher(proxy.port)
+    wait_for(
+        lambda: proxy.metric("tls_sidecar_tls_handshake_errors_total", 'reason="protocol"') == 30,
+        10,
+        "30 failures counted",
+    )
+    assert len(failures(proxy)) == 1  # one line per reason every 10 s; the rest are counted
