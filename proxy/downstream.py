@@ -198,6 +198,9 @@ class ClientConnection(PhaseTimer, asyncio.Protocol):
         self.transport = tls
         session = self.session
         session.tls_version = ssl_object.version() or "-"
+        cipher = ssl_object.cipher()
+        session.cipher = cipher[0] if cipher else None
+        session.sni = getattr(ssl_object, "server_name_seen", None)
         ctx.handshake_done(session.tls_version, ssl_object.session_reused)
         if ctx.config.client_ca is not None:
             self._check_client(ssl_object)
@@ -306,13 +309,22 @@ class _HandshakeReader(asyncio.BufferedProtocol):
         # has started its handshake: what comes that early waits here.
         self.early: bytearray | None = bytearray()
         self._buffer: bytearray | None = None
+        self._eof = False
+        self._lost: tuple[Exception | None] | None = None
 
     def start(self) -> None:
+        """The TLS layer has started: hand it what came early, then an early EOF or close."""
         early, self.early = self.early, None
         if early:
             buffer = self.inner.get_buffer(len(early))
             buffer[: len(early)] = early
             self.buffer_updated(len(early))
+        if self._lost is not None:
+            self.inner.connection_lost(self._lost[0])
+        elif self._eof and not self.inner.eof_received():
+            raw = self.connection._raw
+            if raw is not None:
+                raw.close()
 
     def get_buffer(self, sizehint: int) -> Any:
         if self.early is not None:
@@ -333,9 +345,15 @@ class _HandshakeReader(asyncio.BufferedProtocol):
             tls.handshaking = None
 
     def eof_received(self) -> bool | None:
+        if self.early is not None:
+            self._eof = True
+            return True  # kept open until the TLS layer has seen what came before the EOF
         return cast(bool | None, self.inner.eof_received())
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.early is not None:
+            self._lost = (exc,)
+            return
         self.inner.connection_lost(exc)
 
     def pause_writing(self) -> None:

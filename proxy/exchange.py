@@ -41,6 +41,8 @@ class Session:
     identity: ClientIdentity | None = None
     denied: str | None = None  # why the client certificate is refused, if it is
     xfcc: bytes | None = None  # the X-Forwarded-Client-Cert value for an admitted identity
+    sni: str | None = None  # the server name the client asked for
+    cipher: str | None = None
 
 
 class Downstream(Protocol):
@@ -111,6 +113,7 @@ class Exchange:
         "status",
         "upstream",
         "upstream_duration",
+        "upstream_status",
     )
 
     def __init__(
@@ -140,6 +143,7 @@ class Exchange:
         self.bytes_out = 0
         self.sent_at = 0.0
         self.upstream_duration: float | None = None
+        self.upstream_status: int | None = None  # what the app answered, if it did
         self.local_reason: tuple[str, str] | None = None  # (reason, detail) of our own answer
         self.request_trailers: Headers | None = None  # the client's, sent on with the end
         self.reset_code: int | None = None  # how the app's HTTP/2 stream was reset
@@ -280,7 +284,7 @@ class Exchange:
     def response_head(
         self, status: int, reason: bytes, headers: Headers, length: int | None
     ) -> None:
-        self.status = status
+        self.status = self.upstream_status = status
         self.response_started = True
         self.upstream_duration = time.perf_counter() - self.sent_at
         self.ctx.metrics.upstream_responded(self.upstream_duration)
@@ -448,18 +452,16 @@ class Exchange:
         if ctx.access_log.enabled:
             local = self.local_reason
             ctx.access(
-                client=self.session.client.address,
-                method=head.method,
-                target=head.target,
+                self.session,
+                head,
                 status=status,
                 bytes_in=self.bytes_in,
                 bytes_out=self.bytes_out,
                 duration=duration,
                 upstream_duration=self.upstream_duration,
-                tls_version=self.session.tls_version,
                 request_id=self.request_id,
                 local=local[0] if local else None,
                 detail=local[1] if local else None,
-                version=head.version,
                 grpc_status=self.grpc_status,
+                upstream_status=self.upstream_status,
             )

@@ -4,6 +4,7 @@ codec (httptools or h11); each request is an `Exchange`."""
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from .downstream import ClientConnection
@@ -29,6 +30,11 @@ class Http1Connection(ClientConnection):
         self._early: list[bytes] | None = None  # bytes that came with the handshake's last flight
         self._corked: list[bytes] | None = None  # response parts gathered during one app read
         self._received_since_idle = False
+        # A WebSocket session (after 101): its request, when it started, bytes each way.
+        self._tunnel_exchange: Exchange | None = None
+        self._tunnel_started = 0.0
+        self._tunnel_in = 0
+        self._tunnel_out = 0
 
     @property
     def idle(self) -> bool:
@@ -65,6 +71,7 @@ class Http1Connection(ClientConnection):
         if self.tunnel is not None:
             self.tunnel.abort()
             self.tunnel = None
+            self._tunnel_ended()
         self.forget()
 
     def eof_received(self) -> bool | None:
@@ -83,6 +90,7 @@ class Http1Connection(ClientConnection):
     def _received(self, data: bytes) -> None:
         if self.tunnel is not None:
             self._phase_since = self.loop.time()
+            self._tunnel_in += len(data)
             self.tunnel.write(data)
             return
         codec = self.codec
@@ -136,15 +144,13 @@ class Http1Connection(ClientConnection):
         self.send_local(error.status, local_headers(None), local_body(error.status, str(error)))
         ctx.metrics.request_done(b"OTHER", error.status, 0.0, b"1.1")
         ctx.access(
-            client=self.session.client.address,
-            method=b"-",
-            target=b"-",
+            self.session,
+            None,
             status=error.status,
             bytes_in=0,
             bytes_out=0,
             duration=0.0,
             upstream_duration=None,
-            tls_version=self.session.tls_version,
             request_id=b"-",
             local=error.reason,
             detail=str(error),
@@ -212,6 +218,8 @@ class Http1Connection(ClientConnection):
 
     def switch_protocols(self, upstream: UpstreamConnection) -> None:
         self.uncork()
+        self._tunnel_exchange = self.exchange
+        self._tunnel_started = time.perf_counter()
         self.exchange = None
         self.tunnel = upstream
         upstream.start_tunnel(self)
@@ -270,12 +278,32 @@ class Http1Connection(ClientConnection):
 
     def tunnel_data(self, data: bytes) -> None:
         self._phase_since = self.loop.time()
+        self._tunnel_out += len(data)
         self.write(data)
 
     def upstream_lost(self, upstream: UpstreamConnection, exc: Exception | None) -> None:
         if self.tunnel is upstream:
             self.tunnel = None
+            self._tunnel_ended()
             self.close()
+
+    def _tunnel_ended(self) -> None:
+        """One access-log line per WebSocket session, when it ends: how long, bytes each way."""
+        exchange, self._tunnel_exchange = self._tunnel_exchange, None
+        if exchange is None:
+            return
+        self.ctx.access(
+            self.session,
+            exchange.head,
+            status=101,
+            bytes_in=self._tunnel_in,
+            bytes_out=self._tunnel_out,
+            duration=time.perf_counter() - self._tunnel_started,
+            upstream_duration=None,
+            request_id=exchange.request_id,
+            upstream_status=101,
+            event="websocket_end",
+        )
 
     def upstream_write_paused(self, paused: bool) -> None:
         if paused:

@@ -217,6 +217,17 @@ def trailer_fields(headers: HeaderSeq) -> Headers:
     ]
 
 
+_TRACEPARENT = re.compile(rb"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
+
+
+def trace_id(traceparent: bytes) -> str | None:
+    """The trace id of a W3C traceparent (`00-<trace id>-<parent id>-<flags>`), if valid."""
+    match = _TRACEPARENT.match(traceparent.strip())
+    if match is None or match.group(1) == b"0" * 32:
+        return None
+    return match.group(1).decode()
+
+
 def has_header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bool:
     return any(n == name for n, _ in headers)
 

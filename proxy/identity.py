@@ -27,6 +27,14 @@ class ClientIdentity:
     pem: str
 
 
+def identity_name(identity: ClientIdentity) -> str:
+    """How the access log names a client: its SPIFFE id when it has one, else its subject."""
+    for uri in identity.uri_sans:
+        if uri.startswith("spiffe://"):
+            return uri
+    return identity.subject
+
+
 def dns_and_uri_sans(cert: x509.Certificate) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """A certificate's DNS and URI subject alternative names."""
     from cryptography import x509  # noqa: PLC0415

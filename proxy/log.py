@@ -80,6 +80,15 @@ class AccessRecord:
     detail: str | None = None  # what went wrong, for the operator (never sent to the client)
     protocol: str = "http/1.1"  # http/1.1, http/1.0 or h2
     grpc_status: str | None = None  # a gRPC request's outcome (the app's, or the proxy's own)
+    host: str | None = None  # Host, or :authority
+    user_agent: str | None = None
+    sni: str | None = None  # the server name the client asked for in TLS
+    cipher: str | None = None
+    upstream_status: int | None = None  # what the app answered (None: it did not)
+    identity: str | None = None  # mutual TLS: the client's SPIFFE id, else its subject
+    denied: str | None = None  # mutual TLS: why the client certificate was refused
+    trace_id: str | None = None  # from a W3C traceparent, passed to the app untouched
+    event: str | None = None  # "websocket_end": the line of a WebSocket session that ended
 
     def as_json(self) -> str:
         extra: dict[str, object] = {} if self.worker is None else {"worker": self.worker}
@@ -88,6 +97,13 @@ class AccessRecord:
             extra["detail"] = self.detail
         if self.grpc_status is not None:
             extra["grpc_status"] = self.grpc_status
+        if self.identity is not None or self.denied is not None:
+            extra["identity"] = self.identity
+            extra["denied"] = self.denied
+        if self.trace_id is not None:
+            extra["trace_id"] = self.trace_id
+        if self.event is not None:
+            extra["event"] = self.event
         return json.dumps(
             {
                 "time": _timestamp(self.time),
@@ -101,8 +117,13 @@ class AccessRecord:
                 "upstream_ms": None
                 if self.upstream_duration is None
                 else round(self.upstream_duration * 1000, 3),
+                "upstream_status": self.upstream_status,
+                "host": self.host,
+                "user_agent": self.user_agent,
                 "protocol": self.protocol,
                 "tls": self.tls_version,
+                "cipher": self.cipher,
+                "sni": self.sni,
                 "request_id": self.request_id,
                 **extra,
             }
@@ -114,7 +135,12 @@ class AccessRecord:
             f'{_timestamp(self.time)} {self.client} "{self.method} {self.path}" {self.status} '
             f"in={self.bytes_in} out={self.bytes_out} {self.duration * 1000:.1f}ms "
             f"upstream={upstream}ms {self.protocol} {self.tls_version} id={self.request_id}"
+            f" host={self.host or '-'} sni={self.sni or '-'} ua={self.user_agent or '-'!r}"
             + ("" if self.grpc_status is None else f" grpc_status={self.grpc_status}")
+            + ("" if self.identity is None else f" identity={self.identity}")
+            + ("" if self.denied is None else f" denied={self.denied}")
+            + ("" if self.trace_id is None else f" trace_id={self.trace_id}")
+            + ("" if self.event is None else f" event={self.event}")
             + ("" if self.local is None else f" local={self.local} detail={self.detail!r}")
         )
 

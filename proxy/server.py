@@ -22,9 +22,12 @@ from . import headers as hdr
 from .admin import AdminServer
 from .config import Address, Config, ConfigError
 from .downstream import ClientConnection, FailureLog
+from .exchange import Session
 from .h1 import Http1Connection
+from .identity import identity_name
 from .log import AccessLog, AccessRecord
 from .metrics import PROTOCOLS, Metrics
+from .request import RequestHead
 from .tls import TlsState
 from .upstream import UpstreamPool, probe_upstream
 
@@ -96,42 +99,61 @@ class ProxyContext:
 
     def access(
         self,
+        session: Session,
+        head: RequestHead | None,
         *,
-        client: str,
-        method: bytes,
-        target: bytes,
         status: int,
         bytes_in: int,
         bytes_out: int,
         duration: float,
         upstream_duration: float | None,
-        tls_version: str,
         request_id: bytes,
         local: str | None = None,
         detail: str | None = None,
-        version: bytes = b"1.1",
         grpc_status: bytes | None = None,
+        upstream_status: int | None = None,
+        event: str | None = None,
     ) -> None:
+        """One access-log line (built only when the access log is on)."""
         if not self.access_log.enabled:
             return
+        host = user_agent = trace_id = None
+        if head is not None:
+            for name, value in head.headers:
+                if name == b"host" and host is None:
+                    host = value[:256].decode("latin-1")
+                elif name == b"user-agent" and user_agent is None:
+                    user_agent = value[:512].decode("latin-1")
+                elif name == b"traceparent" and trace_id is None:
+                    trace_id = hdr.trace_id(value)
+        identity = session.identity
         self.access_log.write(
             AccessRecord(
                 time=time.time(),
-                client=client,
-                method=method.decode("latin-1"),
-                path=target[:2048].decode("latin-1"),
+                client=session.client.address,
+                method=head.method.decode("latin-1") if head else "-",
+                path=head.target[:2048].decode("latin-1") if head else "-",
                 status=status,
                 bytes_in=bytes_in,
                 bytes_out=bytes_out,
                 duration=duration,
                 upstream_duration=upstream_duration,
-                tls_version=tls_version,
+                tls_version=session.tls_version,
                 request_id=request_id.decode("latin-1"),
                 worker=self.config.worker_index,
                 local=local,
                 detail=detail,
-                protocol=PROTOCOLS.get(version, "-"),
+                protocol=PROTOCOLS.get(head.version, "-") if head else "-",
                 grpc_status=None if grpc_status is None else grpc_status.decode("latin-1"),
+                host=host,
+                user_agent=user_agent,
+                sni=session.sni,
+                cipher=session.cipher,
+                upstream_status=upstream_status,
+                identity=identity_name(identity) if identity is not None else None,
+                denied=session.denied,
+                trace_id=trace_id,
+                event=event,
             )
         )
 

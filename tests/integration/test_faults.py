@@ -40,24 +40,24 @@ def test_reused_connection_closed_by_the_app_is_retried_once_without_a_body(
     start_proxy: ProxyFactory, upstream: UpstreamApp, ca: Path
 ) -> None:
     proxy = start_proxy(upstream.base)
+    second = f"/once/second-{proxy.port}"  # the app outlives the proxy of each codec
     assert https(proxy, ca, path="/once/first")[0] == 200  # leaves a pooled connection
     before = upstream.connections
-    status, _, body = https(
-        proxy, ca, path="/once/second"
-    )  # reuses it; the app closes it unanswered
+    status, _, body = https(proxy, ca, path=second)  # reuses it; the app closes it unanswered
     assert status == 200, body
     assert upstream.connections == before + 1, "sent once more, on a new connection"
-    assert upstream.count("/once/second") == 2
+    assert upstream.count(second) == 2
 
 
 def test_reused_connection_closed_by_the_app_is_not_retried_with_a_body(
     start_proxy: ProxyFactory, upstream: UpstreamApp, ca: Path
 ) -> None:
     proxy = start_proxy(upstream.base)
+    post = f"/once/post-{proxy.port}"
     assert https(proxy, ca, path="/once/warm")[0] == 200
-    status, _, body = https(proxy, ca, method="POST", path="/once/post", body=b"not idempotent")
+    status, _, body = https(proxy, ca, method="POST", path=post, body=b"not idempotent")
     assert status == 502, body
-    assert upstream.count("/once/post") == 1, "a request with a body is never sent twice"
+    assert upstream.count(post) == 1, "a request with a body is never sent twice"
 
 
 def abort_mid_upload(port: int, ca: Path) -> None:

@@ -131,15 +131,16 @@ def test_hop_by_hop_headers_are_stripped_both_ways(proxy: ProxyProcess, ca: Path
 def test_response_streams_before_the_app_finishes(
     proxy: ProxyProcess, upstream: UpstreamApp, ca: Path
 ) -> None:
+    gate = f"stream-{proxy.port}"  # the app outlives this module's proxy of each codec
     with tls_socket(proxy.port, ca) as sock:
-        sock.sendall(request_bytes("GET", "/gate/stream1"))
+        sock.sendall(request_bytes("GET", f"/gate/{gate}"))
         received = b""
         while b"first;" not in received:
             chunk = sock.recv(65536)
             assert chunk, "connection closed before the first chunk"
             received += chunk
         assert b"last" not in received, "the app has not sent its last chunk yet"
-        upstream.open_gate("stream1")
+        upstream.open_gate(gate)
         while b"0\r\n\r\n" not in received:
             chunk = sock.recv(65536)
             assert chunk
@@ -287,6 +288,44 @@ def test_websocket_echo_through_the_proxy(proxy: ProxyProcess, ca: Path) -> None
                 break
             ws.receive_data(data)
             closed = any(isinstance(e, CloseConnection) for e in ws.events())
+    # One more access line when the session ends: how long, and the bytes each way.
+    ended = wait_for(
+        lambda: next(
+            (r for r in proxy.access_records() if r.get("event") == "websocket_end"), None
+        ),
+        10,
+        "the WebSocket session's line",
+    )
+    assert (ended["path"], ended["status"], ended["upstream_status"]) == ("/ws", 101, 101)
+    assert ended["bytes_in"] > 0 and ended["bytes_out"] > 0 and ended["duration_ms"] > 0
+
+
+def test_the_access_log_says_who_what_and_how(proxy: ProxyProcess, ca: Path) -> None:
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    doc = echo(
+        proxy,
+        ca,
+        path="/echo/logged",
+        headers={
+            "User-Agent": "grep-me/1.0",
+            "traceparent": traceparent,
+            "tracestate": "vendor=opaque",
+        },
+    )
+    assert header(doc, "traceparent") == [traceparent]  # passed on untouched
+    assert header(doc, "tracestate") == ["vendor=opaque"]
+    record = wait_for(
+        lambda: next((r for r in proxy.access_records() if r["path"] == "/echo/logged"), None),
+        10,
+        "the access line",
+    )
+    assert record["user_agent"] == "grep-me/1.0"
+    assert record["host"].startswith("localhost")
+    assert record["sni"] == "localhost"
+    assert record["cipher"] and record["tls"].startswith("TLSv1.")
+    assert record["upstream_status"] == 200
+    assert record["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert "local" not in record
 
 
 def test_admin_paths_on_the_tls_port_go_to_the_app(proxy: ProxyProcess, ca: Path) -> None:
