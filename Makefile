@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-slow fuzz lint typecheck loadtest clean
+.PHONY: run test test-slow fuzz lint typecheck loadtest lock clean
 
 run: $(STAMP)
 	$(BIN)/tls-sidecar demo
@@ -27,6 +27,11 @@ typecheck: $(STAMP)
 
 loadtest: $(STAMP)
 	$(BIN)/python -m loadtest
+
+# requirements.lock: what the image installs, pinned with hashes (needs PyPI).
+lock: $(STAMP)
+	$(BIN)/pip-compile --quiet --generate-hashes --strip-extras --no-emit-index-url \
+	  --no-emit-find-links --output-file requirements.lock pyproject.toml
 
 $(BIN)/python:
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \

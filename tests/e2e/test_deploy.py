@@ -4,9 +4,11 @@ schemas for 1.29 and the newest version), and `tls-sidecar inject` against golde
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +65,55 @@ def test_dockerfile_runs_as_non_root_without_a_shell_in_exec_form() -> None:
     assert 'ENTRYPOINT ["tls-sidecar"]' in final and 'CMD ["serve"]' in final
     assert "EXPOSE 8443 9901" in final and "STOPSIGNAL SIGTERM" in final
     assert '"/bin/sh"' in final, "the final stage removes the shell"
+    assert '"pip", "uninstall"' in final, "the final stage removes pip"
     assert "python:3.12-slim" in text
+
+
+def test_the_base_image_is_pinned_by_digest_and_dependencies_have_their_own_layer() -> None:
+    text = (REPO / "Dockerfile").read_text()
+    base = re.search(r"^ARG BASE=(\S+)$", text, re.MULTILINE)
+    assert base and re.fullmatch(r"python:3\.12-slim@sha256:[0-9a-f]{64}", base.group(1))
+    assert [line for line in text.splitlines() if line.startswith("FROM ")] == [
+        "FROM ${BASE} AS build",
+        "FROM ${BASE}",
+    ]
+    build = text.split("\nFROM ")[1]
+    steps = [
+        line.split()[0] + " " + line.split()[1]
+        for line in build.splitlines()
+        if line[:4] in ("COPY", "RUN ")
+    ]
+    # The lock is copied and installed before the source: a source change keeps that layer.
+    assert (
+        build.index("COPY requirements.lock")
+        < build.index("--require-hashes")
+        < build.index("COPY proxy")
+    )
+    assert steps[0] == "RUN python"
+
+
+def test_the_lock_file_pins_every_dependency_of_pyproject_with_hashes() -> None:
+    """requirements.lock (pip-compile --generate-hashes, `make lock`) matches pyproject: each
+    dependency is pinned at a version its specifier allows, and every pin has hashes."""
+    from packaging.requirements import Requirement  # noqa: PLC0415
+
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    lock = (REPO / "requirements.lock").read_text()
+    pins = dict(re.findall(r"^([a-z0-9_.-]+)==(\S+) \\$", lock, re.MULTILINE))
+    assert pins, "no pins in requirements.lock"
+    for line in pyproject["project"]["dependencies"]:
+        requirement = Requirement(line)
+        name = requirement.name.lower().replace("_", "-")
+        assert name in pins, f"{name} is not in requirements.lock: run make lock"
+        assert requirement.specifier.contains(pins[name]), (
+            f"requirements.lock pins {name}=={pins[name]}, pyproject wants {requirement.specifier}: "
+            "run make lock"
+        )
+    blocks = re.split(r"\n(?=[a-z0-9_.-]+==)", lock.split("\n\n", 1)[-1])
+    for block in blocks:
+        if "==" in block:
+            assert "--hash=sha256:" in block, block.splitlines()[0]
+    assert "/opt/" not in lock and "--find-links" not in lock
 
 
 @pytest.fixture(scope="module")

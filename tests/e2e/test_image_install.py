@@ -24,8 +24,9 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 # The build stage's RUN lines, with the image's paths as placeholders.
 EXPECTED_RUN = [
-    "RUN python -m pip wheel --no-deps --wheel-dir /wheels .",
-    "RUN python -m venv /opt/tls-sidecar && /opt/tls-sidecar/bin/pip install /wheels/*.whl",
+    "RUN python -m venv --without-pip /opt/tls-sidecar",
+    "RUN python -m pip --python /opt/tls-sidecar/bin/python install --require-hashes --no-deps -r requirements.lock",
+    "RUN python -m pip --python /opt/tls-sidecar/bin/python install --no-deps .",
 ]
 
 
@@ -46,7 +47,7 @@ def test_installed_image_serves_as_a_non_root_user(tmp_path: Path) -> None:
     # pytest's own temporary folders are closed to other users: the "image" lives beside them
     root = Path(tempfile.mkdtemp(prefix="tls-sidecar-image-"))
     root.chmod(0o755)
-    wheels, venv, tmp = root / "wheels", root / "opt" / "tls-sidecar", root / "tmp"
+    venv, tmp = root / "opt" / "tls-sidecar", root / "tmp"
     tmp.mkdir(parents=True)
     source = tmp_path / "src"
     shutil.copytree(
@@ -56,20 +57,21 @@ def test_installed_image_serves_as_a_non_root_user(tmp_path: Path) -> None:
             ".venv", ".git", "*.egg-info", "build", "results", "__pycache__"
         ),
     )
-    # Step 1 and 2 of the Dockerfile, with /wheels and /opt/tls-sidecar under tmp_path.
+    # The Dockerfile's three steps, with /opt/tls-sidecar under a temporary root. The image's
+    # interpreter is world-readable (/usr/local), as the system one is; an interpreter under a
+    # private home directory would not run as uid 65532.
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--wheel-dir", str(wheels), "."],
+        [SYSTEM_PYTHON, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120
+    )
+    pip = [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q"]
+    subprocess.run(
+        [*pip, "--require-hashes", "--no-deps", "-r", "requirements.lock"],
         cwd=source,
         check=True,
-        timeout=300,
+        timeout=600,
     )
-    # The image's interpreter is world-readable (/usr/local), as the system one is; an interpreter
-    # under a private home directory would not run as uid 65532.
-    subprocess.run([SYSTEM_PYTHON, "-m", "venv", str(venv)], check=True, timeout=120)
-    (wheel,) = wheels.glob("*.whl")
-    subprocess.run(
-        [str(venv / "bin" / "pip"), "install", "-q", str(wheel)], check=True, timeout=600
-    )
+    subprocess.run([*pip, "--no-deps", "."], cwd=source, check=True, timeout=600)
+    assert not list(venv.glob("lib/python3*/site-packages/pip")), "no pip in the image's venv"
     os.chown(tmp, 65532, 65532)
     for path in (root, root / "opt", venv):
         path.chmod(0o755)
