@@ -6,6 +6,7 @@ import asyncio
 import gc
 import importlib
 import logging
+import os
 import shlex
 import sys
 from collections.abc import Callable, Coroutine
@@ -254,6 +255,7 @@ def serve_options(func: Callable[..., Any]) -> Callable[..., Any]:
             "Worker processes sharing the TLS port; auto: the container's CPU quota.",
         ),
         click.option("--worker-index", type=int, default=None, hidden=True),
+        click.option("--ticket-keys-fd", type=int, default=None, hidden=True),
         _option("--log-format", "json", "Log line format.", type=click.Choice(["json", "text"])),
         _option("--log-level", "info", "debug, info, warning or error."),
         _option("--access-log/--no-access-log", True, "One line per request on stdout."),
@@ -323,7 +325,19 @@ def build_config(opts: dict[str, Any]) -> Config:
         access_log=opts["access_log"],
         workers=check_workers(opts["workers"]),
         worker_index=opts["worker_index"],
+        ticket_keys=read_ticket_keys(opts["ticket_keys_fd"]),
     ).validate()
+
+
+def read_ticket_keys(fd: int | None) -> bytes | None:
+    """A worker reads the session ticket keys its supervisor wrote into an inherited pipe."""
+    if fd is None:
+        return None
+    try:
+        with os.fdopen(fd, "rb") as pipe:
+            return pipe.read(4096)
+    except OSError:
+        return None
 
 
 def run_async(coro: Coroutine[Any, Any, None]) -> None:

@@ -92,6 +92,8 @@ class Config:
     access_log: bool = True
     workers: int = 1
     worker_index: int | None = None  # set in the worker processes of --workers N
+    # Session ticket keys the supervisor hands every worker (through a pipe, never argv or env).
+    ticket_keys: bytes | None = field(default=None, repr=False)
 
     def validate(self) -> Config:
         """Check the relations between settings; return self so it chains."""

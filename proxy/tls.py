@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
@@ -118,6 +119,53 @@ def base_context(
     return ctx
 
 
+_SSL_CTRL_SET_TLSEXT_TICKET_KEYS = 59
+TICKET_KEYS_SIZE = 80  # OpenSSL's: a 16-byte key name, a 32-byte HMAC key, a 32-byte AES key
+
+
+def _libssl() -> ctypes.CDLL | None:
+    """The libssl this process's `ssl` module uses (found in /proc/self/maps)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    for line in maps.splitlines():
+        path = line.rsplit(" ", 1)[-1]
+        if "/libssl.so" in path:
+            try:
+                return ctypes.CDLL(path)
+            except OSError:
+                return None
+    return None
+
+
+def share_ticket_keys(ctx: ssl.SSLContext, keys: bytes) -> bool:
+    """Give a context the session ticket keys every worker shares, so a session resumes on any
+    worker (Python's ssl has no API for it; OpenSSL's SSL_CTX_ctrl does). The SSL_CTX pointer
+    is the first field of CPython's SSLContext object; it is checked against the options
+    Python reports before anything is written. False (and nothing done) where that fails."""
+    if sys.implementation.name != "cpython" or len(keys) != TICKET_KEYS_SIZE:
+        return False
+    libssl = _libssl()
+    if libssl is None:
+        return False
+    try:
+        get_options = libssl.SSL_CTX_get_options
+        ctrl = libssl.SSL_CTX_ctrl
+    except AttributeError:
+        return False
+    get_options.restype = ctypes.c_uint64
+    get_options.argtypes = [ctypes.c_void_p]
+    ctrl.restype = ctypes.c_long
+    ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+    # PyObject_HEAD is a reference count and a type pointer; SSL_CTX* follows.
+    pointer = ctypes.c_void_p.from_address(id(ctx) + 2 * ctypes.sizeof(ctypes.c_void_p)).value
+    if not pointer or get_options(pointer) != int(ctx.options):
+        return False
+    buffer = ctypes.create_string_buffer(keys, len(keys))
+    return bool(ctrl(pointer, _SSL_CTRL_SET_TLSEXT_TICKET_KEYS, len(keys), buffer) == 1)
+
+
 def context_for(config: Config, material: Material, client_ca: bytes | None) -> ssl.SSLContext:
     """OpenSSL loads certificates only from files: the PEM passes through a private temporary
     directory (0700, key 0600) that is removed at once."""
@@ -141,6 +189,12 @@ def context_for(config: Config, material: Material, client_ca: bytes | None) -> 
             raise CertificateError(f"--client-ca: OpenSSL refused it ({e.reason})") from None
         ctx.verify_mode = (
             ssl.CERT_REQUIRED if config.client_auth == "require" else ssl.CERT_OPTIONAL
+        )
+    shared = config.ticket_keys is not None and config.session_resumption
+    if shared and not share_ticket_keys(ctx, config.ticket_keys or b""):
+        log.warning(
+            "cannot share session ticket keys between workers: a client resumes its TLS "
+            "session only when it returns to the same worker"
         )
     return ctx
 

@@ -28,6 +28,7 @@ from .admin import AdminServer
 from .config import Config, ConfigError
 from .metrics import PREFIX, render
 from .server import bind_error
+from .tls import TICKET_KEYS_SIZE
 from .upstream import probe_upstream
 
 log = logging.getLogger("tls_sidecar.workers")
@@ -115,6 +116,9 @@ class Supervisor:
         self.workers: dict[int, Worker] = {}
         self.state = "starting"
         self._multiproc = tempfile.mkdtemp(prefix="tls-sidecar-metrics-")
+        # One set of session ticket keys for every worker, for the supervisor's life (as nginx
+        # shares its keys between workers): a session resumes whichever worker gets the client.
+        self._ticket_keys = os.urandom(TICKET_KEYS_SIZE)
         self.metrics = SupervisorMetrics(self._multiproc)
         self._stop = asyncio.Event()
         self._signals = 0
@@ -154,7 +158,20 @@ class Supervisor:
             str(index),
         ]
         env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=self._multiproc)
-        proc = subprocess.Popen(argv, env=env, preexec_fn=die_with_parent)  # noqa: PLW1509
+        # The keys travel through a pipe the worker inherits: not argv, not the environment.
+        read_end, write_end = os.pipe()
+        os.write(write_end, self._ticket_keys)
+        os.close(write_end)
+        argv += ["--ticket-keys-fd", str(read_end)]
+        try:
+            proc = subprocess.Popen(
+                argv,
+                env=env,
+                preexec_fn=die_with_parent,  # noqa: PLW1509
+                pass_fds=(read_end,),
+            )
+        finally:
+            os.close(read_end)
         log.info("worker started", extra={"worker": index, "pid": proc.pid})
         return Worker(index, proc)
 

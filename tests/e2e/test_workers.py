@@ -6,6 +6,8 @@ import http.client
 import json
 import os
 import signal
+import socket
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -154,3 +156,35 @@ def test_library_warnings_are_json_log_lines_with_workers(
         json.loads(line)  # every line is one JSON object
     warned = [json.loads(line) for line in lines if "a library warning" in line]
     assert all(w["level"] == "warning" and "UserWarning" in w["msg"] for w in warned)
+
+
+def test_tls_sessions_resume_on_any_worker(
+    group: tuple[ProxyProcess, UpstreamApp], dev_certs: DevCerts
+) -> None:
+    """Workers share their session ticket keys: a returning client resumes its TLS session
+    whichever worker the kernel hands its new connection to (TLS 1.3 and 1.2)."""
+    proxy, _ = group
+    for version in (ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2):
+        ctx = client_context(dev_certs.ca)
+        ctx.maximum_version = version
+        session = None
+        resumed = 0
+        workers = set()
+        for i in range(40):
+            with (
+                socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as raw,
+                ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls,
+            ):
+                tls.sendall(f"GET /echo/resume/{i} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+                data = b""
+                while b"body_sha256" not in data:
+                    data += tls.recv(65536)
+                resumed += bool(tls.session_reused)
+                session = tls.session
+        records = wait_for(
+            lambda: [r for r in proxy.access_records() if r["path"].startswith("/echo/resume/")]
+        )
+        workers |= {r["worker"] for r in records}
+        print(f"\n{version.name}: {resumed} of 39 reconnections resumed, workers {sorted(workers)}")
+        assert workers == {0, 1}, "connections reached both workers"
+        assert resumed == 39, f"only {resumed} of 39 reconnections resumed their session"
