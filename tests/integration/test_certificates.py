@@ -299,6 +299,11 @@ def test_allowed_clients_reach_the_app_with_their_identity(
     if who == "dns":
         assert xfcc[0].endswith("DNS=worker.internal")
     assert "Cert=" not in xfcc[0]
+    record = wait_for(
+        lambda: next((r for r in mtls.access_records() if r["path"] == f"/echo/mtls-{who}"), None)
+    )
+    expected = "spiffe://td.test/ns/prod/sa/api" if who == "uri" else leaf.subject.rfc4514_string()
+    assert (record["identity"], record["denied"]) == (expected, None)
 
 
 def test_certificate_the_rules_do_not_admit_gets_403(
@@ -310,6 +315,14 @@ def test_certificate_the_rules_do_not_admit_gets_403(
     assert b"CN=intruder" in body and b"not allowed" in body
     assert upstream.count("/echo/denied") == before, "a denied client never reaches the app"
     assert mtls.metric("tls_sidecar_client_auth_denied_total", 'reason="not_allowed"') >= 1
+    record = wait_for(
+        lambda: next((r for r in mtls.access_records() if r["path"] == "/echo/denied"), None)
+    )
+    assert (record["denied"], record["identity"]) == (
+        "not_allowed",
+        "spiffe://td.test/ns/dev/sa/api",
+    )
+    assert record["upstream_status"] is None and record["local"] == "client_not_allowed"
 
 
 @pytest.mark.parametrize("who", [None, "wrong_ca", "expired"])
