@@ -75,12 +75,30 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+# What a development CA may sign (X.509 name constraints): a leaked development CA key cannot
+# impersonate a real site. A DNS constraint covers the name and every name under it.
+DEV_PERMITTED = ("localhost", "test", "internal", "127.0.0.0/8", "::1/128")
+
+
+def permitted_subtrees(names: Sequence[str]) -> list[x509.GeneralName]:
+    """Name-constraint subtrees for names: DNS names (a leading `*.` dropped) or IP networks."""
+    out: list[x509.GeneralName] = []
+    for name in names:
+        try:
+            out.append(x509.IPAddress(ipaddress.ip_network(name, strict=False)))
+        except ValueError:
+            out.append(x509.DNSName(name.removeprefix("*.").lower()))
+    return out
+
+
 def create_ca(
     common_name: str = "tls-sidecar development CA",
     *,
     key_type: KeyType = "ecdsa",
     days: int = 3650,
+    permitted: Sequence[str] | None = None,
 ) -> Issued:
+    """A CA; with `permitted`, limited by name constraints to those names and networks."""
     key = new_key(key_type)
     name = _name(common_name, "tls-sidecar")
     now = _now()
@@ -108,9 +126,15 @@ def create_ca(
             critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
     )
-    return Issued(cert, key)
+    if permitted is not None:
+        cert = cert.add_extension(
+            x509.NameConstraints(
+                permitted_subtrees=permitted_subtrees(permitted), excluded_subtrees=None
+            ),
+            critical=True,
+        )
+    return Issued(cert.sign(key, hashes.SHA256()), key)
 
 
 def issue(

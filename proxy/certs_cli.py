@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,9 @@ def init_dev_certificates(
     files = dev_files(out)
     ca_made = not (files.ca_cert.exists() and files.ca_key.exists())
     if ca_made:
-        ca = certs.create_ca(key_type=key_type)
+        # Limited to development names (and those asked for): safer than an unlimited local CA.
+        permitted = (*certs.DEV_PERMITTED, *(h for h in hosts if not _dev_name(h)))
+        ca = certs.create_ca(key_type=key_type, permitted=permitted)
         _write_pair(files.ca_cert, files.ca_key, ca)
     else:
         ca = _load_ca(files.ca_cert, files.ca_key)
@@ -76,6 +79,16 @@ def init_dev_certificates(
         )
         _write_pair(files.client_cert, files.client_key, client)
     return files, ca_made
+
+
+def _dev_name(host: str) -> bool:
+    """Whether the development CA's default constraints already cover this host."""
+    host = host.lower().removeprefix("*.")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return any(host == d or host.endswith("." + d) for d in ("localhost", "test", "internal"))
+    return address.is_loopback
 
 
 def ensure_dev_certificates(out: Path) -> DevFiles:

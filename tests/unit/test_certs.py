@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import shutil
+import ssl
+import subprocess
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 
 from proxy import certs
 from proxy.config import CertificateError
@@ -81,3 +86,83 @@ def test_a_world_readable_key_is_flagged_unless_it_is_a_secret_volume(tmp_path: 
     (volume / "..data").symlink_to("..2026_11_25")
     (volume / "tls.key").symlink_to("..data/tls.key")
     assert key_exposed(volume / "tls.key") == []
+
+
+def _handshake(ca: Path, chain: bytes, key: bytes, tmp_path: Path) -> None:
+    """A TLS handshake in memory: a server with `chain`, a client trusting only `ca` (no host
+    name check, so only the chain and its name constraints are judged)."""
+
+    (tmp_path / "chain.pem").write_bytes(chain)
+    (tmp_path / "key.pem").write_bytes(key)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(tmp_path / "chain.pem", tmp_path / "key.pem")
+    client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_ctx.check_hostname = False
+    client_ctx.load_verify_locations(cafile=str(ca))
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    client = client_ctx.wrap_bio(c_in, c_out)
+    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+    for _ in range(10):
+        for side in (client, server):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                side.do_handshake()
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+        if client.version() is not None and server.version() is not None:
+            return
+
+
+def test_the_development_ca_cannot_vouch_for_a_real_site(tmp_path: Path) -> None:
+    """`certs init` makes a CA limited by name constraints to localhost, *.localhost, *.test,
+    *.internal, 127.0.0.0/8 and ::1 (plus names asked for): a certificate it signs for
+    example.com is refused by OpenSSL and by Python's ssl."""
+    from proxy.certs_cli import dev_files, init_dev_certificates  # noqa: PLC0415
+
+    init_dev_certificates(tmp_path / "dev", ("localhost", "127.0.0.1", "::1", "myapp.lan"))
+    files = dev_files(tmp_path / "dev")
+    ca = certs.Issued(certs.load_chain(files.ca_cert)[0], certs.load_key(files.ca_key, "--key"))
+    constraints = ca.certificate.extensions.get_extension_for_class(x509.NameConstraints).value
+    assert constraints.permitted_subtrees is not None
+    assert {str(n.value) for n in constraints.permitted_subtrees} == {
+        "localhost",
+        "test",
+        "internal",
+        "127.0.0.0/8",
+        "::1/128",
+        "myapp.lan",
+    }
+    rogue = certs.issue(ca, ["example.com"])
+    good = certs.issue(ca, ["shop.test", "localhost", "127.0.0.1"])
+    (tmp_path / "rogue.pem").write_bytes(rogue.cert_pem)
+    (tmp_path / "good.pem").write_bytes(good.cert_pem)
+    if shutil.which("openssl"):
+        refused = subprocess.run(
+            ["openssl", "verify", "-CAfile", str(files.ca_cert), str(tmp_path / "rogue.pem")],
+            capture_output=True,
+            text=True,
+        )
+        assert refused.returncode != 0 and "subtree violation" in refused.stdout + refused.stderr
+        accepted = subprocess.run(
+            ["openssl", "verify", "-CAfile", str(files.ca_cert), str(tmp_path / "good.pem")],
+            capture_output=True,
+            text=True,
+        )
+        assert accepted.returncode == 0, accepted.stdout + accepted.stderr
+    with pytest.raises(ssl.SSLCertVerificationError, match="subtree violation"):
+        _handshake(files.ca_cert, rogue.cert_pem, rogue.key_pem, tmp_path)
+    _handshake(files.ca_cert, good.cert_pem, good.key_pem, tmp_path)  # within: accepted
+    # The development client certificate (a CN, no SAN) still verifies for mutual TLS.
+    client = subprocess.run(
+        [
+            "openssl",
+            "verify",
+            "-CAfile",
+            str(files.ca_cert),
+            "-purpose",
+            "sslclient",
+            str(files.client_cert),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert client.returncode == 0, client.stdout + client.stderr
