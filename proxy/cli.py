@@ -205,6 +205,12 @@ def serve_options(func: Callable[..., Any]) -> Callable[..., Any]:
             "Most idle pooled connections to the app.",
             type=click.IntRange(0),
         ),
+        _option(
+            "--upstream-health-path",
+            None,
+            "Readiness also GETs this path on the app (2xx/3xx: ready), e.g. /healthz; "
+            "default: readiness only checks that the app accepts connections.",
+        ),
         _option("--drain-timeout", "30s", "On SIGTERM, the longest wait for in-flight requests."),
         _option(
             "--shutdown-delay",
@@ -308,6 +314,7 @@ def build_config(opts: dict[str, Any]) -> Config:
             opts["upstream_idle_timeout"], option="--upstream-idle-timeout"
         ),
         upstream_max_idle=opts["upstream_max_idle"],
+        upstream_health_path=opts["upstream_health_path"] or None,
         drain_timeout=parse_duration(opts["drain_timeout"], option="--drain-timeout"),
         shutdown_delay=parse_duration(opts["shutdown_delay"], option="--shutdown-delay"),
         max_connections=opts["max_connections"],

@@ -77,6 +77,7 @@ class Config:
     upstream_timeout: float = 60.0
     upstream_idle_timeout: float = 30.0
     upstream_max_idle: int = 128
+    upstream_health_path: str | None = None  # readiness GETs this on the app when set
     drain_timeout: float = 30.0
     shutdown_delay: float = 0.0
     max_connections: int = 10000
@@ -146,6 +147,12 @@ class Config:
                 raise ConfigError(f"{name} must be greater than zero, e.g. 10s")
         if self.max_connections < 1:
             raise ConfigError("--max-connections must be at least 1")
+        if self.upstream_health_path is not None and (
+            not self.upstream_health_path.startswith("/") or " " in self.upstream_health_path
+        ):
+            raise ConfigError(
+                f"--upstream-health-path {self.upstream_health_path!r} must be a path, e.g. /healthz"
+            )
         if self.max_concurrent_streams < 1:
             raise ConfigError("--max-concurrent-streams must be at least 1")
         if self.max_header_bytes < 1024:

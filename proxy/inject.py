@@ -116,6 +116,12 @@ def _where(kind: str, doc: dict[str, Any]) -> str:
     return f"{kind}/{name}"
 
 
+def _readiness_path(container: dict[str, Any]) -> str | None:
+    probe = container.get("readinessProbe") or {}
+    path = (probe.get("httpGet") or {}).get("path")
+    return path if isinstance(path, str) and path.startswith("/") else None
+
+
 def grace_needed(native: bool) -> int:
     """terminationGracePeriodSeconds that covers the app's preStop, its drain and the
     sidecar's --drain-timeout (classic: the preStop is as long as --shutdown-delay)."""
@@ -151,6 +157,10 @@ def inject_pod_spec(
                     f"{port['containerPort']}; tls-sidecar needs 8443 and 9901 (move the app's port)"
                 )
     sidecar = sidecar_container(options)
+    health = _readiness_path(containers[0])
+    if health is not None:
+        # The app's own readiness endpoint becomes the sidecar's: ready only when the app is.
+        sidecar["args"].append(f"--upstream-health-path={health}")
     for container in containers:
         # The app is held while endpoints drop the pod, so no request reaches it after it
         # stopped accepting (the window every rollout has).

@@ -313,7 +313,9 @@ class ProxyServer:
             now = asyncio.get_running_loop().time()
             if now - self._upstream_checked_at >= READINESS_CACHE_SECONDS:
                 timeout = min(1.0, self.config.upstream_connect_timeout)
-                self._upstream_problem = await probe_upstream(self.config.upstream, timeout)
+                self._upstream_problem = await probe_upstream(
+                    self.config.upstream, timeout, self.config.upstream_health_path
+                )
                 self._upstream_checked_at = asyncio.get_running_loop().time()
                 self.metrics.upstream_up.set(0 if self._upstream_problem else 1)
         ok = self._upstream_problem is None and self.state == "ready"

@@ -186,7 +186,9 @@ class Supervisor:
         now = time.monotonic()
         if now - self._ready_checked >= 1.0:
             timeout = min(1.0, self.config.upstream_connect_timeout)
-            self._ready_problem = await probe_upstream(self.config.upstream, timeout)
+            self._ready_problem = await probe_upstream(
+                self.config.upstream, timeout, self.config.upstream_health_path
+            )
             self._ready_checked = time.monotonic()
             self.metrics.upstream_up.set(0 if self._ready_problem else 1)
         ok = self._ready_problem is None

@@ -119,3 +119,17 @@ def test_metrics_without_created_series_and_in_openmetrics_when_asked(proxy: Pro
         body = response.read().decode()
     assert body.rstrip().endswith("# EOF")
     assert "# TYPE tls_sidecar_connections_accepted counter" in body
+
+
+def test_readiness_follows_the_apps_health_endpoint(
+    start_proxy: ProxyFactory, upstream: UpstreamApp
+) -> None:
+    """--upstream-health-path: ready only while the app answers 2xx/3xx there; the checks are
+    not requests in the metrics."""
+    failing = start_proxy(upstream.base, "--upstream-health-path", "/status/503")
+    status, body = failing.admin_get("/readyz")
+    assert status == 503
+    assert "health check GET /status/503: 503 Service Unavailable" in body
+    healthy = start_proxy(upstream.base, "--upstream-health-path", "/status/204")
+    assert healthy.admin_get("/readyz") == (200, "ready\n")
+    assert math.isnan(failing.metric("tls_sidecar_http_requests_total"))  # no request counted

@@ -92,3 +92,14 @@ def test_streams_spread_over_few_connections_within_the_apps_limit(
     client.close()
     assert statuses == [200] * 20
     assert 4 <= app.connections <= 6
+
+
+def test_readiness_asks_an_h2c_app_over_http2(run: list[object], dev_certs: DevCerts) -> None:
+    app = H2App().start()
+    run.append(app)
+    proxy = ProxyProcess(
+        serve_args(app.url, dev_certs, "--upstream-health-path", "/health")
+    ).start()
+    run.append(proxy)
+    assert proxy.admin_get("/readyz") == (200, "ready\n")
+    assert app.seen and dict(app.seen[-1]["headers"])[":path"] == "/health"
