@@ -428,6 +428,23 @@ def serve(**opts: Any) -> None:
     run_async(serve_proxy(config))
 
 
+@cli.command("check", context_settings=CONTEXT)
+@serve_options
+def check_command(**opts: Any) -> None:
+    """Check a configuration without serving: the same flags and variables as serve.
+
+    Loads and matches every certificate and key, reports days to expiry, checks the client CA
+    and rules and the listen addresses, tries the app once. One line per check; exit 0 (all
+    good), 1 (warnings: expiry within 14 days, the app not up) or 2 (serve would not start)."""
+    from .check import check, exit_code  # noqa: PLC0415
+
+    logs.configure("text", "error")
+    found = check(lambda: build_config(opts))
+    for finding in found:
+        click.echo(finding.line())
+    sys.exit(exit_code(found))
+
+
 @cli.command(context_settings=CONTEXT)
 @click.option(
     "--app-listen",

@@ -443,3 +443,73 @@ def test_a_real_browser_loads_the_demo_over_http2(tmp_path: Path) -> None:
     finally:
         demo.stop()
     assert demo.wait() == 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_check(*args: str) -> tuple[int, list[str]]:
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy", "check", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return done.returncode, done.stdout.splitlines()
+
+
+def test_check_a_good_configuration_says_ok_line_by_line(dev_certs: DevCerts) -> None:
+    app = UpstreamApp().start()
+    try:
+        code, lines = run_check(*serve_args(app.base, dev_certs)[1:])
+    finally:
+        app.stop()
+    assert code == 0, lines
+    assert [line.split(":", 1)[0] for line in lines] == [
+        "ok    flags",
+        "ok    certificate default",
+        "ok    listen",
+        "ok    admin-listen",
+        "ok    upstream",
+    ]
+    assert "expires" in lines[1] and "days)" in lines[1]
+
+
+def test_check_warns_on_a_certificate_about_to_expire_and_an_app_not_up(
+    dev_certs: DevCerts, tmp_path: Path
+) -> None:
+    soon = certs.issue(
+        certs.create_ca("check CA"),
+        ["localhost"],
+        not_before=dt.datetime.now(dt.UTC) - dt.timedelta(days=815),
+    )  # 825 days of validity: 10 left
+    (tmp_path / "soon.crt").write_bytes(soon.cert_pem)
+    certs.write_private(tmp_path / "soon.key", soon.key_pem)
+    code, lines = run_check(
+        "--cert",
+        str(tmp_path / "soon.crt"),
+        "--key",
+        str(tmp_path / "soon.key"),
+        "--upstream",
+        f"http://127.0.0.1:{free_port()}",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+    )
+    assert code == 1, lines
+    assert any(
+        line.startswith("warn  certificate default") and "(10 days)" in line for line in lines
+    )
+    assert any(line.startswith("warn  upstream") for line in lines)
+
+
+def test_check_fails_what_would_not_start(dev_certs: DevCerts) -> None:
+    code, lines = run_check("--cert", str(dev_certs.cert), "--key", str(dev_certs.ca))
+    assert code == 2
+    assert any(line.startswith("fail  certificates: --key") for line in lines), lines
+    code, lines = run_check("--listen", "nowhere")
+    assert (code, lines[0][:11]) == (2, "fail  flags")
