@@ -541,16 +541,33 @@ def demo(app_listen: str, listen: str, admin_listen: str, certs_dir: Path) -> No
 )
 @click.option(
     "--upstream-port",
-    default=8080,
-    show_default=True,
+    default=None,
     type=click.IntRange(1, 65535),
-    help="Port the app listens on at 127.0.0.1.",
+    help="Port the app listens on at 127.0.0.1. Default: the app container's single port, or "
+    "the one named http (8080 when it declares none).",
+)
+@click.option(
+    "--services/--no-services",
+    default=True,
+    show_default=True,
+    help="Point Services of the input that target the app's port at the sidecar's https port.",
 )
 def inject_command(
-    files: tuple[Any, ...], image: str, secret: str, native: bool, upstream_port: int
+    files: tuple[Any, ...],
+    image: str,
+    secret: str,
+    native: bool,
+    upstream_port: int | None,
+    services: bool,
 ) -> None:
     """Add tls-sidecar to the workloads in Kubernetes YAML (FILES or stdin) and print the result."""
-    options = InjectOptions(image=image, secret=secret, native=native, upstream_port=upstream_port)
+    options = InjectOptions(
+        image=image,
+        secret=secret,
+        native=native,
+        upstream_port=upstream_port,
+        services=services,
+    )
     sources: list[Any] = list(files) if files else [sys.stdin]
     notes: list[str] = []
     click.echo(inject("---\n".join(f.read() for f in sources), options, notes), nl=False)

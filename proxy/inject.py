@@ -6,7 +6,7 @@ are re-serialised. A second run changes nothing.
 
 from __future__ import annotations
 
-import copy
+import io
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -53,15 +53,27 @@ class InjectOptions:
     image: str = DEFAULT_IMAGE
     secret: str = DEFAULT_SECRET
     native: bool = True
-    upstream_port: int = 8080
+    upstream_port: int | None = None  # None: read from the app container (default 8080)
+    services: bool = True  # rewrite Services of the input that target the app's port
 
 
-def sidecar_container(options: InjectOptions) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class Injected:
+    """A workload that got the sidecar: what its Services are matched against."""
+
+    where: str
+    namespace: str | None
+    labels: dict[str, str]
+    port: int
+    port_name: str | None
+
+
+def sidecar_container(options: InjectOptions, port: int = 8080) -> dict[str, Any]:
     args = [
         "serve",
         "--cert=/etc/tls/tls.crt",
         "--key=/etc/tls/tls.key",
-        f"--upstream=http://127.0.0.1:{options.upstream_port}",
+        f"--upstream=http://127.0.0.1:{port}",
     ]
     container: dict[str, Any] = {
         "name": SIDECAR,
@@ -138,8 +150,48 @@ def app_prestop(native: bool) -> dict[str, Any]:
     return {"exec": {"command": ["sleep", str(seconds)]}}
 
 
+def app_port(
+    container: dict[str, Any], options: InjectOptions, where: str
+) -> tuple[int, str | None]:
+    """The port the app serves on: --upstream-port, else its container's single port or the
+    one named `http`; (port, its name)."""
+    ports = [p for p in container.get("ports") or [] if isinstance(p.get("containerPort"), int)]
+    if options.upstream_port is not None:
+        named = next(
+            (p.get("name") for p in ports if p["containerPort"] == options.upstream_port), None
+        )
+        return options.upstream_port, named
+    if len(ports) == 1:
+        return ports[0]["containerPort"], ports[0].get("name")
+    http = [p for p in ports if p.get("name") == "http"]
+    if len(http) == 1:
+        return http[0]["containerPort"], "http"
+    if not ports:
+        return 8080, None
+    choices = ", ".join(
+        f"{p['containerPort']}" + (f" ({p['name']})" if p.get("name") else "") for p in ports
+    )
+    raise InjectError(
+        f"{where}: container {container.get('name')} has ports {choices} and none is named "
+        "http; say which one the app serves on with --upstream-port"
+    )
+
+
+def _block(seq: Any) -> Any:
+    """A sequence the sidecar goes into is written in block style (a flow-style one would put
+    the whole container on one line)."""
+    fa = getattr(seq, "fa", None)
+    if fa is not None:
+        fa.set_block_style()
+    return seq
+
+
 def inject_pod_spec(
-    spec: dict[str, Any], options: InjectOptions, where: str, notes: list[str] | None = None
+    spec: dict[str, Any],
+    options: InjectOptions,
+    where: str,
+    notes: list[str] | None = None,
+    found: list[tuple[int, str | None]] | None = None,
 ) -> bool:
     """Add the sidecar to one pod spec; False when it is there already."""
     notes = notes if notes is not None else []
@@ -156,7 +208,15 @@ def inject_pod_spec(
                     f"{where}: container {container.get('name')} already uses port "
                     f"{port['containerPort']}; tls-sidecar needs 8443 and 9901 (move the app's port)"
                 )
-    sidecar = sidecar_container(options)
+    port, port_name = app_port(containers[0], options, where)
+    if found is not None:
+        found.append((port, port_name))
+    if any(p.get("containerPort") == port for p in containers[0].get("ports") or []):
+        notes.append(
+            f"{where}: container {containers[0].get('name')} declares port {port}; unless the "
+            "app listens on 127.0.0.1 only, other pods can still reach it without TLS"
+        )
+    sidecar = sidecar_container(options, port)
     health = _readiness_path(containers[0])
     if health is not None:
         # The app's own readiness endpoint becomes the sidecar's: ready only when the app is.
@@ -183,10 +243,13 @@ def inject_pod_spec(
             f"drain {DRAIN_TIMEOUT_SECONDS}s)"
         )
     if options.native:
-        spec["initContainers"] = [sidecar, *(spec.get("initContainers") or [])]
+        if spec.get("initContainers"):
+            _block(spec["initContainers"]).insert(0, sidecar)
+        else:
+            spec["initContainers"] = [sidecar]
     else:
-        containers.append(sidecar)
-    volumes = spec.setdefault("volumes", [])
+        _block(containers).append(sidecar)
+    volumes = _block(spec.setdefault("volumes", []))
     names = {v.get("name") for v in volumes}
     if CERT_VOLUME not in names:
         # Readable by the sidecar's user without touching the pod's securityContext (no
@@ -200,7 +263,11 @@ def inject_pod_spec(
 
 
 def inject_object(
-    doc: dict[str, Any], options: InjectOptions, where: str, notes: list[str] | None = None
+    doc: dict[str, Any],
+    options: InjectOptions,
+    where: str,
+    notes: list[str] | None = None,
+    injected: list[Injected] | None = None,
 ) -> bool:
     kind = doc.get("kind")
     if kind == "List":
@@ -208,7 +275,7 @@ def inject_object(
         for index, item in enumerate(doc.get("items") or []):
             if not isinstance(item, dict) or "kind" not in item:
                 raise InjectError(f"{where}: item {index} is not a Kubernetes object")
-            changed |= inject_object(item, options, f"{where} item {index}", notes)
+            changed |= inject_object(item, options, f"{where} item {index}", notes, injected)
         return changed
     path = POD_SPEC_PATHS.get(str(kind))
     if path is None:
@@ -218,7 +285,52 @@ def inject_object(
         spec = spec.get(key) if isinstance(spec, dict) else None
     if not isinstance(spec, dict):
         raise InjectError(f"{_where(str(kind), doc)}: no pod spec at {'.'.join(path)}")
-    return inject_pod_spec(spec, options, _where(str(kind), doc), notes)
+    found: list[tuple[int, str | None]] = []
+    changed = inject_pod_spec(spec, options, _where(str(kind), doc), notes, found)
+    if changed and injected is not None:
+        template = doc if kind == "Pod" else _template(doc, path)
+        labels = dict(((template.get("metadata") or {}).get("labels")) or {})
+        namespace = (doc.get("metadata") or {}).get("namespace")
+        injected.append(Injected(_where(str(kind), doc), namespace, labels, *found[0]))
+    return changed
+
+
+def _template(doc: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
+    """The pod template holding the pod spec at `path` (its last key is `spec`)."""
+    node: Any = doc
+    for key in path[:-1]:
+        node = node.get(key) or {}
+    return dict(node) if isinstance(node, dict) else {}
+
+
+def rewire_service(doc: dict[str, Any], injected: list[Injected], notes: list[str]) -> bool:
+    """Point a Service that selects an injected workload's pods at the sidecar's `https`
+    port where it targeted the app's port; report what it leaves alone."""
+    spec = doc.get("spec") or {}
+    selector = spec.get("selector") or {}
+    namespace = (doc.get("metadata") or {}).get("namespace")
+    where = _where("Service", doc)
+    changed = False
+    for workload in injected:
+        if not selector or namespace != workload.namespace:
+            continue
+        if any(workload.labels.get(k) != v for k, v in selector.items()):
+            continue
+        for port in spec.get("ports") or []:
+            target = port.get("targetPort", port.get("port"))
+            if target in (workload.port, workload.port_name):
+                port["targetPort"] = "https"
+                changed = True
+                notes.append(
+                    f"{where}: port {port.get('port')} now goes to the sidecar (targetPort "
+                    f"https, TLS) instead of the app's plaintext {target}"
+                )
+            else:
+                notes.append(
+                    f"{where}: port {port.get('port')} (targetPort {target}) selects "
+                    f"{workload.where} but not the app's port {workload.port}: left alone"
+                )
+    return changed
 
 
 def split_documents(text: str) -> list[str]:
@@ -227,27 +339,70 @@ def split_documents(text: str) -> list[str]:
     return [p for i, p in enumerate(parts) if p.strip() or 0 < i < len(parts) - 1]
 
 
-def inject(text: str, options: InjectOptions, notes: list[str] | None = None) -> str:
-    """The injected YAML; what the user should know (a kept preStop, a raised grace period) is
-    appended to `notes`."""
-    import yaml  # noqa: PLC0415  (loaded by `inject` only, not by `serve`)
+def _mapping_indent(part: str) -> int:
+    """The document's mapping indentation: the first indented key under a top-level key."""
+    for line in part.splitlines():
+        stripped = line.lstrip(" ")
+        if stripped and stripped[0] not in "#-" and len(stripped) < len(line):
+            return len(line) - len(stripped)
+    return 2
 
-    out: list[str] = []
-    for number, part in enumerate(split_documents(text), start=1):
+
+def inject(text: str, options: InjectOptions, notes: list[str] | None = None) -> str:
+    """The injected YAML; what the user should know (Services rewired or left alone, a kept
+    preStop, a raised grace period, ports that bypass TLS) is appended to `notes`.
+
+    Round-trip YAML (ruamel.yaml): a changed document keeps its comments, key order, quoting
+    and indentation, so the diff is the sidecar and what it needs; others pass through as they
+    are."""
+    from ruamel.yaml import YAML  # noqa: PLC0415  (loaded by `inject` only, not by `serve`)
+    from ruamel.yaml.error import YAMLError  # noqa: PLC0415
+    from ruamel.yaml.util import load_yaml_guess_indent  # noqa: PLC0415
+
+    notes = notes if notes is not None else []
+    parts = split_documents(text)
+    docs: list[tuple[str, Any, int, int]] = []
+    for number, part in enumerate(parts, start=1):
         try:
-            doc = yaml.safe_load(part)
-        except yaml.YAMLError as e:
+            doc, _, offset = load_yaml_guess_indent(part)
+        except YAMLError as e:
             raise InjectError(f"document {number} is not valid YAML: {e}".splitlines()[0]) from None
-        if doc is None:
-            continue
-        if not isinstance(doc, dict) or "apiVersion" not in doc or "kind" not in doc:
+        if doc is not None and (
+            not isinstance(doc, dict) or "apiVersion" not in doc or "kind" not in doc
+        ):
             raise InjectError(
                 f"document {number} is not a Kubernetes object (no apiVersion/kind); "
                 "give manifests, e.g. kubectl get deploy web -o yaml | tls-sidecar inject"
             )
-        changed_doc = copy.deepcopy(doc)
-        if inject_object(changed_doc, options, f"document {number} ({doc['kind']})", notes):
-            out.append(yaml.safe_dump(changed_doc, sort_keys=False, default_flow_style=False))
-        else:
+        docs.append((part, doc, _mapping_indent(part), offset or 0))
+    injected: list[Injected] = []
+    changed: set[int] = set()
+    for index, (_, doc, _, _) in enumerate(docs):
+        if doc is not None and inject_object(
+            doc, options, f"document {index + 1} ({doc['kind']})", notes, injected
+        ):
+            changed.add(index)
+    if options.services and injected:
+        for index, (_, doc, _, _) in enumerate(docs):
+            if (
+                doc is not None
+                and doc.get("kind") == "Service"
+                and rewire_service(doc, injected, notes)
+            ):
+                changed.add(index)
+    out: list[str] = []
+    for index, (part, doc, indent, offset) in enumerate(docs):
+        if doc is None:
+            continue
+        if index not in changed:
             out.append(part.strip("\n") + "\n")
+            continue
+        yaml = YAML()
+        yaml.preserve_quotes = True
+        yaml.width = 4096
+        yaml.brace_single_entry_mapping_in_flow_sequence = True
+        yaml.indent(mapping=indent, sequence=offset + 2, offset=offset)
+        stream = io.StringIO()
+        yaml.dump(doc, stream)
+        out.append(stream.getvalue())
     return "---\n".join(out)

@@ -103,7 +103,7 @@ def test_the_lock_file_pins_every_dependency_of_pyproject_with_hashes() -> None:
     assert pins, "no pins in requirements.lock"
     for line in pyproject["project"]["dependencies"]:
         requirement = Requirement(line)
-        name = requirement.name.lower().replace("_", "-")
+        name = re.sub(r"[-_.]+", "-", requirement.name.lower())  # PEP 503
         assert name in pins, f"{name} is not in requirements.lock: run make lock"
         assert requirement.specifier.contains(pins[name]), (
             f"requirements.lock pins {name}=={pins[name]}, pyproject wants {requirement.specifier}: "
@@ -412,3 +412,46 @@ def test_the_dashboard_ships_as_a_file_and_as_a_sidecar_configmap(
     )
     assert configmap["metadata"]["labels"] == {"grafana_dashboard": "1"}
     assert configmap["data"]["tls-sidecar-dashboard.json"] == text
+
+
+def test_inject_rewires_services_reads_the_port_and_keeps_comments() -> None:
+    notes: list[str] = []
+    source = (GOLDEN / "input.yaml").read_text()
+    result = inject(source, InjectOptions(), notes)
+    plain = next(o for o in objects(result) if o["metadata"]["name"] == "shop-plain")
+    assert plain["spec"]["ports"] == [{"name": "web", "port": 80, "targetPort": "https"}]
+    assert any("Service/shop-plain: port 80 now goes to the sidecar" in n for n in notes)
+    assert any("Service/shop: port 443 (targetPort 8443)" in n and "left alone" in n for n in notes)
+    # Round trip: the changed documents keep their comments and flow style.
+    assert (
+        "readinessProbe: {httpGet: {path: /ready, port: 8080}}  # becomes the sidecar's health path"
+        in result
+    )
+    assert "app: shop   # the Deployment's pods" in result
+    assert "ports: [{containerPort: 8080}]" in result
+    untouched = inject(source, InjectOptions(services=False))
+    plain = next(o for o in objects(untouched) if o["metadata"]["name"] == "shop-plain")
+    assert plain["spec"]["ports"][0]["targetPort"] == 8080
+
+
+def test_inject_reads_the_app_port_or_asks_for_it() -> None:
+    def deployment(ports: str) -> str:
+        return (
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: two}\nspec:\n"
+            "  selector: {matchLabels: {app: two}}\n  template:\n"
+            "    metadata: {labels: {app: two}}\n    spec:\n"
+            f"      containers: [{{name: two, image: two, ports: {ports}}}]\n"
+        )
+
+    ambiguous = deployment(
+        "[{name: web, containerPort: 3000}, {name: metrics, containerPort: 9090}]"
+    )
+    with pytest.raises(InjectError, match=r"ports 3000 \(web\), 9090 \(metrics\).*--upstream-port"):
+        inject(ambiguous, InjectOptions())
+    assert "--upstream=http://127.0.0.1:9090" in inject(
+        ambiguous, InjectOptions(upstream_port=9090)
+    )
+    named = deployment("[{name: http, containerPort: 5000}, {name: metrics, containerPort: 9090}]")
+    assert "--upstream=http://127.0.0.1:5000" in inject(named, InjectOptions())
+    single = deployment("[{containerPort: 4000}]")
+    assert "--upstream=http://127.0.0.1:4000" in inject(single, InjectOptions())
