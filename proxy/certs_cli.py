@@ -138,6 +138,62 @@ def init_command(hosts: tuple[str, ...], out: Path, key_type: certs.KeyType) -> 
     click.echo(f"server certificate  {files.server_cert}  (key {files.server_key})")
     click.echo(f"client certificate  {files.client_cert}  (key {files.client_key})")
     click.echo(f"trust it with:      curl --cacert {files.ca_cert} https://localhost:8443/")
+    click.echo(f"or everywhere:      sudo tls-sidecar certs trust --dir {out}")
+
+
+def _trust(directory: Path, dry_run: bool, install: bool) -> None:
+    from .trust import TrustError, execute, plan  # noqa: PLC0415
+
+    ca = dev_files(directory).ca_cert
+    try:
+        steps = plan(ca, install=install)
+        for step in steps.steps:
+            click.echo(("would " if dry_run else "") + step.describe)
+        for note in steps.notes:
+            click.echo(f"note: {note}", err=True)
+        if not dry_run:
+            execute(steps)
+    except TrustError as e:
+        verb = "trust" if install else "untrust"
+        fix = (
+            f"; run: sudo tls-sidecar certs {verb} --dir {directory}"
+            if "needs root" in str(e)
+            else ""
+        )
+        raise click.ClickException(f"{e}{fix}") from None
+    if not dry_run:
+        click.echo(
+            f"{'trusted' if install else 'no longer trusted'}: {ca} "
+            "(browsers pick it up when they restart)"
+        )
+
+
+_DIR = click.option(
+    "--dir",
+    "directory",
+    default="certs",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="The folder of certs init (its ca.crt).",
+)
+_DRY = click.option("--dry-run", is_flag=True, help="Print what would change; change nothing.")
+
+
+@certs_group.command("trust", context_settings=CONTEXT)
+@_DIR
+@_DRY
+def trust_command(directory: Path, dry_run: bool) -> None:
+    """Trust the development CA in the system store and the browsers' (NSS) stores, as
+    mkcert -install does: curl and browsers then accept the demo without --cacert."""
+    _trust(directory, dry_run, install=True)
+
+
+@certs_group.command("untrust", context_settings=CONTEXT)
+@_DIR
+@_DRY
+def untrust_command(directory: Path, dry_run: bool) -> None:
+    """Remove the development CA from the stores `certs trust` added it to."""
+    _trust(directory, dry_run, install=False)
 
 
 @certs_group.command("issue", context_settings=CONTEXT)

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 
 from proxy import certs
 from tests.e2e.test_cli import assert_one_line_error, run_cli
+from tests.support.proxy import ProxyProcess, serve_args
+from tests.support.upstream import UpstreamApp
 
 
 def test_init_makes_a_ca_and_leaves_and_reuses_the_ca(tmp_path: Path) -> None:
@@ -112,3 +119,88 @@ def test_mtls_flags_are_checked_at_start(dev_certs: object) -> None:
     assert_one_line_error(run_cli(*serve, "--client-ca", ca), "--allow-all")
     assert_one_line_error(run_cli(*serve, "--allow-cn", "x"), "--client-ca")
     assert_one_line_error(run_cli(*serve, "--pkcs12-password-file", ca), "--pkcs12")
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0
+    or not shutil.which("update-ca-certificates")
+    or not shutil.which("certutil")
+    or not shutil.which("chromium")
+    or not shutil.which("curl"),
+    reason="needs root, update-ca-certificates, certutil (libnss3-tools), chromium and curl",
+)
+def test_certs_trust_makes_curl_and_chromium_accept_and_untrust_undoes_it(
+    tmp_path: Path,
+) -> None:
+    """After `certs trust`, plain curl (no --cacert) and headless Chromium (no certificate
+    flags) load a page from a proxy with the development certificate; after `certs untrust`,
+    both refuse it again."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = dict(os.environ, HOME=str(home))
+    cli = [sys.executable, "-m", "proxy", "certs"]
+    subprocess.run([*cli, "init", "--out", str(tmp_path / "certs")], check=True, env=env)
+    app = UpstreamApp().start()
+    certs_dir = tmp_path / "certs"
+    proxy = ProxyProcess(
+        serve_args(
+            app.base,
+            None,
+            "--cert",
+            str(certs_dir / "server.crt"),
+            "--key",
+            str(certs_dir / "server.key"),
+        )
+    ).start()
+
+    def curl() -> int:
+        return subprocess.run(
+            ["curl", "-sS", "-o", "/dev/null", f"https://localhost:{proxy.port}/echo/trusted"],
+            capture_output=True,
+            timeout=30,
+            env=env,
+        ).returncode
+
+    def chromium() -> str:
+        return subprocess.run(
+            [
+                "chromium",
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                f"--user-data-dir={tmp_path / 'profile'}",
+                "--host-resolver-rules=MAP localhost 127.0.0.1",
+                "--dump-dom",
+                f"https://localhost:{proxy.port}/echo/in-the-browser",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        ).stdout
+
+    try:
+        assert curl() == 60, "before: the development CA is not trusted"
+        trusted = subprocess.run(
+            [*cli, "trust", "--dir", str(tmp_path / "certs")],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        assert trusted.returncode == 0, trusted.stderr
+        try:
+            assert curl() == 0
+            assert "/echo/in-the-browser" in chromium()
+        finally:
+            untrusted = subprocess.run(
+                [*cli, "untrust", "--dir", str(tmp_path / "certs")],
+                capture_output=True,
+                text=True,
+                env=env,
+            )
+        assert untrusted.returncode == 0, untrusted.stderr
+        assert curl() == 60, "after untrust: refused again"
+        assert "/echo/in-the-browser" not in chromium()
+    finally:
+        proxy.stop()
+        app.stop()
