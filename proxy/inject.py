@@ -216,6 +216,16 @@ def inject_pod_spec(
             f"{where}: container {containers[0].get('name')} declares port {port}; unless the "
             "app listens on 127.0.0.1 only, other pods can still reach it without TLS"
         )
+    probes = [
+        kind
+        for kind in ("livenessProbe", "readinessProbe", "startupProbe")
+        if (containers[0].get(kind) or {}).get("httpGet") is not None
+    ]
+    if probes:
+        notes.append(
+            f"{where}: the app's {', '.join(probes)} still go to the app directly, in "
+            "plaintext (the kubelet's own traffic, inside the node: that is fine)"
+        )
     sidecar = sidecar_container(options, port)
     health = _readiness_path(containers[0])
     if health is not None:
