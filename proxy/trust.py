@@ -91,29 +91,13 @@ def plan(ca: Path, *, install: bool, home: Path | None = None) -> Plan:
         )
         result.steps.append(Step("run " + " ".join(argv), _command(argv), needs_root=True))
     elif shutil.which("update-ca-certificates") or DEBIAN_DIR.is_dir():
-        target = DEBIAN_DIR / f"tls-sidecar-{fingerprint}.crt"
         refresh = ["update-ca-certificates", *([] if install else ["--fresh"])]
-        if install:
-            result.steps.append(
-                Step(f"copy {ca} to {target}", lambda: _copy(ca, target), needs_root=True)
-            )
-        else:
-            result.steps.append(
-                Step(f"remove {target}", lambda: target.unlink(missing_ok=True), needs_root=True)
-            )
-        result.steps.append(Step("run " + " ".join(refresh), _command(refresh), needs_root=True))
+        result.steps += _anchor_steps(
+            ca, DEBIAN_DIR / f"tls-sidecar-{fingerprint}.crt", refresh, install
+        )
     elif shutil.which("update-ca-trust") or FEDORA_DIR.is_dir():
         target = FEDORA_DIR / f"tls-sidecar-{fingerprint}.pem"
-        if install:
-            result.steps.append(
-                Step(f"copy {ca} to {target}", lambda: _copy(ca, target), needs_root=True)
-            )
-        else:
-            result.steps.append(
-                Step(f"remove {target}", lambda: target.unlink(missing_ok=True), needs_root=True)
-            )
-        refresh = ["update-ca-trust", "extract"]
-        result.steps.append(Step("run " + " ".join(refresh), _command(refresh), needs_root=True))
+        result.steps += _anchor_steps(ca, target, ["update-ca-trust", "extract"], install)
     else:
         result.notes.append(
             "no system trust store this command knows (Debian/Ubuntu, Fedora/RHEL, macOS): "
@@ -140,6 +124,15 @@ def plan(ca: Path, *, install: bool, home: Path | None = None) -> Plan:
                     argv = _as_user([certutil, "-d", f"sql:{db}", "-D", "-n", name])
                 result.steps.append(Step("run " + " ".join(argv), _command(argv)))
     return result
+
+
+def _anchor_steps(ca: Path, target: Path, refresh: list[str], install: bool) -> list[Step]:
+    """A system store fed from a folder of anchors: the CA file in (or out), then a refresh."""
+    if install:
+        change = Step(f"copy {ca} to {target}", lambda: _copy(ca, target), needs_root=True)
+    else:
+        change = Step(f"remove {target}", lambda: target.unlink(missing_ok=True), needs_root=True)
+    return [change, Step("run " + " ".join(refresh), _command(refresh), needs_root=True)]
 
 
 def _copy(ca: Path, target: Path) -> None:

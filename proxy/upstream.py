@@ -7,8 +7,8 @@ import collections
 import contextlib
 import errno
 import logging
-from collections.abc import Callable
-from typing import Protocol, cast
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar, cast
 
 from .codec import ClientCodec, ResponseSink
 from .config import Config, Upstream
@@ -238,31 +238,7 @@ class UpstreamPool:
         loop = self.loop
         target = self.config.upstream
         limit = self.config.upstream_connect_timeout if timeout is None else timeout
-        try:
-            async with asyncio.timeout(limit):
-                if target.unix_path:
-                    _, up = await loop.create_unix_connection(
-                        lambda: UpstreamConnection(self), target.unix_path
-                    )
-                else:
-                    assert target.address is not None
-                    _, up = await loop.create_connection(
-                        lambda: UpstreamConnection(self),
-                        target.address.host,
-                        target.address.port,
-                    )
-        except TimeoutError:
-            self.metrics.upstream_connect_errors.labels("timeout").inc()
-            raise UpstreamConnectError(
-                "timeout", 504, f"upstream {target} did not accept within {limit:g}s"
-            ) from None
-        except OSError as e:
-            refused = e.errno in (errno.ECONNREFUSED, errno.ENOENT, errno.ECONNRESET)
-            reason = "refused" if refused else "error"
-            self.metrics.upstream_connect_errors.labels(reason).inc()
-            raise UpstreamConnectError(
-                reason, 502, f"upstream {target} {e.strerror or e}".rstrip()
-            ) from None
+        up = await open_to_app(loop, target, lambda: UpstreamConnection(self), limit, self.metrics)
         self._set_state(up, "busy")
         return up
 
@@ -324,6 +300,45 @@ class UpstreamPool:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+
+
+P = TypeVar("P", bound=asyncio.BaseProtocol)
+
+
+async def open_to_app(
+    loop: asyncio.AbstractEventLoop,
+    target: Upstream,
+    factory: Callable[[], P],
+    limit: float,
+    metrics: Metrics,
+    then: Callable[[P], Awaitable[None]] | None = None,
+) -> P:
+    """A connection to the app (TCP or unix socket) within `limit`, `then` awaited in the same
+    time; an UpstreamConnectError (counted by reason) when it cannot be had."""
+    try:
+        async with asyncio.timeout(limit):
+            if target.unix_path:
+                _, protocol = await loop.create_unix_connection(factory, target.unix_path)
+            else:
+                assert target.address is not None
+                _, protocol = await loop.create_connection(
+                    factory, target.address.host, target.address.port
+                )
+            if then is not None:
+                await then(protocol)
+    except TimeoutError:
+        metrics.upstream_connect_errors.labels("timeout").inc()
+        raise UpstreamConnectError(
+            "timeout", 504, f"upstream {target} did not accept within {limit:g}s"
+        ) from None
+    except OSError as e:
+        refused = e.errno in (errno.ECONNREFUSED, errno.ENOENT, errno.ECONNRESET)
+        reason = "refused" if refused else "error"
+        metrics.upstream_connect_errors.labels(reason).inc()
+        raise UpstreamConnectError(
+            reason, 502, f"upstream {target} {e.strerror or e}".rstrip()
+        ) from None
+    return protocol
 
 
 async def probe_upstream(

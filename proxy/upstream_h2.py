@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 from collections.abc import Callable
 from typing import Any, cast
@@ -27,7 +26,7 @@ from .codec import ClientCodec, ResponseSink
 from .config import Config
 from .headers import Headers
 from .metrics import Metrics
-from .upstream import UpstreamConnectError, UpstreamLink, UpstreamOwner
+from .upstream import UpstreamLink, UpstreamOwner, open_to_app
 
 log = logging.getLogger("tls_sidecar.upstream")
 
@@ -569,38 +568,23 @@ class H2UpstreamPool:
                 return stream
 
     async def _open(self, timeout: float | None) -> H2UpstreamConnection:
-        target = self.config.upstream
         limit = self.config.upstream_connect_timeout if timeout is None else timeout
-        try:
-            async with asyncio.timeout(limit):
-                if target.unix_path:
-                    _, conn = await self.loop.create_unix_connection(
-                        lambda: H2UpstreamConnection(self), target.unix_path
-                    )
-                else:
-                    assert target.address is not None
-                    _, conn = await self.loop.create_connection(
-                        lambda: H2UpstreamConnection(self),
-                        target.address.host,
-                        target.address.port,
-                    )
-                try:
-                    await conn.settled
-                except BaseException:
-                    conn.close()
-                    raise
-        except TimeoutError:
-            self.metrics.upstream_connect_errors.labels("timeout").inc()
-            raise UpstreamConnectError(
-                "timeout", 504, f"upstream {target} did not accept within {limit:g}s"
-            ) from None
-        except OSError as e:
-            refused = e.errno in (errno.ECONNREFUSED, errno.ENOENT, errno.ECONNRESET)
-            reason = "refused" if refused else "error"
-            self.metrics.upstream_connect_errors.labels(reason).inc()
-            raise UpstreamConnectError(
-                reason, 502, f"upstream {target} {e.strerror or e}".rstrip()
-            ) from None
+
+        async def settle(conn: H2UpstreamConnection) -> None:
+            try:
+                await conn.settled
+            except BaseException:
+                conn.close()
+                raise
+
+        conn = await open_to_app(
+            self.loop,
+            self.config.upstream,
+            lambda: H2UpstreamConnection(self),
+            limit,
+            self.metrics,
+            settle,
+        )
         self.connections.append(conn)
         self.counts["idle"] += 1
         conn.idle_since = self.loop.time()

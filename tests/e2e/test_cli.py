@@ -214,10 +214,8 @@ def test_without_certificate_a_self_signed_one_is_served_with_a_warning() -> Non
         app.stop()
 
 
-@pytest.mark.skipif(
-    shutil.which("curl") is None, reason="curl is not installed (apt-get install curl)"
-)
-def test_demo_serves_the_echo_app_to_curl(tmp_path: Path) -> None:
+def start_demo(tmp_path: Path) -> tuple[ProxyProcess, str]:
+    """`tls-sidecar demo` on ephemeral ports; its `try:` hint line once it serves."""
     demo = ProxyProcess(
         [
             "demo",
@@ -231,12 +229,20 @@ def test_demo_serves_the_echo_app_to_curl(tmp_path: Path) -> None:
             str(tmp_path / "certs"),
         ]
     ).start(expect_ready=False)
+    line = wait_for(
+        lambda: next((s for s in demo.stderr_lines if "try:" in s), None),
+        30,
+        "the demo's curl hint",
+    )
+    return demo, str(line)
+
+
+@pytest.mark.skipif(
+    shutil.which("curl") is None, reason="curl is not installed (apt-get install curl)"
+)
+def test_demo_serves_the_echo_app_to_curl(tmp_path: Path) -> None:
+    demo, line = start_demo(tmp_path)
     try:
-        line = wait_for(
-            lambda: next((s for s in demo.stderr_lines if "try:" in s), None),
-            30,
-            "the demo's curl hint",
-        )
         match = re.search(r"curl --cacert (\S+) (https://localhost:(\d+)/hello)", line)
         assert match, line
         result = subprocess.run(
@@ -391,25 +397,8 @@ def test_serve_without_mutual_tls_never_loads_cryptography(dev_certs: DevCerts) 
 )
 def test_a_real_browser_loads_the_demo_over_http2(tmp_path: Path) -> None:
     """Headless Chromium, trusting only the demo certificate's key, gets the page over h2."""
-    demo = ProxyProcess(
-        [
-            "demo",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--app-listen",
-            "127.0.0.1:0",
-            "--certs-dir",
-            str(tmp_path / "certs"),
-        ]
-    ).start(expect_ready=False)
+    demo, line = start_demo(tmp_path)
     try:
-        line = wait_for(
-            lambda: next((s for s in demo.stderr_lines if "try:" in s), None),
-            30,
-            "the demo's curl hint",
-        )
         match = re.search(r"https://localhost:(\d+)/hello", line)
         assert match, line
         leaf = x509.load_pem_x509_certificate((tmp_path / "certs" / "server.crt").read_bytes())
