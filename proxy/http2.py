@@ -26,7 +26,7 @@ from h2.frame_buffer import FrameBuffer
 from hyperframe.frame import ContinuationFrame, Frame, GoAwayFrame, HeadersFrame
 
 from .downstream import ClientConnection, PhaseTimer
-from .exchange import Exchange, Session
+from .exchange import Exchange, Session, local_body, local_headers
 from .headers import Headers
 from .request import BadRequest, read_h2_head, read_h2_trailers
 from .upstream import UpstreamConnection
@@ -502,8 +502,6 @@ class H2Stream(PhaseTimer):
 
     def refuse(self, error: BadRequest) -> None:
         """A request refused before it had an exchange (431 for an oversized head)."""
-        from .exchange import local_body, local_headers  # noqa: PLC0415
-
         self.send_local(error.status, local_headers(None), local_body(error.status, str(error)))
 
     # --- Downstream -------------------------------------------------------------------------------

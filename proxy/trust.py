@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+
+from .certs import fingerprint
 
 DEBIAN_DIR = Path("/usr/local/share/ca-certificates")
 FEDORA_DIR = Path("/etc/pki/ca-trust/source/anchors")
@@ -42,8 +43,7 @@ class Plan:
 
 
 def _fingerprint(ca: Path) -> str:
-    cert = x509.load_pem_x509_certificate(ca.read_bytes())
-    return cert.fingerprint(hashes.SHA256()).hex()[:16]
+    return fingerprint(x509.load_pem_x509_certificate(ca.read_bytes()))[:16]
 
 
 def _as_user(argv: list[str]) -> list[str]:
