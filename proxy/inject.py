@@ -223,7 +223,7 @@ def inject_pod_spec(
     ]
     if probes:
         notes.append(
-            f"{where}: the app's {', '.join(probes)} still go to the app directly, in "
+            f"{where}: the app's own {', '.join(probes)}: still sent to the app directly, in "
             "plaintext (the kubelet's own traffic, inside the node: that is fine)"
         )
     sidecar = sidecar_container(options, port)
