@@ -103,10 +103,11 @@ def s5_h2_memory(bench: Bench, target: Target, budget: Budget) -> dict[str, Any]
     }
 
 
-def s7_h2_multiplexed(bench: Bench, target: Target, budget: Budget) -> dict[str, Any]:
+def _multiplexed(bench: Bench, url: str, budget: Budget, *extra: str) -> dict[str, Any]:
+    """HTTP/2 load: 10 connections x 10 streams for the budget's seconds."""
     return _row(
         bench.h2load(
-            f"{target.url}/small",
+            url,
             "-c",
             "10",
             "-m",
@@ -115,31 +116,27 @@ def s7_h2_multiplexed(bench: Bench, target: Target, budget: Budget) -> dict[str,
             str(budget.seconds),
             "--warm-up-time",
             "1",
+            *extra,
             h1=False,
         )
     )
 
 
+def s7_h2_multiplexed(bench: Bench, target: Target, budget: Budget) -> dict[str, Any]:
+    return _multiplexed(bench, f"{target.url}/small", budget)
+
+
 def s8_grpc_unary(bench: Bench, target: Target, budget: Budget) -> dict[str, Any]:
-    return _row(
-        bench.h2load(
-            f"{target.url}/bench.Echo/Unary",
-            "-c",
-            "10",
-            "-m",
-            "10",
-            "-D",
-            str(budget.seconds),
-            "--warm-up-time",
-            "1",
-            "-d",
-            str(bench.grpc_message),
-            "-H",
-            "content-type: application/grpc",
-            "-H",
-            "te: trailers",
-            h1=False,
-        )
+    return _multiplexed(
+        bench,
+        f"{target.url}/bench.Echo/Unary",
+        budget,
+        "-d",
+        str(bench.grpc_message),
+        "-H",
+        "content-type: application/grpc",
+        "-H",
+        "te: trailers",
     )
 
 

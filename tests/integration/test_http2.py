@@ -32,24 +32,19 @@ def url(proxy: ProxyProcess, path: str = "/") -> str:
     return f"https://localhost:{proxy.port}{path}"
 
 
-def test_curl_speaks_http2(proxy: ProxyProcess, ca: Path) -> None:
-    out = subprocess.run(
-        [
-            "curl",
-            "-sS",
-            "--http2",
-            "--cacert",
-            str(ca),
-            "-w",
-            "\n%{http_version}",
-            url(proxy, "/echo"),
-        ],
+def curl_http2(ca: Path, target: str, *extra: str) -> str:
+    """curl offering HTTP/2; its output ends with the HTTP version it used."""
+    return subprocess.run(
+        ["curl", "-sS", "--http2", "--cacert", str(ca), *extra, "-w", "\n%{http_version}", target],
         capture_output=True,
         text=True,
         timeout=30,
         check=True,
     ).stdout
-    body, version = out.rsplit("\n", 1)
+
+
+def test_curl_speaks_http2(proxy: ProxyProcess, ca: Path) -> None:
+    body, version = curl_http2(ca, url(proxy, "/echo")).rsplit("\n", 1)
     assert version == "2"
     assert json.loads(body)["path"] == "/echo"
 
@@ -58,25 +53,7 @@ def test_http2_off_offers_only_http11(
     start_proxy: ProxyFactory, upstream: UpstreamApp, ca: Path
 ) -> None:
     plain = start_proxy(upstream.base, "--no-http2")
-    out = subprocess.run(
-        [
-            "curl",
-            "-sS",
-            "--http2",
-            "--cacert",
-            str(ca),
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_version}",
-            url(plain),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    ).stdout
-    assert out == "1.1"
+    assert curl_http2(ca, url(plain), "-o", "/dev/null").strip() == "1.1"
 
 
 def test_httpx_bodies_both_ways(proxy: ProxyProcess, ca: Path) -> None:
