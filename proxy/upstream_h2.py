@@ -453,7 +453,6 @@ class H2UpstreamConnection(asyncio.Protocol):
             for stream in list(self.streams.values()):
                 if stream.waiting:
                     stream.window_opened()
-        self.pool.room_changed()
 
     def _on_goaway(self, event: h2.events.ConnectionTerminated) -> None:
         """The app is going away: streams above its last id were not processed (retryable)."""
@@ -514,7 +513,6 @@ class H2UpstreamPool:
         config: Config,
         metrics: Metrics,
         loop: asyncio.AbstractEventLoop,
-        codec_class: Callable[[], ClientCodec] | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics
@@ -540,9 +538,6 @@ class H2UpstreamPool:
             self._sweeper = self.loop.call_later(
                 self.config.upstream_idle_timeout / 2 + 0.05, self._sweep
             )
-
-    def room_changed(self) -> None:
-        """The app changed its stream limit: nothing to do now; take_idle reads it."""
 
     def take_idle(self) -> UpstreamLink | None:
         for conn in reversed(self.connections):
