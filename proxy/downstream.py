@@ -315,6 +315,9 @@ class _HandshakeReader(asyncio.BufferedProtocol):
     def start(self) -> None:
         """The TLS layer has started: hand it what came early, then an early EOF or close."""
         early, self.early = self.early, None
+        # uvloop keeps this reader's bound methods after the TLS layer is put back: drop the
+        # 16 KiB buffer here, or it lives as long as the connection (S5: 53.5 -> 33.8 KiB).
+        self._buffer = None
         if early:
             buffer = self.inner.get_buffer(len(early))
             buffer[: len(early)] = early
