@@ -67,11 +67,12 @@ def s4_fixed_rate(bench: Bench, target: Target, budget: Budget) -> dict[str, Any
     return _row(bench.h2load(f"{target.url}/small", "-c", "10", "--rps", "100", "-D", str(seconds)))
 
 
-def s5_memory(bench: Bench, target: Target, budget: Budget) -> dict[str, Any]:
+def _memory(bench: Bench, target: Target, budget: Budget, *, h2: bool) -> dict[str, Any]:
+    """RSS at rest, then with the budget's idle keep-alive connections (HTTP/2 with h2)."""
     assert target.pid is not None
-    bench.h2load(f"{target.url}/small", "-c", "4", "-n", "200")  # warm: lazy imports, pools
+    bench.h2load(f"{target.url}/small", "-c", "4", "-n", "200", h1=not h2)  # warm: lazy imports
     at_rest = rss_kib(target.pid)
-    with bench.idle_tls_connections(target, budget.s5_connections) as opened:
+    with bench.idle_tls_connections(target, budget.s5_connections, h2=h2) as opened:
         deadline = time.monotonic() + 2
         loaded = rss_kib(target.pid)
         while time.monotonic() < deadline:  # let the server finish settling its buffers
@@ -85,22 +86,12 @@ def s5_memory(bench: Bench, target: Target, budget: Budget) -> dict[str, Any]:
     }
 
 
+def s5_memory(bench: Bench, target: Target, budget: Budget) -> dict[str, Any]:
+    return _memory(bench, target, budget, h2=False)
+
+
 def s5_h2_memory(bench: Bench, target: Target, budget: Budget) -> dict[str, Any]:
-    assert target.pid is not None
-    bench.h2load(f"{target.url}/small", "-c", "4", "-n", "200", h1=False)  # warm
-    at_rest = rss_kib(target.pid)
-    with bench.idle_tls_connections(target, budget.s5_connections, h2=True) as opened:
-        deadline = time.monotonic() + 2
-        loaded = rss_kib(target.pid)
-        while time.monotonic() < deadline:
-            time.sleep(0.1)
-            loaded = max(loaded, rss_kib(target.pid))
-    return {
-        "rss_at_rest_mib": round(at_rest / 1024, 1),
-        "rss_loaded_mib": round(loaded / 1024, 1),
-        "connections": opened,
-        "kib_per_connection": round((loaded - at_rest) / max(opened, 1), 1),
-    }
+    return _memory(bench, target, budget, h2=True)
 
 
 def _multiplexed(bench: Bench, url: str, budget: Budget, *extra: str) -> dict[str, Any]:
