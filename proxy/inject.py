@@ -350,12 +350,28 @@ def split_documents(text: str) -> list[str]:
 
 
 def _mapping_indent(part: str) -> int:
-    """The document's mapping indentation: the first indented key under a top-level key."""
+    """The document's mapping indentation: how much deeper than a key alone on its line the
+    first key of the mapping under it starts (a sequence under a key does not tell)."""
+    parent: int | None = None
     for line in part.splitlines():
         stripped = line.lstrip(" ")
-        if stripped and stripped[0] not in "#-" and len(stripped) < len(line):
-            return len(line) - len(stripped)
+        if not stripped or stripped[0] == "#":
+            continue
+        depth = len(line) - len(stripped)
+        if parent is not None and depth > parent and stripped[0] != "-":
+            return depth - parent
+        key_alone = stripped.split(" #", 1)[0].rstrip().endswith(":")
+        parent = depth + (2 if stripped.startswith("- ") else 0) if key_alone else None
     return 2
+
+
+def _round_trip(yaml: Any) -> Any:
+    """ruamel.yaml set to give back what it read: quotes (kept at load time), long lines and
+    flow mappings as they were."""
+    yaml.preserve_quotes = True
+    yaml.width = 4096
+    yaml.brace_single_entry_mapping_in_flow_sequence = True
+    return yaml
 
 
 def inject(text: str, options: InjectOptions, notes: list[str] | None = None) -> str:
@@ -374,7 +390,7 @@ def inject(text: str, options: InjectOptions, notes: list[str] | None = None) ->
     docs: list[tuple[str, Any, int, int]] = []
     for number, part in enumerate(parts, start=1):
         try:
-            doc, _, offset = load_yaml_guess_indent(part)
+            doc, _, offset = load_yaml_guess_indent(part, yaml=_round_trip(YAML()))
         except YAMLError as e:
             raise InjectError(f"document {number} is not valid YAML: {e}".splitlines()[0]) from None
         if doc is not None and (
@@ -407,10 +423,7 @@ def inject(text: str, options: InjectOptions, notes: list[str] | None = None) ->
         if index not in changed:
             out.append(part.strip("\n") + "\n")
             continue
-        yaml = YAML()
-        yaml.preserve_quotes = True
-        yaml.width = 4096
-        yaml.brace_single_entry_mapping_in_flow_sequence = True
+        yaml = _round_trip(YAML())
         yaml.indent(mapping=indent, sequence=offset + 2, offset=offset)
         stream = io.StringIO()
         yaml.dump(doc, stream)

@@ -3,6 +3,7 @@ schemas for 1.29 and the newest version), and `tls-sidecar inject` against golde
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 import shutil
@@ -222,6 +223,12 @@ def test_inject_matches_golden_validates_and_is_idempotent(
     source = (GOLDEN / "input.yaml").read_text()
     result = inject(source, options)
     assert result == (GOLDEN / golden).read_text(), f"regenerate {golden} if the change is intended"
+    # The diff is the sidecar: a line of the input goes only where inject had to change it
+    # (a flow list of containers that gains one, a Service port that now targets https).
+    removed = [
+        d[2:] for d in difflib.ndiff(source.splitlines(), result.splitlines()) if d[0] == "-"
+    ]
+    assert removed and all(re.search(r"(?i)containers: \[|targetPort", line) for line in removed)
     assert inject(result, options) == result, "a second run changes nothing"
     found = objects(result)
     assert sum(1 for o in found if "tls-sidecar" in yaml.safe_dump(o)) == 7
@@ -432,6 +439,54 @@ def test_inject_rewires_services_reads_the_port_and_keeps_comments() -> None:
     untouched = inject(source, InjectOptions(services=False))
     plain = next(o for o in objects(untouched) if o["metadata"]["name"] == "shop-plain")
     assert plain["spec"]["ports"][0]["targetPort"] == 8080
+
+
+_COMMENTED = """\
+# The shop's web front end. Owned by team-web.
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: shop   # keep in sync with the Service
+  annotations: {owner: 'team-web', "tier": front}
+spec:
+  replicas: 2
+  selector:
+    matchLabels: {app: shop}
+  template:
+    metadata:
+      labels: {app: shop}
+    spec:
+      containers:
+        - name: web
+          image: "ghcr.io/example/shop:1.4.2"
+          env:
+            - {name: GREETING, value: 'hello, world'}
+          ports:
+            - name: http
+              containerPort: 3000
+---
+# Public entry point.
+apiVersion: v1
+kind: Service
+metadata:
+  name: shop
+spec:
+  selector: {app: shop}
+  ports:
+    - name: web
+      port: 80
+      targetPort: 3000
+"""
+
+
+def test_inject_diff_is_only_the_sidecar_quotes_and_comments_kept() -> None:
+    """What a reviewer sees in a GitOps diff: every line of the input is still there, byte for
+    byte (comments, quotes of both kinds, flow style), but the Service's rewired targetPort."""
+    result = inject(_COMMENTED, InjectOptions())
+    diff = difflib.ndiff(_COMMENTED.splitlines(), result.splitlines())
+    removed = [line[2:] for line in diff if line.startswith("- ")]
+    assert removed == ["      targetPort: 3000"]
+    assert "      targetPort: https" in result
 
 
 def test_inject_reads_the_app_port_or_asks_for_it() -> None:
