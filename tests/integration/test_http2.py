@@ -8,6 +8,7 @@ import hashlib
 import json
 import shutil
 import signal
+import ssl
 import subprocess
 from pathlib import Path
 
@@ -58,7 +59,9 @@ def test_http2_off_offers_only_http11(
 
 def test_httpx_bodies_both_ways(proxy: ProxyProcess, ca: Path) -> None:
     body = pattern(3 * 1024 * 1024 + 17)
-    with httpx.Client(http2=True, verify=str(ca), timeout=30) as client:
+    with httpx.Client(
+        http2=True, verify=ssl.create_default_context(cafile=ca), timeout=30
+    ) as client:
         r = client.post(url(proxy, "/echo"), content=body)
         assert r.http_version == "HTTP/2"
         doc = r.json()
