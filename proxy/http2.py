@@ -27,6 +27,7 @@ from hyperframe.frame import ContinuationFrame, Frame, GoAwayFrame, HeadersFrame
 
 from .downstream import ClientConnection, PhaseTimer
 from .exchange import Exchange, Session, local_body, local_headers
+from .h2conn import H2Connection
 from .headers import Headers
 from .request import BadRequest, read_h2_head, read_h2_trailers
 from .upstream import UpstreamConnection
@@ -118,7 +119,7 @@ class Http2Connection(ClientConnection):
     def __init__(self, ctx: ProxyContext) -> None:
         super().__init__(ctx)
         config = ctx.config
-        conn = h2.connection.H2Connection(config=_SERVER_CONFIG)
+        conn = H2Connection(config=_SERVER_CONFIG)
         # The HPACK decoder stops a header list over the limit while decoding (HPACK bombs);
         # h2 would apply the setting only once the client acknowledged it.
         conn.decoder.max_header_list_size = config.max_header_bytes
@@ -130,6 +131,7 @@ class Http2Connection(ClientConnection):
         self._flush_soon = False
         self.going_away = False  # a GOAWAY went out (or came in): no new streams
         self._final_sent = False
+        self._client_left = False  # the client said GOAWAY, with streams still under way
         now = self.loop.time()
         self._control = Budget(CONTROL_BURST, CONTROL_RATE, now)
         streams = config.max_concurrent_streams
@@ -356,8 +358,16 @@ class Http2Connection(ClientConnection):
             self._final_goaway()  # a round trip after the first GOAWAY: no stream is in flight
 
     def _on_goaway(self, event: h2.events.ConnectionTerminated) -> None:
-        """The client is going away. h2 sends nothing after a GOAWAY it received, so streams
-        still open are ended here (clients say GOAWAY when they have none)."""
+        """The client is going away: it opens no new stream. With NO_ERROR the streams under
+        way are still answered (RFC 9113 §6.8; a client may say GOAWAY right after a response's
+        head and read its body on), and the last of them closes the connection with our
+        GOAWAY; with an error code they end now."""
+        if event.error_code == ErrorCodes.NO_ERROR and not self.closed:
+            # Our GOAWAY goes last: a client on h2 itself would stop reading at it.
+            self.going_away = self._final_sent = self._client_left = True
+            if not self.streams:
+                self.stream_done(None)
+            return
         self.going_away = self._final_sent = True
         self.closed = True
         for stream in list(self.streams.values()):
@@ -390,12 +400,14 @@ class Http2Connection(ClientConnection):
         self.flush_now()
         super().close()
 
-    def stream_done(self, stream: H2Stream) -> None:
-        if self.streams.pop(stream.sid, None) is None:
+    def stream_done(self, stream: H2Stream | None) -> None:
+        if stream is not None and self.streams.pop(stream.sid, None) is None:
             return
         if self.streams or self.closed:
             return
         if self._final_sent:
+            if self._client_left:
+                self._goaway(self.h2.highest_inbound_stream_id)
             self.close()
         elif not self.going_away and not self.closed:
             self.arm("idle", self.ctx.config.idle_timeout)

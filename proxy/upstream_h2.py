@@ -24,6 +24,7 @@ from h2.errors import ErrorCodes
 
 from .codec import ClientCodec, ResponseSink
 from .config import Config
+from .h2conn import H2Connection
 from .headers import Headers
 from .metrics import Metrics
 from .upstream import UpstreamLink, UpstreamOwner, open_to_app
@@ -241,7 +242,7 @@ class H2UpstreamConnection(asyncio.Protocol):
 
     def __init__(self, pool: H2UpstreamPool) -> None:
         self.pool = pool
-        conn = h2.connection.H2Connection(config=_CLIENT_CONFIG)
+        conn = H2Connection(config=_CLIENT_CONFIG)
         conn.local_settings = h2.settings.Settings(
             client=True,
             initial_values={
@@ -455,10 +456,14 @@ class H2UpstreamConnection(asyncio.Protocol):
                     stream.window_opened()
 
     def _on_goaway(self, event: h2.events.ConnectionTerminated) -> None:
-        """The app is going away: streams above its last id were not processed (retryable)."""
+        """The app is going away: no new stream goes on this connection, and streams above its
+        last stream id were not processed (retryable). With NO_ERROR the others are still
+        answered (an app stopping with a grace period), so they stay, and the connection
+        closes with the last of them; with an error code they are lost too."""
         self.going_away = True
         last = event.last_stream_id if event.last_stream_id is not None else 0
-        self._lose_all(ConnectionResetError("the app sent GOAWAY"), above=last)
+        graceful = event.error_code == ErrorCodes.NO_ERROR
+        self._lose_all(ConnectionResetError("the app sent GOAWAY"), above=last if graceful else 0)
         if not self.streams:
             self.close()
 

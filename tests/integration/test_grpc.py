@@ -28,8 +28,9 @@ BIG = [("grpc.max_receive_message_length", 8 * MiB), ("grpc.max_send_message_len
 class EchoApp:
     """The gRPC app: `test.Echo` with one method per call kind, and the health service."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.cancelled = threading.Event()
+        self.calls = 0  # Unary and Slow calls taken
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=BIG)
         handlers = {
             "Unary": grpc.unary_unary_rpc_method_handler(self.unary),
@@ -46,14 +47,19 @@ class EchoApp:
         self.health = health.HealthServicer()
         self.health.set("test.Echo", health_pb2.HealthCheckResponse.SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.port = self.server.add_insecure_port(f"127.0.0.1:{port}")
         self.server.start()
 
+    def server_calls(self) -> int:
+        return self.calls
+
     def unary(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        self.calls += 1
         context.set_trailing_metadata((("x-app-trailer", "seen"),))
         return request
 
     def slow(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        self.calls += 1
         context.add_callback(self.cancelled.set)
         seconds = float(request.decode())
         deadline = time.monotonic() + seconds
@@ -247,6 +253,29 @@ def test_the_app_down_is_unavailable(proxies: list[ProxyProcess], dev_certs: Dev
         "upstream_refused",
     )
     assert down.metric("tls_sidecar_grpc_responses_total", 'grpc_status="14"') == 1
+
+
+def test_calls_in_flight_finish_when_the_app_stops_gracefully(
+    proxies: list[ProxyProcess], dev_certs: DevCerts
+) -> None:
+    """An app that stops with a grace period (a rollout) says GOAWAY and finishes the calls it
+    took (RFC 9113 §6.8): they reach the client whole, and the next call gets a new
+    connection to a new app."""
+    first = EchoApp()
+    proxy = start(proxies, f"h2c://127.0.0.1:{first.port}", dev_certs)
+    with channel(proxy, dev_certs.ca) as ch:
+        assert ch.unary_unary("/test.Echo/Unary")(b"warm", timeout=10) == b"warm"
+        slow = ch.unary_unary("/test.Echo/Slow").future(b"1.5", timeout=20)
+        wait_for(lambda: first.server_calls() >= 2, what="the slow call at the app")
+        stopped = first.server.stop(grace=10)
+        assert slow.result() == b"slow done"
+        assert stopped.wait(10)
+        second = EchoApp(first.port)  # the new version, on the same port
+        try:
+            assert ch.unary_unary("/test.Echo/Unary")(b"again", timeout=10) == b"again"
+            assert second.server_calls() == 1
+        finally:
+            second.stop()
 
 
 def test_a_body_over_the_limit_is_resource_exhausted(

@@ -204,6 +204,26 @@ def test_response_flow_control_respects_a_small_client_window(
     assert bytes(response.body) == pattern(300000)
 
 
+def test_a_client_goaway_lets_the_streams_under_way_finish(proxy: ProxyProcess, ca: Path) -> None:
+    """A client saying GOAWAY (NO_ERROR) right after a response's head, as the AWS SDK's
+    HTTP/2 handler does, still gets the whole body (RFC 9113 §6.8); a stream it opens after
+    its GOAWAY is refused; then the proxy says GOAWAY too and closes."""
+    client = H2Client(proxy.port, ca, settings={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1024})
+    sid = client.request(b"/bytes/300000")
+    assert client.pump(lambda: client.responses[sid].status == 200)
+    goaway = GoAwayFrame(0)
+    goaway.last_stream_id = 0
+    goaway.error_code = h2.errors.ErrorCodes.NO_ERROR
+    client.send_frames([goaway])  # past the client's own h2, which would stop reading
+    late = client.request(b"/echo/late")
+    response = client.response(sid, timeout=30)
+    assert bytes(response.body) == pattern(300000) and response.ended
+    assert client.response(late).reset == h2.errors.ErrorCodes.REFUSED_STREAM
+    assert client.pump(lambda: client.closed, 10), "the proxy kept the connection open"
+    assert client.wait_goaway(1).error_code == h2.errors.ErrorCodes.NO_ERROR
+    client.close()
+
+
 def test_h2load_multiplexed(proxy: ProxyProcess, ca: Path) -> None:
     if shutil.which("h2load") is None:
         pytest.fail("h2load is missing: apt-get install -y nghttp2-client")

@@ -1,0 +1,36 @@
+"""h2's connection, kept open by a GOAWAY: for both HTTP/2 sides of the proxy.
+
+RFC 9113 §6.8: a GOAWAY stops new streams, while the streams at or below its last stream id
+may still complete. A client may say GOAWAY right after a response's head and still read its
+body (the AWS SDK's HTTP/2 handler does), and an app stopping with a grace period (a rollout)
+says GOAWAY and answers the calls it took. h2 instead closes its state machine on any GOAWAY
+it receives, refusing every frame after it (even in the same read), and drops the frames it
+had queued (python-hyper/h2#1181, open since 2019). Here the connection stays open: whoever
+gets the ConnectionTerminated event opens no new stream, refuses the peer's, and closes the
+connection when its streams are done (at once for an error code).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import h2.connection
+from h2.connection import ConnectionInputs, ConnectionState
+
+_OPEN = (ConnectionState.CLIENT_OPEN, ConnectionState.SERVER_OPEN)
+
+
+class _StaysOpen(h2.connection.H2ConnectionStateMachine):
+    def process_input(self, input_: ConnectionInputs) -> list[Any]:
+        if input_ is ConnectionInputs.RECV_GOAWAY and self.state in _OPEN:
+            return []
+        return super().process_input(input_)
+
+
+class H2Connection(h2.connection.H2Connection):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.state_machine = _StaysOpen()
+
+    def clear_outbound_data_buffer(self) -> None:
+        """Frames queued before the peer's GOAWAY still go out: they answer streams it keeps."""
