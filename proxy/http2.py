@@ -77,15 +77,23 @@ class CalmDown(h2.exceptions.DenialOfServiceError):
 
 class HeaderBlockBudget(FrameBuffer):
     """h2 joins up to 64 CONTINUATION frames of any size into one header block; here a block is
-    bounded in total by --max-header-bytes as it arrives (CVE-2024-27316)."""
+    bounded in total by --max-header-bytes as it arrives (CVE-2024-27316). A HEADERS frame on a
+    stream id already used and closed is a connection error PROTOCOL_ERROR (RFC 9113 §5.1.1),
+    where h2 would say STREAM_CLOSED, or only reset the stream if it had been reset."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, conn: h2.connection.H2Connection, limit: int) -> None:
         super().__init__(server=True)
+        self.conn = conn
         self.limit = limit
         self._block = 0
 
     def _update_header_buffer(self, f: Frame | None) -> Frame | None:
         if isinstance(f, HeadersFrame):
+            sid = f.stream_id
+            if sid <= self.conn.highest_inbound_stream_id:
+                stream = self.conn.streams.get(sid)
+                if stream is None or stream.closed:
+                    raise h2.exceptions.ProtocolError(f"stream id {sid} used again")
             self._block = len(f.data)
         elif isinstance(f, ContinuationFrame):
             self._block += len(f.data)
@@ -123,7 +131,7 @@ class Http2Connection(ClientConnection):
         # The HPACK decoder stops a header list over the limit while decoding (HPACK bombs);
         # h2 would apply the setting only once the client acknowledged it.
         conn.decoder.max_header_list_size = config.max_header_bytes
-        conn.incoming_buffer = HeaderBlockBudget(config.max_header_bytes)
+        conn.incoming_buffer = HeaderBlockBudget(conn, config.max_header_bytes)
         self.h2 = conn
         self.streams: dict[int, H2Stream] = {}
         self.buffered = 0  # response bytes waiting for the client's window, all streams
@@ -239,6 +247,7 @@ class Http2Connection(ClientConnection):
     def _connection_error(self, reason: str, message: str, code: int | None = None) -> None:
         """End the connection with GOAWAY (h2 queued it already unless `code` is given)."""
         self.ctx.metrics.http2_connection_errors.labels(reason).inc()
+        self.stop_timer()  # the linger ends it; an idle timeout would say GOAWAY once more
         log.info(
             "http/2 connection error",
             extra={"client": self.session.client.address, "reason": reason, "detail": message},

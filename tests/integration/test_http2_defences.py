@@ -13,8 +13,10 @@ import pytest
 from hyperframe.frame import (
     ContinuationFrame,
     DataFrame,
+    GoAwayFrame,
     HeadersFrame,
     PingFrame,
+    RstStreamFrame,
     SettingsFrame,
 )
 
@@ -185,16 +187,32 @@ def _rss_kib(proxy: ProxyProcess) -> int:
     return int(next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1])
 
 
-def test_a_lower_stream_id_is_a_protocol_error(proxy: ProxyProcess, ca: Path) -> None:
+@pytest.mark.parametrize("case", ["lower", "after-its-answer", "after-its-reset"])
+def test_a_stream_id_used_again_or_going_down_is_a_protocol_error(
+    proxy: ProxyProcess, ca: Path, case: str
+) -> None:
+    """RFC 9113 §5.1.1: a new stream's id must be greater than every id the client used; an
+    unexpected one is a connection error PROTOCOL_ERROR, whatever became of that stream."""
     client = H2Client(proxy.port, ca)
-    client.send_frames(
-        [HeadersFrame(5, headers_block(client), flags=["END_HEADERS", "END_STREAM"])]
-    )
-    client.send_frames(
-        [HeadersFrame(3, headers_block(client), flags=["END_HEADERS", "END_STREAM"])]
-    )
-    goaway = client.wait_goaway()
-    assert goaway.error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
+    end = ["END_HEADERS", "END_STREAM"]
+    if case == "lower":
+        client.send_frames([HeadersFrame(5, headers_block(client), flags=end)])
+        reused = 3
+    elif case == "after-its-answer":
+        reused = client.request(b"/echo")
+        assert client.response(reused).status == 200
+    else:
+        reused = 1
+        client.send_frames(
+            [
+                HeadersFrame(1, headers_block(client), flags=["END_HEADERS"]),
+                RstStreamFrame(1, error_code=h2.errors.ErrorCodes.CANCEL),
+            ]
+        )
+    client.send_frames([HeadersFrame(reused, headers_block(client), flags=end)])
+    assert client.pump(lambda: client.closed, 10), "the connection stayed open"
+    goaways = [f for f in client.raw_frames() if isinstance(f, GoAwayFrame)]
+    assert [g.error_code for g in goaways] == [h2.errors.ErrorCodes.PROTOCOL_ERROR]
     assert proxy.metric("tls_sidecar_http2_connection_errors_total", 'reason="protocol_error"') >= 1
     client.close()
 
