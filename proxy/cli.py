@@ -337,14 +337,15 @@ def build_config(opts: dict[str, Any]) -> Config:
 
 
 def read_ticket_keys(fd: int | None) -> bytes | None:
-    """A worker reads the session ticket keys its supervisor wrote into an inherited pipe."""
+    """A worker reads the session ticket keys its supervisor wrote into an inherited pipe.
+    Unreadable: no keys (b""), which the TLS context warns about, as when OpenSSL refuses them."""
     if fd is None:
         return None
     try:
         with os.fdopen(fd, "rb") as pipe:
             return pipe.read(4096)
     except OSError:
-        return None
+        return b""
 
 
 def run_async(coro: Coroutine[Any, Any, None]) -> None:

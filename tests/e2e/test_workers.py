@@ -188,3 +188,20 @@ def test_tls_sessions_resume_on_any_worker(
         print(f"\n{version.name}: {resumed} of 39 reconnections resumed, workers {sorted(workers)}")
         assert workers == {0, 1}, "connections reached both workers"
         assert resumed == 39, f"only {resumed} of 39 reconnections resumed their session"
+
+
+def test_a_worker_without_its_ticket_keys_says_so(
+    upstream: UpstreamApp, dev_certs: DevCerts
+) -> None:
+    """A worker whose keys pipe cannot be read serves on with keys of its own, and says that
+    returning clients resume only on the same worker (as when OpenSSL refuses the keys)."""
+    unused_fd = "987"  # not open in the worker: what a lost pipe looks like
+    proxy = ProxyProcess(serve_args(upstream.base, dev_certs, "--ticket-keys-fd", unused_fd))
+    proxy.start()
+    try:
+        wait_for(
+            lambda: any("cannot share session ticket keys" in line for line in proxy.stderr_lines),
+            what="the warning",
+        )
+    finally:
+        proxy.stop()
