@@ -143,7 +143,9 @@ class Http2Connection(ClientConnection):
         now = self.loop.time()
         self._control = Budget(CONTROL_BURST, CONTROL_RATE, now)
         streams = config.max_concurrent_streams
-        # Rapid reset (CVE-2023-44487): streams the client cancels before their answer.
+        # Rapid reset (CVE-2023-44487): streams the client cancels before their answer, and
+        # those the proxy refuses (past the limit, after a GOAWAY, malformed), which a client
+        # can provoke as fast (the shape of "MadeYouReset", CVE-2025-8671).
         self._resets = Budget(max(200.0, 2.0 * streams), max(100.0, float(streams)), now)
 
     def start(self, early: bytes | None) -> None:
@@ -275,10 +277,9 @@ class Http2Connection(ClientConnection):
     # --- events ---------------------------------------------------------------------------------
     def _on_request(self, event: h2.events.RequestReceived) -> None:
         sid = event.stream_id
-        if self._final_sent:  # past the last stream id our GOAWAY promised to serve
-            self.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
-            return
-        if len(self.streams) >= self.ctx.config.max_concurrent_streams:
+        # past the last stream id our GOAWAY promised to serve, or past the limit
+        if self._final_sent or len(self.streams) >= self.ctx.config.max_concurrent_streams:
+            self._calm(self._resets, "rapid_reset")
             self.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
             return
         try:
@@ -290,6 +291,7 @@ class Http2Connection(ClientConnection):
                     "malformed http/2 request",
                     extra={"client": self.session.client.address, "detail": str(e)},
                 )
+                self._calm(self._resets, "rapid_reset")
                 self.h2.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
                 return
             head = None

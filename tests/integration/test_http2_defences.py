@@ -84,6 +84,43 @@ def test_rapid_reset_gets_enhance_your_calm(proxy: ProxyProcess, ca: Path) -> No
     client.close()
 
 
+@pytest.mark.parametrize("kind", ["past-the-limit", "malformed"])
+def test_streams_the_proxy_must_refuse_count_as_resets(
+    proxy: ProxyProcess, ca: Path, kind: str
+) -> None:
+    """A client can make the proxy reset streams as fast as it could reset them itself (streams
+    past the limit, malformed requests: the shape of CVE-2025-8671): the same budget applies."""
+    client = H2Client(proxy.port, ca)
+    client.pump(lambda: bool(client.remote_settings), 5)
+    end = ["END_HEADERS", "END_STREAM"]
+    waiting = 20 if kind == "past-the-limit" else 0  # at the gate, within the limit
+    sid = 1
+    while sid < 2000 and client._raw_goaway() is None and not client.closed:
+        # in steps of 10 streams, each step refused before the next (a client that sent
+        # more than h2's own bound in one go would get PROTOCOL_ERROR instead)
+        frames = []
+        for _ in range(10):
+            if kind == "past-the-limit":
+                block = headers_block(client, b"/gate/refused")
+            else:  # a connection-specific field, not allowed in HTTP/2
+                block = headers_block(client) + bytes(
+                    client.conn.encoder.encode([(b"connection", b"x")])
+                )
+            frames.append(HeadersFrame(sid, block, flags=end))
+            sid += 2
+        client.send_frames(frames)
+        refused = sid // 2 - waiting
+
+        def answered(refused: int = refused) -> bool:
+            return len(client.raw_resets()) >= refused or client._raw_goaway() is not None
+
+        client.pump(answered)
+    goaway = client.wait_goaway()
+    assert goaway.error_code == CALM
+    assert proxy.metric("tls_sidecar_http2_connection_errors_total", 'reason="rapid_reset"') >= 1
+    client.close()
+
+
 def test_continuation_flood_is_bounded_by_max_header_bytes(proxy: ProxyProcess, ca: Path) -> None:
     """CVE-2024-27316: one header block in endless CONTINUATION frames. The block is cut at
     --max-header-bytes (16 KiB) in total, long before h2's own 64-frame limit."""
