@@ -376,8 +376,7 @@ class Http2Connection(ClientConnection):
         if event.error_code == ErrorCodes.NO_ERROR and not self.closed:
             # Our GOAWAY goes last: a client on h2 itself would stop reading at it.
             self.going_away = self._final_sent = self._client_left = True
-            if not self.streams:
-                self.stream_done(None)
+            self._when_idle()
             return
         self.going_away = self._final_sent = True
         self.closed = True
@@ -411,16 +410,19 @@ class Http2Connection(ClientConnection):
         self.flush_now()
         super().close()
 
-    def stream_done(self, stream: H2Stream | None) -> None:
-        if stream is not None and self.streams.pop(stream.sid, None) is None:
-            return
+    def stream_done(self, stream: H2Stream) -> None:
+        if self.streams.pop(stream.sid, None) is not None:
+            self._when_idle()
+
+    def _when_idle(self) -> None:
+        """No stream left: close after the final GOAWAY, else wait --idle-timeout for one."""
         if self.streams or self.closed:
             return
         if self._final_sent:
             if self._client_left:
                 self._goaway(self.h2.highest_inbound_stream_id)
             self.close()
-        elif not self.going_away and not self.closed:
+        elif not self.going_away:
             self.arm("idle", self.ctx.config.idle_timeout)
 
     def timed_out(self, phase: str) -> None:
