@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from proxy import certs
+from proxy.tls import certs
 
 REPO = Path(__file__).resolve().parents[1]
 APT_HINT = "apt-get install -y nghttp2-client nginx haproxy caddy"

@@ -1,6 +1,6 @@
 """`python -m proxy` runs the `tls-sidecar` command."""
 
-from .cli import main
+from proxy.cli import main
 
 if __name__ == "__main__":
     main()

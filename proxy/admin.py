@@ -11,8 +11,8 @@ from typing import Any
 
 import h11
 
-from .config import Address
-from .metrics import Metrics
+from proxy.config import Address
+from proxy.metrics import Metrics
 
 log = logging.getLogger("tls_sidecar.admin")
 

@@ -17,9 +17,10 @@ from typing import Any, NoReturn
 import click
 import uvloop
 
-from . import __version__
-from . import log as logs
-from .config import (
+from proxy import __version__
+from proxy import log as logs
+from proxy.commands.inject import DEFAULT_IMAGE, DEFAULT_SECRET, InjectOptions, inject
+from proxy.config import (
     Config,
     ConfigError,
     parse_address,
@@ -30,10 +31,9 @@ from .config import (
     readable_dir,
     readable_file,
 )
-from .identity import AccessPolicy
-from .inject import DEFAULT_IMAGE, DEFAULT_SECRET, InjectOptions, inject
-from .server import Bound, ProxyServer
-from .workers import Supervisor, check_workers, die_with_parent
+from proxy.identity import AccessPolicy
+from proxy.server import Bound, ProxyServer
+from proxy.workers import Supervisor, check_workers, die_with_parent
 
 log = logging.getLogger("tls_sidecar")
 
@@ -391,7 +391,7 @@ class LazyGroup(click.Group):
     """Loads a subcommand's module only when it runs (click's documented pattern): `serve`
     does not pay for `certs`' cryptography in memory."""
 
-    lazy = {"certs": ("proxy.certs_cli", "certs_group")}
+    lazy = {"certs": ("proxy.commands.certs", "certs_group")}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted([*super().list_commands(ctx), *self.lazy])
@@ -437,7 +437,7 @@ def check_command(**opts: Any) -> None:
     Loads and matches every certificate and key, reports days to expiry, checks the client CA
     and rules and the listen addresses, tries the app once. One line per check; exit 0 (all
     good), 1 (warnings: expiry within 14 days, the app not up) or 2 (serve would not start)."""
-    from .check import check, exit_code  # noqa: PLC0415
+    from proxy.commands.check import check, exit_code  # noqa: PLC0415
 
     logs.configure("text", "error")
     found = check(lambda: build_config(opts))
@@ -482,8 +482,8 @@ def check_command(**opts: Any) -> None:
 )
 def demo(app_listen: str, listen: str, admin_listen: str, certs_dir: Path) -> None:
     """Run a demo app and the proxy in front of it, with a development certificate."""
-    from .certs_cli import ensure_dev_certificates  # noqa: PLC0415
-    from .demo import start_demo_app  # noqa: PLC0415
+    from proxy.commands.certs import ensure_dev_certificates  # noqa: PLC0415
+    from proxy.commands.demo import start_demo_app  # noqa: PLC0415
 
     app = parse_address(app_listen, option="--app-listen")
     files = ensure_dev_certificates(certs_dir)

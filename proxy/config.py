@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .identity import AccessPolicy
+from proxy.identity import AccessPolicy
 
 
 class ConfigError(Exception):

@@ -9,13 +9,13 @@ import ssl
 import time
 from typing import TYPE_CHECKING, Any, cast
 
-from . import tls
-from .exchange import Session
-from .headers import ClientInfo
-from .identity import identity_from_der, xfcc_value
+from proxy.core.exchange import Session
+from proxy.core.headers import ClientInfo
+from proxy.identity import identity_from_der, xfcc_value
+from proxy.tls import context as tls
 
 if TYPE_CHECKING:
-    from .server import ProxyContext
+    from proxy.server import ProxyContext
 
 log = logging.getLogger("tls_sidecar.http")
 

@@ -20,7 +20,7 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-from . import __version__
+from proxy import __version__
 
 # No `_created` series next to every counter and histogram: half the series, nothing lost
 # (Prometheus does not use them for rate()).

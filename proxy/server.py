@@ -17,22 +17,22 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter
 
-from . import codec
-from . import headers as hdr
-from .admin import AdminServer
-from .config import Address, Config, ConfigError
-from .downstream import ClientConnection, FailureLog
-from .exchange import Session
-from .h1 import Http1Connection
-from .identity import identity_name
-from .log import AccessLog, AccessRecord
-from .metrics import PROTOCOLS, Metrics
-from .request import RequestHead
-from .tls import TlsState
-from .upstream import UpstreamPool, probe_upstream
+from proxy.admin import AdminServer
+from proxy.config import Address, Config, ConfigError
+from proxy.core import headers as hdr
+from proxy.core.exchange import Session
+from proxy.core.request import RequestHead
+from proxy.downstream import ClientConnection, FailureLog
+from proxy.http1 import codec
+from proxy.http1.connection import Http1Connection
+from proxy.http1.upstream import UpstreamPool, probe_upstream
+from proxy.identity import identity_name
+from proxy.log import AccessLog, AccessRecord
+from proxy.metrics import PROTOCOLS, Metrics
+from proxy.tls.context import TlsState
 
 if TYPE_CHECKING:
-    from .upstream_h2 import H2UpstreamPool
+    from proxy.http2.upstream import H2UpstreamPool
 
 log = logging.getLogger("tls_sidecar.server")
 
@@ -60,7 +60,7 @@ class ProxyContext:
         self.server_codec = codec.server_codec_class(self.http)
         self.pool: UpstreamPool | H2UpstreamPool
         if config.upstream.h2c:
-            from .upstream_h2 import H2UpstreamPool  # noqa: PLC0415
+            from proxy.http2.upstream import H2UpstreamPool  # noqa: PLC0415
 
             self.pool = H2UpstreamPool(config, metrics, loop)
         else:

@@ -23,13 +23,13 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from . import __version__
-from .admin import AdminServer
-from .config import Config, ConfigError
-from .metrics import PREFIX, render
-from .server import bind_error
-from .tls import TICKET_KEYS_SIZE
-from .upstream import probe_upstream
+from proxy import __version__
+from proxy.admin import AdminServer
+from proxy.config import Config, ConfigError
+from proxy.http1.upstream import probe_upstream
+from proxy.metrics import PREFIX, render
+from proxy.server import bind_error
+from proxy.tls.context import TICKET_KEYS_SIZE
 
 log = logging.getLogger("tls_sidecar.workers")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy import certs
+from proxy.tls import certs
 from tests.support.proxy import DevCerts, ProxyProcess, serve_args
 from tests.support.upstream import UpstreamApp
 

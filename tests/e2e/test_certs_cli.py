@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from proxy import certs
+from proxy.tls import certs
 from tests.e2e.test_cli import assert_one_line_error, run_cli
 from tests.support.proxy import ProxyProcess, serve_args
 from tests.support.upstream import UpstreamApp

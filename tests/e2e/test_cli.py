@@ -23,7 +23,7 @@ from wsproto.connection import ConnectionType
 from wsproto.events import AcceptConnection, TextMessage
 from wsproto.events import Request as WsRequest
 
-from proxy import certs
+from proxy.tls import certs
 from tests.support.proxy import DevCerts, ProxyProcess, https, serve_args, wait_for
 from tests.support.upstream import UpstreamApp
 

@@ -17,7 +17,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from proxy.inject import APP_DRAIN_SECONDS, InjectError, InjectOptions, inject
+from proxy.commands.inject import APP_DRAIN_SECONDS, InjectError, InjectOptions, inject
 
 REPO = Path(__file__).resolve().parents[2]
 KUSTOMIZATIONS = sorted(

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from proxy import certs
+from proxy.tls import certs
 from tests.support.proxy import DevCerts, ProxyProcess, client_context, serve_args, wait_for
 from tests.support.upstream import UpstreamApp
 

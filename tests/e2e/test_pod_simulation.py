@@ -23,8 +23,8 @@ import pytest
 import yaml
 from cryptography import x509
 
-from proxy import certs
-from proxy.inject import InjectOptions, inject
+from proxy.commands.inject import InjectOptions, inject
+from proxy.tls import certs
 from tests.support.proxy import ProxyProcess, wait_for
 from tests.support.upstream import UpstreamApp
 

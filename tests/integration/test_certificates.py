@@ -18,7 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 
-from proxy import certs
+from proxy.tls import certs
 from tests.conftest import ProxyFactory
 from tests.support.proxy import ProxyProcess, serve_args, wait_for
 from tests.support.upstream import UpstreamApp

@@ -18,7 +18,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from proxy import certs
+from proxy.tls import certs
 from tests.support.proxy import DevCerts, ProxyProcess, serve_args, wait_for
 
 MiB = 1024 * 1024

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy import certs
+from proxy.tls import certs
 from tests.conftest import ProxyFactory
 from tests.support.proxy import ProxyProcess, client_context, wait_for
 from tests.support.upstream import UpstreamApp

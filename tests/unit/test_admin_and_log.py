@@ -8,7 +8,7 @@ import json
 import logging
 
 from proxy.admin import route
-from proxy.headers import trace_id
+from proxy.core.headers import trace_id
 from proxy.log import AccessRecord, JsonFormatter, TextFormatter
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from proxy import certs
 from proxy.config import CertificateError
+from proxy.tls import certs
 
 
 def test_issued_leaf_has_names_and_chains_to_the_ca() -> None:
@@ -68,7 +68,7 @@ def test_loading_errors_are_clear(tmp_path: Path) -> None:
 
 
 def test_a_world_readable_key_is_flagged_unless_it_is_a_secret_volume(tmp_path: Path) -> None:
-    from proxy.certload import key_exposed  # noqa: PLC0415
+    from proxy.tls.certload import key_exposed  # noqa: PLC0415
 
     plain = tmp_path / "plain.key"
     plain.write_bytes(b"k")
@@ -116,7 +116,7 @@ def test_the_development_ca_cannot_vouch_for_a_real_site(tmp_path: Path) -> None
     """`certs init` makes a CA limited by name constraints to localhost, *.localhost, *.test,
     *.internal, 127.0.0.0/8 and ::1 (plus names asked for): a certificate it signs for
     example.com is refused by OpenSSL and by Python's ssl."""
-    from proxy.certs_cli import dev_files, init_dev_certificates  # noqa: PLC0415
+    from proxy.commands.certs import dev_files, init_dev_certificates  # noqa: PLC0415
 
     init_dev_certificates(tmp_path / "dev", ("localhost", "127.0.0.1", "::1", "myapp.lan"))
     files = dev_files(tmp_path / "dev")

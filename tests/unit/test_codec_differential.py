@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from proxy.codec import ServerCodec
-from proxy.codec_h11 import H11Server
-from proxy.codec_httptools import HttptoolsServer
-from proxy.headers import ClientInfo
-from proxy.request import BadRequest, RequestHead, upstream_request
+from proxy.core.headers import ClientInfo
+from proxy.core.request import BadRequest, RequestHead, upstream_request
+from proxy.http1.codec import ServerCodec
+from proxy.http1.h11_codec import H11Server
+from proxy.http1.httptools_server import HttptoolsServer
 
 CLIENT = ClientInfo("192.0.2.1", 8443)
 

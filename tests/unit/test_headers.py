@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.headers import (
+from proxy.core.headers import (
     HOP_BY_HOP,
     ClientInfo,
     RequestIds,
@@ -13,8 +13,8 @@ from proxy.headers import (
     response_headers,
     valid_request_id,
 )
+from proxy.core.request import read_head
 from proxy.identity import ClientIdentity, xfcc_value
-from proxy.request import read_head
 
 CLIENT = ClientInfo("192.0.2.7", 8443)
 

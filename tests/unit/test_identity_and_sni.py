@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.identity import AccessPolicy, ClientIdentity, uri_matches
-from proxy.tls import ServedCertificate, name_tables, select_certificate
+from proxy.tls.context import ServedCertificate, name_tables, select_certificate
 
 segment = st.text(alphabet="abcdefghij-", min_size=1, max_size=6)
 

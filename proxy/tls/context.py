@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from .config import CertificateError, Config
+from proxy.config import CertificateError, Config
 
 log = logging.getLogger("tls_sidecar.tls")
 
@@ -266,10 +266,10 @@ def settings_json(config: Config) -> str:
 
 
 def inspect_in_helper(config: Config) -> tuple[list[Material], list[str]]:
-    """Read and check the certificates in `python -m proxy.certload`, so that this process
+    """Read and check the certificates in `python -m proxy.tls.certload`, so that this process
     never loads cryptography (see certload)."""
     done = subprocess.run(
-        [sys.executable, "-m", "proxy.certload"],
+        [sys.executable, "-m", "proxy.tls.certload"],
         input=settings_json(config),
         capture_output=True,
         text=True,
@@ -308,7 +308,7 @@ def build_bundle(config: Config) -> tuple[TlsBundle, list[str]]:
     else:
         # Mutual TLS decodes client certificates with cryptography in this process anyway, and
         # a generated certificate is made with it.
-        from .certload import check_client_ca, inspect  # noqa: PLC0415
+        from proxy.tls.certload import check_client_ca, inspect  # noqa: PLC0415
 
         materials, warnings = inspect(config)
         if config.client_ca is not None:

@@ -10,10 +10,10 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar, cast
 
-from .codec import ClientCodec, ResponseSink
-from .config import Config, Upstream
-from .headers import reason_phrase
-from .metrics import Metrics
+from proxy.config import Config, Upstream
+from proxy.core.headers import reason_phrase
+from proxy.http1.codec import ClientCodec, ResponseSink
+from proxy.metrics import Metrics
 
 log = logging.getLogger("tls_sidecar.upstream")
 

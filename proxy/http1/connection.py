@@ -7,14 +7,20 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from .downstream import ClientConnection
-from .exchange import HOLD_PIPELINE, HOLD_UPSTREAM_FULL, Exchange, local_body, local_headers
-from .headers import Headers
-from .request import BadRequest, RequestHead
-from .upstream import UpstreamConnection
+from proxy.core.exchange import (
+    HOLD_PIPELINE,
+    HOLD_UPSTREAM_FULL,
+    Exchange,
+    local_body,
+    local_headers,
+)
+from proxy.core.headers import Headers
+from proxy.core.request import BadRequest, RequestHead
+from proxy.downstream import ClientConnection
+from proxy.http1.upstream import UpstreamConnection
 
 if TYPE_CHECKING:
-    from .server import ProxyContext
+    from proxy.server import ProxyContext
 
 log = logging.getLogger("tls_sidecar.http")
 
@@ -47,7 +53,7 @@ class Http1Connection(ClientConnection):
     def handshake_complete(self) -> None:
         early, self._early = self._early, None
         if self.ctx.http2 and self._alpn_h2():
-            from .http2 import Http2Connection  # noqa: PLC0415
+            from proxy.http2.server import Http2Connection  # noqa: PLC0415
 
             successor = Http2Connection(self.ctx)
             self.hand_over(successor)

@@ -11,9 +11,9 @@ from typing import Any
 from httptools import HttpResponseParser
 from httptools.parser.errors import HttpParserCallbackError, HttpParserError, HttpParserUpgrade
 
-from .codec import ResponseSink
-from .codec_httptools import Stop, chunk, head_bytes
-from .headers import Headers
+from proxy.core.headers import Headers
+from proxy.http1.codec import ResponseSink
+from proxy.http1.httptools_server import Stop, chunk, head_bytes
 
 
 class HttptoolsClient:

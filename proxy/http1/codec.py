@@ -11,8 +11,8 @@ import importlib.util
 from collections.abc import Callable
 from typing import Protocol
 
-from .headers import Headers
-from .request import RequestHead
+from proxy.core.headers import Headers
+from proxy.core.request import RequestHead
 
 CODECS = ("httptools", "h11")
 
@@ -109,19 +109,19 @@ def server_codec_class(name: str) -> Callable[[RequestSink, int], ServerCodec]:
     """The server codec's class, resolved once per process (`name` as `resolve` returns it)."""
     # Imported on demand: a process running one codec does not load the other.
     if name == "httptools":
-        from .codec_httptools import HttptoolsServer  # noqa: PLC0415
+        from proxy.http1.httptools_server import HttptoolsServer  # noqa: PLC0415
 
         return HttptoolsServer
-    from .codec_h11 import H11Server  # noqa: PLC0415
+    from proxy.http1.h11_codec import H11Server  # noqa: PLC0415
 
     return H11Server
 
 
 def client_codec_class(name: str) -> Callable[[], ClientCodec]:
     if name == "httptools":
-        from .codec_httptools_client import HttptoolsClient  # noqa: PLC0415
+        from proxy.http1.httptools_client import HttptoolsClient  # noqa: PLC0415
 
         return HttptoolsClient
-    from .codec_h11 import H11Client  # noqa: PLC0415
+    from proxy.http1.h11_codec import H11Client  # noqa: PLC0415
 
     return H11Client

@@ -13,8 +13,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from . import certs
-from .config import ConfigError
+from proxy.config import ConfigError
+from proxy.tls import certs
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -142,7 +142,7 @@ def init_command(hosts: tuple[str, ...], out: Path, key_type: certs.KeyType) -> 
 
 
 def _trust(directory: Path, dry_run: bool, install: bool) -> None:
-    from .trust import TrustError, execute, plan  # noqa: PLC0415
+    from proxy.commands.trust import TrustError, execute, plan  # noqa: PLC0415
 
     ca = dev_files(directory).ca_cert
     try:

@@ -6,7 +6,7 @@ does (https://github.com/grpc/grpc/blob/master/doc/http-grpc-status-mapping.md).
 
 from __future__ import annotations
 
-from .headers import Headers
+from proxy.core.headers import Headers
 
 OK = 0
 CANCELLED = 1

@@ -14,15 +14,15 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from . import grpc
-from . import headers as hdr
-from .headers import ClientInfo, Headers
-from .identity import ClientIdentity
-from .request import BadRequest, RequestHead, UpstreamRequest, upstream_request
-from .upstream import UpstreamConnectError, UpstreamConnection, UpstreamLink
+from proxy.core import grpc
+from proxy.core import headers as hdr
+from proxy.core.headers import ClientInfo, Headers
+from proxy.core.request import BadRequest, RequestHead, UpstreamRequest, upstream_request
+from proxy.http1.upstream import UpstreamConnectError, UpstreamConnection, UpstreamLink
+from proxy.identity import ClientIdentity
 
 if TYPE_CHECKING:
-    from .server import ProxyContext
+    from proxy.server import ProxyContext
 
 log = logging.getLogger("tls_sidecar.http")
 

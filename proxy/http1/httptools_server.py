@@ -12,9 +12,9 @@ import re
 from httptools import HttpRequestParser
 from httptools.parser.errors import HttpParserCallbackError, HttpParserError, HttpParserUpgrade
 
-from .codec import LLHTTP_METHODS, RequestSink
-from .headers import Headers, reason_phrase
-from .request import BadRequest, read_head
+from proxy.core.headers import Headers, reason_phrase
+from proxy.core.request import BadRequest, read_head
+from proxy.http1.codec import LLHTTP_METHODS, RequestSink
 
 _STATUS_LINES = {code: b"HTTP/1.1 %d " % code for code in range(100, 600)}
 _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}

@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from . import headers as hdr
-from .headers import ClientInfo, Headers, HeaderSeq
+from proxy.core import headers as hdr
+from proxy.core.headers import ClientInfo, Headers, HeaderSeq
 
 # Upgrade protocols that are never tunnelled over TLS, whatever --upgrade says: h2c skips every
 # per-request rule once the app switches (the "h2c smuggling" technique).

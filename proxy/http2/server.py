@@ -25,15 +25,15 @@ from h2.errors import ErrorCodes
 from h2.frame_buffer import FrameBuffer
 from hyperframe.frame import ContinuationFrame, Frame, GoAwayFrame, HeadersFrame
 
-from .downstream import ClientConnection, PhaseTimer
-from .exchange import Exchange, Session, local_body, local_headers
-from .h2conn import H2Connection
-from .headers import Headers
-from .request import BadRequest, read_h2_head, read_h2_trailers
-from .upstream import UpstreamConnection
+from proxy.core.exchange import Exchange, Session, local_body, local_headers
+from proxy.core.headers import Headers
+from proxy.core.request import BadRequest, read_h2_head, read_h2_trailers
+from proxy.downstream import ClientConnection, PhaseTimer
+from proxy.http1.upstream import UpstreamConnection
+from proxy.http2.h2conn import H2Connection
 
 if TYPE_CHECKING:
-    from .server import ProxyContext
+    from proxy.server import ProxyContext
 
 log = logging.getLogger("tls_sidecar.http")
 

@@ -1,5 +1,5 @@
 """Certificate material read and checked with cryptography: for the serving process, or in a
-short-lived helper process (`python -m proxy.certload`) so that `serve` without mutual TLS never
+short-lived helper process (`python -m proxy.tls.certload`) so that `serve` without mutual TLS never
 loads cryptography (8 MiB of resident memory) for the rest of its life.
 
 The helper reads the settings as JSON on stdin and writes the validated material (PEM chain,
@@ -20,10 +20,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 
-from . import certs
-from .config import CertificateError, Config
-from .identity import dns_and_uri_sans
-from .tls import Material, ServedCertificate
+from proxy.config import CertificateError, Config
+from proxy.identity import dns_and_uri_sans
+from proxy.tls import certs
+from proxy.tls.context import Material, ServedCertificate
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from .certs import fingerprint
+from proxy.tls.certs import fingerprint
 
 DEBIAN_DIR = Path("/usr/local/share/ca-certificates")
 FEDORA_DIR = Path("/etc/pki/ca-trust/source/anchors")

@@ -22,12 +22,12 @@ import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
 
-from .codec import ClientCodec, ResponseSink
-from .config import Config
-from .h2conn import H2Connection
-from .headers import Headers
-from .metrics import Metrics
-from .upstream import UpstreamLink, UpstreamOwner, open_to_app
+from proxy.config import Config
+from proxy.core.headers import Headers
+from proxy.http1.codec import ClientCodec, ResponseSink
+from proxy.http1.upstream import UpstreamLink, UpstreamOwner, open_to_app
+from proxy.http2.h2conn import H2Connection
+from proxy.metrics import Metrics
 
 log = logging.getLogger("tls_sidecar.upstream")
 

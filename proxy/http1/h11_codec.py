@@ -10,9 +10,9 @@ from typing import Any
 
 import h11
 
-from .codec import RequestSink, ResponseSink
-from .headers import Headers, reason_phrase
-from .request import BadRequest, read_head
+from proxy.core.headers import Headers, reason_phrase
+from proxy.core.request import BadRequest, read_head
+from proxy.http1.codec import RequestSink, ResponseSink
 
 _MAX_CHUNK = 0xFFFF_FFFF_FFFF_FFFF  # llhttp's bound; h11 reads up to 20 hex digits
 _BARE_LF = re.compile(rb"(?<!\r)\n")

@@ -13,9 +13,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .config import Address, Config, ConfigError
-from .tls import build_bundle
-from .upstream import probe_upstream
+from proxy.config import Address, Config, ConfigError
+from proxy.http1.upstream import probe_upstream
+from proxy.tls.context import build_bundle
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 EXIT = {OK: 0, WARN: 1, FAIL: 2}

@@ -11,8 +11,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from . import __version__
-from .config import ConfigError
+from proxy import __version__
+from proxy.config import ConfigError
 
 SIDECAR = "tls-sidecar"
 CERT_VOLUME = "tls-sidecar-certs"

@@ -1,0 +1,1 @@
+"""The commands besides `serve`: check, demo, inject, certs. `serve` never imports these."""

@@ -1,0 +1,1 @@
+"""TLS: certificate material, contexts, handshakes and reloads."""
