@@ -21,6 +21,7 @@ fuzz: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check proxy tests loadtest
 	$(BIN)/ruff format --check proxy tests loadtest
+	$(BIN)/lint-imports
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import ipaddress
 import re
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -306,3 +308,19 @@ def readable_dir(path: Path, option: str) -> Path:
     if not path.is_dir():
         raise ConfigError(f"{option}: {path} is not a directory; check the path")
     return path
+
+
+def bind_error(option: str, address: Address, error: OSError) -> ConfigError:
+    if error.errno == errno.EADDRINUSE:
+        return ConfigError(
+            f"{option} {address}: address already in use; stop the other process or pick "
+            "another port"
+        )
+    if error.errno == errno.EACCES:
+        return ConfigError(
+            f"{option} {address}: permission denied; use a port above 1023 or grant "
+            "CAP_NET_BIND_SERVICE"
+        )
+    if error.errno == errno.EADDRNOTAVAIL or isinstance(error, socket.gaierror):
+        return ConfigError(f"{option} {address}: no such local address; check the host part")
+    return ConfigError(f"{option} {address}: cannot listen ({error.strerror or error})")

@@ -9,13 +9,13 @@ import ssl
 import time
 from typing import TYPE_CHECKING, Any, cast
 
-from proxy.core.exchange import Session
 from proxy.core.headers import ClientInfo
+from proxy.core.session import Session
 from proxy.identity import identity_from_der, xfcc_value
 from proxy.tls import context as tls
 
 if TYPE_CHECKING:
-    from proxy.server import ProxyContext
+    from proxy.core.context import ProxyContext
 
 log = logging.getLogger("tls_sidecar.http")
 
@@ -396,24 +396,3 @@ def handshake_failure(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError) or "taking longer" in str(exc):
         return "timeout"
     return "closed"
-
-
-class FailureLog:
-    """At most one log line per failure reason every `every` seconds, saying how many were
-    left out since: a scanner cannot flood the log, and nothing goes unseen."""
-
-    def __init__(self, every: float = 10.0) -> None:
-        self.every = every
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
-
-    def allow(self, reason: str) -> int | None:
-        """None when this one is left out; else how many were left out before it."""
-        now = time.monotonic()
-        if now - self._last.get(reason, -1e9) < self.every:
-            self._suppressed[reason] = self._suppressed.get(reason, 0) + 1
-            return None
-        if len(self._last) > 64:  # reasons are a closed set, but stay bounded anyway
-            self._last.clear()
-        self._last[reason] = now
-        return self._suppressed.pop(reason, 0)

@@ -170,3 +170,24 @@ class AccessLog:
             self._stream.flush()
         except (OSError, ValueError):
             pass  # stdout closed or full: losing access lines must never stop the proxy
+
+
+class FailureLog:
+    """At most one log line per failure reason every `every` seconds, saying how many were
+    left out since: a scanner cannot flood the log, and nothing goes unseen."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        self.every = every
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def allow(self, reason: str) -> int | None:
+        """None when this one is left out; else how many were left out before it."""
+        now = time.monotonic()
+        if now - self._last.get(reason, -1e9) < self.every:
+            self._suppressed[reason] = self._suppressed.get(reason, 0) + 1
+            return None
+        if len(self._last) > 64:  # reasons are a closed set, but stay bounded anyway
+            self._last.clear()
+        self._last[reason] = now
+        return self._suppressed.pop(reason, 0)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import errno
 import logging
 import os
 import resource
@@ -15,147 +14,59 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import Counter
-
+from proxy import http1
 from proxy.admin import AdminServer
-from proxy.config import Address, Config, ConfigError
-from proxy.core import headers as hdr
-from proxy.core.exchange import Session
-from proxy.core.request import RequestHead
-from proxy.downstream import ClientConnection, FailureLog
-from proxy.http1 import codec
+from proxy.config import Address, Config, ConfigError, bind_error
+from proxy.core.context import ProxyContext
+from proxy.core.links import Pool
 from proxy.http1.connection import Http1Connection
-from proxy.http1.upstream import UpstreamPool, probe_upstream
-from proxy.identity import identity_name
-from proxy.log import AccessLog, AccessRecord
-from proxy.metrics import PROTOCOLS, Metrics
+from proxy.http1.upstream import UpstreamPool
+from proxy.log import AccessLog
+from proxy.metrics import Metrics
+from proxy.readiness import probe_upstream
 from proxy.tls.context import TlsState
 
 if TYPE_CHECKING:
-    from proxy.http2.upstream import H2UpstreamPool
+    pass
 
 log = logging.getLogger("tls_sidecar.server")
 
 READINESS_CACHE_SECONDS = 1.0
 
 
-class ProxyContext:
-    """What every downstream connection shares: settings, TLS, the pool, metrics, the registry."""
+def build_context(
+    loop: asyncio.AbstractEventLoop,
+    config: Config,
+    tls: TlsState,
+    metrics: Metrics,
+    access_log: AccessLog,
+) -> ProxyContext:
+    """The shared context with the codec, the pool and the ALPN successors chosen here, once.
 
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        config: Config,
-        tls: TlsState,
-        metrics: Metrics,
-        access_log: AccessLog,
-    ) -> None:
-        self.loop = loop
-        self.config = config
-        self.tls = tls
-        self.metrics = metrics
-        self.access_log = access_log
-        self.http = codec.resolve(config.http)
-        self.http2 = config.http2
-        self.server_codec = codec.server_codec_class(self.http)
-        self.pool: UpstreamPool | H2UpstreamPool
-        if config.upstream.h2c:
-            from proxy.http2.upstream import H2UpstreamPool  # noqa: PLC0415
+    Imported on demand: a process that serves no HTTP/2 never loads h2."""
+    http = http1.resolve(config.http)
+    pool: Pool
+    if config.upstream.h2c:
+        from proxy.http2.upstream import H2UpstreamPool  # noqa: PLC0415
 
-            self.pool = H2UpstreamPool(config, metrics, loop)
-        else:
-            self.pool = UpstreamPool(config, metrics, loop, codec.client_codec_class(self.http))
-        self.allowed_upgrades = frozenset(u.encode() for u in config.upgrades)
-        self.connections: set[ClientConnection] = set()
-        self.draining = False
-        upstream = config.upstream
-        self.new_request_id = hdr.RequestIds()
-        self.handshake_log = FailureLog()
-        self.upstream_host = (str(upstream.address) if upstream.address else "localhost").encode()
-        self._handshake_children: dict[tuple[str, bool], Counter] = {}
-        metrics.on_flush(self._export_connections)
-        self._all_closed = asyncio.Event()
+        pool = H2UpstreamPool(config, metrics, loop)
+    else:
+        pool = UpstreamPool(config, metrics, loop, http1.client_codec_class(http))
+    protocols: dict[str, Callable[[ProxyContext], Any]] = {}
+    if config.http2:
+        from proxy.http2.server import Http2Connection  # noqa: PLC0415
 
-    def _export_connections(self) -> None:
-        open_now = len(self.connections)
-        self.metrics.connections_active.set(open_now)
-        self.metrics.worker_connections_active.set(open_now)
-
-    def handshake_done(self, version: str, resumed: bool) -> None:
-        child = self._handshake_children.get((version, resumed))
-        if child is None:
-            child = self.metrics.tls_handshakes.labels(version, "true" if resumed else "false")
-            self._handshake_children[(version, resumed)] = child
-        child.inc()
-
-    def connection_closed(self) -> None:
-        if not self.connections:
-            self._all_closed.set()
-
-    async def wait_all_closed(self) -> None:
-        while self.connections:
-            self._all_closed.clear()
-            await self._all_closed.wait()
-
-    def access(
-        self,
-        session: Session,
-        head: RequestHead | None,
-        *,
-        status: int,
-        bytes_in: int,
-        bytes_out: int,
-        duration: float,
-        upstream_duration: float | None,
-        request_id: bytes,
-        local: str | None = None,
-        detail: str | None = None,
-        grpc_status: bytes | None = None,
-        upstream_status: int | None = None,
-        event: str | None = None,
-    ) -> None:
-        """One access-log line (built only when the access log is on)."""
-        if not self.access_log.enabled:
-            return
-        host = user_agent = trace_id = None
-        if head is not None:
-            for name, value in head.headers:
-                if name == b"host" and host is None:
-                    host = value[:256].decode("latin-1")
-                elif name == b"user-agent" and user_agent is None:
-                    user_agent = value[:512].decode("latin-1")
-                elif name == b"traceparent" and trace_id is None:
-                    trace_id = hdr.trace_id(value)
-        identity = session.identity
-        self.access_log.write(
-            AccessRecord(
-                time=time.time(),
-                client=session.client.address,
-                method=head.method.decode("latin-1") if head else "-",
-                path=head.target[:2048].decode("latin-1") if head else "-",
-                status=status,
-                bytes_in=bytes_in,
-                bytes_out=bytes_out,
-                duration=duration,
-                upstream_duration=upstream_duration,
-                tls_version=session.tls_version,
-                request_id=request_id.decode("latin-1"),
-                worker=self.config.worker_index,
-                local=local,
-                detail=detail,
-                protocol=PROTOCOLS.get(head.version, "-") if head else "-",
-                grpc_status=None if grpc_status is None else grpc_status.decode("latin-1"),
-                host=host,
-                user_agent=user_agent,
-                sni=session.sni,
-                cipher=session.cipher,
-                upstream_status=upstream_status,
-                identity=identity_name(identity) if identity is not None else None,
-                denied=session.denied,
-                trace_id=trace_id,
-                event=event,
-            )
-        )
+        protocols["h2"] = Http2Connection
+    return ProxyContext(
+        loop,
+        config,
+        tls,
+        metrics,
+        access_log,
+        server_codec=http1.server_codec_class(http),
+        pool=pool,
+        protocols=protocols,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,22 +126,6 @@ def raise_open_file_limit(wanted: int) -> int:
     return soft
 
 
-def bind_error(option: str, address: Address, error: OSError) -> ConfigError:
-    if error.errno == errno.EADDRINUSE:
-        return ConfigError(
-            f"{option} {address}: address already in use; stop the other process or pick "
-            "another port"
-        )
-    if error.errno == errno.EACCES:
-        return ConfigError(
-            f"{option} {address}: permission denied; use a port above 1023 or grant "
-            "CAP_NET_BIND_SERVICE"
-        )
-    if error.errno == errno.EADDRNOTAVAIL or isinstance(error, socket.gaierror):
-        return ConfigError(f"{option} {address}: no such local address; check the host part")
-    return ConfigError(f"{option} {address}: cannot listen ({error.strerror or error})")
-
-
 class ProxyServer:
     """starting -> ready -> draining -> stopped."""
 
@@ -269,7 +164,7 @@ class ProxyServer:
         config = self.config
         raise_open_file_limit(2 * config.max_connections)
         tune_malloc()
-        self._ctx = ProxyContext(loop, config, self.tls, self.metrics, self.access_log)
+        self._ctx = build_context(loop, config, self.tls, self.metrics, self.access_log)
         admin_sockets: list[socket.socket] = []
         if config.worker_index is None:  # workers leave the admin port to their supervisor
             self._admin = AdminServer(self.readiness, self.metrics)

@@ -25,10 +25,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from proxy import __version__
 from proxy.admin import AdminServer
-from proxy.config import Config, ConfigError
-from proxy.http1.upstream import probe_upstream
+from proxy.config import Config, ConfigError, bind_error
 from proxy.metrics import PREFIX, render
-from proxy.server import bind_error
+from proxy.readiness import probe_upstream
 from proxy.tls.context import TICKET_KEYS_SIZE
 
 log = logging.getLogger("tls_sidecar.workers")

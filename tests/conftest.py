@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from proxy.http1 import CODECS
 from proxy.tls import certs
 from tests.support.proxy import DevCerts, ProxyProcess, serve_args
 from tests.support.upstream import UpstreamApp
@@ -32,8 +33,6 @@ def upstream() -> Iterator[UpstreamApp]:
 
 
 ProxyFactory = Callable[..., ProxyProcess]
-
-CODECS = ("httptools", "h11")
 
 
 @pytest.fixture(scope="session", params=CODECS)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from proxy.config import Address, Config, ConfigError
-from proxy.http1.upstream import probe_upstream
+from proxy.readiness import probe_upstream
 from proxy.tls.context import build_bundle
 
 OK, WARN, FAIL = "ok", "warn", "fail"

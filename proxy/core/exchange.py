@@ -11,18 +11,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from proxy.core import grpc
 from proxy.core import headers as hdr
-from proxy.core.headers import ClientInfo, Headers
+from proxy.core.headers import Headers
+from proxy.core.links import Tunnel, UpstreamConnectError, UpstreamLink
 from proxy.core.request import BadRequest, RequestHead, UpstreamRequest, upstream_request
-from proxy.http1.upstream import UpstreamConnectError, UpstreamConnection, UpstreamLink
-from proxy.identity import ClientIdentity
+from proxy.core.session import Session
 
 if TYPE_CHECKING:
-    from proxy.server import ProxyContext
+    from proxy.core.context import ProxyContext
 
 log = logging.getLogger("tls_sidecar.http")
 
@@ -30,19 +29,6 @@ log = logging.getLogger("tls_sidecar.http")
 HOLD_CONNECT = 1  # waiting for an upstream connection
 HOLD_PIPELINE = 2  # a pipelined request waits until the current response is done
 HOLD_UPSTREAM_FULL = 4  # the app is not reading the request body fast enough
-
-
-@dataclass(slots=True)
-class Session:
-    """What an exchange needs to know of the client's TLS connection."""
-
-    client: ClientInfo
-    tls_version: str = "-"
-    identity: ClientIdentity | None = None
-    denied: str | None = None  # why the client certificate is refused, if it is
-    xfcc: bytes | None = None  # the X-Forwarded-Client-Cert value for an admitted identity
-    sni: str | None = None  # the server name the client asked for
-    cipher: str | None = None
 
 
 class Downstream(Protocol):
@@ -60,7 +46,7 @@ class Downstream(Protocol):
     def send_end(self) -> None: ...
     def send_informational(self, status: int, reason: bytes, headers: Headers) -> None: ...
     def send_local(self, status: int, headers: Headers, body: bytes) -> None: ...
-    def switch_protocols(self, upstream: UpstreamConnection) -> None: ...
+    def switch_protocols(self, tunnel: Tunnel) -> None: ...
     def hold(self, reason: int) -> None: ...
     def release(self, reason: int) -> None: ...
     def arm(self, phase: str, timeout: float) -> None: ...
@@ -323,8 +309,8 @@ class Exchange:
             self.response_malformed("101 Switching Protocols to a request that did not upgrade")
             return
         # The app switched protocols (WebSocket): from now on the downstream relays raw bytes.
-        upstream = self.upstream
-        if not isinstance(upstream, UpstreamConnection):
+        tunnel = self.upstream.as_tunnel() if self.upstream is not None else None
+        if tunnel is None:
             self.response_malformed("101 Switching Protocols over HTTP/2")
             return
         self.upstream = None
@@ -334,7 +320,7 @@ class Exchange:
             status, reason, hdr.response_headers(headers, switching_protocols=True)
         )
         self._finish(101)
-        self.down.switch_protocols(upstream)
+        self.down.switch_protocols(tunnel)
 
     def response_malformed(self, message: str) -> None:
         self._upstream_failed("bad_response", f"malformed response from the app: {message}")

@@ -1,4 +1,5 @@
-"""What an HTTP/1.1 codec offers the data path, and `--http` choosing one (httptools or h11).
+"""What an HTTP/1.1 codec offers the data path (the registry that `--http` chooses from is the
+package's `__init__`).
 
 A server codec turns a client's bytes into request events for its `RequestSink` and responses
 into bytes; a client codec does the same the other way round for one connection to the app.
@@ -7,22 +8,10 @@ Both codecs hand over heads checked by `request.read_head`, so they accept and r
 
 from __future__ import annotations
 
-import importlib.util
-from collections.abc import Callable
 from typing import Protocol
 
 from proxy.core.headers import Headers
 from proxy.core.request import RequestHead
-
-CODECS = ("httptools", "h11")
-
-# The methods llhttp parses itself; for any other token (RFC 9110 §9.1 allows extensions) the
-# httptools codec gives llhttp a stand-in and hands on the real one.
-LLHTTP_METHODS = frozenset(
-    b"DELETE GET HEAD POST PUT CONNECT OPTIONS TRACE COPY LOCK MKCOL MOVE PROPFIND PROPPATCH "
-    b"SEARCH UNLOCK BIND REBIND UNBIND ACL REPORT MKACTIVITY CHECKOUT MERGE M-SEARCH NOTIFY "
-    b"SUBSCRIBE UNSUBSCRIBE PATCH PURGE MKCALENDAR LINK UNLINK SOURCE QUERY PRI".split()
-)
 
 
 class RequestSink(Protocol):
@@ -31,19 +20,6 @@ class RequestSink(Protocol):
     def on_request_head(self, head: RequestHead) -> None: ...
     def on_request_data(self, data: bytes) -> None: ...
     def on_request_end(self) -> None: ...
-
-
-class ResponseSink(Protocol):
-    """The exchange an upstream connection works for: what a client codec delivers."""
-
-    def response_head(
-        self, status: int, reason: bytes, headers: Headers, length: int | None
-    ) -> None: ...
-    def response_informational(self, status: int, reason: bytes, headers: Headers) -> None: ...
-    def response_data(self, data: bytes) -> None: ...
-    def response_trailers(self, headers: Headers) -> None: ...
-    def response_end(self) -> None: ...
-    def response_malformed(self, message: str) -> None: ...
 
 
 class ServerCodec(Protocol):
@@ -75,53 +51,3 @@ class ServerCodec(Protocol):
 
     def take_leftover(self) -> bytes:
         """Bytes received after an upgrade request: the new protocol's, for the tunnel."""
-
-
-class ClientCodec(Protocol):
-    """HTTP/1.1 client side of one connection to the app."""
-
-    def request_head(
-        self, method: bytes, target: bytes, headers: Headers, *, chunked: bool
-    ) -> bytes: ...
-    def request_data(self, data: bytes) -> list[bytes]: ...
-    def request_end(self, trailers: Headers | None = None) -> bytes: ...
-    def feed(self, data: bytes, sink: ResponseSink) -> None: ...
-    def feed_eof(self, sink: ResponseSink) -> None: ...
-    def recycle(self) -> bool:
-        """After a response: True, and ready for the next request, when the connection can
-        carry another."""
-
-    def take_leftover(self) -> bytes: ...
-
-
-def available(name: str) -> bool:
-    return name == "h11" or importlib.util.find_spec(name) is not None
-
-
-def resolve(name: str) -> str:
-    """`auto` is httptools when it can be imported, as uvicorn's --http does."""
-    if name == "auto":
-        return "httptools" if available("httptools") else "h11"
-    return name
-
-
-def server_codec_class(name: str) -> Callable[[RequestSink, int], ServerCodec]:
-    """The server codec's class, resolved once per process (`name` as `resolve` returns it)."""
-    # Imported on demand: a process running one codec does not load the other.
-    if name == "httptools":
-        from proxy.http1.httptools_server import HttptoolsServer  # noqa: PLC0415
-
-        return HttptoolsServer
-    from proxy.http1.h11_codec import H11Server  # noqa: PLC0415
-
-    return H11Server
-
-
-def client_codec_class(name: str) -> Callable[[], ClientCodec]:
-    if name == "httptools":
-        from proxy.http1.httptools_client import HttptoolsClient  # noqa: PLC0415
-
-        return HttptoolsClient
-    from proxy.http1.h11_codec import H11Client  # noqa: PLC0415
-
-    return H11Client

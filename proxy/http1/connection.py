@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from proxy.core.exchange import (
     HOLD_PIPELINE,
@@ -15,12 +16,12 @@ from proxy.core.exchange import (
     local_headers,
 )
 from proxy.core.headers import Headers
+from proxy.core.links import Tunnel, UpstreamLink
 from proxy.core.request import BadRequest, RequestHead
 from proxy.downstream import ClientConnection
-from proxy.http1.upstream import UpstreamConnection
 
 if TYPE_CHECKING:
-    from proxy.server import ProxyContext
+    from proxy.core.context import ProxyContext
 
 log = logging.getLogger("tls_sidecar.http")
 
@@ -32,7 +33,7 @@ class Http1Connection(ClientConnection):
         super().__init__(ctx)
         self.codec = ctx.server_codec(self, ctx.config.max_header_bytes)
         self.exchange: Exchange | None = None
-        self.tunnel: UpstreamConnection | None = None
+        self.tunnel: Tunnel | None = None
         self._early: list[bytes] | None = None  # bytes that came with the handshake's last flight
         self._corked: list[bytes] | None = None  # response parts gathered during one app read
         self._received_since_idle = False
@@ -52,20 +53,24 @@ class Http1Connection(ClientConnection):
 
     def handshake_complete(self) -> None:
         early, self._early = self._early, None
-        if self.ctx.http2 and self._alpn_h2():
-            from proxy.http2.server import Http2Connection  # noqa: PLC0415
-
-            successor = Http2Connection(self.ctx)
+        successor_class = self._alpn_successor()
+        if successor_class is not None:
+            successor = successor_class(self.ctx)
             self.hand_over(successor)
             successor.start(b"".join(early) if early else None)
             return
         if early:
             self._received(b"".join(early))  # counted when it arrived
 
-    def _alpn_h2(self) -> bool:
+    def _alpn_successor(self) -> Callable[[ProxyContext], Any] | None:
+        """The connection class for the protocol ALPN chose, when it is not HTTP/1.1."""
+        protocols = self.ctx.protocols
+        if not protocols:
+            return None
         assert self.transport is not None
         ssl_object = self.transport.get_extra_info("ssl_object")
-        return ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2"
+        chosen = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
+        return protocols.get(chosen) if chosen else None
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.handshaking:
@@ -222,7 +227,7 @@ class Http1Connection(ClientConnection):
         self.write(b"".join(parts))
         self.close()
 
-    def switch_protocols(self, upstream: UpstreamConnection) -> None:
+    def switch_protocols(self, upstream: Tunnel) -> None:
         self.uncork()
         self._tunnel_exchange = self.exchange
         self._tunnel_started = time.perf_counter()
@@ -287,7 +292,7 @@ class Http1Connection(ClientConnection):
         self._tunnel_out += len(data)
         self.write(data)
 
-    def upstream_lost(self, upstream: UpstreamConnection, exc: Exception | None) -> None:
+    def upstream_lost(self, upstream: UpstreamLink, exc: Exception | None) -> None:
         if self.tunnel is upstream:
             self.tunnel = None
             self._tunnel_ended()

@@ -11,11 +11,12 @@ from typing import Any
 import h11
 
 from proxy.core.headers import Headers, reason_phrase
+from proxy.core.links import ResponseSink
 from proxy.core.request import BadRequest, read_head
-from proxy.http1.codec import RequestSink, ResponseSink
+from proxy.http1._wire import BARE_LF
+from proxy.http1.codec import RequestSink
 
 _MAX_CHUNK = 0xFFFF_FFFF_FFFF_FFFF  # llhttp's bound; h11 reads up to 20 hex digits
-_BARE_LF = re.compile(rb"(?<!\r)\n")
 # h11 merges repeated or listed identical Content-Lengths ("5, 5") before we see them.
 _RAW_LENGTH = re.compile(rb"(?im)^content-length[ \t]*:[ \t]*([^\r\n]*?)[ \t]*\r?$")
 # Control characters other than HTAB (and the CRLFs between lines): llhttp refuses them in a head,
@@ -87,7 +88,7 @@ class H11Server:
                 return
             elif kind is h11.Request:
                 raw_head = _head_part(pending)
-                if _BARE_LF.search(raw_head):
+                if BARE_LF.search(raw_head):
                     # RFC 9112 §2.2 lets a recipient accept a bare LF; llhttp does not, and
                     # where the codecs would differ the proxy refuses.
                     raise BadRequest(400, "bad_request", "line ending without CR in the head")

@@ -12,8 +12,8 @@ from httptools import HttpResponseParser
 from httptools.parser.errors import HttpParserCallbackError, HttpParserError, HttpParserUpgrade
 
 from proxy.core.headers import Headers
-from proxy.http1.codec import ResponseSink
-from proxy.http1.httptools_server import Stop, chunk, head_bytes
+from proxy.core.links import ResponseSink
+from proxy.http1._wire import Stop, chunk, head_bytes
 
 
 class HttptoolsClient:

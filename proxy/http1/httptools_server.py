@@ -14,7 +14,17 @@ from httptools.parser.errors import HttpParserCallbackError, HttpParserError, Ht
 
 from proxy.core.headers import Headers, reason_phrase
 from proxy.core.request import BadRequest, read_head
-from proxy.http1.codec import LLHTTP_METHODS, RequestSink
+from proxy.http1._wire import BARE_LF, Stop, chunk, head_bytes
+from proxy.http1.codec import RequestSink
+
+# The methods llhttp parses itself; for any other token (RFC 9110 §9.1 allows extensions) the
+# httptools codec gives llhttp a stand-in and hands on the real one.
+LLHTTP_METHODS = frozenset(
+    b"DELETE GET HEAD POST PUT CONNECT OPTIONS TRACE COPY LOCK MKCOL MOVE PROPFIND PROPPATCH "
+    b"SEARCH UNLOCK BIND REBIND UNBIND ACL REPORT MKACTIVITY CHECKOUT MERGE M-SEARCH NOTIFY "
+    b"SUBSCRIBE UNSUBSCRIBE PATCH PURGE MKCALENDAR LINK UNLINK SOURCE QUERY PRI".split()
+)
+
 
 _STATUS_LINES = {code: b"HTTP/1.1 %d " % code for code in range(100, 600)}
 _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
@@ -23,26 +33,9 @@ _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
 # Response framing towards the client.
 _NONE, _LENGTH, _CHUNKED, _CLOSE = range(4)
 _MAX_CHUNK_DIGITS = 20
-_BARE_LF = re.compile(rb"(?<!\r)\n")
 _CARRY = 4096
 # What the server codec expects next from the client.
 _HEAD, _LENGTH_BODY, _CHUNKED_BODY = range(3)
-
-
-class Stop(Exception):
-    """Raised in a callback to end llhttp's pass: nothing more from this input is wanted."""
-
-
-def head_bytes(start_line: bytes, headers: Headers) -> bytes:
-    parts = [start_line]
-    for name, value in headers:
-        parts += (name, b": ", value, b"\r\n")
-    parts.append(b"\r\n")
-    return b"".join(parts)
-
-
-def chunk(data: bytes) -> list[bytes]:
-    return [b"%x\r\n" % len(data), data, b"\r\n"]
 
 
 def _parse_error(error: HttpParserError) -> BadRequest:
@@ -167,7 +160,7 @@ class HttptoolsServer:
                 raise BadRequest(
                     431, "header_too_large", f"request head over {self._max_head} bytes"
                 )
-            if _BARE_LF.search(data, pos + scanned):
+            if BARE_LF.search(data, pos + scanned):
                 raise BadRequest(400, "bad_request", "line ending without CR in the head")
             self._pending = data[pos:]  # the rest of the head is still to come
             self._scanned = len(data) - pos

@@ -5,65 +5,22 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import errno
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Protocol, TypeVar, cast
+from collections.abc import Callable
+from typing import cast
 
-from proxy.config import Config, Upstream
-from proxy.core.headers import reason_phrase
-from proxy.http1.codec import ClientCodec, ResponseSink
+from proxy.config import Config
+from proxy.core.links import (
+    ClientCodec,
+    Tunnel,
+    TunnelOwner,
+    UpstreamLink,
+    UpstreamOwner,
+)
 from proxy.metrics import Metrics
+from proxy.pool import open_to_app
 
 log = logging.getLogger("tls_sidecar.upstream")
-
-
-class Corkable(Protocol):
-    def cork(self) -> None: ...
-    def uncork(self) -> None: ...
-
-
-class UpstreamOwner(ResponseSink, Protocol):
-    """The exchange an upstream connection currently works for."""
-
-    @property
-    def down(self) -> Corkable: ...
-
-    def upstream_lost(self, upstream: UpstreamLink, exc: Exception | None) -> None: ...
-    def upstream_write_paused(self, paused: bool) -> None: ...
-
-
-class UpstreamLink(Protocol):
-    """What an exchange holds to reach the app: an HTTP/1.1 connection, or an HTTP/2 stream
-    (upstream_h2). Its codec frames the request; replies reach `owner`."""
-
-    owner: UpstreamOwner | None
-    codec: ClientCodec
-    reused: bool  # it served a request before (so the app may have closed it meanwhile)
-    received_any: bool
-
-    def write(self, data: bytes) -> None: ...
-    def writelines(self, parts: list[bytes]) -> None: ...
-    def pause_reading(self) -> None: ...
-    def resume_reading(self) -> None: ...
-    def abort(self) -> None: ...
-
-
-class TunnelOwner(Protocol):
-    """The downstream connection relaying raw bytes after a protocol switch."""
-
-    def tunnel_data(self, data: bytes) -> None: ...
-    def upstream_lost(self, upstream: UpstreamConnection, exc: Exception | None) -> None: ...
-    def upstream_write_paused(self, paused: bool) -> None: ...
-
-
-class UpstreamConnectError(Exception):
-    """The app could not be reached; `reason` is a metric label, `status` what the client gets."""
-
-    def __init__(self, reason: str, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.status = status
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -151,10 +108,13 @@ class UpstreamConnection(asyncio.Protocol):
         if sink is not None:
             sink.upstream_write_paused(False)
 
-    def start_tunnel(self, sink: TunnelOwner) -> None:
-        """After 101 Switching Protocols: raw bytes both ways, for `sink`."""
+    def as_tunnel(self) -> Tunnel:
+        return self
+
+    def start_tunnel(self, owner: TunnelOwner) -> None:
+        """After 101 Switching Protocols: raw bytes both ways, for `owner`."""
         self.owner = None
-        self.tunnel = sink
+        self.tunnel = owner
 
     # used by the downstream connection --------------------------------------------------------
     def write(self, data: bytes) -> None:
@@ -300,130 +260,3 @@ class UpstreamPool:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
-
-
-P = TypeVar("P", bound=asyncio.BaseProtocol)
-
-
-async def open_to_app(
-    loop: asyncio.AbstractEventLoop,
-    target: Upstream,
-    factory: Callable[[], P],
-    limit: float,
-    metrics: Metrics,
-    then: Callable[[P], Awaitable[None]] | None = None,
-) -> P:
-    """A connection to the app (TCP or unix socket) within `limit`, `then` awaited in the same
-    time; an UpstreamConnectError (counted by reason) when it cannot be had."""
-    try:
-        async with asyncio.timeout(limit):
-            if target.unix_path:
-                _, protocol = await loop.create_unix_connection(factory, target.unix_path)
-            else:
-                assert target.address is not None
-                _, protocol = await loop.create_connection(
-                    factory, target.address.host, target.address.port
-                )
-            if then is not None:
-                await then(protocol)
-    except TimeoutError:
-        metrics.upstream_connect_errors.labels("timeout").inc()
-        raise UpstreamConnectError(
-            "timeout", 504, f"upstream {target} did not accept within {limit:g}s"
-        ) from None
-    except OSError as e:
-        refused = e.errno in (errno.ECONNREFUSED, errno.ENOENT, errno.ECONNRESET)
-        reason = "refused" if refused else "error"
-        metrics.upstream_connect_errors.labels(reason).inc()
-        raise UpstreamConnectError(
-            reason, 502, f"upstream {target} {e.strerror or e}".rstrip()
-        ) from None
-    return protocol
-
-
-async def probe_upstream(
-    target: Upstream, timeout: float, health_path: str | None = None
-) -> str | None:
-    """Is the app ready? None when it is, else why not: it accepts a connection, and with
-    `health_path` answers a GET there with 2xx or 3xx (over HTTP/2 for an h2c app).
-
-    Readiness checks use their own connection, not the pool: they never count as requests."""
-    try:
-        async with asyncio.timeout(timeout):
-            if target.unix_path:
-                reader, writer = await asyncio.open_unix_connection(target.unix_path)
-            else:
-                assert target.address is not None
-                reader, writer = await asyncio.open_connection(
-                    target.address.host, target.address.port
-                )
-            try:
-                if health_path is None:
-                    return None
-                if target.h2c:
-                    return await _health_h2c(reader, writer, target, health_path)
-                return await _health_http1(reader, writer, target, health_path)
-            finally:
-                writer.close()
-    except TimeoutError:
-        what = "answer" if health_path else "accept"
-        return f"upstream {target} did not {what} within {timeout:g}s"
-    except OSError as e:
-        return f"upstream {target} {e.strerror or e}".rstrip()
-
-
-def _host(target: Upstream) -> str:
-    return str(target.address) if target.address else "localhost"
-
-
-def _verdict(path: str, status: int, reason: str) -> str | None:
-    if 200 <= status < 400:
-        return None
-    reason = reason or reason_phrase(status).decode()
-    return f"health check GET {path}: {status} {reason}".rstrip()
-
-
-async def _health_http1(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, target: Upstream, path: str
-) -> str | None:
-    writer.write(
-        f"GET {path} HTTP/1.1\r\nHost: {_host(target)}\r\n"
-        "User-Agent: tls-sidecar-readiness\r\nConnection: close\r\n\r\n".encode()
-    )
-    line = await reader.readline()
-    parts = line.decode("latin-1").split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
-        return f"health check GET {path}: not an HTTP answer"
-    return _verdict(path, int(parts[1]), parts[2].strip() if len(parts) > 2 else "")
-
-
-async def _health_h2c(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, target: Upstream, path: str
-) -> str | None:
-    import h2.config  # noqa: PLC0415
-    import h2.connection  # noqa: PLC0415
-    import h2.events  # noqa: PLC0415
-
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(header_encoding=None))
-    conn.initiate_connection()
-    conn.send_headers(
-        1,
-        [
-            (b":method", b"GET"),
-            (b":scheme", b"http"),
-            (b":authority", _host(target).encode()),
-            (b":path", path.encode()),
-            (b"user-agent", b"tls-sidecar-readiness"),
-        ],
-        end_stream=True,
-    )
-    writer.write(conn.data_to_send())
-    while True:
-        data = await reader.read(65536)
-        if not data:
-            return f"health check GET {path}: the app closed the connection"
-        for event in conn.receive_data(data):
-            if isinstance(event, h2.events.ResponseReceived):
-                status = int(dict(event.headers)[b":status"])
-                return _verdict(path, status, "")
-        writer.write(conn.data_to_send())

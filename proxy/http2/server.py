@@ -25,15 +25,16 @@ from h2.errors import ErrorCodes
 from h2.frame_buffer import FrameBuffer
 from hyperframe.frame import ContinuationFrame, Frame, GoAwayFrame, HeadersFrame
 
-from proxy.core.exchange import Exchange, Session, local_body, local_headers
+from proxy.core.exchange import Exchange, local_body, local_headers
 from proxy.core.headers import Headers
+from proxy.core.links import Tunnel
 from proxy.core.request import BadRequest, read_h2_head, read_h2_trailers
+from proxy.core.session import Session
 from proxy.downstream import ClientConnection, PhaseTimer
-from proxy.http1.upstream import UpstreamConnection
 from proxy.http2.h2conn import H2Connection
 
 if TYPE_CHECKING:
-    from proxy.server import ProxyContext
+    from proxy.core.context import ProxyContext
 
 log = logging.getLogger("tls_sidecar.http")
 
@@ -701,7 +702,7 @@ class H2Stream(PhaseTimer):
             self.conn.h2.reset_stream(self.sid, ErrorCodes.NO_ERROR)
         self.conn.flush()
 
-    def switch_protocols(self, upstream: UpstreamConnection) -> None:
+    def switch_protocols(self, upstream: Tunnel) -> None:
         upstream.abort()  # never asked for: an HTTP/2 request carries no Upgrade
         self.abort_all()
 

@@ -24,10 +24,10 @@ from h2.errors import ErrorCodes
 
 from proxy.config import Config
 from proxy.core.headers import Headers
-from proxy.http1.codec import ClientCodec, ResponseSink
-from proxy.http1.upstream import UpstreamLink, UpstreamOwner, open_to_app
+from proxy.core.links import ClientCodec, ResponseSink, Tunnel, UpstreamLink, UpstreamOwner
 from proxy.http2.h2conn import H2Connection
 from proxy.metrics import Metrics
+from proxy.pool import open_to_app
 
 log = logging.getLogger("tls_sidecar.upstream")
 
@@ -229,6 +229,9 @@ class H2UpstreamStream:
             unacked, self.unacked = self.unacked, 0
             self.conn.h2.acknowledge_received_data(unacked, self.sid)
             self.conn.flush()
+
+    def as_tunnel(self) -> Tunnel | None:
+        return None  # RFC 8441's extended CONNECT is not offered, so no 101 either
 
     def abort(self) -> None:
         """The exchange gave up (the client went away, a timeout): RST_STREAM CANCEL."""

@@ -9,10 +9,9 @@ through that pipe, as it passes through a private temporary file to OpenSSL afte
 
 from __future__ import annotations
 
-import json
 import stat
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
@@ -23,7 +22,13 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from proxy.config import CertificateError, Config
 from proxy.identity import dns_and_uri_sans
 from proxy.tls import certs
-from proxy.tls.context import Material, ServedCertificate
+from proxy.tls.material import (
+    Material,
+    ServedCertificate,
+    decode_settings,
+    encode_answer,
+    encode_error,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,41 +157,13 @@ def check_client_ca(path: Path) -> bytes:
 
 
 # --- the helper process ---------------------------------------------------------------------
-def _config_from(text: str) -> Config:
-    raw = json.loads(text)
-    return Config(
-        cert_files=tuple(Path(p) for p in raw["cert_files"]),
-        key_files=tuple(Path(p) for p in raw["key_files"]),
-        cert_dir=Path(raw["cert_dir"]) if raw["cert_dir"] else None,
-        key_password_file=Path(raw["key_password_file"]) if raw["key_password_file"] else None,
-        pkcs12_file=Path(raw["pkcs12_file"]) if raw["pkcs12_file"] else None,
-        pkcs12_password_file=(
-            Path(raw["pkcs12_password_file"]) if raw["pkcs12_password_file"] else None
-        ),
-        allow_expired=bool(raw["allow_expired"]),
-    )
-
-
 def main() -> None:
     try:
-        materials, warnings = inspect(_config_from(sys.stdin.read()))
+        materials, warnings = inspect(decode_settings(sys.stdin.read()))
     except CertificateError as e:
-        json.dump({"error": str(e)}, sys.stdout)
+        sys.stdout.write(encode_error(str(e)))
         return
-    json.dump(
-        {
-            "certificates": [
-                {
-                    "chain_pem": m.chain_pem.decode("ascii"),
-                    "key_pem": m.key_pem.decode("ascii"),
-                    "served": asdict(m.served),
-                }
-                for m in materials
-            ],
-            "warnings": warnings,
-        },
-        sys.stdout,
-    )
+    sys.stdout.write(encode_answer(materials, warnings))
 
 
 if __name__ == "__main__":

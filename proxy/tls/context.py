@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import json
 import logging
 import os
 import ssl
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from proxy.config import CertificateError, Config
+from proxy.tls.material import Material, ServedCertificate, decode_answer, encode_settings
 
 log = logging.getLogger("tls_sidecar.tls")
 
@@ -74,27 +74,6 @@ def _record_server_name(
 ) -> None:
     if isinstance(ssl_object, AlertingSSLObject):
         ssl_object.server_name_seen = server_name
-
-
-@dataclass(frozen=True, slots=True)
-class ServedCertificate:
-    """What a context serves, for logs and metrics (never key material)."""
-
-    name: str
-    subject: str
-    not_after: float
-    serial: int
-    dns_names: tuple[str, ...]
-    uri_names: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Material:
-    """One certificate as OpenSSL takes it: PEM chain (leaf first), unencrypted PEM key."""
-
-    chain_pem: bytes
-    key_pem: bytes
-    served: ServedCertificate
 
 
 def base_context(
@@ -245,59 +224,18 @@ class TlsBundle:
         return self.contexts[0]
 
 
-_HELPER_FIELDS = (
-    "cert_files",
-    "key_files",
-    "cert_dir",
-    "key_password_file",
-    "pkcs12_file",
-    "pkcs12_password_file",
-    "allow_expired",
-)
-
-
-def settings_json(config: Config) -> str:
-    def plain(value: Any) -> Any:
-        if isinstance(value, tuple):
-            return [str(v) for v in value]
-        return str(value) if isinstance(value, Path) else value
-
-    return json.dumps({name: plain(getattr(config, name)) for name in _HELPER_FIELDS})
-
-
 def inspect_in_helper(config: Config) -> tuple[list[Material], list[str]]:
     """Read and check the certificates in `python -m proxy.tls.certload`, so that this process
     never loads cryptography (see certload)."""
     done = subprocess.run(
         [sys.executable, "-m", "proxy.tls.certload"],
-        input=settings_json(config),
+        input=encode_settings(config),
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
-    try:
-        answer = json.loads(done.stdout)
-    except json.JSONDecodeError:
-        detail = done.stderr.strip().splitlines()[-1:] or ["no answer"]
-        raise CertificateError(f"checking the certificates failed: {detail[0]}") from None
-    if "error" in answer:
-        raise CertificateError(answer["error"])
-    materials = [
-        Material(
-            item["chain_pem"].encode("ascii"),
-            item["key_pem"].encode("ascii"),
-            ServedCertificate(
-                **{
-                    **item["served"],
-                    "dns_names": tuple(item["served"]["dns_names"]),
-                    "uri_names": tuple(item["served"]["uri_names"]),
-                }
-            ),
-        )
-        for item in answer["certificates"]
-    ]
-    return materials, list(answer["warnings"])
+    return decode_answer(done.stdout, done.stderr)
 
 
 def build_bundle(config: Config) -> tuple[TlsBundle, list[str]]:

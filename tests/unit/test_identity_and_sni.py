@@ -6,7 +6,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.identity import AccessPolicy, ClientIdentity, uri_matches
-from proxy.tls.context import ServedCertificate, name_tables, select_certificate
+from proxy.tls.context import name_tables, select_certificate
+from proxy.tls.material import ServedCertificate
 
 segment = st.text(alphabet="abcdefghij-", min_size=1, max_size=6)
 

@@ -1,0 +1,153 @@
+"""What every downstream connection shares (settings, TLS, the pool, metrics, the registry of
+open connections) and the access record each finished request writes. A plain holder: the
+server builds the collaborators and passes them in."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from prometheus_client import Counter
+
+from proxy.config import Config
+from proxy.core import headers as hdr
+from proxy.core.links import Pool
+from proxy.core.request import RequestHead
+from proxy.core.session import Session
+from proxy.identity import identity_name
+from proxy.log import AccessLog, AccessRecord, FailureLog
+from proxy.metrics import PROTOCOLS, Metrics
+from proxy.tls.context import TlsState
+
+
+class Connection(Protocol):
+    """A client connection as the registry and the drain see it."""
+
+    @property
+    def idle(self) -> bool: ...
+
+    def begin_drain(self) -> None: ...
+    def close(self) -> None: ...
+    def abort_all(self) -> None: ...
+
+
+class ProxyContext:
+    """What every downstream connection shares: settings, TLS, the pool, metrics, the registry."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        config: Config,
+        tls: TlsState,
+        metrics: Metrics,
+        access_log: AccessLog,
+        *,
+        server_codec: Any,
+        pool: Pool,
+        protocols: dict[str, Callable[[ProxyContext], Any]],
+    ) -> None:
+        self.loop = loop
+        self.config = config
+        self.tls = tls
+        self.metrics = metrics
+        self.access_log = access_log
+        self.http2 = config.http2
+        # The HTTP/1.1 server codec's class, the pool of the upstream kind, and the connection
+        # class for each protocol ALPN may choose besides http/1.1 ({"h2": Http2Connection}):
+        # chosen by the server, so no protocol module imports another.
+        self.server_codec = server_codec
+        self.pool = pool
+        self.protocols = protocols
+        self.allowed_upgrades = frozenset(u.encode() for u in config.upgrades)
+        self.connections: set[Connection] = set()
+        self.draining = False
+        upstream = config.upstream
+        self.new_request_id = hdr.RequestIds()
+        self.handshake_log = FailureLog()
+        self.upstream_host = (str(upstream.address) if upstream.address else "localhost").encode()
+        self._handshake_children: dict[tuple[str, bool], Counter] = {}
+        metrics.on_flush(self._export_connections)
+        self._all_closed = asyncio.Event()
+
+    def _export_connections(self) -> None:
+        open_now = len(self.connections)
+        self.metrics.connections_active.set(open_now)
+        self.metrics.worker_connections_active.set(open_now)
+
+    def handshake_done(self, version: str, resumed: bool) -> None:
+        child = self._handshake_children.get((version, resumed))
+        if child is None:
+            child = self.metrics.tls_handshakes.labels(version, "true" if resumed else "false")
+            self._handshake_children[(version, resumed)] = child
+        child.inc()
+
+    def connection_closed(self) -> None:
+        if not self.connections:
+            self._all_closed.set()
+
+    async def wait_all_closed(self) -> None:
+        while self.connections:
+            self._all_closed.clear()
+            await self._all_closed.wait()
+
+    def access(
+        self,
+        session: Session,
+        head: RequestHead | None,
+        *,
+        status: int,
+        bytes_in: int,
+        bytes_out: int,
+        duration: float,
+        upstream_duration: float | None,
+        request_id: bytes,
+        local: str | None = None,
+        detail: str | None = None,
+        grpc_status: bytes | None = None,
+        upstream_status: int | None = None,
+        event: str | None = None,
+    ) -> None:
+        """One access-log line (built only when the access log is on)."""
+        if not self.access_log.enabled:
+            return
+        host = user_agent = trace_id = None
+        if head is not None:
+            for name, value in head.headers:
+                if name == b"host" and host is None:
+                    host = value[:256].decode("latin-1")
+                elif name == b"user-agent" and user_agent is None:
+                    user_agent = value[:512].decode("latin-1")
+                elif name == b"traceparent" and trace_id is None:
+                    trace_id = hdr.trace_id(value)
+        identity = session.identity
+        self.access_log.write(
+            AccessRecord(
+                time=time.time(),
+                client=session.client.address,
+                method=head.method.decode("latin-1") if head else "-",
+                path=head.target[:2048].decode("latin-1") if head else "-",
+                status=status,
+                bytes_in=bytes_in,
+                bytes_out=bytes_out,
+                duration=duration,
+                upstream_duration=upstream_duration,
+                tls_version=session.tls_version,
+                request_id=request_id.decode("latin-1"),
+                worker=self.config.worker_index,
+                local=local,
+                detail=detail,
+                protocol=PROTOCOLS.get(head.version, "-") if head else "-",
+                grpc_status=None if grpc_status is None else grpc_status.decode("latin-1"),
+                host=host,
+                user_agent=user_agent,
+                sni=session.sni,
+                cipher=session.cipher,
+                upstream_status=upstream_status,
+                identity=identity_name(identity) if identity is not None else None,
+                denied=session.denied,
+                trace_id=trace_id,
+                event=event,
+            )
+        )

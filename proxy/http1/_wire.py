@@ -1,0 +1,26 @@
+"""HTTP/1.1 wire pieces both codecs and both directions share."""
+
+from __future__ import annotations
+
+import re
+
+from proxy.core.headers import Headers
+
+# A line end without its CR: llhttp refuses it in a head, h11 takes some; the proxy refuses.
+BARE_LF = re.compile(rb"(?<!\r)\n")
+
+
+class Stop(Exception):
+    """Raised in a callback to end llhttp's pass: nothing more from this input is wanted."""
+
+
+def head_bytes(start_line: bytes, headers: Headers) -> bytes:
+    parts = [start_line]
+    for name, value in headers:
+        parts += (name, b": ", value, b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def chunk(data: bytes) -> list[bytes]:
+    return [b"%x\r\n" % len(data), data, b"\r\n"]
