@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from proxy.core.headers import ClientInfo
 from proxy.core.session import Session
+from proxy.core.timer import PhaseTimer
 from proxy.identity import identity_from_der, xfcc_value
 from proxy.tls import context as tls
 
@@ -18,57 +19,6 @@ if TYPE_CHECKING:
     from proxy.core.context import ProxyContext
 
 log = logging.getLogger("tls_sidecar.http")
-
-
-class PhaseTimer:
-    """One lazy timer for what is being waited for (a phase) and how long it may take.
-
-    Activity moves `_phase_since`, not the timer: the timer fires at the first deadline, sees
-    the phase was pushed back, and sleeps again. One timer handle per connection (or HTTP/2
-    stream), not one per read."""
-
-    ctx: ProxyContext
-    loop: asyncio.AbstractEventLoop
-
-    def __init__(self) -> None:
-        self._phase: str | None = None
-        self._phase_timeout = 0.0
-        self._phase_since = 0.0
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
-
-    def timed_out(self, phase: str) -> None:
-        """The phase ran out; counted already."""
-
-    def arm(self, phase: str, timeout: float) -> None:
-        """Start a timeout phase."""
-        now = self.loop.time()
-        self._phase, self._phase_timeout, self._phase_since = phase, timeout, now
-        deadline = now + timeout
-        if self._timer is None or deadline < self._timer_at:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer = self.loop.call_at(deadline, self._on_timer)
-            self._timer_at = deadline
-
-    def stop_timer(self) -> None:
-        self._phase = None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        if self._phase is None:
-            return
-        deadline = self._phase_since + self._phase_timeout
-        if self.loop.time() < deadline:
-            self._timer = self.loop.call_at(deadline, self._on_timer)
-            self._timer_at = deadline
-            return
-        phase, self._phase = self._phase, None
-        self.ctx.metrics.timeouts.labels(phase).inc()
-        self.timed_out(phase)
 
 
 class ClientConnection(PhaseTimer, asyncio.Protocol):

@@ -30,7 +30,8 @@ from proxy.core.headers import Headers
 from proxy.core.links import Tunnel
 from proxy.core.request import BadRequest, read_h2_head, read_h2_trailers
 from proxy.core.session import Session
-from proxy.downstream import ClientConnection, PhaseTimer
+from proxy.core.timer import PhaseTimer
+from proxy.downstream import ClientConnection
 from proxy.http2.h2conn import H2Connection
 
 if TYPE_CHECKING:
