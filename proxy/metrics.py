@@ -66,11 +66,6 @@ class _Observed:
         self.sum = 0.0
         self.buckets = [0] * buckets
 
-    def add(self, bounds: tuple[float, ...], value: float) -> None:
-        self.count += 1
-        self.sum += value
-        self.buckets[bisect_left(bounds, value)] += 1
-
     def flush_into(self, child: Histogram) -> None:
         # prometheus-client has no public "observe N values at once": add to the child's
         # bucket and sum values directly (le buckets: bisect_left finds the first bound >= v).

@@ -283,9 +283,6 @@ class ProxyServer:
             if changed:
                 await self.reload_certificates()
 
-    def request_stop(self) -> None:
-        self._stop.set()
-
     async def serve_until_stopped(self, on_ready: Callable[[Bound], None] | None = None) -> None:
         bound = await self.start()
         if on_ready:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,6 +24,15 @@ def dev_certs(tmp_path_factory: pytest.TempPathFactory) -> DevCerts:
     (out / "tls.crt").write_bytes(server.cert_pem + ca.cert_pem)
     certs.write_private(out / "tls.key", server.key_pem)
     return DevCerts(out / "ca.crt", out / "tls.crt", out / "tls.key", out)
+
+
+@pytest.fixture
+def refused_port() -> Iterator[int]:
+    """A port on 127.0.0.1 that refuses connections: bound, never listening, and held for the
+    test, so no other process can take it meanwhile (bind-close-reuse races)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

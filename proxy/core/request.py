@@ -300,7 +300,7 @@ def upstream_request(
     allowed_upgrades: frozenset[bytes],
     xfcc: bytes | None,
 ) -> UpstreamRequest | BadRequest:
-    """The request for the app, or the answer the proxy gives itself instead (431, 505, 405,
+    """The request for the app, or the answer the proxy gives itself instead (431, 405,
     400 for an unusable target, 413 for a declared body over the limit)."""
     names = head.headers
     target = head.target
@@ -341,8 +341,6 @@ def upstream_request(
     # The parsers cap a head that arrives in pieces; one that arrived whole is measured here.
     if head.size + 12 > max_header_bytes:
         return BadRequest(431, "header_too_large", f"request head over {max_header_bytes} bytes")
-    if head.version not in (b"1.1", b"1.0", b"2"):
-        return BadRequest(505, "version_not_supported", "only HTTP/1.0, HTTP/1.1 and HTTP/2")
     if head.method == b"CONNECT":
         return BadRequest(405, "method_not_allowed", "CONNECT is not supported")
     if not target:

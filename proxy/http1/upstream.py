@@ -194,10 +194,10 @@ class UpstreamPool:
             return up
         return None
 
-    async def connect(self, timeout: float | None = None) -> UpstreamLink:
+    async def connect(self) -> UpstreamLink:
         loop = self.loop
         target = self.config.upstream
-        limit = self.config.upstream_connect_timeout if timeout is None else timeout
+        limit = self.config.upstream_connect_timeout
         up = await open_to_app(loop, target, lambda: UpstreamConnection(self), limit, self.metrics)
         self._set_state(up, "busy")
         return up

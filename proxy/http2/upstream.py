@@ -553,11 +553,11 @@ class H2UpstreamPool:
                 return conn.open_stream()
         return None
 
-    async def connect(self, timeout: float | None = None) -> UpstreamLink:
+    async def connect(self) -> UpstreamLink:
         """A stream on a new connection (one is opened at a time; waiters share it)."""
         while True:
             if self._opening is None:
-                self._opening = self.loop.create_task(self._open(timeout))
+                self._opening = self.loop.create_task(self._open())
             opening = self._opening
             try:
                 conn = await asyncio.shield(opening)
@@ -570,8 +570,8 @@ class H2UpstreamPool:
             if stream is not None:
                 return stream
 
-    async def _open(self, timeout: float | None) -> H2UpstreamConnection:
-        limit = self.config.upstream_connect_timeout if timeout is None else timeout
+    async def _open(self) -> H2UpstreamConnection:
+        limit = self.config.upstream_connect_timeout
 
         async def settle(conn: H2UpstreamConnection) -> None:
             try:

@@ -434,12 +434,6 @@ def test_a_real_browser_loads_the_demo_over_http2(tmp_path: Path) -> None:
     assert demo.wait() == 0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def run_check(*args: str) -> tuple[int, list[str]]:
     done = subprocess.run(
         [sys.executable, "-m", "proxy", "check", *args],
@@ -468,7 +462,7 @@ def test_check_a_good_configuration_says_ok_line_by_line(dev_certs: DevCerts) ->
 
 
 def test_check_warns_on_a_certificate_about_to_expire_and_an_app_not_up(
-    dev_certs: DevCerts, tmp_path: Path
+    dev_certs: DevCerts, tmp_path: Path, refused_port: int
 ) -> None:
     soon = certs.issue(
         certs.create_ca("check CA"),
@@ -483,7 +477,7 @@ def test_check_warns_on_a_certificate_about_to_expire_and_an_app_not_up(
         "--key",
         str(tmp_path / "soon.key"),
         "--upstream",
-        f"http://127.0.0.1:{free_port()}",
+        f"http://127.0.0.1:{refused_port}",
         "--listen",
         "127.0.0.1:0",
         "--admin-listen",

@@ -7,7 +7,6 @@ import http.client
 import signal
 import socket
 import ssl
-import time
 from pathlib import Path
 
 import pytest
@@ -23,13 +22,6 @@ from tests.support.proxy import (
     wait_for,
 )
 from tests.support.upstream import UpstreamApp
-
-
-def free_port() -> int:
-    """A port nothing listens on (bound then released), for a refused upstream."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -53,17 +45,13 @@ def strict(start_proxy: ProxyFactory, upstream: UpstreamApp) -> ProxyProcess:
 
 
 def test_upstream_refused_is_502_without_waiting_for_a_timeout(
-    start_proxy: ProxyFactory, ca: Path
+    start_proxy: ProxyFactory, ca: Path, refused_port: int
 ) -> None:
-    port = free_port()
-    proxy = start_proxy(f"http://127.0.0.1:{port}", "--upstream-connect-timeout", "30s")
-    started = time.monotonic()
-    status, headers, body = https(proxy, ca, path="/x")
-    elapsed = time.monotonic() - started
+    proxy = start_proxy(f"http://127.0.0.1:{refused_port}", "--upstream-connect-timeout", "30s")
+    # The client's own timeout is below the connect timeout: a 502 at all means the refusal
+    # was answered, not waited out.
+    status, headers, body = https(proxy, ca, path="/x", timeout=20)
     assert status == 502
-    assert elapsed < 10, (
-        "a refused connection is answered at once, not after the 30s connect timeout"
-    )
     request_id = headers["x-request-id"]
     # The client learns that the app failed and the id to quote, not the app's address or error.
     assert body == f"502 Bad Gateway: request id {request_id}\n".encode()
@@ -74,7 +62,7 @@ def test_upstream_refused_is_502_without_waiting_for_a_timeout(
         what="the access log line",
     )
     assert record["local"] == "upstream_refused"
-    assert f"127.0.0.1:{port}" in record["detail"] and "refused" in record["detail"].lower()
+    assert f"127.0.0.1:{refused_port}" in record["detail"] and "refused" in record["detail"].lower()
     assert wait_for(
         lambda: any(
             "answered for the app" in line and request_id in line for line in proxy.stderr_lines
