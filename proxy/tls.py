@@ -262,6 +262,12 @@ def check_groups(text: str, option: str = "--tls-groups") -> str:
     return value
 
 
+def has_cve_2026_2673(version: tuple[int, int, int, int, int]) -> bool:
+    """OpenSSL 3.5.0 to 3.5.5, by ssl.OPENSSL_VERSION_INFO (OpenSSL 3 puts the patch fourth:
+    3.5.4 is (3, 5, 0, 4, 0))."""
+    return version[:3] == (3, 5, 0) and version[3] <= 5
+
+
 def key_exchange_notes(groups: str | None) -> list[tuple[int, str]]:
     """What the start-up log says about post-quantum key exchange: (level, message)."""
     version = ssl.OPENSSL_VERSION_INFO
@@ -290,8 +296,7 @@ def key_exchange_notes(groups: str | None) -> list[tuple[int, str]]:
                 f"hybrid post-quantum key exchange ({HYBRID_PQ_GROUP}) available, in {where}",
             )
         )
-    # (3, 5, 0, patch, status): OpenSSL 3 puts the patch release fourth
-    if version[:3] == (3, 5, 0) and version[3] <= 5:
+    if has_cve_2026_2673(version):
         notes.append(
             (
                 logging.WARNING,

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from proxy.tls import group_names
+from proxy.tls import group_names, has_cve_2026_2673
 from tests.support.proxy import DevCerts, ProxyProcess, serve_args
 from tests.support.upstream import UpstreamApp
 
@@ -133,3 +133,19 @@ def test_group_names_read_openssl_35s_list_syntax() -> None:
         "secp256r1",
         "X448",
     ]
+
+
+def test_openssl_350_to_355_are_the_releases_warned_about() -> None:
+    warned = [
+        v
+        for v in (
+            (3, 0, 0, 22, 0),
+            (3, 5, 0, 0, 0),
+            (3, 5, 0, 5, 0),
+            (3, 5, 0, 6, 0),
+            (3, 6, 0, 0, 0),
+            (3, 4, 0, 9, 0),
+        )
+        if has_cve_2026_2673(v)
+    ]
+    assert warned == [(3, 5, 0, 0, 0), (3, 5, 0, 5, 0)]
