@@ -6,37 +6,42 @@
 # or `docker run --read-only --tmpfs /tmp`), no shell and no pip, and an exec-form entrypoint
 # so the process is PID 1 and receives SIGTERM itself.
 #
-# The base image is pinned by digest; the tag it was taken from is python:3.12-slim. To move
-# to a newer build: docker pull python:3.12-slim, then put its RepoDigest below (both FROMs).
+# Every build step is in deploy/image/build-root.sh, which tests/e2e/test_image_root.py also
+# runs on a Debian 13 root filesystem (debootstrap), so what is tested is what is built.
+#
+# Debian 13 (trixie): OpenSSL 3.5, so hybrid post-quantum key exchange (X25519MLKEM768) by
+# default. The base image is pinned by digest; the tag it was taken from is
+# python:3.13-slim-trixie (the digest as published for that tag on 2026-09-08: Python 3.13.15,
+# Debian 13.6). It has not been checked against a registry from here: refresh it where one is
+# reachable, `docker buildx imagetools inspect python:3.13-slim-trixie`, and put its digest
+# below (both FROMs use it).
 
-ARG BASE=python:3.12-slim@sha256:78387bc3881b8273120a12ebe6c1ab22b018ccc2c9adf565ae1ac9b536e184ea
+ARG BASE=python:3.13-slim-trixie@sha256:9d2e5553305c7c7b0097999bb17187c69b921ccd6bc9d40e4bb5ebe652c00285
 
 FROM ${BASE} AS build
 WORKDIR /src
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-# These three steps are what tests/e2e/test_image_install.py repeats in a fresh environment.
-RUN python -m venv --without-pip /opt/tls-sidecar
 COPY requirements.lock ./
-RUN python -m pip --python /opt/tls-sidecar/bin/python install --require-hashes --no-deps -r requirements.lock
+RUN --mount=type=bind,source=deploy/image/build-root.sh,target=/usr/local/sbin/build-root.sh \
+    ["/bin/sh", "/usr/local/sbin/build-root.sh", "deps", "requirements.lock"]
 COPY pyproject.toml README.md ./
 COPY proxy ./proxy
-RUN python -m pip --python /opt/tls-sidecar/bin/python install --no-deps .
+RUN --mount=type=bind,source=deploy/image/build-root.sh,target=/usr/local/sbin/build-root.sh \
+    ["/bin/sh", "/usr/local/sbin/build-root.sh", "package", "/src"]
 
 FROM ${BASE}
 LABEL org.opencontainers.image.title="tls-sidecar" \
       org.opencontainers.image.description="TLS-terminating reverse proxy sidecar" \
       org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.base.name="docker.io/library/python:3.12-slim"
+      org.opencontainers.image.base.name="docker.io/library/python:3.13-slim-trixie"
 COPY --from=build /opt/tls-sidecar /opt/tls-sidecar
 ENV PATH=/opt/tls-sidecar/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     TMPDIR=/tmp
-# No pip (nothing installs at run time) and no shell (nothing for an attacker to exec into).
-RUN ["/usr/local/bin/python", "-m", "pip", "uninstall", "--yes", "--quiet", "pip"]
-# (two RUNs: without a shell, exec form runs one program each)
-# hadolint ignore=DL3059
-RUN ["/bin/rm", "-f", "/bin/sh", "/bin/bash", "/bin/dash", "/usr/bin/sh", "/usr/bin/bash", "/usr/bin/dash"]
+# No pip (nothing installs at run time) and no shell (nothing for an attacker to exec into);
+# the script is mounted for this one step, not copied into the image.
+RUN --mount=type=bind,source=deploy/image/build-root.sh,target=/usr/local/sbin/build-root.sh \
+    ["/bin/sh", "/usr/local/sbin/build-root.sh", "harden"]
 USER 65532:65532
 EXPOSE 8443 9901
 STOPSIGNAL SIGTERM

@@ -29,10 +29,16 @@ typecheck: $(STAMP)
 loadtest: $(STAMP)
 	$(BIN)/python -m loadtest
 
-# requirements.lock: what the image installs, pinned with hashes (needs PyPI).
-lock: $(STAMP)
-	$(BIN)/pip-compile --quiet --generate-hashes --strip-extras --no-emit-index-url \
-	  --no-emit-find-links --output-file requirements.lock pyproject.toml
+# requirements.lock: what the image installs, pinned with hashes (needs PyPI). pip-compile
+# resolves for the Python it runs on, so the lock is made by the image's Python (3.13), in an
+# environment of its own; the machine's pip configuration (local indexes) is left out.
+LOCK_PYTHON ?= python3.13
+LOCK_VENV   := .cache/lock-venv
+lock:
+	$(LOCK_PYTHON) -m venv $(LOCK_VENV)
+	PIP_CONFIG_FILE=/dev/null $(LOCK_VENV)/bin/python -m pip install -q 'pip-tools>=7.4'
+	PIP_CONFIG_FILE=/dev/null $(LOCK_VENV)/bin/pip-compile --quiet --generate-hashes --strip-extras \
+	  --no-emit-index-url --no-emit-find-links --output-file requirements.lock pyproject.toml
 
 $(BIN)/python:
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \

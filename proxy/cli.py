@@ -33,6 +33,7 @@ from proxy.config import (
 )
 from proxy.identity import AccessPolicy
 from proxy.server import Bound, ProxyServer
+from proxy.tls.context import check_groups, key_exchange_notes
 from proxy.workers import Supervisor, check_workers, die_with_parent
 
 log = logging.getLogger("tls_sidecar")
@@ -179,6 +180,13 @@ def serve_options(func: Callable[..., Any]) -> Callable[..., Any]:
             "Oldest TLS version accepted.",
             type=click.Choice(["1.2", "1.3"]),
         ),
+        _option(
+            "--tls-groups",
+            None,
+            "Key exchange groups, colon-separated, most preferred first (OpenSSL's names, e.g. "
+            "X25519MLKEM768:X25519:P-256). Default: OpenSSL's own, which from OpenSSL 3.5 "
+            "starts with hybrid post-quantum X25519MLKEM768.",
+        ),
         _option("--handshake-timeout", "10s", "Time a client has to finish the TLS handshake."),
         _option("--header-timeout", "15s", "Time a client has to send a whole request head."),
         _option(
@@ -302,6 +310,7 @@ def build_config(opts: dict[str, Any]) -> Config:
         client_cert_header=opts["client_cert_header"],
         client_cert_header_pem=opts["client_cert_header_pem"],
         tls_min_version=opts["tls_min_version"],
+        tls_groups=check_groups(opts["tls_groups"]) if opts["tls_groups"] else None,
         session_resumption=opts["tls_session_resumption"],
         handshake_timeout=parse_duration(opts["handshake_timeout"], option="--handshake-timeout"),
         header_timeout=parse_duration(opts["header_timeout"], option="--header-timeout"),
@@ -359,6 +368,8 @@ def _announce(config: Config, server: ProxyServer, bound: Bound) -> None:
             "NO CERTIFICATE GIVEN: serving a generated self-signed certificate for localhost; "
             "clients will not trust it. Use --cert and --key in production"
         )
+    for level, message in key_exchange_notes(config.tls_groups):
+        log.log(level, message)
     log.info(
         "listening",
         extra={

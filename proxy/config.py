@@ -66,6 +66,7 @@ class Config:
     allow_expired: bool = False
     reload_interval: float = 5.0
     tls_min_version: TlsVersion = "1.2"
+    tls_groups: str | None = None  # None: OpenSSL's own list (X25519MLKEM768 first from 3.5)
     session_resumption: bool = True
     client_ca: Path | None = None
     client_auth: ClientAuth = "require"
