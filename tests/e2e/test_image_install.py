@@ -39,10 +39,7 @@ SYSTEM_PYTHON = "/usr/bin/python3"
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching to uid 65532 needs root")
-@pytest.mark.skipif(
-    not Path(SYSTEM_PYTHON).exists(),
-    reason="needs the system python3 (apt-get install python3-venv)",
-)
+@pytest.mark.needs("python3", install="apt-get install python3-venv", path=SYSTEM_PYTHON)
 def test_installed_image_serves_as_a_non_root_user(tmp_path: Path) -> None:
     # pytest's own temporary folders are closed to other users: the "image" lives beside them
     root = Path(tempfile.mkdtemp(prefix="tls-sidecar-image-"))
@@ -136,9 +133,8 @@ def test_installed_image_serves_as_a_non_root_user(tmp_path: Path) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare"
-)
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+@pytest.mark.needs("unshare", install="apt-get install util-linux")
 def test_signals_work_when_the_proxy_is_pid_1(tmp_path: Path) -> None:
     """In a container the proxy is PID 1: the kernel delivers only signals it handles itself."""
     app = UpstreamApp().start()
