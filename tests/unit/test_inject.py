@@ -7,12 +7,13 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from proxy.inject import InjectError, InjectOptions, inject
-from tests.support.manifests import objects, validate
+from tests.support.manifests import objects, pod_spec, sidecar_of, validate
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "inject"
 
@@ -179,3 +180,174 @@ def test_inject_reads_the_app_port_or_asks_for_it() -> None:
     assert "--upstream=http://127.0.0.1:5000" in inject(named, InjectOptions())
     single = deployment("[{containerPort: 4000}]")
     assert "--upstream=http://127.0.0.1:4000" in inject(single, InjectOptions())
+
+
+def _workload(containers: str, kind: str = "Deployment", name: str = "web") -> str:
+    return (
+        f"apiVersion: apps/v1\nkind: {kind}\nmetadata: {{name: {name}}}\nspec:\n"
+        f"  selector: {{matchLabels: {{app: {name}}}}}\n  template:\n"
+        f"    metadata: {{labels: {{app: {name}}}}}\n    spec:\n"
+        f"      containers:\n{containers}"
+    )
+
+
+_WEB = "        - {name: web, image: web, ports: [{name: http, containerPort: 8080}]}\n"
+
+
+def _pod_spec(result: str, name: str = "web") -> dict[str, Any]:
+    workload = next(o for o in objects(result) if o["metadata"]["name"] == name)
+    return pod_spec(workload)
+
+
+def test_services_inside_a_list_are_rewired() -> None:
+    """`kubectl get deploy,svc -o yaml` prints one List holding both."""
+    listed = """\
+apiVersion: v1
+kind: List
+items:
+  - apiVersion: apps/v1
+    kind: Deployment
+    metadata: {name: web}
+    spec:
+      selector: {matchLabels: {app: web}}
+      template:
+        metadata: {labels: {app: web}}
+        spec:
+          containers: [{name: web, image: web, ports: [{containerPort: 8080}]}]
+  - apiVersion: v1
+    kind: Service
+    metadata: {name: web}
+    spec:
+      selector: {app: web}
+      ports: [{name: web, port: 80, targetPort: 8080}]
+"""
+    notes: list[str] = []
+    result = inject(listed, InjectOptions(), notes)
+    service = next(o for o in objects(result) if o["kind"] == "Service")
+    assert service["spec"]["ports"] == [{"name": "web", "port": 80, "targetPort": "https"}]
+    assert any("Service/web: port 80 now goes to the sidecar" in n for n in notes)
+    assert inject(result, InjectOptions()) == result
+
+
+def test_a_header_comment_and_a_comment_before_a_separator_stay_where_they_were() -> None:
+    source = (
+        "# Rendered for prod; owned by team-web.\n---\n"
+        + _workload(_WEB)
+        + "# The ConfigMap the app reads.\n---\n"
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: web}\n"
+    )
+    result = inject(source, InjectOptions())
+    assert result.startswith("# Rendered for prod; owned by team-web.\n---\napiVersion: apps/v1\n")
+    assert "\n# The ConfigMap the app reads.\n---\napiVersion: v1\nkind: ConfigMap\n" in result
+    assert inject(result, InjectOptions()) == result
+
+
+def test_the_secret_volume_mode_is_written_in_octal() -> None:
+    result = inject(_workload(_WEB), InjectOptions())
+    assert "defaultMode: 0444\n" in result
+    volume = next(v for v in _pod_spec(result)["volumes"] if v["name"] == "tls-sidecar-certs")
+    assert volume["secret"]["defaultMode"] == 0o444  # as Kubernetes reads YAML 1.1
+
+
+def test_only_the_app_container_the_sidecar_fronts_gets_the_prestop() -> None:
+    shipper = "        - {name: logs, image: fluent-bit}\n"
+    spec = _pod_spec(inject(_workload(_WEB + shipper), InjectOptions()))
+    web, logs = spec["containers"]
+    assert web["lifecycle"]["preStop"] == {"sleep": {"seconds": 10}}
+    assert "lifecycle" not in logs
+    # The app is the container that declares --upstream-port, wherever it is in the list.
+    second = shipper + "        - {name: api, image: api, ports: [{containerPort: 3000}]}\n"
+    spec = _pod_spec(inject(_workload(second), InjectOptions(upstream_port=3000)))
+    logs, api = spec["containers"][:2]
+    assert api["lifecycle"]["preStop"] == {"sleep": {"seconds": 10}}
+    assert "lifecycle" not in logs
+
+
+def test_the_classic_prestop_says_it_needs_sleep_in_the_app_image() -> None:
+    notes: list[str] = []
+    spec = _pod_spec(inject(_workload(_WEB), InjectOptions(native=False), notes))
+    assert spec["containers"][0]["lifecycle"]["preStop"] == {"exec": {"command": ["sleep", "15"]}}
+    assert any("needs a `sleep` program" in n and "distroless" in n for n in notes)
+    notes.clear()
+    inject(_workload(_WEB), InjectOptions(), notes)
+    assert not any("sleep` program" in n for n in notes), "the native sleep action needs none"
+
+
+def test_the_sidecar_probes_have_a_timeout() -> None:
+    _, sidecar = sidecar_of(objects(inject(_workload(_WEB), InjectOptions()))[0])
+    assert sidecar["livenessProbe"]["timeoutSeconds"] == 2
+    assert sidecar["readinessProbe"]["timeoutSeconds"] == 2
+
+
+def _service(ports: str, name: str = "web") -> str:
+    return (
+        f"---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\n"
+        f"spec:\n  selector: {{app: web}}\n  ports: {ports}\n"
+    )
+
+
+def test_a_service_port_named_http_that_now_carries_tls_is_renamed() -> None:
+    notes: list[str] = []
+    source = _workload(_WEB) + _service(
+        "[{name: http, port: 80, targetPort: http, appProtocol: http}]"
+    )
+    result = inject(source, InjectOptions(), notes)
+    service = next(o for o in objects(result) if o["kind"] == "Service")
+    assert service["spec"]["ports"] == [
+        {"name": "https", "port": 80, "targetPort": "https", "appProtocol": "https"}
+    ]
+    assert any("renamed http -> https" in n for n in notes)
+    assert inject(result, InjectOptions()) == result
+
+
+def test_a_service_port_name_something_uses_is_kept_with_a_note() -> None:
+    ingress = (
+        "---\napiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {name: web}\nspec:\n"
+        "  defaultBackend: {service: {name: web, port: {name: http-web}}}\n"
+    )
+    notes: list[str] = []
+    source = _workload(_WEB) + _service("[{name: http-web, port: 80, targetPort: 8080}]")
+    result = inject(source + ingress, InjectOptions(), notes)
+    service = next(o for o in objects(result) if o["kind"] == "Service")
+    assert service["spec"]["ports"][0]["name"] == "http-web"
+    [note] = [n for n in notes if "still named http-web" in n]
+    assert "Ingress/web uses that name" in note and "backend-protocol: HTTPS" in note
+    # A name the Service already uses is not taken twice.
+    taken = "[{name: http, port: 80, targetPort: 8080}, {name: https, port: 443, targetPort: 8443}]"
+    result = inject(_workload(_WEB) + _service(taken), InjectOptions(), notes)
+    service = next(o for o in objects(result) if o["kind"] == "Service")
+    assert [p["name"] for p in service["spec"]["ports"]] == ["http", "https"]
+    assert any("another port of Service/web uses that name" in n for n in notes)
+
+
+def test_loopback_is_advised_only_when_no_probe_of_the_kubelet_needs_the_pod_ip() -> None:
+    """The kubelet probes the pod's IP: an app told to listen on 127.0.0.1 would fail its own
+    probes (and liveness would restart it), so inject says so instead of advising loopback."""
+    probed = (
+        "        - name: web\n          image: web\n"
+        "          ports: [{name: http, containerPort: 8080}]\n"
+        "          livenessProbe: {httpGet: {path: /healthz, port: http}}\n"
+        "          readinessProbe: {tcpSocket: {port: 8080}}\n"
+    )
+    notes: list[str] = []
+    inject(_workload(probed), InjectOptions(), notes)
+    assert not any("listen on 127.0.0.1:8080 only" in n for n in notes)
+    [note] = [n for n in notes if "livenessProbe, readinessProbe reach container web" in n]
+    assert "not on 127.0.0.1 only, or they fail" in note and "NetworkPolicy" in note
+    notes.clear()
+    inject(_workload(_WEB), InjectOptions(), notes)
+    assert any("make container web listen on 127.0.0.1:8080 only" in n for n in notes)
+    assert not any("reach container web" in n for n in notes)
+
+
+def test_a_readiness_probe_on_another_port_is_not_the_apps_health_path() -> None:
+    management = (
+        "        - name: web\n          image: web\n"
+        "          ports: [{name: http, containerPort: 8080}, {name: mgmt, containerPort: 8081}]\n"
+        "          readinessProbe: {httpGet: {path: /actuator/health, port: mgmt}}\n"
+    )
+    notes: list[str] = []
+    result = inject(_workload(management), InjectOptions(), notes)
+    _, sidecar = sidecar_of(objects(result)[0])
+    assert not any(a.startswith("--upstream-health-path") for a in sidecar["args"])
+    assert any("make container web listen on 127.0.0.1:8080 only" in n for n in notes)
