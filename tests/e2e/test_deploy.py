@@ -326,3 +326,21 @@ def test_the_dashboard_ships_as_a_file_and_as_a_sidecar_configmap(
     )
     assert configmap["metadata"]["labels"] == {"grafana_dashboard": "1"}
     assert configmap["data"]["tls-sidecar-dashboard.json"] == text
+
+
+def test_the_grace_periods_in_deploy_readme_are_the_manifests(rendered: dict[str, str]) -> None:
+    """deploy/README.md states terminationGracePeriodSeconds in prose and two tables: each figure
+    is the one the native base and the classic overlay render."""
+
+    def grace(overlay: str) -> int:
+        deployment = next(o for o in objects(rendered[overlay]) if o["kind"] == "Deployment")
+        return int(deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"])
+
+    native = grace("deploy/kubernetes/base")
+    classic = grace("deploy/kubernetes/overlays/classic-sidecar")
+    text = (REPO / "deploy" / "README.md").read_text()
+    stated = re.findall(r"terminationGracePeriodSeconds: (\d+)`?(?: \((\d+) classic\))?", text)
+    assert stated, "deploy/README.md names no grace period"
+    for figure, classic_figure in stated:
+        assert int(figure) == native and int(classic_figure or classic) == classic, stated
+    assert re.findall(r"= \*\*(\d+)\*\*", text) == [str(native), str(classic)]
