@@ -7,12 +7,20 @@ are re-serialised. A second run changes nothing.
 from __future__ import annotations
 
 import io
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from . import __version__
 from .config import ConfigError
+from .inject_services import Injected, objects_of, port_name_references, rewire_service, where_of
+from .inject_yaml import (
+    OctalMode,
+    mapping_indent,
+    represent_octal_mode,
+    round_trip,
+    split_documents,
+    trailing_comments,
+)
 
 SIDECAR = "tls-sidecar"
 CERT_VOLUME = "tls-sidecar-certs"
@@ -37,7 +45,6 @@ POD_SPEC_PATHS: dict[str, tuple[str, ...]] = {
     "CronJob": ("spec", "jobTemplate", "spec", "template", "spec"),
 }
 
-_DOCUMENT_SEPARATOR = re.compile(r"^---[ \t]*(?:#.*)?$", re.MULTILINE)
 PROBES = ("livenessProbe", "readinessProbe", "startupProbe")
 
 
@@ -56,17 +63,6 @@ class InjectOptions:
     native: bool = True
     upstream_port: int | None = None  # None: read from the app container (default 8080)
     services: bool = True  # rewrite Services of the input that target the app's port
-
-
-@dataclass(frozen=True, slots=True)
-class Injected:
-    """A workload that got the sidecar: what its Services are matched against."""
-
-    where: str
-    namespace: str | None
-    labels: dict[str, str]
-    port: int
-    port_name: str | None
 
 
 def sidecar_container(options: InjectOptions, port: int = 8080) -> dict[str, Any]:
@@ -131,11 +127,6 @@ def sidecar_container(options: InjectOptions, port: int = 8080) -> dict[str, Any
     return container
 
 
-def _where(kind: str, doc: dict[str, Any]) -> str:
-    name = (doc.get("metadata") or {}).get("name", "?")
-    return f"{kind}/{name}"
-
-
 def _readiness_path(container: dict[str, Any], port: int, port_name: str | None) -> str | None:
     """The path of the app's HTTP readiness probe on the port the sidecar forwards to (one on
     another port, e.g. a management port, says nothing about that one)."""
@@ -185,15 +176,6 @@ def probes_on_port(container: dict[str, Any], port: int, port_name: str | None) 
             if isinstance(target, dict) and target.get("port") in (port, port_name):
                 found.append(kind)
     return found
-
-
-class _OctalMode(int):
-    """A file mode, written as Kubernetes manifests write it (`0444`, YAML 1.1's octal, which
-    the API server reads), not as the decimal 292 that means the same."""
-
-
-def _represent_octal_mode(representer: Any, mode: _OctalMode) -> Any:
-    return representer.represent_scalar("tag:yaml.org,2002:int", f"0{int(mode):o}")
 
 
 def app_port(
@@ -329,7 +311,7 @@ def inject_pod_spec(
         volumes.append(
             {
                 "name": CERT_VOLUME,
-                "secret": {"secretName": options.secret, "defaultMode": _OctalMode(0o444)},
+                "secret": {"secretName": options.secret, "defaultMode": OctalMode(0o444)},
             }
         )
     if TMP_VOLUME not in names:
@@ -359,14 +341,14 @@ def inject_object(
     for key in path:
         spec = spec.get(key) if isinstance(spec, dict) else None
     if not isinstance(spec, dict):
-        raise InjectError(f"{_where(str(kind), doc)}: no pod spec at {'.'.join(path)}")
+        raise InjectError(f"{where_of(str(kind), doc)}: no pod spec at {'.'.join(path)}")
     found: list[tuple[int, str | None]] = []
-    changed = inject_pod_spec(spec, options, _where(str(kind), doc), notes, found)
+    changed = inject_pod_spec(spec, options, where_of(str(kind), doc), notes, found)
     if changed and injected is not None:
         template = doc if kind == "Pod" else _template(doc, path)
         labels = dict(((template.get("metadata") or {}).get("labels")) or {})
         namespace = (doc.get("metadata") or {}).get("namespace")
-        injected.append(Injected(_where(str(kind), doc), namespace, labels, *found[0]))
+        injected.append(Injected(where_of(str(kind), doc), namespace, labels, *found[0]))
     return changed
 
 
@@ -376,156 +358,6 @@ def _template(doc: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
     for key in path[:-1]:
         node = node.get(key) or {}
     return dict(node) if isinstance(node, dict) else {}
-
-
-def _objects(doc: Any) -> list[dict[str, Any]]:
-    """The Kubernetes objects of one YAML document: itself, or a `List`'s items (what
-    `kubectl get deploy,svc -o yaml` prints)."""
-    if not isinstance(doc, dict):
-        return []
-    if doc.get("kind") == "List":
-        return [item for item in doc.get("items") or [] if isinstance(item, dict)]
-    return [doc]
-
-
-def port_name_references(objects: list[dict[str, Any]]) -> dict[tuple[Any, Any, Any], str]:
-    """(namespace, Service name, port name) -> who in the input refers to that Service port by
-    its name (an Ingress backend): renaming the port would break them."""
-    found: dict[tuple[Any, Any, Any], str] = {}
-    for obj in objects:
-        if obj.get("kind") != "Ingress":
-            continue
-        spec = obj.get("spec") or {}
-        backends = [spec.get("defaultBackend") or {}]
-        for rule in spec.get("rules") or []:
-            backends += [
-                path.get("backend") or {} for path in (rule.get("http") or {}).get("paths") or []
-            ]
-        namespace = (obj.get("metadata") or {}).get("namespace")
-        for backend in backends:
-            service = backend.get("service") or {}
-            name = (service.get("port") or {}).get("name")
-            if name is not None:
-                found[(namespace, service.get("name"), name)] = _where("Ingress", obj)
-    return found
-
-
-def _tls_port_name(name: Any) -> str | None:
-    """A plaintext port name's TLS twin (`http` -> `https`, `http-web` -> `https-web`): the
-    convention Istio, Linkerd and others read the protocol from."""
-    if isinstance(name, str) and (name == "http" or name.startswith("http-")):
-        return "https" + name[4:]
-    return None
-
-
-def rewire_service(
-    doc: dict[str, Any],
-    injected: list[Injected],
-    notes: list[str],
-    references: dict[tuple[Any, Any, Any], str] | None = None,
-) -> bool:
-    """Point a Service that selects an injected workload's pods at the sidecar's `https`
-    port where it targeted the app's port, rename a port named for plaintext HTTP when nothing
-    in the input names it; report what it leaves alone."""
-    spec = doc.get("spec") or {}
-    selector = spec.get("selector") or {}
-    metadata = doc.get("metadata") or {}
-    namespace = metadata.get("namespace")
-    where = _where("Service", doc)
-    changed = False
-    for workload in injected:
-        if not selector or namespace != workload.namespace:
-            continue
-        if any(workload.labels.get(k) != v for k, v in selector.items()):
-            continue
-        ports = spec.get("ports") or []
-        for port in ports:
-            target = port.get("targetPort", port.get("port"))
-            if target in (workload.port, workload.port_name):
-                port["targetPort"] = "https"
-                changed = True
-                notes.append(
-                    f"{where}: port {port.get('port')} now goes to the sidecar (targetPort "
-                    f"https, TLS) instead of the app's plaintext {target}"
-                )
-                _rename_for_tls(port, ports, where, notes, references or {}, namespace, metadata)
-            else:
-                notes.append(
-                    f"{where}: port {port.get('port')} (targetPort {target}) selects "
-                    f"{workload.where} but not the app's port {workload.port}: left alone"
-                )
-    return changed
-
-
-def _rename_for_tls(
-    port: dict[str, Any],
-    ports: list[dict[str, Any]],
-    where: str,
-    notes: list[str],
-    references: dict[tuple[Any, Any, Any], str],
-    namespace: Any,
-    metadata: dict[str, Any],
-) -> None:
-    """A port named `http` that now carries TLS misleads whatever reads the protocol from the
-    name (service meshes, some ingress controllers): rename it, or say why not."""
-    old = port.get("name")
-    new = _tls_port_name(old)
-    if port.get("appProtocol") == "http":
-        port["appProtocol"] = "https"
-        notes.append(f"{where}: port {port.get('port')} appProtocol http -> https")
-    if new is None:
-        return
-    user = references.get((namespace, metadata.get("name"), old))
-    if user is None and any(p.get("name") == new for p in ports):
-        user = f"another port of {where}"
-    if user is None:
-        port["name"] = new
-        notes.append(
-            f"{where}: port {port.get('port')} renamed {old} -> {new} (it carries TLS now); "
-            "rename it too wherever something outside this input refers to it by name"
-        )
-    else:
-        notes.append(
-            f"{where}: port {port.get('port')} is still named {old} though it carries TLS now "
-            f"({user} uses that name): rename it to {new} there and here"
-            + (
-                f"; {user} now reaches a TLS port: set its controller to HTTPS backends "
-                "(ingress-nginx: nginx.ingress.kubernetes.io/backend-protocol: HTTPS)"
-                if user.startswith("Ingress/")
-                else ""
-            )
-        )
-
-
-def split_documents(text: str) -> list[str]:
-    """The YAML stream's documents as text, separators dropped (a leading '---' too)."""
-    parts = _DOCUMENT_SEPARATOR.split(text)
-    return [p for i, p in enumerate(parts) if p.strip() or 0 < i < len(parts) - 1]
-
-
-def _mapping_indent(part: str) -> int:
-    """The document's mapping indentation: how much deeper than a key alone on its line the
-    first key of the mapping under it starts (a sequence under a key does not tell)."""
-    parent: int | None = None
-    for line in part.splitlines():
-        stripped = line.lstrip(" ")
-        if not stripped or stripped[0] == "#":
-            continue
-        depth = len(line) - len(stripped)
-        if parent is not None and depth > parent and stripped[0] != "-":
-            return depth - parent
-        key_alone = stripped.split(" #", 1)[0].rstrip().endswith(":")
-        parent = depth + (2 if stripped.startswith("- ") else 0) if key_alone else None
-    return 2
-
-
-def _round_trip(yaml: Any) -> Any:
-    """ruamel.yaml set to give back what it read: quotes (kept at load time), long lines and
-    flow mappings as they were."""
-    yaml.preserve_quotes = True
-    yaml.width = 4096
-    yaml.brace_single_entry_mapping_in_flow_sequence = True
-    return yaml
 
 
 def inject(text: str, options: InjectOptions, notes: list[str] | None = None) -> str:
@@ -543,9 +375,9 @@ def inject(text: str, options: InjectOptions, notes: list[str] | None = None) ->
     parts = split_documents(text)
     docs: list[tuple[str, Any, int, int, str]] = []
     for number, part in enumerate(parts, start=1):
-        body, trailer = _trailing_comments(part)
+        body, trailer = trailing_comments(part)
         try:
-            doc, _, offset = load_yaml_guess_indent(body, yaml=_round_trip(YAML()))
+            doc, _, offset = load_yaml_guess_indent(body, yaml=round_trip(YAML()))
         except YAMLError as e:
             raise InjectError(f"document {number} is not valid YAML: {e}".splitlines()[0]) from None
         if doc is not None and (
@@ -555,7 +387,7 @@ def inject(text: str, options: InjectOptions, notes: list[str] | None = None) ->
                 f"document {number} is not a Kubernetes object (no apiVersion/kind); "
                 "give manifests, e.g. kubectl get deploy web -o yaml | tls-sidecar inject"
             )
-        docs.append((part, doc, _mapping_indent(body), offset or 0, trailer))
+        docs.append((part, doc, mapping_indent(body), offset or 0, trailer))
     injected: list[Injected] = []
     changed: set[int] = set()
     for index, (_, doc, _, _, _) in enumerate(docs):
@@ -564,10 +396,10 @@ def inject(text: str, options: InjectOptions, notes: list[str] | None = None) ->
         ):
             changed.add(index)
     if options.services and injected:
-        everything = [obj for _, doc, _, _, _ in docs for obj in _objects(doc)]
+        everything = [obj for _, doc, _, _, _ in docs for obj in objects_of(doc)]
         references = port_name_references(everything)
         for index, (_, doc, _, _, _) in enumerate(docs):
-            for obj in _objects(doc):
+            for obj in objects_of(doc):
                 if obj.get("kind") == "Service" and rewire_service(
                     obj, injected, notes, references
                 ):
@@ -578,22 +410,10 @@ def inject(text: str, options: InjectOptions, notes: list[str] | None = None) ->
             if part.strip():  # a comment-only document (a file's header) is kept too
                 out.append(part.strip("\n") + "\n")
             continue
-        yaml = _round_trip(YAML())
+        yaml = round_trip(YAML())
         yaml.indent(mapping=indent, sequence=offset + 2, offset=offset)
-        yaml.representer.add_representer(_OctalMode, _represent_octal_mode)
+        yaml.representer.add_representer(OctalMode, represent_octal_mode)
         stream = io.StringIO()
         yaml.dump(doc, stream)
         out.append(stream.getvalue() + trailer)
     return "---\n".join(out)
-
-
-def _trailing_comments(part: str) -> tuple[str, str]:
-    """A document's text and the comment lines after its last value (often a note about the
-    next document): kept after the document as they were, where ruamel would attach them to
-    the last value, inside what inject appends."""
-    lines = part.splitlines(keepends=True)
-    end = len(lines)
-    while end > 0 and (not lines[end - 1].strip() or lines[end - 1].lstrip().startswith("#")):
-        end -= 1
-    trailer = "".join(line for line in lines[end:] if line.strip())
-    return "".join(lines[:end]), trailer
