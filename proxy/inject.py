@@ -156,7 +156,7 @@ def app_prestop(native: bool) -> dict[str, Any]:
 
 def app_container(containers: list[dict[str, Any]], options: InjectOptions) -> dict[str, Any]:
     """The container the sidecar fronts: the one declaring --upstream-port, else the first
-    (a log shipper or another helper beside it is not the app)."""
+    (a log shipper or another container beside it is not the app)."""
     if options.upstream_port is not None:
         for container in containers:
             ports = container.get("ports") or []
