@@ -10,6 +10,7 @@ import pytest
 
 from proxy.http1 import CODECS
 from proxy.tls import certs
+from tests.support import tools
 from tests.support.proxy import DevCerts, ProxyProcess, serve_args
 from tests.support.upstream import UpstreamApp
 
@@ -78,3 +79,16 @@ def proxy(start_proxy: ProxyFactory, upstream: UpstreamApp) -> ProxyProcess:
 @pytest.fixture
 def ca(dev_certs: DevCerts) -> Path:
     return dev_certs.ca
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "needs(program, install=..., path=None): the test drives this program "
+        "(skipped without it, failed under CI: tests/support/tools.py)",
+    )
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for mark in item.iter_markers("needs"):
+        tools.require(*mark.args, **mark.kwargs)

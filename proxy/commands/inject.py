@@ -7,11 +7,25 @@ are re-serialised. A second run changes nothing.
 from __future__ import annotations
 
 import io
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from proxy import __version__
+from proxy.commands.inject_services import (
+    Injected,
+    objects_of,
+    port_name_references,
+    rewire_service,
+    where_of,
+)
+from proxy.commands.inject_yaml import (
+    OctalMode,
+    mapping_indent,
+    represent_octal_mode,
+    round_trip,
+    split_documents,
+    trailing_comments,
+)
 from proxy.config import ConfigError
 
 SIDECAR = "tls-sidecar"
@@ -37,7 +51,7 @@ POD_SPEC_PATHS: dict[str, tuple[str, ...]] = {
     "CronJob": ("spec", "jobTemplate", "spec", "template", "spec"),
 }
 
-_DOCUMENT_SEPARATOR = re.compile(r"^---[ \t]*(?:#.*)?$", re.MULTILINE)
+PROBES = ("livenessProbe", "readinessProbe", "startupProbe")
 
 
 class InjectError(ConfigError):
@@ -55,17 +69,6 @@ class InjectOptions:
     native: bool = True
     upstream_port: int | None = None  # None: read from the app container (default 8080)
     services: bool = True  # rewrite Services of the input that target the app's port
-
-
-@dataclass(frozen=True, slots=True)
-class Injected:
-    """A workload that got the sidecar: what its Services are matched against."""
-
-    where: str
-    namespace: str | None
-    labels: dict[str, str]
-    port: int
-    port_name: str | None
 
 
 def sidecar_container(options: InjectOptions, port: int = 8080) -> dict[str, Any]:
@@ -96,10 +99,17 @@ def sidecar_container(options: InjectOptions, port: int = 8080) -> dict[str, Any
                 "periodSeconds": 1,
                 "failureThreshold": 30,
             },
-            "livenessProbe": {"httpGet": {"path": "/livez", "port": "admin"}, "periodSeconds": 10},
+            # The kubelet's default timeout is 1s; the base's 2s leaves room on a busy node
+            # before a slow answer counts as a failure (and a liveness failure restarts).
+            "livenessProbe": {
+                "httpGet": {"path": "/livez", "port": "admin"},
+                "periodSeconds": 10,
+                "timeoutSeconds": 2,
+            },
             "readinessProbe": {
                 "httpGet": {"path": "/readyz", "port": "admin"},
                 "periodSeconds": 5,
+                "timeoutSeconds": 2,
             },
             "resources": {
                 "requests": {"cpu": "100m", "memory": "64Mi"},
@@ -123,14 +133,13 @@ def sidecar_container(options: InjectOptions, port: int = 8080) -> dict[str, Any
     return container
 
 
-def _where(kind: str, doc: dict[str, Any]) -> str:
-    name = (doc.get("metadata") or {}).get("name", "?")
-    return f"{kind}/{name}"
-
-
-def _readiness_path(container: dict[str, Any]) -> str | None:
-    probe = container.get("readinessProbe") or {}
-    path = (probe.get("httpGet") or {}).get("path")
+def _readiness_path(container: dict[str, Any], port: int, port_name: str | None) -> str | None:
+    """The path of the app's HTTP readiness probe on the port the sidecar forwards to (one on
+    another port, e.g. a management port, says nothing about that one)."""
+    get = (container.get("readinessProbe") or {}).get("httpGet") or {}
+    path = get.get("path")
+    if get.get("port") not in (port, port_name):
+        return None
     return path if isinstance(path, str) and path.startswith("/") else None
 
 
@@ -142,12 +151,37 @@ def grace_needed(native: bool) -> int:
 
 def app_prestop(native: bool) -> dict[str, Any]:
     """Native sidecars need Kubernetes 1.29+, where the `sleep` action exists (beta and on by
-    default from 1.30); the classic layout is for older clusters, so it uses `sleep` in the
-    app's image (an image without one needs its own preStop)."""
+    default from 1.30); the classic layout is for older clusters, which have only `exec`, so it
+    runs `sleep` from the app's image (no shell needed, but a `sleep` binary: an image without
+    one, e.g. distroless, needs its own preStop; the note says so)."""
     seconds = PRESTOP_SECONDS[native]
     if native:
         return {"sleep": {"seconds": seconds}}
     return {"exec": {"command": ["sleep", str(seconds)]}}
+
+
+def app_container(containers: list[dict[str, Any]], options: InjectOptions) -> dict[str, Any]:
+    """The container the sidecar fronts: the one declaring --upstream-port, else the first
+    (a log shipper or another container beside it is not the app)."""
+    if options.upstream_port is not None:
+        for container in containers:
+            ports = container.get("ports") or []
+            if any(p.get("containerPort") == options.upstream_port for p in ports):
+                return container
+    return containers[0]
+
+
+def probes_on_port(container: dict[str, Any], port: int, port_name: str | None) -> list[str]:
+    """The container's own probes that the kubelet sends to the app's port (HTTP, TCP or gRPC):
+    they reach it at the pod's IP, so they fail if the app listens on 127.0.0.1 only."""
+    found = []
+    for kind in PROBES:
+        probe = container.get(kind) or {}
+        for handler in ("httpGet", "tcpSocket", "grpc"):
+            target = probe.get(handler)
+            if isinstance(target, dict) and target.get("port") in (port, port_name):
+                found.append(kind)
+    return found
 
 
 def app_port(
@@ -208,41 +242,57 @@ def inject_pod_spec(
                     f"{where}: container {container.get('name')} already uses port "
                     f"{port['containerPort']}; tls-sidecar needs 8443 and 9901 (move the app's port)"
                 )
-    port, port_name = app_port(containers[0], options, where)
+    app = app_container(containers, options)
+    name = app.get("name")
+    port, port_name = app_port(app, options, where)
     if found is not None:
         found.append((port, port_name))
-    if any(p.get("containerPort") == port for p in containers[0].get("ports") or []):
-        notes.append(
-            f"{where}: container {containers[0].get('name')} declares port {port}; unless the "
-            "app listens on 127.0.0.1 only, other pods can still reach it without TLS"
+    probed = probes_on_port(app, port, port_name)
+    health = _readiness_path(app, port, port_name)
+    if probed:
+        # The kubelet probes the pod's IP: an app on 127.0.0.1 only would fail these probes
+        # (a liveness failure restarts it), so inject does not advise that here.
+        hint = (
+            f"; its readiness already reaches the sidecar's /readyz (--upstream-health-path="
+            f"{health}): without probes of its own on port {port} the app could listen on "
+            "127.0.0.1 only"
+            if health is not None
+            else ""
         )
-    probes = [
-        kind
-        for kind in ("livenessProbe", "readinessProbe", "startupProbe")
-        if (containers[0].get(kind) or {}).get("httpGet") is not None
-    ]
-    if probes:
         notes.append(
-            f"{where}: the app's own {', '.join(probes)}: still sent to the app directly, in "
-            "plaintext (the kubelet's own traffic, inside the node: that is fine)"
+            f"{where}: the app's {', '.join(probed)} reach container {name} on port {port} at "
+            "the pod's IP (the kubelet's plaintext, inside the node): keep the app listening "
+            "there, not on 127.0.0.1 only, or they fail; other pods can then reach port "
+            f"{port} without TLS too: admit only port 8443 (https) with a NetworkPolicy{hint}"
+        )
+    else:
+        notes.append(
+            f"{where}: make container {name} listen on 127.0.0.1:{port} only (the sidecar's "
+            "upstream): on the pod's IP other pods could reach it without TLS"
         )
     sidecar = sidecar_container(options, port)
-    health = _readiness_path(containers[0])
     if health is not None:
         # The app's own readiness endpoint becomes the sidecar's: ready only when the app is.
         sidecar["args"].append(f"--upstream-health-path={health}")
-    for container in containers:
-        # The app is held while endpoints drop the pod, so no request reaches it after it
-        # stopped accepting (the window every rollout has).
-        lifecycle = container.setdefault("lifecycle", {})
-        if "preStop" in lifecycle:
+    # Only the app is held while endpoints drop the pod, so no request reaches it after it
+    # stopped accepting (the window every rollout has); other containers (a log shipper) stop
+    # as they always did.
+    lifecycle = app.setdefault("lifecycle", {})
+    if "preStop" in lifecycle:
+        notes.append(
+            f"{where}: container {name} has a preStop already; kept as it is (it should last "
+            f"at least {PRESTOP_SECONDS[options.native]}s while endpoints drop the pod)"
+        )
+    else:
+        lifecycle["preStop"] = app_prestop(options.native)
+        if not options.native:
             notes.append(
-                f"{where}: container {container.get('name')} has a preStop already; kept as "
-                f"it is (it should last at least {PRESTOP_SECONDS[options.native]}s while "
-                "endpoints drop the pod)"
+                f"{where}: container {name} gets preStop exec [sleep, "
+                f"{PRESTOP_SECONDS[options.native]}]: its image needs a `sleep` program "
+                "(distroless images have none: the hook fails and the app stops at once, "
+                "with 502s during rollouts); give it a preStop of its own, or on Kubernetes "
+                "1.30+ use `preStop: {sleep: {seconds: 15}}`"
             )
-        else:
-            lifecycle["preStop"] = app_prestop(options.native)
     needed = grace_needed(options.native)
     grace = spec.get("terminationGracePeriodSeconds", DEFAULT_GRACE_SECONDS)
     if isinstance(grace, int) and grace < needed:
@@ -265,7 +315,10 @@ def inject_pod_spec(
         # Readable by the sidecar's user without touching the pod's securityContext (no
         # fsGroup): only the sidecar mounts this volume, so no other container sees the key.
         volumes.append(
-            {"name": CERT_VOLUME, "secret": {"secretName": options.secret, "defaultMode": 0o444}}
+            {
+                "name": CERT_VOLUME,
+                "secret": {"secretName": options.secret, "defaultMode": OctalMode(0o444)},
+            }
         )
     if TMP_VOLUME not in names:
         volumes.append({"name": TMP_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}})
@@ -294,14 +347,14 @@ def inject_object(
     for key in path:
         spec = spec.get(key) if isinstance(spec, dict) else None
     if not isinstance(spec, dict):
-        raise InjectError(f"{_where(str(kind), doc)}: no pod spec at {'.'.join(path)}")
+        raise InjectError(f"{where_of(str(kind), doc)}: no pod spec at {'.'.join(path)}")
     found: list[tuple[int, str | None]] = []
-    changed = inject_pod_spec(spec, options, _where(str(kind), doc), notes, found)
+    changed = inject_pod_spec(spec, options, where_of(str(kind), doc), notes, found)
     if changed and injected is not None:
         template = doc if kind == "Pod" else _template(doc, path)
         labels = dict(((template.get("metadata") or {}).get("labels")) or {})
         namespace = (doc.get("metadata") or {}).get("namespace")
-        injected.append(Injected(_where(str(kind), doc), namespace, labels, *found[0]))
+        injected.append(Injected(where_of(str(kind), doc), namespace, labels, *found[0]))
     return changed
 
 
@@ -311,67 +364,6 @@ def _template(doc: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
     for key in path[:-1]:
         node = node.get(key) or {}
     return dict(node) if isinstance(node, dict) else {}
-
-
-def rewire_service(doc: dict[str, Any], injected: list[Injected], notes: list[str]) -> bool:
-    """Point a Service that selects an injected workload's pods at the sidecar's `https`
-    port where it targeted the app's port; report what it leaves alone."""
-    spec = doc.get("spec") or {}
-    selector = spec.get("selector") or {}
-    namespace = (doc.get("metadata") or {}).get("namespace")
-    where = _where("Service", doc)
-    changed = False
-    for workload in injected:
-        if not selector or namespace != workload.namespace:
-            continue
-        if any(workload.labels.get(k) != v for k, v in selector.items()):
-            continue
-        for port in spec.get("ports") or []:
-            target = port.get("targetPort", port.get("port"))
-            if target in (workload.port, workload.port_name):
-                port["targetPort"] = "https"
-                changed = True
-                notes.append(
-                    f"{where}: port {port.get('port')} now goes to the sidecar (targetPort "
-                    f"https, TLS) instead of the app's plaintext {target}"
-                )
-            else:
-                notes.append(
-                    f"{where}: port {port.get('port')} (targetPort {target}) selects "
-                    f"{workload.where} but not the app's port {workload.port}: left alone"
-                )
-    return changed
-
-
-def split_documents(text: str) -> list[str]:
-    """The YAML stream's documents as text, separators dropped (a leading '---' too)."""
-    parts = _DOCUMENT_SEPARATOR.split(text)
-    return [p for i, p in enumerate(parts) if p.strip() or 0 < i < len(parts) - 1]
-
-
-def _mapping_indent(part: str) -> int:
-    """The document's mapping indentation: how much deeper than a key alone on its line the
-    first key of the mapping under it starts (a sequence under a key does not tell)."""
-    parent: int | None = None
-    for line in part.splitlines():
-        stripped = line.lstrip(" ")
-        if not stripped or stripped[0] == "#":
-            continue
-        depth = len(line) - len(stripped)
-        if parent is not None and depth > parent and stripped[0] != "-":
-            return depth - parent
-        key_alone = stripped.split(" #", 1)[0].rstrip().endswith(":")
-        parent = depth + (2 if stripped.startswith("- ") else 0) if key_alone else None
-    return 2
-
-
-def _round_trip(yaml: Any) -> Any:
-    """ruamel.yaml set to give back what it read: quotes (kept at load time), long lines and
-    flow mappings as they were."""
-    yaml.preserve_quotes = True
-    yaml.width = 4096
-    yaml.brace_single_entry_mapping_in_flow_sequence = True
-    return yaml
 
 
 def inject(text: str, options: InjectOptions, notes: list[str] | None = None) -> str:
@@ -387,10 +379,11 @@ def inject(text: str, options: InjectOptions, notes: list[str] | None = None) ->
 
     notes = notes if notes is not None else []
     parts = split_documents(text)
-    docs: list[tuple[str, Any, int, int]] = []
+    docs: list[tuple[str, Any, int, int, str]] = []
     for number, part in enumerate(parts, start=1):
+        body, trailer = trailing_comments(part)
         try:
-            doc, _, offset = load_yaml_guess_indent(part, yaml=_round_trip(YAML()))
+            doc, _, offset = load_yaml_guess_indent(body, yaml=round_trip(YAML()))
         except YAMLError as e:
             raise InjectError(f"document {number} is not valid YAML: {e}".splitlines()[0]) from None
         if doc is not None and (
@@ -400,32 +393,33 @@ def inject(text: str, options: InjectOptions, notes: list[str] | None = None) ->
                 f"document {number} is not a Kubernetes object (no apiVersion/kind); "
                 "give manifests, e.g. kubectl get deploy web -o yaml | tls-sidecar inject"
             )
-        docs.append((part, doc, _mapping_indent(part), offset or 0))
+        docs.append((part, doc, mapping_indent(body), offset or 0, trailer))
     injected: list[Injected] = []
     changed: set[int] = set()
-    for index, (_, doc, _, _) in enumerate(docs):
+    for index, (_, doc, _, _, _) in enumerate(docs):
         if doc is not None and inject_object(
             doc, options, f"document {index + 1} ({doc['kind']})", notes, injected
         ):
             changed.add(index)
     if options.services and injected:
-        for index, (_, doc, _, _) in enumerate(docs):
-            if (
-                doc is not None
-                and doc.get("kind") == "Service"
-                and rewire_service(doc, injected, notes)
-            ):
-                changed.add(index)
+        everything = [obj for _, doc, _, _, _ in docs for obj in objects_of(doc)]
+        references = port_name_references(everything)
+        for index, (_, doc, _, _, _) in enumerate(docs):
+            for obj in objects_of(doc):
+                if obj.get("kind") == "Service" and rewire_service(
+                    obj, injected, notes, references
+                ):
+                    changed.add(index)
     out: list[str] = []
-    for index, (part, doc, indent, offset) in enumerate(docs):
-        if doc is None:
-            continue
+    for index, (part, doc, indent, offset, trailer) in enumerate(docs):
         if index not in changed:
-            out.append(part.strip("\n") + "\n")
+            if part.strip():  # a comment-only document (a file's header) is kept too
+                out.append(part.strip("\n") + "\n")
             continue
-        yaml = _round_trip(YAML())
+        yaml = round_trip(YAML())
         yaml.indent(mapping=indent, sequence=offset + 2, offset=offset)
+        yaml.representer.add_representer(OctalMode, represent_octal_mode)
         stream = io.StringIO()
         yaml.dump(doc, stream)
-        out.append(stream.getvalue())
+        out.append(stream.getvalue() + trailer)
     return "---\n".join(out)

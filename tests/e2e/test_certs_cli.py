@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -121,14 +120,11 @@ def test_mtls_flags_are_checked_at_start(dev_certs: object) -> None:
     assert_one_line_error(run_cli(*serve, "--pkcs12-password-file", ca), "--pkcs12")
 
 
-@pytest.mark.skipif(
-    os.geteuid() != 0
-    or not shutil.which("update-ca-certificates")
-    or not shutil.which("certutil")
-    or not shutil.which("chromium")
-    or not shutil.which("curl"),
-    reason="needs root, update-ca-certificates, certutil (libnss3-tools), chromium and curl",
-)
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+@pytest.mark.needs("update-ca-certificates", install="apt-get install ca-certificates")
+@pytest.mark.needs("certutil", install="apt-get install libnss3-tools")
+@pytest.mark.needs("chromium", install="apt-get install chromium")
+@pytest.mark.needs("curl", install="apt-get install curl")
 def test_certs_trust_makes_curl_and_chromium_accept_and_untrust_undoes_it(
     tmp_path: Path,
 ) -> None:

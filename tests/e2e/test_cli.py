@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import socket
 import ssl
 import subprocess
@@ -237,9 +236,7 @@ def start_demo(tmp_path: Path) -> tuple[ProxyProcess, str]:
     return demo, str(line)
 
 
-@pytest.mark.skipif(
-    shutil.which("curl") is None, reason="curl is not installed (apt-get install curl)"
-)
+@pytest.mark.needs("curl", install="apt-get install curl")
 def test_demo_serves_the_echo_app_to_curl(tmp_path: Path) -> None:
     demo, line = start_demo(tmp_path)
     try:
@@ -305,9 +302,7 @@ def test_client_auth_none_with_a_client_ca_is_refused(dev_certs: DevCerts) -> No
     assert_one_line_error(result, "--client-auth none")
 
 
-@pytest.mark.skipif(
-    shutil.which("openssl") is None, reason="openssl is not installed (apt-get install openssl)"
-)
+@pytest.mark.needs("openssl", install="apt-get install openssl")
 def test_openssl_s_client_with_a_client_certificate(tmp_path: Path) -> None:
     out = tmp_path / "certs"
     assert run_cli("certs", "init", "--out", str(out)).returncode == 0
@@ -392,9 +387,7 @@ def test_serve_without_mutual_tls_never_loads_cryptography(dev_certs: DevCerts) 
         app.stop()
 
 
-@pytest.mark.skipif(
-    shutil.which("chromium") is None, reason="chromium is not installed (apt-get install chromium)"
-)
+@pytest.mark.needs("chromium", install="apt-get install chromium")
 def test_a_real_browser_loads_the_demo_over_http2(tmp_path: Path) -> None:
     """Headless Chromium, trusting only the demo certificate's key, gets the page over h2."""
     demo, line = start_demo(tmp_path)

@@ -1,9 +1,9 @@
 """The shipped artefacts, checked: Dockerfile (hadolint), kustomizations (render + Kubernetes
-schemas for 1.29 and the newest version), and `tls-sidecar inject` against golden files."""
+schemas for 1.29 and the newest version), and the `tls-sidecar inject` command (its function
+is tested in tests/unit/test_inject.py)."""
 
 from __future__ import annotations
 
-import difflib
 import json
 import re
 import shutil
@@ -13,44 +13,20 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-import kubernetes_validate
 import pytest
 import yaml
 
-from proxy.commands.inject import APP_DRAIN_SECONDS, InjectError, InjectOptions, inject
+from proxy.commands.inject import APP_DRAIN_SECONDS, InjectOptions, inject
+from tests.support import tools
+from tests.support.manifests import VERSIONS, objects, sidecar_of, validate
 
 REPO = Path(__file__).resolve().parents[2]
 KUSTOMIZATIONS = sorted(
     p.parent for p in (REPO / "deploy" / "kubernetes").rglob("kustomization.yaml")
 )
 GOLDEN = REPO / "tests" / "golden" / "inject"
-VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
-# Custom resources have no schema in kubernetes-validate; they are checked by shape only.
-CUSTOM_KINDS = {
-    ("cert-manager.io/v1", "Issuer"),
-    ("cert-manager.io/v1", "Certificate"),
-    ("monitoring.coreos.com/v1", "PodMonitor"),
-    ("monitoring.coreos.com/v1", "PrometheusRule"),
-}
 PROMETHEUS = REPO / "deploy" / "prometheus"
 OVERLAY = REPO / "deploy" / "kubernetes" / "overlays" / "prometheus"
-
-
-def objects(text: str) -> list[dict[str, Any]]:
-    found: list[dict[str, Any]] = []
-    for doc in yaml.safe_load_all(text):
-        if doc is None:
-            continue
-        found.extend(doc["items"] if doc.get("kind") == "List" else [doc])
-    return found
-
-
-def validate(obj: dict[str, Any]) -> None:
-    if (obj["apiVersion"], obj["kind"]) in CUSTOM_KINDS:
-        assert obj["metadata"]["name"] and isinstance(obj["spec"], dict)
-        return
-    for version in VERSIONS:
-        kubernetes_validate.validate(obj, version, strict=True)
 
 
 BUILD_SCRIPT = REPO / "deploy" / "image" / "build-root.sh"
@@ -122,17 +98,7 @@ def test_the_lock_file_pins_every_dependency_of_pyproject_with_hashes() -> None:
 
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, str]:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl (with kustomize) is not installed")
-    out = {}
-    for folder in KUSTOMIZATIONS:
-        result = subprocess.run(
-            [kubectl, "kustomize", str(folder)], capture_output=True, text=True, timeout=60
-        )
-        assert result.returncode == 0, f"{folder}: {result.stderr}"
-        out[str(folder.relative_to(REPO))] = result.stdout
-    return out
+    return {str(folder.relative_to(REPO)): tools.kustomize(folder) for folder in KUSTOMIZATIONS}
 
 
 def test_every_kustomization_renders_and_validates(rendered: dict[str, str]) -> None:
@@ -152,15 +118,6 @@ def test_every_kustomization_renders_and_validates(rendered: dict[str, str]) -> 
     print(f"\nrendered objects: {counts}; schemas: {VERSIONS}")
 
 
-def sidecar_of(deployment: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    spec = deployment["spec"]["template"]["spec"]
-    for where in ("initContainers", "containers"):
-        for container in spec.get(where) or []:
-            if container["name"] == "tls-sidecar":
-                return where, container
-    raise AssertionError("no tls-sidecar container")
-
-
 def test_the_grpc_example_reaches_its_app_over_h2c(rendered: dict[str, str]) -> None:
     grpc = next(
         o for o in objects(rendered["deploy/kubernetes/overlays/grpc"]) if o["kind"] == "Deployment"
@@ -170,6 +127,26 @@ def test_the_grpc_example_reaches_its_app_over_h2c(rendered: dict[str, str]) -> 
     [app] = grpc["spec"]["template"]["spec"]["containers"]
     assert app["ports"] == [{"name": "grpc", "containerPort": 9000}]
     assert not any(a.startswith("--no-http2") for a in sidecar["args"])  # h2 is on by default
+    # The overlay patches the base's app, it does not replace it: the preStop that holds the
+    # app while endpoints drop the pod (no 502s during a rollout) and its hardening stay.
+    base = next(o for o in objects(rendered["deploy/kubernetes/base"]) if o["kind"] == "Deployment")
+    [base_app] = base["spec"]["template"]["spec"]["containers"]
+    assert app["lifecycle"] == base_app["lifecycle"]
+    assert app["securityContext"] == base_app["securityContext"]
+    assert "args" not in app, "grpcbin takes no flags"
+
+
+def test_every_image_of_the_manifests_is_pinned(rendered: dict[str, str]) -> None:
+    """A version tag or a digest, never `latest` or no tag: every pod runs the same build."""
+    for name, text in rendered.items():
+        for obj in objects(text):
+            if obj["kind"] != "Deployment":
+                continue
+            spec = obj["spec"]["template"]["spec"]
+            for container in spec["containers"] + (spec.get("initContainers") or []):
+                image = container["image"]
+                tag = image.rsplit("/", 1)[-1].partition(":")[2]
+                assert "@sha256:" in image or tag not in ("", "latest"), (name, image)
 
 
 def test_native_and_classic_sidecars_are_wired_as_documented(rendered: dict[str, str]) -> None:
@@ -203,51 +180,6 @@ def test_native_and_classic_sidecars_are_wired_as_documented(rendered: dict[str,
     assert app["lifecycle"]["preStop"]["sleep"]["seconds"] == 15
     service = next(o for o in objects(rendered["deploy/kubernetes/base"]) if o["kind"] == "Service")
     assert service["spec"]["ports"] == [{"name": "https", "port": 443, "targetPort": "https"}]
-
-
-@pytest.mark.parametrize(
-    ("golden", "options"),
-    [
-        ("native.yaml", InjectOptions()),
-        (
-            "classic.yaml",
-            InjectOptions(
-                native=False,
-                secret="shop-tls",
-                image="registry.example/tls-sidecar:0.1.0",
-                upstream_port=3000,
-            ),
-        ),
-    ],
-)
-def test_inject_matches_golden_validates_and_is_idempotent(
-    golden: str, options: InjectOptions
-) -> None:
-    source = (GOLDEN / "input.yaml").read_text()
-    result = inject(source, options)
-    assert result == (GOLDEN / golden).read_text(), f"regenerate {golden} if the change is intended"
-    # The diff is the sidecar: a line of the input goes only where inject had to change it
-    # (a flow list of containers that gains one, a Service port that now targets https).
-    removed = [
-        d[2:] for d in difflib.ndiff(source.splitlines(), result.splitlines()) if d[0] == "-"
-    ]
-    assert removed and all(re.search(r"(?i)containers: \[|targetPort", line) for line in removed)
-    assert inject(result, options) == result, "a second run changes nothing"
-    found = objects(result)
-    assert sum(1 for o in found if "tls-sidecar" in yaml.safe_dump(o)) == 7
-    for obj in found:
-        validate(obj)
-    assert "kind: Service   # untouched, comment and all" in result
-
-
-def test_inject_refuses_port_conflicts_and_non_kubernetes_input() -> None:
-    taken = "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  containers: [{name: a, image: a, ports: [{containerPort: 9901}]}]\n"
-    with pytest.raises(InjectError, match="already uses port 9901"):
-        inject(taken, InjectOptions())
-    with pytest.raises(InjectError, match="not a Kubernetes object"):
-        inject("just: yaml\n", InjectOptions())
-    with pytest.raises(InjectError, match="not valid YAML"):
-        inject("a: [unclosed\n", InjectOptions())
 
 
 def test_inject_cli_reads_stdin_and_fails_with_one_line() -> None:
@@ -296,7 +228,12 @@ def test_every_metrics_port_reference_resolves_to_a_named_container_port(
 
 
 @pytest.mark.parametrize(
-    "overlay", ["deploy/kubernetes/base", "deploy/kubernetes/overlays/classic-sidecar"]
+    "overlay",
+    [
+        "deploy/kubernetes/base",
+        "deploy/kubernetes/overlays/classic-sidecar",
+        "deploy/kubernetes/overlays/grpc",
+    ],
 )
 def test_the_grace_period_covers_prestop_app_drain_and_sidecar_drain(
     rendered: dict[str, str], overlay: str
@@ -326,34 +263,6 @@ def test_the_grace_period_covers_prestop_app_drain_and_sidecar_drain(
         assert prestop == delay, "classic: the app is held as long as the sidecar serves on"
 
 
-def test_inject_adds_the_app_prestop_raises_the_grace_period_and_adds_no_fsgroup() -> None:
-    notes: list[str] = []
-    injected = objects(inject((GOLDEN / "input.yaml").read_text(), InjectOptions(), notes))
-    shop = next(o for o in injected if o["metadata"]["name"] == "shop")
-    spec = shop["spec"]["template"]["spec"]
-    assert spec["containers"][0]["lifecycle"]["preStop"] == {"sleep": {"seconds": 10}}
-    assert spec["terminationGracePeriodSeconds"] == 50
-    assert "securityContext" not in spec, "the pod's security context is left alone"
-    db = next(o for o in injected if o["kind"] == "StatefulSet")
-    assert db["spec"]["template"]["spec"]["securityContext"] == {"fsGroup": 2000}
-    volume = next(v for v in spec["volumes"] if v["name"] == "tls-sidecar-certs")
-    assert volume["secret"]["defaultMode"] == 0o444
-    debug = next(o for o in injected if o["metadata"]["name"] == "debug")
-    assert debug["spec"]["terminationGracePeriodSeconds"] == 120  # never lowered
-    assert debug["spec"]["containers"][0]["lifecycle"]["preStop"] == {
-        "exec": {"command": ["/bin/drain"]}
-    }
-    assert any("debug has a preStop already" in n for n in notes)
-    assert any(
-        "Deployment/shop: terminationGracePeriodSeconds raised from 30 to 50" in n for n in notes
-    )
-    classic = objects(inject((GOLDEN / "input.yaml").read_text(), InjectOptions(native=False)))
-    shop = next(o for o in classic if o["metadata"]["name"] == "shop")
-    app = shop["spec"]["template"]["spec"]["containers"][0]
-    assert app["lifecycle"]["preStop"] == {"exec": {"command": ["sleep", "15"]}}
-    assert shop["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 55
-
-
 def test_the_prometheusrule_carries_exactly_the_plain_rules(rendered: dict[str, str]) -> None:
     rule = next(
         o
@@ -376,9 +285,7 @@ def test_the_prometheusrule_carries_exactly_the_plain_rules(rendered: dict[str, 
         assert f"## {heading}" in runbook.lower(), f"docs/runbook.md has no section #{anchor}"
 
 
-@pytest.mark.skipif(
-    shutil.which("promtool") is None, reason="promtool is missing: apt-get install prometheus"
-)
+@pytest.mark.needs("promtool", install="apt-get install prometheus")
 def test_promtool_checks_the_rules_and_every_alert_fires_and_stays_silent_as_tested() -> None:
     check = subprocess.run(
         ["promtool", "check", "rules", "alerts.yaml"],
@@ -424,92 +331,19 @@ def test_the_dashboard_ships_as_a_file_and_as_a_sidecar_configmap(
     assert configmap["data"]["tls-sidecar-dashboard.json"] == text
 
 
-def test_inject_rewires_services_reads_the_port_and_keeps_comments() -> None:
-    notes: list[str] = []
-    source = (GOLDEN / "input.yaml").read_text()
-    result = inject(source, InjectOptions(), notes)
-    plain = next(o for o in objects(result) if o["metadata"]["name"] == "shop-plain")
-    assert plain["spec"]["ports"] == [{"name": "web", "port": 80, "targetPort": "https"}]
-    assert any("Service/shop-plain: port 80 now goes to the sidecar" in n for n in notes)
-    assert any("Service/shop: port 443 (targetPort 8443)" in n and "left alone" in n for n in notes)
-    # Round trip: the changed documents keep their comments and flow style.
-    assert (
-        "readinessProbe: {httpGet: {path: /ready, port: 8080}}  # becomes the sidecar's health path"
-        in result
-    )
-    assert "app: shop   # the Deployment's pods" in result
-    assert "ports: [{containerPort: 8080}]" in result
-    untouched = inject(source, InjectOptions(services=False))
-    plain = next(o for o in objects(untouched) if o["metadata"]["name"] == "shop-plain")
-    assert plain["spec"]["ports"][0]["targetPort"] == 8080
+def test_the_grace_periods_in_deploy_readme_are_the_manifests(rendered: dict[str, str]) -> None:
+    """deploy/README.md states terminationGracePeriodSeconds in prose and two tables: each figure
+    is the one the native base and the classic overlay render."""
 
+    def grace(overlay: str) -> int:
+        deployment = next(o for o in objects(rendered[overlay]) if o["kind"] == "Deployment")
+        return int(deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"])
 
-_COMMENTED = """\
-# The shop's web front end. Owned by team-web.
-apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: shop   # keep in sync with the Service
-  annotations: {owner: 'team-web', "tier": front}
-spec:
-  replicas: 2
-  selector:
-    matchLabels: {app: shop}
-  template:
-    metadata:
-      labels: {app: shop}
-    spec:
-      containers:
-        - name: web
-          image: "ghcr.io/example/shop:1.4.2"
-          env:
-            - {name: GREETING, value: 'hello, world'}
-          ports:
-            - name: http
-              containerPort: 3000
----
-# Public entry point.
-apiVersion: v1
-kind: Service
-metadata:
-  name: shop
-spec:
-  selector: {app: shop}
-  ports:
-    - name: web
-      port: 80
-      targetPort: 3000
-"""
-
-
-def test_inject_diff_is_only_the_sidecar_quotes_and_comments_kept() -> None:
-    """What a reviewer sees in a GitOps diff: every line of the input is still there, byte for
-    byte (comments, quotes of both kinds, flow style), but the Service's rewired targetPort."""
-    result = inject(_COMMENTED, InjectOptions())
-    diff = difflib.ndiff(_COMMENTED.splitlines(), result.splitlines())
-    removed = [line[2:] for line in diff if line.startswith("- ")]
-    assert removed == ["      targetPort: 3000"]
-    assert "      targetPort: https" in result
-
-
-def test_inject_reads_the_app_port_or_asks_for_it() -> None:
-    def deployment(ports: str) -> str:
-        return (
-            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: two}\nspec:\n"
-            "  selector: {matchLabels: {app: two}}\n  template:\n"
-            "    metadata: {labels: {app: two}}\n    spec:\n"
-            f"      containers: [{{name: two, image: two, ports: {ports}}}]\n"
-        )
-
-    ambiguous = deployment(
-        "[{name: web, containerPort: 3000}, {name: metrics, containerPort: 9090}]"
-    )
-    with pytest.raises(InjectError, match=r"ports 3000 \(web\), 9090 \(metrics\).*--upstream-port"):
-        inject(ambiguous, InjectOptions())
-    assert "--upstream=http://127.0.0.1:9090" in inject(
-        ambiguous, InjectOptions(upstream_port=9090)
-    )
-    named = deployment("[{name: http, containerPort: 5000}, {name: metrics, containerPort: 9090}]")
-    assert "--upstream=http://127.0.0.1:5000" in inject(named, InjectOptions())
-    single = deployment("[{containerPort: 4000}]")
-    assert "--upstream=http://127.0.0.1:4000" in inject(single, InjectOptions())
+    native = grace("deploy/kubernetes/base")
+    classic = grace("deploy/kubernetes/overlays/classic-sidecar")
+    text = (REPO / "deploy" / "README.md").read_text()
+    stated = re.findall(r"terminationGracePeriodSeconds: (\d+)`?(?: \((\d+) classic\))?", text)
+    assert stated, "deploy/README.md names no grace period"
+    for figure, classic_figure in stated:
+        assert int(figure) == native and int(classic_figure or classic) == classic, stated
+    assert re.findall(r"= \*\*(\d+)\*\*", text) == [str(native), str(classic)]

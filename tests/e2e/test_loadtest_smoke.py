@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,11 +13,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.skipif(
-    shutil.which("h2load") is None
-    or not (shutil.which("nginx") or Path("/usr/sbin/nginx").exists()),
-    reason="needs h2load and nginx: apt-get install -y nghttp2-client nginx",
-)
+@pytest.mark.needs("h2load", install="apt-get install nghttp2-client")
+@pytest.mark.needs("nginx", install="apt-get install nginx", path="/usr/sbin/nginx")
 def test_smoke_run_writes_results_table_and_plots(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "loadtest", "--smoke", "--out", str(tmp_path)],

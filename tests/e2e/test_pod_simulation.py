@@ -8,11 +8,9 @@ from __future__ import annotations
 import http.client
 import os
 import re
-import shutil
 import signal
 import socket
 import ssl
-import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -25,6 +23,7 @@ from cryptography import x509
 
 from proxy.commands.inject import InjectOptions, inject
 from proxy.tls import certs
+from tests.support import tools
 from tests.support.proxy import ProxyProcess, wait_for
 from tests.support.upstream import UpstreamApp
 
@@ -39,15 +38,7 @@ PROPAGATION_S = 3.0
 
 
 def render(overlay: str) -> str:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl (with kustomize) is not installed")
-    return subprocess.run(
-        [kubectl, "kustomize", str(REPO / "deploy" / "kubernetes" / overlay)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    return tools.kustomize(REPO / "deploy" / "kubernetes" / overlay)
 
 
 def injected(native: bool) -> str:
