@@ -44,6 +44,11 @@ class Upstream:
             return f"{'h2c+' if self.h2c else ''}unix:{self.unix_path}"
         return f"{'h2c' if self.h2c else 'http'}://{self.address}"
 
+    @property
+    def authority(self) -> str:
+        """Host (HTTP/1.1) or :authority (h2c) for requests that bring none of their own."""
+        return str(self.address) if self.address else "localhost"
+
 
 TlsVersion = Literal["1.2", "1.3"]
 ClientAuth = Literal["none", "optional", "require"]
@@ -98,6 +103,11 @@ class Config:
     worker_index: int | None = None  # set in the worker processes of --workers N
     # Session ticket keys the supervisor hands every worker (through a pipe, never argv or env).
     ticket_keys: bytes | None = field(default=None, repr=False)
+
+    @property
+    def has_certificates(self) -> bool:
+        """Certificates were given (else `serve` makes a throwaway one for the run)."""
+        return bool(self.cert_files or self.cert_dir or self.pkcs12_file)
 
     def validate(self) -> Config:
         """Check the relations between settings; return self so it chains."""

@@ -40,10 +40,6 @@ async def probe_upstream(
         return f"upstream {target} {e.strerror or e}".rstrip()
 
 
-def _host(target: Upstream) -> str:
-    return str(target.address) if target.address else "localhost"
-
-
 def _verdict(path: str, status: int, reason: str) -> str | None:
     if 200 <= status < 400:
         return None
@@ -55,7 +51,7 @@ async def _health_http1(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, target: Upstream, path: str
 ) -> str | None:
     writer.write(
-        f"GET {path} HTTP/1.1\r\nHost: {_host(target)}\r\n"
+        f"GET {path} HTTP/1.1\r\nHost: {target.authority}\r\n"
         "User-Agent: tls-sidecar-readiness\r\nConnection: close\r\n\r\n".encode()
     )
     line = await reader.readline()
@@ -79,7 +75,7 @@ async def _health_h2c(
         [
             (b":method", b"GET"),
             (b":scheme", b"http"),
-            (b":authority", _host(target).encode()),
+            (b":authority", target.authority.encode()),
             (b":path", path.encode()),
             (b"user-agent", b"tls-sidecar-readiness"),
         ],

@@ -61,7 +61,7 @@ def _certificates(config: Config) -> list[Finding]:
     except ConfigError as e:
         return [Finding(FAIL, "certificates", str(e))]
     found = [Finding(WARN, "certificates", w) for w in warnings]
-    if not (config.cert_files or config.cert_dir or config.pkcs12_file):
+    if not config.has_certificates:
         found.append(
             Finding(
                 WARN,

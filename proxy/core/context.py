@@ -66,7 +66,7 @@ class ProxyContext:
         upstream = config.upstream
         self.new_request_id = hdr.RequestIds()
         self.handshake_log = FailureLog()
-        self.upstream_host = (str(upstream.address) if upstream.address else "localhost").encode()
+        self.upstream_host = upstream.authority.encode()
         self._handshake_children: dict[tuple[str, bool], Counter] = {}
         metrics.on_flush(self._export_connections)
         self._all_closed = asyncio.Event()

@@ -527,7 +527,7 @@ class H2UpstreamPool:
         self.loop = loop
         self.counts = {"idle": 0, "busy": 0}
         upstream = config.upstream
-        self.authority = (str(upstream.address) if upstream.address else "localhost").encode()
+        self.authority = upstream.authority.encode()
         self.connections: list[H2UpstreamConnection] = []
         self.closing = False
         self._opening: asyncio.Task[H2UpstreamConnection] | None = None

@@ -25,6 +25,7 @@ from proxy.tls import certs
 from proxy.tls.material import (
     Material,
     ServedCertificate,
+    cert_dir_pairs,
     decode_settings,
     encode_answer,
     encode_error,
@@ -76,12 +77,9 @@ def load_certificates(config: Config) -> tuple[list[LoadedCertificate], list[str
     for cert_path, key_path in zip(config.cert_files, config.key_files, strict=True):
         add(cert_path.stem if len(config.cert_files) > 1 else "default", cert_path, key_path)
     if config.cert_dir is not None:
-        for folder in sorted(config.cert_dir.iterdir()):
-            if folder.name.startswith(".") or not folder.is_dir():
-                continue  # Kubernetes keeps its ..data and timestamped folders hidden
-            cert_path, key_path = folder / "tls.crt", folder / "tls.key"
+        for name, cert_path, key_path in cert_dir_pairs(config.cert_dir):
             if cert_path.exists() and key_path.exists():
-                add(folder.name, cert_path, key_path)
+                add(name, cert_path, key_path)
         if not loaded:
             raise CertificateError(
                 f"--cert-dir: {config.cert_dir} has no NAME/tls.crt + NAME/tls.key pairs"

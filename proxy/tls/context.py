@@ -17,7 +17,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from proxy.config import CertificateError, Config, ConfigError
-from proxy.tls.material import Material, ServedCertificate, decode_answer, encode_settings
+from proxy.tls.material import (
+    Material,
+    ServedCertificate,
+    cert_dir_pairs,
+    decode_answer,
+    encode_settings,
+)
 
 log = logging.getLogger("tls_sidecar.tls")
 
@@ -383,7 +389,7 @@ def inspect_in_helper(config: Config) -> tuple[list[Material], list[str]]:
 
 
 def build_bundle(config: Config) -> tuple[TlsBundle, list[str]]:
-    configured = config.cert_files or config.cert_dir or config.pkcs12_file
+    configured = config.has_certificates
     client_ca = None
     if config.client_ca is None and configured:
         materials, warnings = inspect_in_helper(config)
@@ -426,10 +432,9 @@ def input_files(config: Config) -> list[Path]:
     ):
         if extra is not None:
             files.append(extra)
-    if config.cert_dir is not None and config.cert_dir.is_dir():
-        for folder in sorted(config.cert_dir.iterdir()):
-            if not folder.name.startswith(".") and folder.is_dir():
-                files += [folder / "tls.crt", folder / "tls.key"]
+    if config.cert_dir is not None:
+        for _, cert_path, key_path in cert_dir_pairs(config.cert_dir):
+            files += [cert_path, key_path]
     return files
 
 
@@ -467,7 +472,7 @@ class TlsState:
 
     @property
     def self_signed(self) -> bool:
-        return not (self._config.cert_files or self._config.cert_dir or self._config.pkcs12_file)
+        return not self._config.has_certificates
 
     @property
     def server_uri(self) -> str | None:

@@ -36,6 +36,18 @@ class Material:
     served: ServedCertificate
 
 
+def cert_dir_pairs(cert_dir: Path) -> list[tuple[str, Path, Path]]:
+    """--cert-dir's NAME/tls.crt + NAME/tls.key folders, as (NAME, crt, key), sorted. Hidden
+    folders are skipped: Kubernetes keeps its ..data and timestamped folders there."""
+    if not cert_dir.is_dir():
+        return []
+    return [
+        (folder.name, folder / "tls.crt", folder / "tls.key")
+        for folder in sorted(cert_dir.iterdir())
+        if not folder.name.startswith(".") and folder.is_dir()
+    ]
+
+
 # The settings the helper needs, and how each travels as JSON.
 _PATHS = ("cert_files", "key_files")
 _PATH_OR_NONE = ("cert_dir", "key_password_file", "pkcs12_file", "pkcs12_password_file")
