@@ -19,7 +19,8 @@ import uvloop
 
 from proxy import __version__
 from proxy import log as logs
-from proxy.commands.inject import DEFAULT_IMAGE, DEFAULT_SECRET, InjectOptions, inject
+from proxy.commands.inject import inject
+from proxy.commands.inject_sidecar import DEFAULT_IMAGE, DEFAULT_SECRET, InjectOptions
 from proxy.config import (
     Config,
     ConfigError,

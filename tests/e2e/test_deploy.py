@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy.commands.inject import APP_DRAIN_SECONDS, InjectOptions, inject
+from proxy.commands.inject import inject
+from proxy.commands.inject_sidecar import APP_DRAIN_SECONDS, InjectOptions
 from tests.support import tools
 from tests.support.manifests import VERSIONS, objects, sidecar_of, validate
 

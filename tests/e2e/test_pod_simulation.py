@@ -21,7 +21,8 @@ import pytest
 import yaml
 from cryptography import x509
 
-from proxy.commands.inject import InjectOptions, inject
+from proxy.commands.inject import inject
+from proxy.commands.inject_sidecar import InjectOptions
 from proxy.tls import certs
 from tests.support import tools
 from tests.support.proxy import ProxyProcess, wait_for

@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from proxy.cli import serve
-from proxy.commands.inject import PRESTOP_SECONDS
+from proxy.commands.inject_sidecar import PRESTOP_SECONDS
 from proxy.config import parse_duration
 
 REPO = Path(__file__).resolve().parents[2]

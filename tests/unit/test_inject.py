@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy.commands.inject import InjectError, InjectOptions, inject
+from proxy.commands.inject import inject
+from proxy.commands.inject_sidecar import InjectError, InjectOptions
 from tests.support.manifests import objects, pod_spec, sidecar_of, validate
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "inject"
