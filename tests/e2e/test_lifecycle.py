@@ -60,17 +60,18 @@ def slow_requests(
 
 def test_sigterm_lets_20_in_flight_requests_finish(dev_certs: DevCerts, app: UpstreamApp) -> None:
     proxy = start(dev_certs, app, "--drain-timeout", "20s")
-    threads, results = slow_requests(proxy, dev_certs.ca, 20, "/slow/1.5")
-    wait_for(lambda: app.count("/slow/") == 20, what="20 requests to reach the app")
+    threads, results = slow_requests(proxy, dev_certs.ca, 20, "/hold/drain")
+    wait_for(lambda: app.count("/hold/") == 20, what="20 requests to reach the app")
     proxy.signal(signal.SIGTERM)
     wait_for(lambda: "draining" in proxy.stderr_text(), what="the draining log line")
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", proxy.port), timeout=2).close()
+    app.open_gate("drain")  # the app answers only now, while the proxy drains
     for thread in threads:
         thread.join(30)
     assert results == [(200, "close")] * 20
     assert proxy.wait(30) == 0
-    assert len([r for r in proxy.access_records() if r["path"] == "/slow/1.5"]) == 20
+    assert len([r for r in proxy.access_records() if r["path"] == "/hold/drain"]) == 20
 
 
 def test_shutdown_delay_keeps_serving_while_readiness_is_503(

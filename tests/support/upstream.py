@@ -6,6 +6,7 @@ can assert what reached the app. Behaviour is chosen by path:
   /echo...            JSON: method, path, headers, body length and sha256
   /bytes/N            N bytes with Content-Length      /chunked/N  N bytes, chunked
   /gate/NAME          first chunk, then waits until the test calls open_gate(NAME), then the rest
+  /hold/NAME          answers nothing (not even a head) until the test calls open_gate(NAME)
   /slow/SECONDS       answers after SECONDS            /stall  never answers
   /reset              closes the connection without answering (RST)
   /reset-mid          sends a head and half the body, then RST
@@ -276,6 +277,9 @@ class UpstreamApp:
             await self._gate(path.split("/")[2]).wait()
             writer.write(send(h11.Data(data=b"last")) or b"")
             writer.write(send(h11.EndOfMessage()) or b"")
+        elif path.startswith("/hold/"):
+            await self._gate(path.split("/")[2]).wait()
+            respond(200, b"held")
         elif path.startswith("/slow/"):
             await asyncio.sleep(float(path.split("/")[2]))
             respond(200, b"slow done")
