@@ -233,6 +233,10 @@ class H11Client:
         conn = self._conn
         if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
             return False
+        if conn.trailing_data[0]:
+            # The app sent more after its response (a second answer, bytes after a 204, 304 or
+            # HEAD answer): h11 would read it as the next request's response. Never reused.
+            return False
         conn.start_next_cycle()
         return True
 
