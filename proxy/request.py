@@ -93,10 +93,10 @@ def read_head(
             connection = True
             for raw in value.lower().split(b","):
                 token = raw.strip()
+                # An HTTP/1.0 connection closes after its answer even with `keep-alive`: h11
+                # cannot keep one open, and both codecs must frame alike (docs/DESIGN.md).
                 if token == b"close":
                     close = True
-                elif token == b"keep-alive" and version == b"1.0":
-                    close = False
                 elif token == b"upgrade":
                     connection_upgrade = True
         elif name == b"upgrade":
