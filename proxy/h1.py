@@ -195,7 +195,12 @@ class Http1Connection(ClientConnection):
             self.writelines(parts)
 
     def send_trailers(self, headers: Headers) -> None:
-        """Response trailers are not relayed to an HTTP/1.1 client (its body ends as usual)."""
+        """Response trailers reach an HTTP/1.1 client that sent `TE: trailers` as the trailer
+        section of a chunked body (gRPC's `grpc-status`, as nginx and HAProxy relay it);
+        otherwise the body ends as usual without them."""
+        exchange = self.exchange
+        if headers and exchange is not None and exchange.head.trailers:
+            self.codec.response_trailers(headers)
 
     def send_end(self) -> None:
         end = self.codec.response_end()
