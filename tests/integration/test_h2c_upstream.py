@@ -106,7 +106,9 @@ def test_readiness_asks_an_h2c_app_over_http2(run: list[object], dev_certs: DevC
     assert app.seen and dict(app.seen[-1]["headers"])[":path"] == "/health"
 
 
-def grpc_over_http11(port: int, ca: Path, te: bool) -> tuple[h11.Response, bytes, list[object]]:
+def grpc_over_http11(
+    port: int, ca: Path, te: bool
+) -> tuple[h11.Response, bytes, list[tuple[bytes, bytes]]]:
     """A gRPC call over HTTP/1.1 from a raw client: the response head, body and trailers."""
     message = b"\x00\x00\x00\x00\x02hi"
     head = (
@@ -119,7 +121,9 @@ def grpc_over_http11(port: int, ca: Path, te: bool) -> tuple[h11.Response, bytes
     conn.send(h11.Request(method="POST", target="/", headers=[("host", "x")]))
     with tls_socket(port, ca) as sock:
         sock.sendall(head + b"\r\n" + message)
-        response, body, trailers = None, b"", []
+        response: h11.Response | None = None
+        body = b""
+        trailers: list[tuple[bytes, bytes]] = []
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
