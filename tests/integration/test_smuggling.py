@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ProxyFactory
+from tests.support.h2client import H2Client
 from tests.support.proxy import (
     ProxyProcess,
     RawClient,
@@ -364,3 +365,22 @@ def test_a_malformed_pipelined_request_is_refused_and_the_app_connection_pooled(
     assert last_received(app, "/echo/pooled-after").connection_id == good, "not pooled"
     assert "Traceback" not in guarded.stderr_text()
     assert "unexpected error" not in guarded.stderr_text()
+
+
+def test_bytes_after_a_response_reach_no_http2_client(
+    guarded: ProxyProcess, app: UpstreamApp, ca: Path
+) -> None:
+    """The same over HTTP/2: the next stream, on the same client connection, gets its own
+    answer from a fresh app connection."""
+    after = f"/echo/after-h2-{guarded.port}"
+    client = H2Client(guarded.port, ca)
+    try:
+        first = client.response(client.request(b"/extra-status/204"))
+        assert first.status == 204 and first.header(b"x-injected") is None
+        second = client.response(client.request(after.encode()))
+    finally:
+        client.close()
+    assert second.status == 200 and second.header(b"x-injected") is None
+    assert json.loads(bytes(second.body))["path"] == after
+    poisoned = last_received(app, "/extra-status/204").connection_id
+    assert last_received(app, after).connection_id != poisoned
