@@ -127,9 +127,7 @@ class HttptoolsClient:
                     raise context from None
                 sink.response_malformed(str(e))
                 return
-            if self._head_request and self._ending and data.find(b"\r\n\r\n") != len(data) - 4:
-                # llhttp cannot be told that a HEAD answer has no body, so it was stopped at
-                # the head: pooled only when the head ended the read (else closed, to be safe).
+            if self._head_request and self._ending and not _ends_read(data):
                 self._keep_alive = False
         except HttpParserError as e:
             self._stale = True
@@ -224,3 +222,12 @@ class HttptoolsClient:
     def take_leftover(self) -> bytes:
         leftover, self._leftover = self._leftover, b""
         return leftover
+
+
+def _ends_read(data: bytes) -> bool:
+    """Did a HEAD answer's head end exactly where this read ends? llhttp cannot be told that
+    such an answer has no body, so it is stopped at the head without saying where; the head
+    ended the read when its blank line is the only one in it, at its end. A read starting with
+    a line end may have finished a blank line begun in the read before (then what follows it is
+    more): such a connection is closed, to be safe, as is one with a 1xx in the same read."""
+    return not data.startswith((b"\n", b"\r\n")) and data.find(b"\r\n\r\n") == len(data) - 4

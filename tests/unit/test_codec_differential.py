@@ -354,6 +354,15 @@ def test_both_client_codecs_hand_on_the_response_and_nothing_after_it(
     assert run_client(H11Client, method, together) == expected, together
 
 
+def test_an_answer_after_a_head_answer_split_in_its_blank_line_is_not_pooled() -> None:
+    """The HEAD answer's blank line split across reads, an injected answer right after it."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
+    for cut in (1, 2, 3):
+        pieces = [head[:-cut], head[-cut:] + b"HTTP/1.1 204 X\r\n\r\n"]
+        for codec in (HttptoolsClient, H11Client):
+            assert run_client(codec, b"HEAD", pieces) == (1, 200, b"", 1, False, False), cut
+
+
 def test_a_line_end_after_a_response_is_the_known_difference() -> None:
     """llhttp skips empty lines between messages (RFC 9112 §2.2 lets a recipient), so a CRLF
     after a response leaves the httptools connection usable; h11 keeps it and the proxy closes
