@@ -341,7 +341,7 @@ def test_both_client_codecs_hand_on_the_response_and_nothing_after_it(
     byte) are handed to no one, and the connection is not used again; without them it is."""
     method, data, body = response
     status = int(data[9:12])
-    # Cuts only inside the response: a HEAD answer's head split across reads is closed by the
+    # A HEAD answer comes in one read: one whose last read starts at a line end is closed by the
     # httptools codec to be safe (it cannot see where llhttp stopped), which h11 need not do.
     pieces = split(data, cuts) if method != b"HEAD" else [data]
     if extra:
