@@ -21,7 +21,7 @@ NEVER_UPGRADED = frozenset({b"h2c"})
 _VERSIONS = frozenset({b"1.1", b"1.0", b"2"})
 # The headers read_head looks at; every other one costs one set lookup.
 _FRAMING = frozenset(
-    {b"content-length", b"transfer-encoding", b"host", b"connection", b"upgrade", b"expect"}
+    {b"content-length", b"transfer-encoding", b"host", b"connection", b"upgrade", b"expect", b"te"}
 )
 
 
@@ -52,6 +52,7 @@ class RequestHead:
     has_body: bool = False  # chunked, or a Content-Length above 0
     expect_continue: bool = False  # `Expect: 100-continue`: the client waits before its body
     grpc: bool = False  # content-type application/grpc*: the proxy's own errors speak gRPC
+    trailers: bool = False  # `TE: trailers` (HTTP/1.1): a chunked answer may carry trailers
 
 
 def read_head(
@@ -73,6 +74,7 @@ def read_head(
     connection_upgrade = False
     connection = False
     expect_continue = False
+    trailers = False
     request_id: bytes | None = None
     for name, value in headers:
         if name not in _FRAMING:
@@ -93,16 +95,18 @@ def read_head(
             connection = True
             for raw in value.lower().split(b","):
                 token = raw.strip()
+                # An HTTP/1.0 connection closes after its answer even with `keep-alive`: h11
+                # cannot keep one open, and both codecs must frame alike (docs/DESIGN.md).
                 if token == b"close":
                     close = True
-                elif token == b"keep-alive" and version == b"1.0":
-                    close = False
                 elif token == b"upgrade":
                     connection_upgrade = True
         elif name == b"upgrade":
             upgrade = value
         elif name == b"expect":
             expect_continue = value.strip().lower() == b"100-continue"
+        elif name == b"te":
+            trailers = trailers or b"trailers" in (t.strip() for t in value.lower().split(b","))
     if te is not None:
         if te.strip().lower() != b"chunked":
             raise BadRequest(400, "bad_request", "the only transfer coding accepted is chunked")
@@ -135,6 +139,7 @@ def read_head(
         size,
         te is not None or bool(content_length),
         expect_continue and version == b"1.1",
+        trailers=trailers and version == b"1.1",
     )
 
 

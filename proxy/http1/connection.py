@@ -206,7 +206,12 @@ class Http1Connection(ClientConnection):
             self.writelines(parts)
 
     def send_trailers(self, headers: Headers) -> None:
-        """Response trailers are not relayed to an HTTP/1.1 client (its body ends as usual)."""
+        """Response trailers reach an HTTP/1.1 client that sent `TE: trailers` as the trailer
+        section of a chunked body (gRPC's `grpc-status`, as nginx and HAProxy relay it);
+        otherwise the body ends as usual without them."""
+        exchange = self.exchange
+        if headers and exchange is not None and exchange.head.trailers:
+            self.codec.response_trailers(headers)
 
     def send_end(self) -> None:
         end = self.codec.response_end()
@@ -253,7 +258,23 @@ class Http1Connection(ClientConnection):
             return
         self._received_since_idle = False
         self.arm("idle", self.ctx.config.idle_timeout)
-        if not self.codec.next_cycle():  # which delivers a pipelined request at once
+        # This runs inside the app connection's read (its codec just ended the response): a
+        # pipelined request parsed now is the client's, and so is its refusal, answered here;
+        # nothing of it may reach the app connection's code, which went back to the pool.
+        try:
+            going_on = self.codec.next_cycle()  # which delivers a pipelined request at once
+        except BadRequest as e:
+            self._refuse(e)
+            return
+        except Exception:
+            log.exception(
+                "unexpected error on a client connection",
+                extra={"client": self.session.client.address},
+            )
+            self.ctx.metrics.local_responses.labels("500", "internal_error").inc()
+            self.abort_all()
+            return
+        if not going_on:
             self.close()
 
     def timed_out(self, phase: str) -> None:

@@ -47,6 +47,7 @@ class H11Server:
         "_conn",
         "_keep_alive",
         "_stopped",
+        "_trailers",
         "paused",
         "sink",
     )
@@ -54,6 +55,7 @@ class H11Server:
     def __init__(self, sink: RequestSink, max_header_bytes: int) -> None:
         self.sink = sink
         self.paused = False
+        self._trailers: Headers = []
         self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
         self._stopped = False
         self._closed_input = False
@@ -139,7 +141,16 @@ class H11Server:
     def response_data(self, data: bytes) -> list[bytes]:
         return self._conn.send_with_data_passthrough(h11.Data(data=data)) or []
 
+    def response_trailers(self, headers: Headers) -> None:
+        # h11 takes trailers only at the end of a chunked body (it chose the framing).
+        if type(getattr(self._conn, "_writer", None)).__name__ == "ChunkedWriter":
+            self._trailers = headers
+
     def response_end(self) -> bytes:
+        trailers = self._trailers
+        if trailers:
+            self._trailers = []
+            return self._conn.send(h11.EndOfMessage(headers=trailers)) or b""
         return self._conn.send(h11.EndOfMessage()) or b""
 
     def informational(self, status: int, reason: bytes, headers: Headers) -> bytes:
@@ -233,6 +244,10 @@ class H11Client:
     def recycle(self) -> bool:
         conn = self._conn
         if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+            return False
+        if conn.trailing_data[0]:
+            # The app sent more after its response (a second answer, bytes after a 204, 304 or
+            # HEAD answer): h11 would read it as the next request's response. Never reused.
             return False
         conn.start_next_cycle()
         return True

@@ -2,6 +2,10 @@
 
 llhttp parses the app's responses; a Content-Length body that spans reads skips the parser
 (counted and handed on as it arrived), and a fresh parser takes over after it.
+
+A response's end is handed on only once llhttp has seen the rest of the read: any byte after a
+complete response (a second answer nobody asked for, bytes after a 204, 304 or HEAD answer)
+makes the connection unusable, so it is closed, never pooled, and the bytes reach no client.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ class HttptoolsClient:
         "_bypass",
         "_chunked",
         "_done",
+        "_ending",
         "_head_request",
         "_headers",
         "_in_body",
@@ -53,6 +58,7 @@ class HttptoolsClient:
 
     def _reset(self) -> None:
         self._done = False
+        self._ending = False
         self._keep_alive = True
         self._until_close = False
         self._in_body = False
@@ -87,6 +93,11 @@ class HttptoolsClient:
     # --- the response ---------------------------------------------------------------------------
     def feed(self, data: bytes, sink: ResponseSink) -> None:
         self._sink = sink
+        if self._done:
+            # The response is over and the app goes on talking (before our next request):
+            # whatever it is, it answers nobody, and the connection is not used again.
+            self._keep_alive = False
+            return
         if self._bypass:
             left = self._body_left
             if len(data) < left:
@@ -110,17 +121,27 @@ class HttptoolsClient:
                 sink.response_informational(*self._switching)
             return
         except HttpParserCallbackError as e:
-            if isinstance(e.__context__, Stop):
+            context = e.__context__
+            if not isinstance(context, Stop):
+                if context is not None:
+                    raise context from None
+                sink.response_malformed(str(e))
                 return
-            if e.__context__ is not None:
-                raise e.__context__ from None
-            sink.response_malformed(str(e))
-            return
+            if self._head_request and self._ending and not _ends_read(data):
+                self._keep_alive = False
         except HttpParserError as e:
             self._stale = True
-            sink.response_malformed(str(e) or "not HTTP")
-            return
-        if self._in_body and self._body_left > 0:
+            if self._ending:
+                self._keep_alive = False  # not HTTP after a complete response
+            else:
+                sink.response_malformed(str(e) or "not HTTP")
+                return
+        if self._ending:
+            # Handed on after the parser saw the whole read: `_keep_alive` now knows whether
+            # anything followed the response (on_message_begin).
+            self._ending = False
+            sink.response_end()
+        elif self._in_body and self._body_left > 0:
             self._bypass = True
 
     def feed_eof(self, sink: ResponseSink) -> None:
@@ -129,6 +150,11 @@ class HttptoolsClient:
             self._complete()
 
     # llhttp callbacks
+    def on_message_begin(self) -> None:
+        if self._done:  # a byte after a whole response: the app is not speaking HTTP with us
+            self._keep_alive = False
+            raise Stop
+
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
 
@@ -141,9 +167,6 @@ class HttptoolsClient:
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        if self._done:  # bytes after a whole response: the app is not speaking HTTP with us
-            self._keep_alive = False
-            raise Stop
         parser = self._parser
         status = parser.get_status_code()
         if status < 200:
@@ -164,7 +187,8 @@ class HttptoolsClient:
         self._sink.response_head(status, self._reason, self._headers, length)
         if self._head_request:  # llhttp cannot be told that a HEAD answer has no body
             self._stale = True
-            self._complete()
+            self._done = self._ending = True
+            self._in_body = False
             raise Stop
 
     def on_body(self, data: bytes) -> None:
@@ -177,7 +201,9 @@ class HttptoolsClient:
             return
         if self._switching is not None:
             return
-        self._complete()
+        # Ended, but not handed on yet: feed does once llhttp has seen the rest of this read.
+        self._done = self._ending = True
+        self._in_body = False
 
     def _complete(self) -> None:
         self._done = True
@@ -196,3 +222,12 @@ class HttptoolsClient:
     def take_leftover(self) -> bytes:
         leftover, self._leftover = self._leftover, b""
         return leftover
+
+
+def _ends_read(data: bytes) -> bool:
+    """Did a HEAD answer's head end exactly where this read ends? llhttp cannot be told that
+    such an answer has no body, so it is stopped at the head without saying where; the head
+    ended the read when its blank line is the only one in it, at its end. A read starting with
+    a line end may have finished a blank line begun in the read before (then what follows it is
+    more): such a connection is closed, to be safe, as is one with a 1xx in the same read."""
+    return not data.startswith((b"\n", b"\r\n")) and data.find(b"\r\n\r\n") == len(data) - 4

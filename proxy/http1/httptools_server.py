@@ -74,6 +74,7 @@ class HttptoolsServer:
         "_size",
         "_state",
         "_stopped",
+        "_trailers",
         "_url",
         "_version",
         "paused",
@@ -102,6 +103,7 @@ class HttptoolsServer:
         self._version = b"1.1"
         self._mode = _LENGTH
         self._responding = False
+        self._trailers: Headers | None = None
 
     # --- input ----------------------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
@@ -302,8 +304,18 @@ class HttptoolsServer:
             return chunk(data) if data else []
         return [] if mode == _NONE else [data]
 
+    def response_trailers(self, headers: Headers) -> None:
+        if self._mode == _CHUNKED:
+            self._trailers = headers
+
     def response_end(self) -> bytes:
-        return b"0\r\n\r\n" if self._mode == _CHUNKED else b""
+        if self._mode != _CHUNKED:
+            return b""
+        trailers = self._trailers
+        if trailers:
+            self._trailers = None
+            return head_bytes(b"0\r\n", trailers)  # the last chunk, then the trailer section
+        return b"0\r\n\r\n"
 
     def informational(self, status: int, reason: bytes, headers: Headers) -> bytes:
         return head_bytes((_STATUS_LINES.get(status) or b"") + reason + b"\r\n", headers)

@@ -9,11 +9,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import h2.errors
+import h11
 import pytest
 
 from tests.support.h2app import H2App
 from tests.support.h2client import H2Client
-from tests.support.proxy import DevCerts, ProxyProcess, serve_args
+from tests.support.proxy import DevCerts, ProxyProcess, serve_args, tls_socket
 
 
 @pytest.fixture
@@ -103,3 +104,59 @@ def test_readiness_asks_an_h2c_app_over_http2(run: list[object], dev_certs: DevC
     run.append(proxy)
     assert proxy.admin_get("/readyz") == (200, "ready\n")
     assert app.seen and dict(app.seen[-1]["headers"])[":path"] == "/health"
+
+
+def grpc_over_http11(
+    port: int, ca: Path, te: bool
+) -> tuple[h11.Response, bytes, list[tuple[bytes, bytes]]]:
+    """A gRPC call over HTTP/1.1 from a raw client: the response head, body and trailers."""
+    message = b"\x00\x00\x00\x00\x02hi"
+    head = (
+        b"POST /grpc/Greeter/Say HTTP/1.1\r\nHost: localhost\r\n"
+        b"Content-Type: application/grpc\r\nContent-Length: %d\r\n" % len(message)
+    )
+    if te:
+        head += b"TE: trailers\r\n"
+    conn = h11.Connection(h11.CLIENT)
+    conn.send(h11.Request(method="POST", target="/", headers=[("host", "x")]))
+    with tls_socket(port, ca) as sock:
+        sock.sendall(head + b"\r\n" + message)
+        response: h11.Response | None = None
+        body = b""
+        trailers: list[tuple[bytes, bytes]] = []
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(sock.recv(65536))
+            elif isinstance(event, h11.Response):
+                response = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                trailers = list(event.headers)
+                break
+            else:
+                raise AssertionError(f"unexpected {event!r}")
+    assert response is not None
+    return response, body, trailers
+
+
+def test_grpc_trailers_reach_an_http11_client_that_accepts_them(
+    run: list[object], dev_certs: DevCerts, ca: Path, http_codec: str
+) -> None:
+    """An HTTP/1.1 client sending `TE: trailers` gets the app's trailers (grpc-status) at the
+    end of a chunked body, as nginx and HAProxy relay them; one that did not gets none."""
+    run.append(app := H2App().start())
+    run.append(
+        proxy := ProxyProcess(
+            serve_args(app.url, dev_certs), env={"TLS_SIDECAR_HTTP": http_codec}
+        ).start()
+    )
+    response, body, trailers = grpc_over_http11(proxy.port, ca, te=True)
+    assert response.status_code == 200
+    assert (b"transfer-encoding", b"chunked") in response.headers
+    assert body == b"\x00\x00\x00\x00\x05hello"
+    assert (b"grpc-status", b"0") in trailers and (b"grpc-message", b"ok") in trailers
+    response, body, trailers = grpc_over_http11(proxy.port, ca, te=False)
+    assert response.status_code == 200 and body == b"\x00\x00\x00\x00\x05hello"
+    assert trailers == []

@@ -170,3 +170,20 @@ def test_expect_100_continue_over_the_body_limit_is_413_without_100(
         answer = read_all(sock)
     assert answer.startswith(b"HTTP/1.1 413 "), answer[:60]
     assert b"100 Continue" not in answer
+
+
+@pytest.mark.parametrize("connection", ["keep-alive", None], ids=["keep-alive", "plain"])
+def test_an_http10_request_is_answered_with_connection_close_and_closed(
+    connection: str | None, edge: ProxyProcess, ca: Path
+) -> None:
+    """HTTP/1.0, even with `Connection: keep-alive`: the answer says `Connection: close` and
+    the connection closes after it, with both codecs (the client can tell where it ends)."""
+    extra = f"Connection: {connection}\r\n" if connection else ""
+    with tls_socket(edge.port, ca) as sock:
+        sock.sendall(f"GET /echo/http10 HTTP/1.0\r\nHost: localhost\r\n{extra}\r\n".encode())
+        client = RawClient(sock)
+        response = client.read_response()
+        assert response is not None and response.status == 200, response
+        assert b'"/echo/http10"' in response.body
+        assert response.header("connection") == "close"
+        assert client.closed_by_peer(timeout=5)

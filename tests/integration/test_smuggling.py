@@ -6,6 +6,8 @@ or a closed connection (or a 2xx for the entries that are valid), and the proxy 
 
 from __future__ import annotations
 
+import json
+import math
 import socket
 import ssl
 from collections.abc import Iterator
@@ -15,8 +17,17 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ProxyFactory
-from tests.support.proxy import ProxyProcess, RawClient, https, tls_socket
-from tests.support.upstream import UpstreamApp
+from tests.support.h2client import H2Client
+from tests.support.proxy import (
+    ProxyProcess,
+    RawClient,
+    RawResponse,
+    https,
+    request_bytes,
+    tls_socket,
+    wait_for,
+)
+from tests.support.upstream import Received, UpstreamApp
 
 H = b"Host: localhost\r\n"
 
@@ -254,3 +265,122 @@ def test_plaintext_and_garbage_client_hello_are_refused(guarded: ProxyProcess) -
             except ConnectionResetError:
                 answer = b""
             assert not answer.startswith(b"HTTP/")
+
+
+# --- the response side: an app's bytes after its response (response-queue poisoning) ---------
+
+
+def last_received(app: UpstreamApp, path: str) -> Received:
+    return next(r for r in reversed(app.requests) if r.path == path)
+
+
+def clean(response: RawResponse | None, path: str) -> None:
+    """The app's own answer to `path`: nothing of the injected one."""
+    assert response is not None, "the proxy closed the connection"
+    assert response.status == 200, response
+    assert response.header("x-injected") is None, "an injected answer reached the client"
+    assert json.loads(response.body)["path"] == path, response.body
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/extra/get", 200),
+        ("HEAD", "/extra/head", 200),
+        ("GET", "/extra-status/204", 204),
+        ("GET", "/extra-status/304", 304),
+    ],
+    ids=["content-length", "head", "204", "304"],
+)
+def test_bytes_after_a_response_reach_no_client_and_the_connection_is_closed(
+    method: str, path: str, status: int, guarded: ProxyProcess, app: UpstreamApp, ca: Path
+) -> None:
+    """The app answers, then writes a whole second answer on the same connection at once: it
+    answers no one (not this client's next request, not another client's), and the app
+    connection is closed rather than pooled, so the next request goes out on a fresh one."""
+    after = f"/echo/after-{method.lower()}-{status}"
+    with tls_socket(guarded.port, ca) as sock:
+        client = RawClient(sock)
+        client.send(request_bytes(method, path))
+        first = client.read_response(method.encode())
+        assert first is not None and first.status == status, first
+        assert first.header("x-injected") is None
+        assert first.body == (b"hello" if method == "GET" and status == 200 else b"")
+        client.send(request_bytes("GET", after))  # the same client connection, kept alive
+        clean(client.read_response(), after)
+    other = f"/echo/other-{method.lower()}-{status}"
+    answer, headers, body = https(guarded, ca, path=other)
+    assert answer == 200 and "x-injected" not in headers and b"INJECTED" not in body
+    poisoned = last_received(app, path).connection_id
+    assert last_received(app, after).connection_id != poisoned, "the app connection was reused"
+    assert "Traceback" not in guarded.stderr_text()
+
+
+def test_bytes_an_idle_app_connection_sends_later_reach_no_client(
+    guarded: ProxyProcess, app: UpstreamApp, ca: Path
+) -> None:
+    """The injected answer comes after the response, while the connection waits in the pool."""
+    gate = f"late-{guarded.port}"  # one per proxy: the app outlives each codec's
+    path, after = f"/extra-gate/{gate}", f"/echo/after-{gate}"
+    with tls_socket(guarded.port, ca) as sock:
+        client = RawClient(sock)
+        client.send(request_bytes("GET", path))
+        first = client.read_response()
+        assert first is not None and first.body == b"hello", first
+        closed = app.closed
+        app.open_gate(gate)
+        wait_for(lambda: app.closed > closed, what="the proxy closing the app connection")
+        client.send(request_bytes("GET", after))
+        clean(client.read_response(), after)
+    poisoned = last_received(app, path).connection_id
+    assert last_received(app, after).connection_id != poisoned
+
+
+def test_a_malformed_pipelined_request_is_refused_and_the_app_connection_pooled(
+    guarded: ProxyProcess, app: UpstreamApp, ca: Path
+) -> None:
+    """A good request and a malformed one in one write: the first is answered, the second gets
+    its 400 (counted, logged) on the client's side, and the app connection that answered the
+    first goes back to the pool unharmed."""
+    bad = b"GET  /echo/pipelined-bad HTTP/1.1\r\nHost: localhost\r\n\r\n"  # two spaces
+    refused = guarded.metric("tls_sidecar_local_responses_total", 'code="400"')
+    refused = 0.0 if math.isnan(refused) else refused  # absent before the first
+    with tls_socket(guarded.port, ca) as sock:
+        client = RawClient(sock)
+        client.send(request_bytes("GET", "/echo/pipelined-good") + bad)
+        clean(client.read_response(), "/echo/pipelined-good")
+        second = client.read_response()
+        assert second is not None and second.status == 400, second
+        assert client.closed_by_peer()
+    assert app.count("/echo/pipelined-bad") == 0
+    assert guarded.metric("tls_sidecar_local_responses_total", 'code="400"') == refused + 1
+    wait_for(
+        lambda: any(
+            r["status"] == 400 and r.get("local") == "bad_request" for r in guarded.access_records()
+        ),
+        what="the refusal in the access log",
+    )
+    assert https(guarded, ca, path="/echo/pooled-after")[0] == 200
+    good = last_received(app, "/echo/pipelined-good").connection_id
+    assert last_received(app, "/echo/pooled-after").connection_id == good, "not pooled"
+    assert "Traceback" not in guarded.stderr_text()
+    assert "unexpected error" not in guarded.stderr_text()
+
+
+def test_bytes_after_a_response_reach_no_http2_client(
+    guarded: ProxyProcess, app: UpstreamApp, ca: Path
+) -> None:
+    """The same over HTTP/2: the next stream, on the same client connection, gets its own
+    answer from a fresh app connection."""
+    after = f"/echo/after-h2-{guarded.port}"
+    client = H2Client(guarded.port, ca)
+    try:
+        first = client.response(client.request(b"/extra-status/204"))
+        assert first.status == 204 and first.header(b"x-injected") is None
+        second = client.response(client.request(after.encode()))
+    finally:
+        client.close()
+    assert second.status == 200 and second.header(b"x-injected") is None
+    assert json.loads(bytes(second.body))["path"] == after
+    poisoned = last_received(app, "/extra-status/204").connection_id
+    assert last_received(app, after).connection_id != poisoned

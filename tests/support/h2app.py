@@ -1,5 +1,6 @@
 """A small HTTP/2 cleartext app (h2 library, prior knowledge) for the h2c:// upstream tests:
-it reports what it received (headers, body, trailers) and can reset a stream mid-response."""
+it reports what it received (headers, body, trailers) and can reset a stream mid-response.
+`/grpc...` answers as a gRPC server does: no content-length, the status in trailers."""
 
 from __future__ import annotations
 
@@ -83,6 +84,16 @@ class _Conn(asyncio.Protocol):
         if path.startswith("/reset-mid"):
             return
         self.app.seen.append(request)
+        if path.startswith("/grpc"):
+            message = b"\x00\x00\x00\x00\x05hello"  # one length-prefixed gRPC message
+            self.conn.send_headers(
+                sid, [(b":status", b"200"), (b"content-type", b"application/grpc")]
+            )
+            self.conn.send_data(sid, message)
+            trailers = [(b"grpc-status", b"0"), (b"grpc-message", b"ok")]
+            self.conn.send_headers(sid, trailers, end_stream=True)
+            self.flush()
+            return
         body = json.dumps(
             {
                 "headers": request["headers"],

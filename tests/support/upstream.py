@@ -16,6 +16,12 @@ can assert what reached the app. Behaviour is chosen by path:
   /early              answers 401 as soon as the head arrives, then reads the body
   /once...            answered only as a connection's first request; later ones: closed unanswered
   /ws                 WebSocket echo
+  /extra...           "hello" (Content-Length 5; a HEAD gets the head), then INJECTED_RESPONSE
+                      on the same connection, which the app goes on serving
+  /extra-status/N     an empty answer with status N (204, 304), then INJECTED_RESPONSE
+  /extra-gate/NAME    "hello", then INJECTED_RESPONSE once the test calls open_gate(NAME)
+
+`closed` counts the connections that ended (the proxy closed them, or the app did).
 """
 
 from __future__ import annotations
@@ -36,6 +42,9 @@ from wsproto.connection import Connection as WsConnection
 from wsproto.connection import ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, TextMessage
 from wsproto.utilities import generate_accept_token
+
+# A whole second answer an app writes after its response: it must never reach a client.
+INJECTED_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nX-Injected: INJECTED\r\n\r\nINJECTED"
 
 
 def pattern(n: int) -> bytes:
@@ -64,6 +73,7 @@ class UpstreamApp:
     unix_path: str | None = None
     requests: list[Received] = field(default_factory=list)
     connections: int = 0
+    closed: int = 0
     in_flight: int = 0
     _loop: asyncio.AbstractEventLoop | None = None
     _server: asyncio.Server | None = None
@@ -196,6 +206,8 @@ class UpstreamApp:
         finally:
             if not writer.is_closing():
                 writer.close()
+            with self._lock:
+                self.closed += 1
 
     async def _read_request(
         self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -238,7 +250,10 @@ class UpstreamApp:
         send = conn.send
 
         def respond(
-            status: int, payload: bytes = b"", headers: list[tuple[bytes, bytes]] | None = None
+            status: int,
+            payload: bytes = b"",
+            headers: list[tuple[bytes, bytes]] | None = None,
+            then: bytes = b"",
         ) -> None:
             hs = (
                 [(b"content-length", str(len(payload)).encode())]
@@ -250,7 +265,7 @@ class UpstreamApp:
             if payload and request.method != b"HEAD":
                 out += send(h11.Data(data=payload)) or b""
             out += send(h11.EndOfMessage()) or b""
-            writer.write(out)
+            writer.write(out + then)  # `then` in the same write: it arrives with the response
 
         if path.startswith("/early"):
             pass  # answered as soon as the head arrived
@@ -303,6 +318,15 @@ class UpstreamApp:
             return False
         elif path.startswith("/status/"):
             respond(int(path.split("/")[2]))
+        elif path.startswith("/extra-status/"):
+            respond(int(path.split("/")[2]), then=INJECTED_RESPONSE)
+        elif path.startswith("/extra-gate/"):
+            respond(200, b"hello")
+            await writer.drain()
+            await self._gate(path.split("/")[2]).wait()
+            writer.write(INJECTED_RESPONSE)
+        elif path.startswith("/extra"):
+            respond(200, b"hello", then=INJECTED_RESPONSE)
         elif path == "/close":
             respond(200, b"bye", [(b"connection", b"close")])
         elif path == "/hop":
