@@ -6,6 +6,7 @@ import datetime as dt
 import ipaddress
 import itertools
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,26 @@ def subject_alt_names(names: Sequence[str]) -> list[x509.GeneralName]:
     return sans
 
 
+def default_common_name(names: Sequence[str]) -> str:
+    """The first DNS name (or URI), else a one-label name for an address: OpenSSL checks a CN
+    that looks like a host name (`10.0.0.5` does) against a CA's DNS name constraints when the
+    certificate has no DNS SAN, and refuses it; `ip-10-0-0-5` is never taken for one."""
+    for name in names:
+        if not _is_address(name):
+            return name
+    if names:
+        return "ip-" + re.sub(r"[^0-9A-Za-z]+", "-", names[0]).strip("-")
+    return "tls-sidecar"
+
+
+def _is_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
 def _name(common_name: str, organization: str | None = None) -> x509.Name:
     attrs = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
     if organization:
@@ -76,8 +97,10 @@ def _now() -> dt.datetime:
 
 
 # What a development CA may sign (X.509 name constraints): a leaked development CA key cannot
-# impersonate a real site. A DNS constraint covers the name and every name under it.
-DEV_PERMITTED = ("localhost", "test", "internal", "127.0.0.0/8", "::1/128")
+# impersonate a real site. A DNS constraint covers the name and every name under it. DNS names
+# only: BoringSSL (grpcio) refuses a chain whose CA constrains IP addresses when the leaf has an
+# IP SAN ("unsupported name constraint type"), so IP addresses are left unconstrained.
+DEV_PERMITTED = ("localhost", "test", "internal")
 
 
 def permitted_subtrees(names: Sequence[str]) -> list[x509.GeneralName]:
@@ -150,7 +173,7 @@ def issue(
 ) -> Issued:
     """A leaf certificate for `names`, signed by `ca` (self-signed when ca is None)."""
     key = new_key(key_type)
-    cn = common_name or (names[0] if names else "tls-sidecar")
+    cn = common_name or default_common_name(names)
     attrs = [x509.NameAttribute(NameOID.COMMON_NAME, cn)]
     if organizational_unit:
         attrs.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, organizational_unit))
