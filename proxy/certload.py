@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 
-from . import certs
+from . import certcheck, certs
 from .config import CertificateError, Config
 from .identity import dns_and_uri_sans
 from .tls import Material, ServedCertificate
@@ -61,10 +61,14 @@ def load_certificates(config: Config) -> tuple[list[LoadedCertificate], list[str
     loaded: list[LoadedCertificate] = []
     warnings: list[str] = []
 
-    def add(name: str, cert_path: Path, key_path: Path) -> None:
-        chain = certs.load_chain(cert_path)
+    def add(name: str, cert_path: Path, key_path: Path, option: str = "--cert") -> None:
+        chain = certs.load_chain(cert_path, option)
         key = certs.load_key(key_path, password=password)
-        warnings.extend(certs.check_pair(chain, key, cert_path, allow_expired=config.allow_expired))
+        warnings.extend(
+            certs.check_pair(
+                chain, key, cert_path, allow_expired=config.allow_expired, option=option
+            )
+        )
         warnings.extend(key_exposed(key_path))
         loaded.append(LoadedCertificate(name, chain, key))
 
@@ -76,7 +80,7 @@ def load_certificates(config: Config) -> tuple[list[LoadedCertificate], list[str
                 continue  # Kubernetes keeps its ..data and timestamped folders hidden
             cert_path, key_path = folder / "tls.crt", folder / "tls.key"
             if cert_path.exists() and key_path.exists():
-                add(folder.name, cert_path, key_path)
+                add(folder.name, cert_path, key_path, "--cert-dir")
         if not loaded:
             raise CertificateError(
                 f"--cert-dir: {config.cert_dir} has no NAME/tls.crt + NAME/tls.key pairs"
@@ -86,7 +90,11 @@ def load_certificates(config: Config) -> tuple[list[LoadedCertificate], list[str
         leaf = loaded[-1]
         warnings.extend(
             certs.check_pair(
-                leaf.chain, leaf.key, config.pkcs12_file, allow_expired=config.allow_expired
+                leaf.chain,
+                leaf.key,
+                config.pkcs12_file,
+                allow_expired=config.allow_expired,
+                option="--pkcs12",
             )
         )
     return loaded, warnings
@@ -147,7 +155,15 @@ def inspect(config: Config) -> tuple[list[Material], list[str]]:
 
 
 def check_client_ca(path: Path) -> bytes:
-    certs.load_chain(path, "--client-ca")  # a clear error for a bad file
+    """The bundle, when it holds only CAs: a leaf there (the client certificate given by
+    mistake) makes every client certificate fail to verify, with no hint why."""
+    for cert in certs.load_chain(path, "--client-ca"):
+        if not certcheck.is_ca(cert):
+            raise CertificateError(
+                f"--client-ca: {path} holds a certificate that is not a CA "
+                f"({cert.subject.rfc4514_string()}), so no client certificate would verify; "
+                "give the CA that signs the client certificates (its ca.crt)"
+            )
     return path.read_bytes()
 
 

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from . import certcheck
 from .config import CertificateError
 
 KeyType = Literal["ecdsa", "rsa"]
@@ -266,9 +267,20 @@ def check_pair(
     *,
     allow_expired: bool = False,
     now: dt.datetime | None = None,
+    option: str = "--cert",
 ) -> list[str]:
     """Raise CertificateError for a pair that must not be served; return warnings otherwise."""
     leaf = chain[0]
+    if certcheck.is_ca(leaf):
+        raise CertificateError(
+            f"{option}: {cert_path} is a CA certificate (basicConstraints CA:TRUE), which TLS "
+            "clients refuse from a server; give the server certificate the CA issued"
+        )
+    if certcheck.is_client_only(leaf):
+        raise CertificateError(
+            f"{option}: {cert_path} is a client certificate (extendedKeyUsage without "
+            "serverAuth), which TLS clients refuse from a server; give a server certificate"
+        )
     if not key_matches(leaf, key):
         raise CertificateError(
             f"--key does not match the certificate in {cert_path}; "
@@ -277,19 +289,19 @@ def check_pair(
     for child, parent in itertools.pairwise(chain):
         if child.issuer != parent.subject:
             raise CertificateError(
-                f"--cert: {cert_path} chain is out of order: {child.subject.rfc4514_string()} is "
+                f"{option}: {cert_path} chain is out of order: {child.subject.rfc4514_string()} is "
                 f"not issued by the next certificate; list leaf first, then each issuer"
             )
     warnings = []
     moment = now or _now()
     if leaf.not_valid_before_utc > moment:
         raise CertificateError(
-            f"--cert: {cert_path} is not valid before {leaf.not_valid_before_utc:%Y-%m-%d %H:%M}"
+            f"{option}: {cert_path} is not valid before {leaf.not_valid_before_utc:%Y-%m-%d %H:%M}"
             " UTC; check the clock or the certificate"
         )
     if leaf.not_valid_after_utc < moment:
         message = (
-            f"--cert: {cert_path} expired on {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; "
+            f"{option}: {cert_path} expired on {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; "
             "renew it"
         )
         if not allow_expired:

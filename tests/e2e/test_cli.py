@@ -502,3 +502,49 @@ def test_check_fails_what_would_not_start(dev_certs: DevCerts) -> None:
     assert any(line.startswith("fail  certificates: --key") for line in lines), lines
     code, lines = run_check("--listen", "nowhere")
     assert (code, lines[0][:11]) == (2, "fail  flags")
+
+
+@pytest.fixture(scope="module")
+def init_certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What `certs init` makes: ca, server and client certificates and keys."""
+    out = tmp_path_factory.mktemp("init") / "certs"
+    made = run_cli("certs", "init", "--certs-dir", str(out))
+    assert made.returncode == 0, made.stderr
+    return out
+
+
+@pytest.mark.parametrize(
+    ("name", "fragments"),
+    [
+        ("ca", ["--cert", "ca.crt is a CA certificate", "give the server certificate"]),
+        ("client", ["--cert", "client.crt is a client certificate", "serverAuth"]),
+    ],
+)
+def test_serve_and_check_refuse_a_ca_or_client_certificate_as_the_server_one(
+    init_certs: Path, name: str, fragments: list[str]
+) -> None:
+    """Clients refuse either from a server; the proxy says so at start-up, not at each handshake."""
+    pair = ("--cert", str(init_certs / f"{name}.crt"), "--key", str(init_certs / f"{name}.key"))
+    assert_one_line_error(run_cli(*serve(*pair)), *fragments)
+    code, lines = run_check(*pair, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0")
+    assert code == 2, lines
+    failed = [line for line in lines if line.startswith("fail  certificates: ")]
+    assert failed and all(f in failed[0] for f in fragments), lines
+
+
+def test_serve_and_check_refuse_a_leaf_as_the_client_ca(init_certs: Path) -> None:
+    """The client certificate given as --client-ca: no client certificate would ever verify."""
+    mtls = (
+        "--cert",
+        str(init_certs / "server.crt"),
+        "--key",
+        str(init_certs / "server.key"),
+        "--client-ca",
+        str(init_certs / "client.crt"),
+        "--allow-all",
+    )
+    fragments = ["--client-ca", "client.crt", "not a CA", "tls-sidecar-dev-client"]
+    assert_one_line_error(run_cli(*serve(*mtls)), *fragments)
+    code, lines = run_check(*mtls, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0")
+    assert code == 2, lines
+    assert any(line.startswith("fail  certificates: --client-ca") for line in lines), lines

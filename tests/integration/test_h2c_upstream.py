@@ -5,6 +5,8 @@ connections."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -103,3 +105,26 @@ def test_readiness_asks_an_h2c_app_over_http2(run: list[object], dev_certs: DevC
     run.append(proxy)
     assert proxy.admin_get("/readyz") == (200, "ready\n")
     assert app.seen and dict(app.seen[-1]["headers"])[":path"] == "/health"
+
+
+def test_an_h2c_app_resetting_the_health_check_is_reported_at_once(
+    run: list[object], dev_certs: DevCerts
+) -> None:
+    """The app resets the health check's stream 0.1 s after it: readiness and `check` say so,
+    rather than waiting out their timeout to report an app that "did not answer"."""
+    app = H2App().start()
+    run.append(app)
+    health = ("--upstream-health-path", "/reset-unanswered")
+    proxy = ProxyProcess(serve_args(app.url, dev_certs, *health)).start()
+    run.append(proxy)
+    reset = "health check GET /reset-unanswered: the app reset the stream (INTERNAL_ERROR)"
+    assert proxy.admin_get("/readyz") == (503, f"not ready: {reset}\n")
+    # A timeout far longer than the test may take: only a reset seen at once ends the check.
+    args = [*serve_args(app.url, dev_certs, *health)[1:], "--upstream-connect-timeout", "600s"]
+    checked = subprocess.run(
+        [sys.executable, "-m", "proxy", "check", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert f"warn  upstream: {reset}" in checked.stdout, checked.stdout + checked.stderr
