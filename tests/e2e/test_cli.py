@@ -190,6 +190,53 @@ def test_environment_variables_configure_the_proxy(dev_certs: DevCerts) -> None:
         app.stop()
 
 
+@pytest.mark.parametrize(
+    ("flag", "variable", "value", "fragment"),
+    [
+        ("--upstream", "TLS_SIDECAR_UPSTREAM", "127.0.0.1", "'127.0.0.1' has no port"),
+        ("--cert", "TLS_SIDECAR_CERT", "/nonexistent/tls.crt", "does not exist"),
+        ("--workers", "TLS_SIDECAR_WORKERS", "many", "1-256 or auto"),
+        ("--client-auth", "TLS_SIDECAR_CLIENT_AUTH", "sometimes", "is not one of"),
+        ("--max-connections", "TLS_SIDECAR_MAX_CONNECTIONS", "0", "x>=1"),
+    ],
+)
+def test_a_message_names_the_flag_or_the_variable_whichever_was_set(
+    flag: str, variable: str, value: str, fragment: str
+) -> None:
+    """A value from the environment is named by its variable, one from the command line by its
+    flag; never the other (click's own messages named both)."""
+    by_flag = run_cli(*serve(flag, value))
+    assert_one_line_error(by_flag, flag, fragment)
+    assert variable not in by_flag.stderr
+    by_variable = run_cli(*serve(), env={variable: value})
+    assert_one_line_error(by_variable, variable, fragment)
+    assert flag not in by_variable.stderr.replace(variable, "")
+
+
+def test_check_names_the_variable_that_was_set() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy", "check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, TLS_SIDECAR_UPSTREAM="127.0.0.1:0"),
+    )
+    assert done.returncode == 2
+    assert done.stdout.splitlines()[0] == (
+        "fail  flags: TLS_SIDECAR_UPSTREAM: port 0 in '127.0.0.1:0' is no port an app listens "
+        "on; give the app's port, e.g. http://127.0.0.1:8080"
+    )
+
+
+def test_a_bare_upstream_host_and_port_is_http() -> None:
+    app = UpstreamApp().start()
+    try:
+        _, lines = run_check("--upstream", app.base.removeprefix("http://"))
+    finally:
+        app.stop()
+    assert lines[0].startswith(f"ok    flags: upstream {app.base},"), lines
+
+
 def test_without_certificate_a_self_signed_one_is_served_with_a_warning() -> None:
     app = UpstreamApp().start()
     proxy = ProxyProcess(serve("--upstream", app.base)).start()
