@@ -521,7 +521,7 @@ def demo(app_listen: str, listen: str, admin_listen: str, certs_dir: Path) -> No
                 f"  proxy      https://localhost:{port}  ->  the demo app\n"
                 f"  admin      http://{bound.admin[0]}/readyz  and  /metrics\n\n"
                 f"  try:   curl --cacert {ca} https://localhost:{port}/hello\n"
-                f"  trust: sudo {shlex.quote(sys.argv[0])} certs trust --dir "
+                f"  trust: sudo {shlex.quote(sys.argv[0])} certs trust --certs-dir "
                 f"{shlex.quote(str(files.ca_cert.parent))}  (then no --cacert; browsers too)\n"
                 "  stop:  Ctrl-C\n",
                 err=True,
