@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 
 import click
 import uvloop
+from click.core import ParameterSource
 
 from . import __version__
 from . import log as logs
@@ -595,7 +596,7 @@ def note_environment(ctx: click.Context) -> None:
         if (
             param.name
             and isinstance(param.envvar, str)
-            and ctx.get_parameter_source(param.name) is click.core.ParameterSource.ENVIRONMENT
+            and ctx.get_parameter_source(param.name) is ParameterSource.ENVIRONMENT
         ):
             for name in (*param.opts, *param.secondary_opts):
                 _SET_BY_ENVIRONMENT[name] = param.envvar
@@ -616,9 +617,8 @@ def _bad_parameter(e: click.BadParameter) -> str:
     param, ctx = e.param, e.ctx
     if param is None or ctx is None or not param.name:
         return e.format_message()
-    if ctx.get_parameter_source(
-        param.name
-    ) is click.core.ParameterSource.ENVIRONMENT and isinstance(param.envvar, str):
+    from_environment = ctx.get_parameter_source(param.name) is ParameterSource.ENVIRONMENT
+    if from_environment and isinstance(param.envvar, str):
         where = param.envvar
     else:
         where = " / ".join(f"'{name}'" for name in param.opts)

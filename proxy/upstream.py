@@ -428,11 +428,13 @@ async def _health_h2c(
                 return _verdict(path, status, "")
             # Said at once: waiting on would only end in "did not answer" at the timeout.
             if isinstance(event, h2.events.StreamReset):
-                return (
-                    f"health check GET {path}: the app reset the stream ({_code(event.error_code)})"
-                )
-            if isinstance(event, h2.events.ConnectionTerminated):
-                return f"health check GET {path}: the app ended the connection ({_code(event.error_code)})"
+                why = f"the app reset the stream ({_code(event.error_code)})"
+                return f"health check GET {path}: {why}"
+            if isinstance(event, h2.events.ConnectionTerminated) and (
+                event.error_code or not event.last_stream_id  # a graceful GOAWAY still answers
+            ):
+                why = f"the app ended the connection ({_code(event.error_code)})"
+                return f"health check GET {path}: {why}"
         writer.write(conn.data_to_send())
 
 
