@@ -71,14 +71,14 @@ def default_common_name(names: Sequence[str]) -> str:
     that looks like a host name (`10.0.0.5` does) against a CA's DNS name constraints when the
     certificate has no DNS SAN, and refuses it; `ip-10-0-0-5` is never taken for one."""
     for name in names:
-        if not _is_address(name):
+        if not is_address(name):
             return name
     if names:
         return "ip-" + re.sub(r"[^0-9A-Za-z]+", "-", names[0]).strip("-")
     return "tls-sidecar"
 
 
-def _is_address(name: str) -> bool:
+def is_address(name: str) -> bool:
     try:
         ipaddress.ip_address(name)
     except ValueError:

@@ -71,7 +71,7 @@ def _vouchable(ca: certs.Issued, ca_path: Path, names: tuple[str, ...], option: 
         return
     name = outside[0]
     stem = name.rpartition(".")[0] or name
-    such = "such a name" if _is_ip(name) else f"such a name (e.g. {stem}.test)"
+    such = "such a name" if certs.is_address(name) else f"such a name (e.g. {stem}.test)"
     raise ConfigError(
         f"{option} {name}: the development CA {ca_path} can only vouch for "
         f"{certcheck.constraints_text(ca.certificate)} (its name constraints); use {such}, "
@@ -111,7 +111,7 @@ def init_dev_certificates(
         # local CA. IP addresses stay unconstrained: see certs.DEV_PERMITTED.
         permitted = (
             *certs.DEV_PERMITTED,
-            *(h for h in hosts if not _dev_name(h) and not _is_ip(h)),
+            *(h for h in hosts if not _dev_name(h) and not certs.is_address(h)),
         )
         ca = certs.create_ca(key_type=key_type, permitted=permitted)
     else:
@@ -129,14 +129,6 @@ def init_dev_certificates(
     _write_pair(files.server_cert, files.server_key, server, chain=ca.cert_pem)
     _write_pair(files.client_cert, files.client_key, client)
     return files, ca_made
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def _dev_name(host: str) -> bool:
