@@ -7,6 +7,7 @@ import gc
 import importlib
 import logging
 import os
+import re
 import shlex
 import sys
 from collections.abc import Callable, Coroutine
@@ -16,6 +17,7 @@ from typing import Any, NoReturn
 
 import click
 import uvloop
+from click.core import ParameterSource
 
 from proxy import __version__
 from proxy import log as logs
@@ -290,7 +292,9 @@ def build_config(opts: dict[str, Any]) -> Config:
     return Config(
         listen=parse_address(opts["listen"], option="--listen"),
         upstream=parse_upstream(opts["upstream"]),
-        admin_listen=parse_address(opts["admin_listen"], option="--admin-listen"),
+        admin_listen=parse_address(
+            opts["admin_listen"], option="--admin-listen", example="0.0.0.0:9901"
+        ),
         cert_files=tuple(readable_file(p, "--cert") for p in opts["cert"]),
         key_files=tuple(readable_file(p, "--key") for p in opts["key"]),
         cert_dir=readable_dir(opts["cert_dir"], "--cert-dir") if opts["cert_dir"] else None,
@@ -430,6 +434,7 @@ def cli() -> None:
 @serve_options
 def serve(**opts: Any) -> None:
     """Serve TLS on --listen and forward to --upstream; admin endpoints on --admin-listen."""
+    note_environment(click.get_current_context())
     config = build_config(opts)
     logs.configure(config.log_format, config.log_level)
     if config.workers > 1 and config.worker_index is None:
@@ -452,9 +457,10 @@ def check_command(**opts: Any) -> None:
     from proxy.commands.check import check, exit_code  # noqa: PLC0415
 
     logs.configure("text", "error")
+    note_environment(click.get_current_context())
     found = check(lambda: build_config(opts))
     for finding in found:
-        click.echo(finding.line())
+        click.echo(replace(finding, detail=as_set(finding.detail)).line())
     sys.exit(exit_code(found))
 
 
@@ -497,11 +503,12 @@ def demo(app_listen: str, listen: str, admin_listen: str, certs_dir: Path) -> No
     from proxy.commands.certs import ensure_dev_certificates  # noqa: PLC0415
     from proxy.commands.demo import start_demo_app  # noqa: PLC0415
 
-    app = parse_address(app_listen, option="--app-listen")
+    note_environment(click.get_current_context())
+    app = parse_address(app_listen, option="--app-listen", example="127.0.0.1:8080")
     files = ensure_dev_certificates(certs_dir)
     base = Config(
-        listen=parse_address(listen, option="--listen"),
-        admin_listen=parse_address(admin_listen, option="--admin-listen"),
+        listen=parse_address(listen, option="--listen", example="127.0.0.1:8443"),
+        admin_listen=parse_address(admin_listen, option="--admin-listen", example="127.0.0.1:9901"),
         cert_files=(files.server_cert,),
         key_files=(files.server_key,),
         log_format="text",
@@ -527,7 +534,7 @@ def demo(app_listen: str, listen: str, admin_listen: str, certs_dir: Path) -> No
                 f"  proxy      https://localhost:{port}  ->  the demo app\n"
                 f"  admin      http://{bound.admin[0]}/readyz  and  /metrics\n\n"
                 f"  try:   curl --cacert {ca} https://localhost:{port}/hello\n"
-                f"  trust: sudo {shlex.quote(sys.argv[0])} certs trust --dir "
+                f"  trust: sudo {shlex.quote(sys.argv[0])} certs trust --certs-dir "
                 f"{shlex.quote(str(files.ca_cert.parent))}  (then no --cacert; browsers too)\n"
                 "  stop:  Ctrl-C\n",
                 err=True,
@@ -590,6 +597,46 @@ def inject_command(
         click.echo(f"tls-sidecar: note: {note}", err=True)
 
 
+# The flags that took their value from a TLS_SIDECAR_* variable, by every name of the flag: a
+# message about one names the variable the user set, not a flag they never typed.
+_SET_BY_ENVIRONMENT: dict[str, str] = {}
+
+
+def note_environment(ctx: click.Context) -> None:
+    _SET_BY_ENVIRONMENT.clear()
+    for param in ctx.command.params:
+        if (
+            param.name
+            and isinstance(param.envvar, str)
+            and ctx.get_parameter_source(param.name) is ParameterSource.ENVIRONMENT
+        ):
+            for name in (*param.opts, *param.secondary_opts):
+                _SET_BY_ENVIRONMENT[name] = param.envvar
+
+
+def as_set(message: str) -> str:
+    """A message that starts with a flag's name, with the variable's name instead when the
+    value came from the environment: `TLS_SIDECAR_UPSTREAM: '127.0.0.1' has no port`."""
+    match = re.match(r"--[a-z0-9][a-z0-9-]*", message)
+    if match and match.group() in _SET_BY_ENVIRONMENT:
+        return _SET_BY_ENVIRONMENT[match.group()] + message[match.end() :]
+    return message
+
+
+def _bad_parameter(e: click.BadParameter) -> str:
+    """click's message names a flag and its variable together, whichever was used: name the
+    one that was."""
+    param, ctx = e.param, e.ctx
+    if param is None or ctx is None or not param.name:
+        return e.format_message()
+    from_environment = ctx.get_parameter_source(param.name) is ParameterSource.ENVIRONMENT
+    if from_environment and isinstance(param.envvar, str):
+        where = param.envvar
+    else:
+        where = " / ".join(f"'{name}'" for name in param.opts)
+    return f"Invalid value for {where}: {e.message}"
+
+
 def _fail(message: str) -> NoReturn:
     click.echo(f"tls-sidecar: error: {message}", err=True)
     sys.exit(2)
@@ -604,11 +651,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except click.UsageError as e:
         hint = f" (see '{e.ctx.command_path} --help')" if e.ctx else ""
-        _fail(e.format_message() + hint)
+        message = _bad_parameter(e) if isinstance(e, click.BadParameter) else e.format_message()
+        _fail(message + hint)
     except click.ClickException as e:
         _fail(e.format_message())
     except click.Abort:
         sys.exit(130)
     except ConfigError as e:
-        _fail(str(e))
+        _fail(as_set(str(e)))
     sys.exit(code if isinstance(code, int) else 0)

@@ -232,8 +232,9 @@ def parse_size(text: str, *, option: str = "size", allow_unlimited: bool = False
     return int(match.group(1)) * _SIZE_UNITS[unit]
 
 
-def parse_address(text: str, *, option: str = "address") -> Address:
-    """'0.0.0.0:8443', '[::]:8443', ':8443', 'localhost:8443' -> Address."""
+def parse_address(text: str, *, option: str = "address", example: str = "0.0.0.0:8443") -> Address:
+    """'0.0.0.0:8443', '[::]:8443', ':8443', 'localhost:8443' -> Address; `example` is what a
+    message suggests (a listen address, or the app's for --upstream)."""
     text = text.strip()
     host: str
     if text.startswith("["):
@@ -244,8 +245,14 @@ def parse_address(text: str, *, option: str = "address") -> Address:
         _check_ip(host, option, text)
     else:
         host, sep, port_text = text.rpartition(":")
+        if not sep and text.isdigit():
+            raise ConfigError(
+                f"{option}: {text!r} has no host; use HOST:PORT, e.g. {_example(example, port=text)}"
+            )
         if not sep:
-            raise ConfigError(f"{option}: {text!r} has no port; use HOST:PORT, e.g. 0.0.0.0:8443")
+            raise ConfigError(
+                f"{option}: {text!r} has no port; use HOST:PORT, e.g. {_example(example, host=text)}"
+            )
         if ":" in host:
             raise ConfigError(f"{option}: {text!r} looks like IPv6; write it as [{host}]:PORT")
         host = host or "0.0.0.0"
@@ -254,6 +261,13 @@ def parse_address(text: str, *, option: str = "address") -> Address:
     if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise ConfigError(f"{option}: port {port_text!r} in {text!r} must be a number 0-65535")
     return Address(host, int(port_text))
+
+
+def _example(example: str, *, host: str | None = None, port: str | None = None) -> str:
+    """`example` (SCHEME://HOST:PORT or HOST:PORT) with the host or the port the user gave."""
+    scheme, sep, rest = example.rpartition("://")
+    default_host, _, default_port = rest.rpartition(":")
+    return f"{scheme}{sep}{host or default_host}:{port or default_port}"
 
 
 def _check_ip(host: str, option: str, text: str) -> None:
@@ -289,7 +303,16 @@ def parse_upstream(text: str, *, option: str = "--upstream") -> Upstream:
     text = text.rstrip("/")
     if "/" in text:
         raise ConfigError(f"{option}: {text!r} has a path; give only http://HOST:PORT")
-    return Upstream(address=parse_address(text, option=option), h2c=h2c)
+    # A bare HOST:PORT is http://HOST:PORT (as ghostunnel's --target); the listening line
+    # shows the scheme it was read as.
+    example = f"{'h2c' if h2c else 'http'}://127.0.0.1:8080"
+    address = parse_address(text, option=option, example=example)
+    if address.port == 0:
+        raise ConfigError(
+            f"{option}: port 0 in {text!r} is no port an app listens on; give the app's port, "
+            f"e.g. {example}"
+        )
+    return Upstream(address=address, h2c=h2c)
 
 
 def parse_log_level(text: str) -> LogLevel:

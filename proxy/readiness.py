@@ -90,4 +90,19 @@ async def _health_h2c(
             if isinstance(event, h2.events.ResponseReceived):
                 status = int(dict(event.headers)[b":status"])
                 return _verdict(path, status, "")
+            # Said at once: waiting on would only end in "did not answer" at the timeout.
+            if isinstance(event, h2.events.StreamReset):
+                why = f"the app reset the stream ({_code(event.error_code)})"
+                return f"health check GET {path}: {why}"
+            if isinstance(event, h2.events.ConnectionTerminated) and (
+                event.error_code or not event.last_stream_id  # a graceful GOAWAY still answers
+            ):
+                why = f"the app ended the connection ({_code(event.error_code)})"
+                return f"health check GET {path}: {why}"
         writer.write(conn.data_to_send())
+
+
+def _code(code: int | None) -> str:
+    """h2 gives a known code as an ErrorCodes member (CANCEL), an unknown one as an int."""
+    name: str | None = getattr(code, "name", None)
+    return name or f"error code {code}"

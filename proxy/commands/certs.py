@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from proxy.config import ConfigError
-from proxy.tls import certs
+from proxy.tls import certcheck, certs
 
+FC = TypeVar("FC", bound=Callable[..., Any])
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
@@ -41,6 +42,11 @@ def dev_files(out: Path) -> DevFiles:
 
 
 def _load_ca(cert_path: Path, key_path: Path) -> certs.Issued:
+    if not cert_path.exists() and not key_path.exists():
+        raise ConfigError(
+            f"--ca: {cert_path} does not exist; run tls-sidecar certs init --certs-dir "
+            f"{cert_path.parent} first to make the development CA"
+        )
     chain = certs.load_chain(cert_path, "--ca")
     key = certs.load_key(key_path, "--ca-key")
     if not certs.key_matches(chain[0], key):
@@ -49,8 +55,44 @@ def _load_ca(cert_path: Path, key_path: Path) -> certs.Issued:
 
 
 def _write_pair(cert_path: Path, key_path: Path, issued: certs.Issued, chain: bytes = b"") -> None:
-    cert_path.write_bytes(issued.cert_pem + chain)
+    # The new pair replaces the old one file by file, each atomically: a reader (the proxy
+    # reloading) never sees half a file.
+    tmp = cert_path.with_name(f".{cert_path.name}.tmp")
+    tmp.write_bytes(issued.cert_pem + chain)
     certs.write_private(key_path, issued.key_pem)
+    tmp.replace(cert_path)
+
+
+def _vouchable(ca: certs.Issued, ca_path: Path, names: tuple[str, ...], option: str) -> None:
+    """Refuse names the CA's name constraints forbid: clients would refuse the certificate
+    ("permitted subtree violation"), so it is never written."""
+    outside = certcheck.outside_constraints(ca.certificate, certs.subject_alt_names(names))
+    if not outside:
+        return
+    name = outside[0]
+    stem = name.rpartition(".")[0] or name
+    such = "such a name" if certs.is_address(name) else f"such a name (e.g. {stem}.test)"
+    raise ConfigError(
+        f"{option} {name}: the development CA {ca_path} can only vouch for "
+        f"{certcheck.constraints_text(ca.certificate)} (its name constraints); use {such}, "
+        f"or make a new CA that includes it, in another folder: tls-sidecar certs init "
+        f"--certs-dir DIR --host {name}"
+    )
+
+
+def _issue_checked(
+    ca: certs.Issued, ca_path: Path, names: list[str], **kwargs: Any
+) -> certs.Issued:
+    """Issue, then verify as a TLS client would before anything is written: a certificate that
+    does not verify never replaces one that does."""
+    issued = certs.issue(ca, names, **kwargs)
+    problem = certcheck.verify_chain([issued.certificate], [ca.certificate])
+    if problem:
+        raise ConfigError(
+            f"the certificate for {', '.join(names) or kwargs.get('common_name')} would not "
+            f"verify against {ca_path} ({problem}); nothing was written"
+        )
+    return issued
 
 
 def init_dev_certificates(
@@ -60,24 +102,32 @@ def init_dev_certificates(
     *,
     renew_leaves: bool = True,
 ) -> tuple[DevFiles, bool]:
-    """Create (or reuse) the CA; issue server and client certificates. Returns (files, ca_made)."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Create (or reuse) the CA; issue server and client certificates. Returns (files, ca_made).
+    A reused CA that cannot vouch for a host stops it (ConfigError) before anything is written."""
     files = dev_files(out)
     ca_made = not (files.ca_cert.exists() and files.ca_key.exists())
     if ca_made:
-        # Limited to development names (and those asked for): safer than an unlimited local CA.
-        permitted = (*certs.DEV_PERMITTED, *(h for h in hosts if not _dev_name(h)))
+        # Limited to development names (and the DNS names asked for): safer than an unlimited
+        # local CA. IP addresses stay unconstrained: see certs.DEV_PERMITTED.
+        permitted = (
+            *certs.DEV_PERMITTED,
+            *(h for h in hosts if not _dev_name(h) and not certs.is_address(h)),
+        )
         ca = certs.create_ca(key_type=key_type, permitted=permitted)
-        _write_pair(files.ca_cert, files.ca_key, ca)
     else:
         ca = _load_ca(files.ca_cert, files.ca_key)
-    if renew_leaves or not files.server_cert.exists():
-        server = certs.issue(ca, list(hosts), key_type=key_type)
-        _write_pair(files.server_cert, files.server_key, server, chain=ca.cert_pem)
-        client = certs.issue(
-            ca, [], common_name="tls-sidecar-dev-client", client=True, key_type=key_type
-        )
-        _write_pair(files.client_cert, files.client_key, client)
+        _vouchable(ca, files.ca_cert, hosts, "--host")
+    if not ca_made and not renew_leaves and files.server_cert.exists():
+        return files, ca_made
+    server = _issue_checked(ca, files.ca_cert, list(hosts), key_type=key_type)
+    client = _issue_checked(
+        ca, files.ca_cert, [], common_name="tls-sidecar-dev-client", client=True, key_type=key_type
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    if ca_made:
+        _write_pair(files.ca_cert, files.ca_key, ca)
+    _write_pair(files.server_cert, files.server_key, server, chain=ca.cert_pem)
+    _write_pair(files.client_cert, files.client_key, client)
     return files, ca_made
 
 
@@ -105,6 +155,34 @@ def ensure_dev_certificates(out: Path) -> DevFiles:
     return files
 
 
+class AliasedOption(click.Option):
+    """An option whose first name is the one shown; the others are older spellings that still
+    work but stay out of --help."""
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        shown, self.opts = self.opts, self.opts[:1]
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.opts = shown
+
+
+def certs_dir_option(help_text: str) -> Callable[[FC], FC]:
+    """The folder of the development CA and certificates: `--certs-dir` everywhere (`demo`
+    too); `--dir` and `--out`, the names it had, still work."""
+    return click.option(
+        "--certs-dir",
+        "--dir",
+        "--out",
+        "certs_dir",
+        cls=AliasedOption,
+        default="certs",
+        show_default=True,
+        type=click.Path(path_type=Path),
+        help=help_text,
+    )
+
+
 @click.group("certs", context_settings=CONTEXT)
 def certs_group() -> None:
     """Development certificates: a local CA, server and client certificates, inspection."""
@@ -117,13 +195,7 @@ def certs_group() -> None:
     multiple=True,
     help="Name or IP for the server certificate (repeatable). [default: localhost, 127.0.0.1, ::1]",
 )
-@click.option(
-    "--out",
-    default="certs",
-    show_default=True,
-    type=click.Path(path_type=Path),
-    help="Folder to write to.",
-)
+@certs_dir_option("Folder to write to.")
 @click.option(
     "--key-type",
     default="ecdsa",
@@ -131,14 +203,23 @@ def certs_group() -> None:
     type=click.Choice(["ecdsa", "rsa"]),
     help="ECDSA P-256 or RSA 2048.",
 )
-def init_command(hosts: tuple[str, ...], out: Path, key_type: certs.KeyType) -> None:
+def init_command(hosts: tuple[str, ...], certs_dir: Path, key_type: certs.KeyType) -> None:
     """Make a development CA (kept if it exists) and server and client certificates."""
-    files, ca_made = init_dev_certificates(out, hosts or certs.DEFAULT_HOSTS, key_type)
+    files, ca_made = init_dev_certificates(certs_dir, hosts or certs.DEFAULT_HOSTS, key_type)
     click.echo(f"{'created' if ca_made else 'reused'} CA      {files.ca_cert}")
     click.echo(f"server certificate  {files.server_cert}  (key {files.server_key})")
     click.echo(f"client certificate  {files.client_cert}  (key {files.client_key})")
     click.echo(f"trust it with:      curl --cacert {files.ca_cert} https://localhost:8443/")
-    click.echo(f"or everywhere:      sudo tls-sidecar certs trust --dir {out}")
+    click.echo(f"or everywhere:      sudo tls-sidecar certs trust --certs-dir {certs_dir}")
+    ca = certs.load_chain(files.ca_cert, "--ca")[0]
+    if certcheck.limits_ip_addresses(ca):
+        click.echo(
+            f"note: {files.ca_cert} limits IP addresses (an older certs init made it so), which "
+            "grpcio cannot check: it refuses these certificates; for a CA every client accepts, "
+            f"move {files.ca_cert} and {files.ca_key} away and run certs init again "
+            "(and certs trust, if you trusted the old one)",
+            err=True,
+        )
 
 
 def _trust(directory: Path, dry_run: bool, install: bool) -> None:
@@ -156,7 +237,7 @@ def _trust(directory: Path, dry_run: bool, install: bool) -> None:
     except TrustError as e:
         verb = "trust" if install else "untrust"
         fix = (
-            f"; run: sudo tls-sidecar certs {verb} --dir {directory}"
+            f"; run: sudo tls-sidecar certs {verb} --certs-dir {directory}"
             if "needs root" in str(e)
             else ""
         )
@@ -168,49 +249,40 @@ def _trust(directory: Path, dry_run: bool, install: bool) -> None:
         )
 
 
-_DIR = click.option(
-    "--dir",
-    "directory",
-    default="certs",
-    show_default=True,
-    type=click.Path(path_type=Path),
-    help="The folder of certs init (its ca.crt).",
-)
+_DIR = certs_dir_option("The folder of certs init (its ca.crt).")
 _DRY = click.option("--dry-run", is_flag=True, help="Print what would change; change nothing.")
 
 
 @certs_group.command("trust", context_settings=CONTEXT)
 @_DIR
 @_DRY
-def trust_command(directory: Path, dry_run: bool) -> None:
+def trust_command(certs_dir: Path, dry_run: bool) -> None:
     """Trust the development CA in the system store and the browsers' (NSS) stores, as
     mkcert -install does: curl and browsers then accept the demo without --cacert."""
-    _trust(directory, dry_run, install=True)
+    _trust(certs_dir, dry_run, install=True)
 
 
 @certs_group.command("untrust", context_settings=CONTEXT)
 @_DIR
 @_DRY
-def untrust_command(directory: Path, dry_run: bool) -> None:
+def untrust_command(certs_dir: Path, dry_run: bool) -> None:
     """Remove the development CA from the stores `certs trust` added it to."""
-    _trust(directory, dry_run, install=False)
+    _trust(certs_dir, dry_run, install=False)
 
 
 @certs_group.command("issue", context_settings=CONTEXT)
 @click.option(
     "--ca",
     "ca_path",
-    default="certs/ca.crt",
-    show_default=True,
+    default=None,
     type=click.Path(path_type=Path),
-    help="CA certificate.",
+    help="CA certificate. [default: ca.crt in --certs-dir]",
 )
 @click.option(
     "--ca-key",
-    default="certs/ca.key",
-    show_default=True,
+    default=None,
     type=click.Path(path_type=Path),
-    help="CA private key.",
+    help="CA private key. [default: the --ca file with .key]",
 )
 @click.option(
     "--name",
@@ -228,32 +300,29 @@ def untrust_command(directory: Path, dry_run: bool) -> None:
     "--days", default=825, show_default=True, type=click.IntRange(1, 3650), help="Validity in days."
 )
 @click.option("--key-type", default="ecdsa", show_default=True, type=click.Choice(["ecdsa", "rsa"]))
-@click.option(
-    "--out",
-    default="certs",
-    show_default=True,
-    type=click.Path(path_type=Path),
-    help="Folder to write to.",
-)
+@certs_dir_option("Folder of the development CA, and of the new files.")
 @click.option(
     "--file-name", default=None, help="Base name of the files. [default: from the first --name]"
 )
 def issue_command(
-    ca_path: Path,
-    ca_key: Path,
+    ca_path: Path | None,
+    ca_key: Path | None,
     names: tuple[str, ...],
     cn: str | None,
     ou: str | None,
     client: bool,
     days: int,
     key_type: certs.KeyType,
-    out: Path,
+    certs_dir: Path,
     file_name: str | None,
 ) -> None:
     """Issue one more certificate from the development CA."""
-    ca = _load_ca(ca_path, ca_key)
-    issued = certs.issue(
+    ca_path = ca_path or certs_dir / "ca.crt"
+    ca = _load_ca(ca_path, ca_key or ca_path.with_suffix(".key"))
+    _vouchable(ca, ca_path, names, "--name")
+    issued = _issue_checked(
         ca,
+        ca_path,
         list(names),
         common_name=cn,
         organizational_unit=ou,
@@ -264,8 +333,8 @@ def issue_command(
     base = file_name or "".join(
         c if c.isalnum() or c in "-." else "_" for c in names[0].split("://")[-1]
     )
-    out.mkdir(parents=True, exist_ok=True)
-    cert_path, key_path = out / f"{base}.crt", out / f"{base}.key"
+    certs_dir.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = certs_dir / f"{base}.crt", certs_dir / f"{base}.key"
     _write_pair(cert_path, key_path, issued, chain=b"" if client else ca.cert_pem)
     click.echo(f"certificate {cert_path}\nkey         {key_path}")
 
@@ -305,53 +374,21 @@ def inspect_command(files: tuple[Path, ...], key_path: Path | None, ca_path: Pat
             if not matches:
                 problems.append(f"{key_path} does not match {path}")
         if ca_path is not None:
-            verdict = _verify(chain, certs.load_chain(ca_path, "--ca"))
-            click.echo(f"  chain against {ca_path}: {verdict or 'verifies'}")
+            verdict = certcheck.verify_chain(chain, certs.load_chain(ca_path, "--ca"))
+            if certcheck.is_client_certificate(leaf):
+                role = "verifies as a client certificate"
+            elif certcheck.server_name(leaf) is None:
+                role = "verifies, but it names no DNS name or IP address a client could check"
+            else:
+                role = "verifies as a server certificate"
+            shown = f"does not verify ({verdict})" if verdict else role
+            click.echo(f"  chain against {ca_path}: {shown}")
             if verdict:
-                problems.append(f"{path}: {verdict}")
+                problems.append(f"{path}: does not verify against {ca_path} ({verdict})")
     for problem in problems:
         click.echo(f"problem: {problem}", err=True)
     if problems:
         raise SystemExit(1)
-
-
-def _verify(chain: list[x509.Certificate], roots: list[x509.Certificate]) -> str | None:
-    leaf, intermediates = chain[0], [c for c in chain[1:] if c not in roots]
-    store = Store(roots)
-    builder: Any = PolicyBuilder().store(store)
-    try:
-        is_client = _is_client(leaf)
-        if is_client:
-            builder.build_client_verifier().verify(leaf, intermediates)
-        else:
-            name = _first_dns(leaf)
-            if name is None:
-                builder.build_client_verifier().verify(leaf, intermediates)
-            else:
-                builder.build_server_verifier(x509.DNSName(name)).verify(leaf, intermediates)
-    except VerificationError as e:
-        return f"does not verify ({e})"
-    return None
-
-
-def _is_client(cert: x509.Certificate) -> bool:
-    try:
-        usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except x509.ExtensionNotFound:
-        return False
-    return (
-        x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH in usage
-        and x509.oid.ExtendedKeyUsageOID.SERVER_AUTH not in usage
-    )
-
-
-def _first_dns(cert: x509.Certificate) -> str | None:
-    try:
-        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return None
-    dns = names.get_values_for_type(x509.DNSName)
-    return dns[0] if dns else None
 
 
 def _describe(path: Path, index: int, cert: x509.Certificate) -> str:

@@ -11,7 +11,7 @@ import errno
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from proxy.config import Address, Config, ConfigError
 from proxy.readiness import probe_upstream
@@ -41,9 +41,7 @@ def check(build: Callable[[], Config]) -> list[Finding]:
     found = [Finding(OK, "flags", f"upstream {config.upstream}, listen {config.listen}")]
     found += _certificates(config)
     if config.client_ca is not None:
-        found.append(
-            Finding(OK, "client CA", f"{config.client_ca} ({config.client_auth}); {_rules(config)}")
-        )
+        found.append(_client_ca(config))
     found.append(_bindable("listen", config.listen))
     if config.worker_index is None:
         found.append(_bindable("admin-listen", config.admin_listen))
@@ -55,10 +53,24 @@ def exit_code(found: list[Finding]) -> int:
     return max(EXIT[f.level] for f in found)
 
 
+def _client_ca(config: Config) -> Finding:
+    from proxy.tls.certload import check_client_ca  # noqa: PLC0415
+
+    assert config.client_ca is not None
+    try:
+        check_client_ca(config.client_ca)
+    except ConfigError as e:
+        return Finding(FAIL, "client CA", str(e))
+    return Finding(OK, "client CA", f"{config.client_ca} ({config.client_auth}); {_rules(config)}")
+
+
 def _certificates(config: Config) -> list[Finding]:
     try:
         bundle, warnings = build_bundle(config)
     except ConfigError as e:
+        if config.client_ca is not None and str(e).startswith("--client-ca"):
+            # The client CA's own line says it; the server certificates still get theirs.
+            return _certificates(replace(config, client_ca=None))
         return [Finding(FAIL, "certificates", str(e))]
     found = [Finding(WARN, "certificates", w) for w in warnings]
     if not config.has_certificates:

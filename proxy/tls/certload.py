@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 
 from proxy.config import CertificateError, Config
 from proxy.identity import dns_and_uri_sans
-from proxy.tls import certs
+from proxy.tls import certcheck, certs
 from proxy.tls.material import (
     Material,
     ServedCertificate,
@@ -67,10 +67,14 @@ def load_certificates(config: Config) -> tuple[list[LoadedCertificate], list[str
     loaded: list[LoadedCertificate] = []
     warnings: list[str] = []
 
-    def add(name: str, cert_path: Path, key_path: Path) -> None:
-        chain = certs.load_chain(cert_path)
+    def add(name: str, cert_path: Path, key_path: Path, option: str = "--cert") -> None:
+        chain = certs.load_chain(cert_path, option)
         key = certs.load_key(key_path, password=password)
-        warnings.extend(certs.check_pair(chain, key, cert_path, allow_expired=config.allow_expired))
+        warnings.extend(
+            certs.check_pair(
+                chain, key, cert_path, allow_expired=config.allow_expired, option=option
+            )
+        )
         warnings.extend(key_exposed(key_path))
         loaded.append(LoadedCertificate(name, chain, key))
 
@@ -79,7 +83,7 @@ def load_certificates(config: Config) -> tuple[list[LoadedCertificate], list[str
     if config.cert_dir is not None:
         for name, cert_path, key_path in cert_dir_pairs(config.cert_dir):
             if cert_path.exists() and key_path.exists():
-                add(name, cert_path, key_path)
+                add(name, cert_path, key_path, "--cert-dir")
         if not loaded:
             raise CertificateError(
                 f"--cert-dir: {config.cert_dir} has no NAME/tls.crt + NAME/tls.key pairs"
@@ -89,7 +93,11 @@ def load_certificates(config: Config) -> tuple[list[LoadedCertificate], list[str
         leaf = loaded[-1]
         warnings.extend(
             certs.check_pair(
-                leaf.chain, leaf.key, config.pkcs12_file, allow_expired=config.allow_expired
+                leaf.chain,
+                leaf.key,
+                config.pkcs12_file,
+                allow_expired=config.allow_expired,
+                option="--pkcs12",
             )
         )
     return loaded, warnings
@@ -150,7 +158,15 @@ def inspect(config: Config) -> tuple[list[Material], list[str]]:
 
 
 def check_client_ca(path: Path) -> bytes:
-    certs.load_chain(path, "--client-ca")  # a clear error for a bad file
+    """The bundle, when it holds only CAs: a leaf there (the client certificate given by
+    mistake) makes every client certificate fail to verify, with no hint why."""
+    for cert in certs.load_chain(path, "--client-ca"):
+        if not certcheck.is_ca(cert):
+            raise CertificateError(
+                f"--client-ca: {path} holds a certificate that is not a CA "
+                f"({cert.subject.rfc4514_string()}), so no client certificate would verify; "
+                "give the CA that signs the client certificates (its ca.crt)"
+            )
     return path.read_bytes()
 
 

@@ -6,6 +6,7 @@ import datetime as dt
 import ipaddress
 import itertools
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from proxy.config import CertificateError
+from proxy.tls import certcheck
 
 KeyType = Literal["ecdsa", "rsa"]
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
@@ -64,6 +66,26 @@ def subject_alt_names(names: Sequence[str]) -> list[x509.GeneralName]:
     return sans
 
 
+def default_common_name(names: Sequence[str]) -> str:
+    """The first DNS name (or URI), else a one-label name for an address: OpenSSL checks a CN
+    that looks like a host name (`10.0.0.5` does) against a CA's DNS name constraints when the
+    certificate has no DNS SAN, and refuses it; `ip-10-0-0-5` is never taken for one."""
+    for name in names:
+        if not is_address(name):
+            return name
+    if names:
+        return "ip-" + re.sub(r"[^0-9A-Za-z]+", "-", names[0]).strip("-")
+    return "tls-sidecar"
+
+
+def is_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
 def _name(common_name: str, organization: str | None = None) -> x509.Name:
     attrs = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
     if organization:
@@ -76,8 +98,10 @@ def _now() -> dt.datetime:
 
 
 # What a development CA may sign (X.509 name constraints): a leaked development CA key cannot
-# impersonate a real site. A DNS constraint covers the name and every name under it.
-DEV_PERMITTED = ("localhost", "test", "internal", "127.0.0.0/8", "::1/128")
+# impersonate a real site. A DNS constraint covers the name and every name under it. DNS names
+# only: BoringSSL (grpcio) refuses a chain whose CA constrains IP addresses when the leaf has an
+# IP SAN ("unsupported name constraint type"), so IP addresses are left unconstrained.
+DEV_PERMITTED = ("localhost", "test", "internal")
 
 
 def permitted_subtrees(names: Sequence[str]) -> list[x509.GeneralName]:
@@ -150,7 +174,7 @@ def issue(
 ) -> Issued:
     """A leaf certificate for `names`, signed by `ca` (self-signed when ca is None)."""
     key = new_key(key_type)
-    cn = common_name or (names[0] if names else "tls-sidecar")
+    cn = common_name or default_common_name(names)
     attrs = [x509.NameAttribute(NameOID.COMMON_NAME, cn)]
     if organizational_unit:
         attrs.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, organizational_unit))
@@ -243,9 +267,20 @@ def check_pair(
     *,
     allow_expired: bool = False,
     now: dt.datetime | None = None,
+    option: str = "--cert",
 ) -> list[str]:
     """Raise CertificateError for a pair that must not be served; return warnings otherwise."""
     leaf = chain[0]
+    if certcheck.is_ca(leaf):
+        raise CertificateError(
+            f"{option}: {cert_path} is a CA certificate (basicConstraints CA:TRUE), which TLS "
+            "clients refuse from a server; give the server certificate the CA issued"
+        )
+    if certcheck.is_client_only(leaf):
+        raise CertificateError(
+            f"{option}: {cert_path} is a client certificate (extendedKeyUsage without "
+            "serverAuth), which TLS clients refuse from a server; give a server certificate"
+        )
     if not key_matches(leaf, key):
         raise CertificateError(
             f"--key does not match the certificate in {cert_path}; "
@@ -254,19 +289,19 @@ def check_pair(
     for child, parent in itertools.pairwise(chain):
         if child.issuer != parent.subject:
             raise CertificateError(
-                f"--cert: {cert_path} chain is out of order: {child.subject.rfc4514_string()} is "
+                f"{option}: {cert_path} chain is out of order: {child.subject.rfc4514_string()} is "
                 f"not issued by the next certificate; list leaf first, then each issuer"
             )
     warnings = []
     moment = now or _now()
     if leaf.not_valid_before_utc > moment:
         raise CertificateError(
-            f"--cert: {cert_path} is not valid before {leaf.not_valid_before_utc:%Y-%m-%d %H:%M}"
+            f"{option}: {cert_path} is not valid before {leaf.not_valid_before_utc:%Y-%m-%d %H:%M}"
             " UTC; check the clock or the certificate"
         )
     if leaf.not_valid_after_utc < moment:
         message = (
-            f"--cert: {cert_path} expired on {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; "
+            f"{option}: {cert_path} expired on {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; "
             "renew it"
         )
         if not allow_expired:

@@ -17,6 +17,16 @@ from tests.support.proxy import ProxyProcess, serve_args
 from tests.support.upstream import UpstreamApp
 
 
+def test_one_folder_option_for_every_certs_command() -> None:
+    """`--certs-dir` is the folder's name everywhere (as for `demo`); `--out` and `--dir`, the
+    names it had, still work (the tests below use them) but are no longer shown."""
+    for command in ("init", "issue", "trust", "untrust"):
+        shown = run_cli("certs", command, "--help").stdout
+        assert "--certs-dir" in shown, command
+        assert "--out" not in shown and "--dir " not in shown, shown
+    assert "--certs-dir" in run_cli("demo", "--help").stdout
+
+
 def test_init_makes_a_ca_and_leaves_and_reuses_the_ca(tmp_path: Path) -> None:
     out = tmp_path / "certs"
     first = run_cli("certs", "init", "--out", str(out), "--host", "app.local", "--host", "10.0.0.1")
@@ -108,8 +118,103 @@ def test_certs_errors_are_one_line(tmp_path: Path) -> None:
             "x",
         ),
         "--ca",
+        "does not exist",
+        "tls-sidecar certs init",
+    )
+    (tmp_path / "only.crt").write_bytes(certs.create_ca().cert_pem)
+    assert_one_line_error(
+        run_cli("certs", "issue", "--ca", str(tmp_path / "only.crt"), "--name", "x.test"),
+        "--ca-key",
+        "only.key",
         "cannot be read",
     )
+
+
+def test_issue_without_a_ca_says_to_run_certs_init(tmp_path: Path) -> None:
+    result = run_cli("certs", "issue", "--certs-dir", str(tmp_path / "none"), "--name", "a.test")
+    assert_one_line_error(result, "run", "tls-sidecar certs init --certs-dir")
+
+
+def _verifies(ca: Path, cert: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["openssl", "verify", "-CAfile", str(ca), *args, str(cert)],
+        capture_output=True,
+        text=True,
+    )
+
+
+@pytest.mark.needs("openssl", install="apt-get install openssl")
+def test_the_development_ca_refuses_names_it_cannot_vouch_for(tmp_path: Path) -> None:
+    """A certificate the CA's name constraints forbid would be refused by every client
+    ("permitted subtree violation"): `certs issue` and `certs init` refuse it with the fix, and
+    never replace a working certificate with one."""
+    out = tmp_path / "certs"
+    assert run_cli("certs", "init", "--certs-dir", str(out)).returncode == 0
+    refused = run_cli("certs", "issue", "--certs-dir", str(out), "--name", "www.example.com")
+    assert_one_line_error(
+        refused,
+        "--name www.example.com",
+        "name constraints",
+        "www.example.test",
+        "certs init --certs-dir DIR --host www.example.com",
+    )
+    assert not list(out.glob("www*"))
+    working = (out / "server.crt").read_bytes()
+    again = run_cli("certs", "init", "--certs-dir", str(out), "--host", "shop.example")
+    assert_one_line_error(again, "--host shop.example", "name constraints", "shop.test")
+    assert (out / "server.crt").read_bytes() == working, "a working certificate is kept"
+    assert (
+        _verifies(out / "ca.crt", out / "server.crt", "-verify_hostname", "localhost").returncode
+        == 0
+    )
+    # An IP address is not constrained: issued, and it verifies.
+    by_ip = run_cli("certs", "issue", "--certs-dir", str(out), "--name", "10.0.0.5")
+    assert by_ip.returncode == 0, by_ip.stderr
+    accepted = _verifies(out / "ca.crt", out / "10.0.0.5.crt", "-verify_ip", "10.0.0.5")
+    assert accepted.returncode == 0, accepted.stdout + accepted.stderr
+    # A new CA in another folder takes the name into its constraints.
+    shop = tmp_path / "shop"
+    made = run_cli("certs", "init", "--certs-dir", str(shop), "--host", "shop.example")
+    assert made.returncode == 0, made.stderr
+    fine = _verifies(shop / "ca.crt", shop / "server.crt", "-verify_hostname", "shop.example")
+    assert fine.returncode == 0, fine.stdout + fine.stderr
+
+
+def test_a_ca_that_limits_ip_addresses_is_refused_for_others_and_flagged(tmp_path: Path) -> None:
+    """CAs from before limited IP addresses too (127.0.0.0/8, ::1), which grpcio cannot check:
+    `certs init` still reuses one, with a note saying how to replace it."""
+    out = tmp_path / "certs"
+    out.mkdir()
+    old = certs.create_ca(permitted=("localhost", "test", "internal", "127.0.0.0/8", "::1/128"))
+    (out / "ca.crt").write_bytes(old.cert_pem)
+    certs.write_private(out / "ca.key", old.key_pem)
+    refused = run_cli("certs", "issue", "--certs-dir", str(out), "--name", "10.0.0.5")
+    assert_one_line_error(refused, "--name 10.0.0.5", "IP addresses in 127.0.0.0/8, ::1/128")
+    reused = run_cli("certs", "init", "--certs-dir", str(out))
+    assert reused.returncode == 0, reused.stderr
+    assert "reused CA" in reused.stdout
+    assert "grpcio" in reused.stderr and "certs init again" in reused.stderr
+
+
+def test_inspect_checks_a_chain_as_tls_clients_do(tmp_path: Path) -> None:
+    """The client certificate of `certs init` (a CN, no SAN) verifies for mutual TLS, as OpenSSL
+    has it; an IP-only server certificate verifies as a server certificate for its address."""
+    out = tmp_path / "certs"
+    assert run_cli("certs", "init", "--certs-dir", str(out)).returncode == 0
+    assert run_cli("certs", "issue", "--certs-dir", str(out), "--name", "127.0.0.2").returncode == 0
+    ca = str(out / "ca.crt")
+    client = run_cli("certs", "inspect", str(out / "client.crt"), "--ca", ca)
+    assert client.returncode == 0, client.stdout + client.stderr
+    assert "verifies as a client certificate" in client.stdout
+    by_ip = run_cli("certs", "inspect", str(out / "127.0.0.2.crt"), "--ca", ca)
+    assert by_ip.returncode == 0, by_ip.stdout + by_ip.stderr
+    assert "verifies as a server certificate" in by_ip.stdout
+    other = certs.create_ca("other")
+    (tmp_path / "other.crt").write_bytes(other.cert_pem)
+    wrong = run_cli(
+        "certs", "inspect", str(out / "client.crt"), "--ca", str(tmp_path / "other.crt")
+    )
+    assert wrong.returncode == 1 and "does not verify" in wrong.stdout
 
 
 def test_mtls_flags_are_checked_at_start(dev_certs: object) -> None:

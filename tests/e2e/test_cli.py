@@ -189,6 +189,53 @@ def test_environment_variables_configure_the_proxy(dev_certs: DevCerts) -> None:
         app.stop()
 
 
+@pytest.mark.parametrize(
+    ("flag", "variable", "value", "fragment"),
+    [
+        ("--upstream", "TLS_SIDECAR_UPSTREAM", "127.0.0.1", "'127.0.0.1' has no port"),
+        ("--cert", "TLS_SIDECAR_CERT", "/nonexistent/tls.crt", "does not exist"),
+        ("--workers", "TLS_SIDECAR_WORKERS", "many", "1-256 or auto"),
+        ("--client-auth", "TLS_SIDECAR_CLIENT_AUTH", "sometimes", "is not one of"),
+        ("--max-connections", "TLS_SIDECAR_MAX_CONNECTIONS", "0", "x>=1"),
+    ],
+)
+def test_a_message_names_the_flag_or_the_variable_whichever_was_set(
+    flag: str, variable: str, value: str, fragment: str
+) -> None:
+    """A value from the environment is named by its variable, one from the command line by its
+    flag; never the other (click's own messages named both)."""
+    by_flag = run_cli(*serve(flag, value))
+    assert_one_line_error(by_flag, flag, fragment)
+    assert variable not in by_flag.stderr
+    by_variable = run_cli(*serve(), env={variable: value})
+    assert_one_line_error(by_variable, variable, fragment)
+    assert flag not in by_variable.stderr.replace(variable, "")
+
+
+def test_check_names_the_variable_that_was_set() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy", "check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, TLS_SIDECAR_UPSTREAM="127.0.0.1:0"),
+    )
+    assert done.returncode == 2
+    assert done.stdout.splitlines()[0] == (
+        "fail  flags: TLS_SIDECAR_UPSTREAM: port 0 in '127.0.0.1:0' is no port an app listens "
+        "on; give the app's port, e.g. http://127.0.0.1:8080"
+    )
+
+
+def test_a_bare_upstream_host_and_port_is_http() -> None:
+    app = UpstreamApp().start()
+    try:
+        _, lines = run_check("--upstream", app.base.removeprefix("http://"))
+    finally:
+        app.stop()
+    assert lines[0].startswith(f"ok    flags: upstream {app.base},"), lines
+
+
 def test_without_certificate_a_self_signed_one_is_served_with_a_warning() -> None:
     app = UpstreamApp().start()
     proxy = ProxyProcess(serve("--upstream", app.base)).start()
@@ -489,3 +536,54 @@ def test_check_fails_what_would_not_start(dev_certs: DevCerts) -> None:
     assert any(line.startswith("fail  certificates: --key") for line in lines), lines
     code, lines = run_check("--listen", "nowhere")
     assert (code, lines[0][:11]) == (2, "fail  flags")
+
+
+@pytest.fixture(scope="module")
+def init_certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What `certs init` makes: ca, server and client certificates and keys."""
+    out = tmp_path_factory.mktemp("init") / "certs"
+    made = run_cli("certs", "init", "--certs-dir", str(out))
+    assert made.returncode == 0, made.stderr
+    return out
+
+
+@pytest.mark.parametrize(
+    ("name", "fragments"),
+    [
+        ("ca", ["--cert", "ca.crt is a CA certificate", "give the server certificate"]),
+        ("client", ["--cert", "client.crt is a client certificate", "serverAuth"]),
+    ],
+)
+def test_serve_and_check_refuse_a_ca_or_client_certificate_as_the_server_one(
+    init_certs: Path, name: str, fragments: list[str]
+) -> None:
+    """Clients refuse either from a server; the proxy says so at start-up, not at each handshake."""
+    pair = ("--cert", str(init_certs / f"{name}.crt"), "--key", str(init_certs / f"{name}.key"))
+    assert_one_line_error(run_cli(*serve(*pair)), *fragments)
+    code, lines = run_check(*pair, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0")
+    assert code == 2, lines
+    failed = [line for line in lines if line.startswith("fail  certificates: ")]
+    assert failed and all(f in failed[0] for f in fragments), lines
+
+
+def test_serve_and_check_refuse_a_leaf_as_the_client_ca(init_certs: Path) -> None:
+    """The client certificate given as --client-ca: no client certificate would ever verify."""
+    mtls = (
+        "--cert",
+        str(init_certs / "server.crt"),
+        "--key",
+        str(init_certs / "server.key"),
+        "--client-ca",
+        str(init_certs / "client.crt"),
+        "--allow-all",
+    )
+    fragments = ["--client-ca", "client.crt", "not a CA", "tls-sidecar-dev-client"]
+    assert_one_line_error(run_cli(*serve(*mtls)), *fragments)
+    code, lines = run_check(*mtls, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0")
+    assert code == 2, lines
+    assert [line for line in lines if "client" in line.lower()] == [
+        f"fail  client CA: --client-ca: {init_certs / 'client.crt'} holds a certificate that is "
+        "not a CA (CN=tls-sidecar-dev-client), so no client certificate would verify; give the "
+        "CA that signs the client certificates (its ca.crt)"
+    ], lines
+    assert any(line.startswith("ok    certificate default: CN=localhost") for line in lines)

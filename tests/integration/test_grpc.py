@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -319,3 +321,37 @@ def test_a_refused_client_certificate_is_permission_denied(
     ):
         ch.unary_unary("/test.Echo/Unary")(b"ok", timeout=10)
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_grpcio_trusts_what_certs_init_makes(
+    proxies: list[ProxyProcess], app: EchoApp, tmp_path: Path
+) -> None:
+    """grpcio verifies with BoringSSL, which checks fewer kinds of name constraints than
+    OpenSSL: the development CA, server and client certificates of `certs init` pass it, by name
+    and by address, with mutual TLS too."""
+    made = subprocess.run(
+        [sys.executable, "-m", "proxy", "certs", "init", "--certs-dir", str(tmp_path / "certs")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert made.returncode == 0, made.stderr
+    files = tmp_path / "certs"
+    dev = DevCerts(files / "ca.crt", files / "server.crt", files / "server.key", files)
+    mtls = start(
+        proxies,
+        f"h2c://127.0.0.1:{app.port}",
+        dev,
+        "--client-ca",
+        str(dev.ca),
+        "--allow-cn",
+        "tls-sidecar-dev-client",
+    )
+    keys = {
+        "private_key": (files / "client.key").read_bytes(),
+        "certificate_chain": (files / "client.crt").read_bytes(),
+    }
+    credentials = grpc.ssl_channel_credentials(root_certificates=dev.ca.read_bytes(), **keys)
+    for target in (f"localhost:{mtls.port}", f"127.0.0.1:{mtls.port}"):
+        with grpc.secure_channel(target, credentials) as ch:
+            assert ch.unary_unary("/test.Echo/Unary")(b"dev", timeout=10) == b"dev", target

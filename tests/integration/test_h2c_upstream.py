@@ -5,6 +5,8 @@ connections."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -160,3 +162,26 @@ def test_grpc_trailers_reach_an_http11_client_that_accepts_them(
     response, body, trailers = grpc_over_http11(proxy.port, ca, te=False)
     assert response.status_code == 200 and body == b"\x00\x00\x00\x00\x05hello"
     assert trailers == []
+
+
+def test_an_h2c_app_resetting_the_health_check_is_reported_at_once(
+    run: list[object], dev_certs: DevCerts
+) -> None:
+    """The app resets the health check's stream 0.1 s after it: readiness and `check` say so,
+    rather than waiting out their timeout to report an app that "did not answer"."""
+    app = H2App().start()
+    run.append(app)
+    health = ("--upstream-health-path", "/reset-unanswered")
+    proxy = ProxyProcess(serve_args(app.url, dev_certs, *health)).start()
+    run.append(proxy)
+    reset = "health check GET /reset-unanswered: the app reset the stream (INTERNAL_ERROR)"
+    assert proxy.admin_get("/readyz") == (503, f"not ready: {reset}\n")
+    # A timeout far longer than the test may take: only a reset seen at once ends the check.
+    args = [*serve_args(app.url, dev_certs, *health)[1:], "--upstream-connect-timeout", "600s"]
+    checked = subprocess.run(
+        [sys.executable, "-m", "proxy", "check", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert f"warn  upstream: {reset}" in checked.stdout, checked.stdout + checked.stderr

@@ -1,5 +1,6 @@
 """A small HTTP/2 cleartext app (h2 library, prior knowledge) for the h2c:// upstream tests:
-it reports what it received (headers, body, trailers) and can reset a stream mid-response.
+it reports what it received (headers, body, trailers) and can reset a stream mid-response
+(`/reset-mid…`) or, 0.1 s after the request, before any answer (`/reset-unanswered…`).
 `/grpc...` answers as a gRPC server does: no content-length, the status in trailers."""
 
 from __future__ import annotations
@@ -58,6 +59,10 @@ class _Conn(asyncio.Protocol):
                     asyncio.get_running_loop().call_later(
                         0.05, self._reset, sid, h2.errors.ErrorCodes.CANCEL
                     )
+                elif path.startswith(b"/reset-unanswered"):
+                    asyncio.get_running_loop().call_later(
+                        0.1, self._reset, sid, h2.errors.ErrorCodes.INTERNAL_ERROR
+                    )
             elif isinstance(event, h2.events.DataReceived):
                 self.requests[sid]["body"] += event.data
                 self.conn.acknowledge_received_data(event.flow_controlled_length, sid)
@@ -81,7 +86,7 @@ class _Conn(asyncio.Protocol):
     def _answer(self, sid: int) -> None:
         request = self.requests.pop(sid)
         path = dict((n, v) for n, v in request["headers"])[":path"]
-        if path.startswith("/reset-mid"):
+        if path.startswith(("/reset-mid", "/reset-unanswered")):
             return
         self.app.seen.append(request)
         if path.startswith("/grpc"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given
@@ -85,6 +86,42 @@ def test_bad_addresses(text: str) -> None:
         parse_address(text)
 
 
+@pytest.mark.parametrize(
+    ("parse", "message"),
+    [
+        (
+            lambda: parse_address("8443", option="--listen"),
+            "--listen: '8443' has no host; use HOST:PORT, e.g. 0.0.0.0:8443",
+        ),
+        (
+            lambda: parse_address("0.0.0.0", option="--listen"),
+            "--listen: '0.0.0.0' has no port; use HOST:PORT, e.g. 0.0.0.0:8443",
+        ),
+        (
+            lambda: parse_upstream("127.0.0.1"),
+            "--upstream: '127.0.0.1' has no port; use HOST:PORT, e.g. http://127.0.0.1:8080",
+        ),
+        (
+            lambda: parse_upstream("h2c://8080"),
+            "--upstream: '8080' has no host; use HOST:PORT, e.g. h2c://127.0.0.1:8080",
+        ),
+        (
+            lambda: parse_upstream("http://127.0.0.1:0"),
+            "--upstream: port 0 in '127.0.0.1:0' is no port an app listens on; give the app's "
+            "port, e.g. http://127.0.0.1:8080",
+        ),
+    ],
+)
+def test_address_messages_say_what_is_missing_with_an_example_of_its_kind(
+    parse: Callable[[], object], message: str
+) -> None:
+    """An upstream's example is an app's address, not a listen address; a bare port lacks its
+    host (not its port); port 0 (a free port, for listeners) is no app's port."""
+    with pytest.raises(ConfigError) as caught:
+        parse()
+    assert str(caught.value) == message
+
+
 def test_ipv6_address_prints_with_brackets() -> None:
     assert str(Address("::1", 8443)) == "[::1]:8443"
 
@@ -92,6 +129,7 @@ def test_ipv6_address_prints_with_brackets() -> None:
 def test_upstreams() -> None:
     assert parse_upstream("http://127.0.0.1:8080") == Upstream(address=Address("127.0.0.1", 8080))
     assert parse_upstream("127.0.0.1:8080/") == Upstream(address=Address("127.0.0.1", 8080))
+    assert str(parse_upstream("127.0.0.1:8080")) == "http://127.0.0.1:8080", "bare: http://"
     assert parse_upstream("unix:/run/app.sock") == Upstream(unix_path="/run/app.sock")
     for bad in ("https://x:1", "unix:relative.sock", "http://x:1/path"):
         with pytest.raises(ConfigError, match="--upstream"):
