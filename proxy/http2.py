@@ -135,6 +135,10 @@ class Http2Connection(ClientConnection):
         self.h2 = conn
         self.streams: dict[int, H2Stream] = {}
         self.buffered = 0  # response bytes waiting for the client's window, all streams
+        # Streams whose app side is paused, resumed together once the buffers drained: a stream
+        # paused for the connection's buffer may have nothing of its own waiting.
+        self.paused: dict[int, H2Stream] = {}
+        self.writing_paused = False  # the client's transport is over its high-water mark
         self.corked = 0  # a response head waits while corked (it may end with its stream)
         self._flush_soon = False
         self.going_away = False  # a GOAWAY went out (or came in): no new streams
@@ -447,12 +451,22 @@ class Http2Connection(ClientConnection):
 
     # The stream a pooled upstream connection works for relays the app's backpressure.
     def pause_writing(self) -> None:
+        self.writing_paused = True
         for stream in self.streams.values():
-            stream.pause_upstream()
+            if not stream.upstream_paused:
+                stream.pause_upstream()
 
     def resume_writing(self) -> None:
-        for stream in list(self.streams.values()):
-            if not stream.waiting:
+        self.writing_paused = False
+        self.resume_streams()
+
+    def resume_streams(self) -> None:
+        """Every paused stream whose own buffer is low goes on, once the connection's buffer
+        and transport have room again."""
+        if not self.paused or self.writing_paused or self.buffered > CONNECTION_BUFFER // 2:
+            return
+        for stream in list(self.paused.values()):
+            if stream.waiting_bytes <= STREAM_BUFFER // 2:
                 stream.resume_upstream()
 
 
@@ -626,16 +640,18 @@ class H2Stream(PhaseTimer):
             self._phase_since = self.loop.time()
         else:
             exchange = self.exchange
-            if exchange is not None and not exchange.response_complete:
-                self.arm("upstream", self.ctx.config.upstream_timeout)
-            else:
+            if exchange is None or exchange.response_complete:
                 self.stop_timer()
+            elif self.upstream_paused:  # until the other streams' buffers drain: the client's
+                self.arm("send", self.ctx.config.idle_timeout)
+            else:
+                self.arm("upstream", self.ctx.config.upstream_timeout)
             if self.trailers_waiting is not None:
                 trailers, self.trailers_waiting = self.trailers_waiting, None
                 self.send_trailers(trailers)
             elif self.waiting_end:
                 self.send_end()
-            self.resume_upstream()
+        self.conn.resume_streams()
         self.conn.flush()
 
     def send_trailers(self, headers: Headers) -> None:
@@ -750,10 +766,15 @@ class H2Stream(PhaseTimer):
 
     def _done(self) -> None:
         self.stop_timer()
+        conn = self.conn
+        if self.upstream_paused:
+            self.upstream_paused = False
+            conn.paused.pop(self.sid, None)
         if self.waiting:
-            self.conn.buffered -= self.waiting_bytes
+            conn.buffered -= self.waiting_bytes
             self.waiting = []
             self.waiting_bytes = 0
+            conn.resume_streams()  # what this stream held no longer fills the connection's
         if self.unacked:  # the connection's window still counts what this stream held back
             unacked, self.unacked = self.unacked, 0
             self.conn.acknowledge(unacked, self.sid)
@@ -762,17 +783,20 @@ class H2Stream(PhaseTimer):
     # --- backpressure on the app's side -----------------------------------------------------------
     def pause_upstream(self) -> None:
         self.upstream_paused = True
+        self.conn.paused[self.sid] = self
         exchange = self.exchange
         if exchange is not None and exchange.upstream is not None:
             exchange.upstream.pause_reading()
 
     def resume_upstream(self) -> None:
+        """Read from the app again (the connection decided there is room)."""
         if not self.upstream_paused:
             return
-        conn = self.conn
-        if self.waiting_bytes > STREAM_BUFFER // 2 or conn.buffered > CONNECTION_BUFFER // 2:
-            return
         self.upstream_paused = False
+        self.conn.paused.pop(self.sid, None)
         exchange = self.exchange
-        if exchange is not None and exchange.upstream is not None:
-            exchange.upstream.resume_reading()
+        if exchange is not None and not exchange.finished:
+            if not self.waiting and not exchange.response_complete:
+                self.arm("upstream", self.ctx.config.upstream_timeout)  # the app's turn again
+            if exchange.upstream is not None:
+                exchange.upstream.resume_reading()
