@@ -388,6 +388,13 @@ class Exchange:
         self.local(504, "upstream_timeout", "the app did not answer in time")
         return True
 
+    def body_timed_out(self) -> bool:
+        """The request body stalled past --idle-timeout: 408 when nothing was answered yet."""
+        if self.response_started or self.finished:
+            return False
+        self.local(408, "request_timeout", "request body not received in time")
+        return True
+
     def local(self, status: int, reason: str, message: str) -> None:
         """Answer the client ourselves instead of the app (for gRPC, in gRPC's terms)."""
         self.ctx.metrics.local_responses.labels(str(status), reason).inc()

@@ -249,8 +249,11 @@ class Http1Connection(ClientConnection):
         exchange = self.exchange
         if phase == "header" and self._received_since_idle and exchange is None:
             self._refuse(BadRequest(408, "header_timeout", "request head not received in time"))
-        elif phase == "upstream" and exchange is not None and exchange.timed_out():
-            return
+        elif exchange is not None and (
+            (phase == "upstream" and exchange.timed_out())
+            or (phase == "request_body" and exchange.body_timed_out())
+        ):
+            return  # answered (504, 408)
         elif phase == "idle":
             self.close()
         else:

@@ -45,6 +45,10 @@ CONNECTION_WINDOW = 1024 * 1024
 # together) the app's side is paused until the client reads.
 STREAM_BUFFER = 64 * 1024
 CONNECTION_BUFFER = 1024 * 1024
+# After an answer of the proxy's own while the client is still sending its body: read and drop
+# up to this much (crediting the windows) before RST_STREAM NO_ERROR. Clients such as curl and
+# httpx read the answer only once their body is sent, and treat the reset as an error.
+DISCARD_BYTES = 4 * 1024 * 1024
 # Frames that cost work but carry no request (SETTINGS, PING, empty DATA, unknown types): a
 # burst, then a steady rate per second; past it, GOAWAY ENHANCE_YOUR_CALM.
 CONTROL_BURST = 1000.0
@@ -325,8 +329,8 @@ class Http2Connection(ClientConnection):
 
     def _on_stream_ended(self, event: h2.events.StreamEnded) -> None:
         stream = self.streams.get(event.stream_id)
-        if stream is not None and stream.exchange is not None:
-            stream.exchange.request_end()
+        if stream is not None:
+            stream.request_ended()
 
     def _on_trailers(self, event: h2.events.TrailersReceived) -> None:
         stream = self.streams.get(event.stream_id)
@@ -492,6 +496,7 @@ class H2Stream(PhaseTimer):
     __slots__ = (
         "conn",
         "ctx",
+        "discard_left",
         "ended",
         "exchange",
         "head",
@@ -525,10 +530,14 @@ class H2Stream(PhaseTimer):
         self.trailers_waiting: Headers | None = None
         self.ended = False  # our END_STREAM (or RST_STREAM) went out
         self.local_sent = False
+        self.discard_left = 0  # after our own answer: request bytes still to be read and dropped
         self.upstream_paused = False
 
     # --- the request body -------------------------------------------------------------------------
     def request_data(self, data: bytes, size: int) -> None:
+        if self.local_sent:  # answered already: the rest of the body is read and dropped
+            self._discard(size)
+            return
         exchange = self.exchange
         assert exchange is not None
         if self._phase == "request_body":
@@ -679,8 +688,53 @@ class H2Stream(PhaseTimer):
         self.ended = True
         self.conn.flush()
         exchange = self.exchange
-        if self.local_sent or exchange is None or exchange.finished:
+        if self.local_sent:
+            stream = self.conn.h2.streams.get(self.sid)
+            if stream is not None and not stream.closed:  # the client is still sending
+                self._start_discarding()
+                return
             self._done()
+        elif exchange is None or exchange.finished:
+            self._done()
+
+    # --- after an answer of our own, the rest of the request --------------------------------------
+    def _start_discarding(self) -> None:
+        """The answer went out whole while the request is still open: read and drop the rest
+        of its body, so that a client sending it first sees the answer (RFC 9113 §8.1), up to
+        DISCARD_BYTES or --idle-timeout without a byte, then RST_STREAM NO_ERROR."""
+        if self.discard_left < 0:
+            self.stop_discarding()
+            return
+        if self.unacked:
+            unacked, self.unacked = self.unacked, 0
+            self.conn.acknowledge(unacked, self.sid)
+        self.arm("request_body", self.ctx.config.idle_timeout)
+
+    def _discard(self, size: int) -> None:
+        self._phase_since = self.loop.time()
+        if size:
+            self.conn.acknowledge(size, self.sid)
+        self.discard_left -= size
+        if self.discard_left < 0 and self.ended:  # else the answer still waits for the window
+            self.stop_discarding()
+
+    def stop_discarding(self) -> None:
+        """Enough was dropped (or the client stalled): ask the client to stop, without error."""
+        if self.conn.h2.streams.get(self.sid) is not None:
+            with contextlib.suppress(h2.exceptions.ProtocolError):  # closed there meanwhile
+                self.conn.h2.reset_stream(self.sid, ErrorCodes.NO_ERROR)
+            self.conn.flush()
+        self._done()
+
+    def request_ended(self) -> None:
+        """The client's END_STREAM."""
+        if self.local_sent:
+            if self.ended:  # discarding: nothing more will come
+                self._done()
+            return
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.request_end()
 
     def send_informational(self, status: int, reason: bytes, headers: Headers) -> None:
         if status == 101:
@@ -689,15 +743,14 @@ class H2Stream(PhaseTimer):
         self.conn.flush()
 
     def send_local(self, status: int, headers: Headers, body: bytes) -> None:
-        """The proxy's own answer: the stream ends with it; the rest of the request is not
-        wanted (RST_STREAM NO_ERROR, RFC 9113 §8.1); the connection goes on."""
+        """The proxy's own answer: the stream ends with it (the rest of the request is read and
+        dropped, `_start_discarding`); the connection goes on."""
         if self.ended:
             return
         self.local_sent = True
+        self.discard_left = DISCARD_BYTES
         conn = self.conn.h2
         head = [(b":status", _STATUS.get(status) or b"%d" % status), *headers]
-        exchange = self.exchange
-        request_open = exchange is None or not exchange.request_complete
         if conn.streams.get(self.sid) is None or self.waiting:
             self.lost(ErrorCodes.INTERNAL_ERROR)  # a response is under way: reset is all left
             return
@@ -713,8 +766,6 @@ class H2Stream(PhaseTimer):
         except h2.exceptions.ProtocolError:  # the head went out already
             self.lost(ErrorCodes.INTERNAL_ERROR)
             return
-        if self.ended and request_open:
-            self.conn.h2.reset_stream(self.sid, ErrorCodes.NO_ERROR)
         self.conn.flush()
 
     def switch_protocols(self, upstream: UpstreamConnection) -> None:
@@ -736,8 +787,15 @@ class H2Stream(PhaseTimer):
         self._reset(code)
 
     def timed_out(self, phase: str) -> None:
+        if self.local_sent and self.ended:  # the client stalled the body we were dropping
+            self.stop_discarding()
+            return
         exchange = self.exchange
         if phase == "upstream" and exchange is not None and exchange.timed_out():
+            return
+        if phase == "request_body" and exchange is not None and exchange.body_timed_out():
+            if self.ended and self.sid in self.conn.streams:
+                self.stop_discarding()  # the client is not sending: no point reading on
             return
         if exchange is not None and not exchange.finished:
             exchange.downstream_lost()

@@ -198,6 +198,22 @@ def test_slow_request_head_gets_408(strict: ProxyProcess, ca: Path) -> None:
         assert client.closed_by_peer()
 
 
+def test_stalled_request_body_gets_408(strict: ProxyProcess, ca: Path) -> None:
+    """A body that stops coming for --idle-timeout is answered 408 (then closed: the rest of
+    its framing will not come), not cut with a bare close."""
+    with tls_socket(strict.port, ca) as sock:
+        client = RawClient(sock)
+        client.send(b"POST /echo/stalled HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\npart")
+        response = client.read_response(head_only=True)
+        assert response is not None and response.status == 408
+        assert client.closed_by_peer()
+    record = wait_for(
+        lambda: next((r for r in strict.access_records() if r["path"] == "/echo/stalled"), None),
+        what="the access line",
+    )
+    assert (record["status"], record["local"]) == (408, "request_timeout")
+
+
 def test_silent_tcp_client_is_cut_at_the_handshake_timeout(strict: ProxyProcess) -> None:
     with socket.create_connection(("127.0.0.1", strict.port), timeout=10) as sock:
         assert sock.recv(1) == b"", "the proxy closed the connection"
