@@ -252,3 +252,36 @@ def test_a_stalled_request_body_gets_408(
         client.close()
     assert _access(mtls, "/echo?408", 408)["local"] == "request_timeout"
     _no_error_logged(mtls, log_mark)
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "reason"),
+    [("/reset-mid/1000", b"14", "upstream_closed"), ("/gate/never", b"4", "upstream_timeout")],
+)
+def test_a_grpc_response_the_app_fails_mid_stream_ends_with_its_status(
+    mtls: ProxyProcess,
+    log_mark: int,
+    dev_certs: DevCerts,
+    clients: dict[str, tuple[Path, Path]],
+    path: str,
+    status: bytes,
+    reason: str,
+) -> None:
+    """After the response's head: an app that crashes is UNAVAILABLE, one that stalls past
+    --upstream-timeout DEADLINE_EXCEEDED, in trailers (as Envoy answers), not a reset that a
+    gRPC client reads as INTERNAL or CANCELLED."""
+    client = H2Client(mtls.port, dev_certs.ca, cert=clients["billing"])
+    grpc = [(b"content-type", b"application/grpc")]
+    try:
+        answer = client.response(
+            client.request(path.encode(), method=b"POST", headers=grpc, body=b""), timeout=15
+        )
+        assert (answer.status, answer.ended, answer.reset) == (200, True, None)
+        assert answer.body  # the part the app sent
+        assert dict(answer.trailers)[b"grpc-status"] == status
+        assert client.response(client.request(b"/echo")).status == 200
+    finally:
+        client.close()
+    record = _access(mtls, path, 200)
+    assert (record["grpc_status"], record["local"]) == (status.decode(), reason)
+    _no_error_logged(mtls, log_mark)
