@@ -269,12 +269,17 @@ class Http1Connection(ClientConnection):
 
     # --- the client's transport and the tunnel --------------------------------------------------
     def pause_writing(self) -> None:
+        if self._phase == "upstream":  # the client is not reading: its time, not the app's
+            self.arm("send", self.ctx.config.idle_timeout)
         upstream = self.tunnel or (self.exchange.upstream if self.exchange else None)
         if upstream is not None:
             upstream.pause_reading()
 
     def resume_writing(self) -> None:
-        self._phase_since = self.loop.time()
+        if self._phase == "send":
+            self.arm("upstream", self.ctx.config.upstream_timeout)
+        else:
+            self._phase_since = self.loop.time()
         upstream = self.tunnel or (self.exchange.upstream if self.exchange else None)
         if upstream is not None:
             upstream.resume_reading()

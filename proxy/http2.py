@@ -456,7 +456,10 @@ class Http2Connection(ClientConnection):
     # The stream a pooled upstream connection works for relays the app's backpressure.
     def pause_writing(self) -> None:
         self.writing_paused = True
+        idle_timeout = self.ctx.config.idle_timeout
         for stream in self.streams.values():
+            if stream._phase == "upstream":  # the client is not reading: its time, not the app's
+                stream.arm("send", idle_timeout)
             if not stream.upstream_paused:
                 stream.pause_upstream()
 

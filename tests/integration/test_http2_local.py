@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import h2.errors
+import h2.settings
 import httpx
 import pytest
 
@@ -285,3 +286,25 @@ def test_a_grpc_response_the_app_fails_mid_stream_ends_with_its_status(
     record = _access(mtls, path, 200)
     assert (record["grpc_status"], record["local"]) == (status.decode(), reason)
     _no_error_logged(mtls, log_mark)
+
+
+def test_a_client_that_stops_reading_is_the_clients_timeout(
+    mtls: ProxyProcess, dev_certs: DevCerts, clients: dict[str, tuple[Path, Path]]
+) -> None:
+    """Windows wide open, but the client reads nothing: the stream is cut after --idle-timeout
+    and counted as `timeouts_total{phase="send"}`, not as the app's (`upstream`)."""
+
+    def count(phase: str) -> float:
+        value = mtls.metric("tls_sidecar_timeouts_total", f'phase="{phase}"')
+        return 0.0 if math.isnan(value) else value
+
+    upstream, send = count("upstream"), count("send")
+    wide = {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1}
+    client = H2Client(mtls.port, dev_certs.ca, settings=wide, cert=clients["billing"])
+    try:
+        client.conn.increment_flow_control_window(2**31 - 1 - 65535)
+        client.request(b"/bytes/50000000")  # and never read
+        wait_for(lambda: count("send") > send, timeout=15, what="the send timeout")
+    finally:
+        client.close()
+    assert count("upstream") == upstream
