@@ -71,6 +71,12 @@ _DRAIN_PING = b"drain\x00\x00\x00"
 _STATUS = {code: b"%d" % code for code in range(100, 600)}
 
 
+def header_list_bound(max_header_bytes: int) -> int:
+    """What one header block may be, encoded or decoded (HPACK counts 32 bytes more per
+    field than a head's size): twice --max-header-bytes."""
+    return 2 * max_header_bytes
+
+
 class CalmDown(h2.exceptions.DenialOfServiceError):
     """The client spent a budget: the connection ends with GOAWAY ENHANCE_YOUR_CALM."""
 
@@ -132,10 +138,13 @@ class Http2Connection(ClientConnection):
         super().__init__(ctx)
         config = ctx.config
         conn = H2Connection(config=_SERVER_CONFIG)
-        # The HPACK decoder stops a header list over the limit while decoding (HPACK bombs);
-        # h2 would apply the setting only once the client acknowledged it.
-        conn.decoder.max_header_list_size = config.max_header_bytes
-        conn.incoming_buffer = HeaderBlockBudget(conn, config.max_header_bytes)
+        # The HPACK decoder stops a header list over the bound while decoding (HPACK bombs);
+        # h2 would apply the setting only once the client acknowledged it. Up to the bound a
+        # head past --max-header-bytes is decoded whole (the HPACK state stays shared) and
+        # answered 431 on its stream, as over HTTP/1.1; past it the connection ends.
+        bound = header_list_bound(config.max_header_bytes)
+        conn.decoder.max_header_list_size = bound
+        conn.incoming_buffer = HeaderBlockBudget(conn, bound)
         self.h2 = conn
         self.streams: dict[int, H2Stream] = {}
         self.buffered = 0  # response bytes waiting for the client's window, all streams
@@ -174,7 +183,9 @@ class Http2Connection(ClientConnection):
             client=False,
             initial_values={
                 h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: streams,
-                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: self.ctx.config.max_header_bytes,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: header_list_bound(
+                    self.ctx.config.max_header_bytes
+                ),
                 h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
             },
         )

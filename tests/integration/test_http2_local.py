@@ -308,3 +308,21 @@ def test_a_client_that_stops_reading_is_the_clients_timeout(
     finally:
         client.close()
     assert count("upstream") == upstream
+
+
+def test_a_head_over_max_header_bytes_gets_431_on_its_stream(
+    mtls: ProxyProcess, log_mark: int, dev_certs: DevCerts, clients: dict[str, tuple[Path, Path]]
+) -> None:
+    """A header list past --max-header-bytes (16 KiB here) but within twice it is a stream's
+    431, as over HTTP/1.1; the connection serves on."""
+    client = H2Client(mtls.port, dev_certs.ca, cert=clients["billing"])
+    try:
+        big = [(b"x-big", b"a" * 20_000)]
+        answer = client.response(client.request(b"/echo?431", headers=big))
+        assert (answer.status, answer.reset) == (431, None)
+        assert client.goaway is None
+        assert client.response(client.request(b"/echo")).status == 200
+    finally:
+        client.close()
+    assert _access(mtls, "/echo?431", 431)["local"] == "header_too_large"
+    _no_error_logged(mtls, log_mark)
