@@ -228,7 +228,9 @@ class H2UpstreamStream:
         self.paused = False
         if self.unacked and not self.closed:
             unacked, self.unacked = self.unacked, 0
-            self.conn.h2.acknowledge_received_data(unacked, self.sid)
+            # The connection's share was credited on arrival: this stream's window alone.
+            with contextlib.suppress(h2.exceptions.ProtocolError, KeyError):  # closed there
+                self.conn.h2.increment_flow_control_window(unacked, stream_id=self.sid)
             self.conn.flush()
 
     def abort(self) -> None:
@@ -411,7 +413,10 @@ class H2UpstreamConnection(asyncio.Protocol):
         if not size:
             return
         if stream.paused:
+            # Held back from this stream's window only: the connection's is shared with other
+            # clients' streams, which a client that does not read must not stop.
             stream.unacked += size
+            self.h2.increment_flow_control_window(size)
         else:
             self.h2.acknowledge_received_data(size, event.stream_id)
 

@@ -85,3 +85,29 @@ def test_an_app_reset_mid_body_is_relayed_at_once_to_every_stream(
             assert not any(client.responses[s].ended for s in sids)
     finally:
         client.close()
+
+
+def test_a_client_not_reading_leaves_a_shared_h2c_connection_to_others(
+    start_proxy: ProxyFactory, dev_certs: DevCerts
+) -> None:
+    """One client opens 95 downloads and reads none: its streams to the app pause, and what
+    they hold back must not shut the h2c connection's window, which another client's download
+    on the same connection to the app needs."""
+    app = H2App().start()  # 100 streams per connection: both clients share one
+    try:
+        proxy = start_proxy(app.url, "--max-concurrent-streams", "100")
+        stuck = H2Client(proxy.port, dev_certs.ca)
+        reader = H2Client(proxy.port, dev_certs.ca)
+        try:
+            for _ in range(95):
+                stuck.request(b"/bytes/1000000")  # and never read
+            size = 4_000_000
+            sid = reader.request(b"/bytes/%d" % size)
+            answer = reader.response(sid, timeout=30)
+            assert (len(answer.body), answer.ended) == (size, True)
+            assert app.connections == 1
+        finally:
+            stuck.close()
+            reader.close()
+    finally:
+        app.stop()
