@@ -469,8 +469,9 @@ class Http2Connection(ClientConnection):
         self.writing_paused = True
         idle_timeout = self.ctx.config.idle_timeout
         for stream in self.streams.values():
-            if stream._phase == "upstream":  # the client is not reading: its time, not the app's
-                stream.arm("send", idle_timeout)
+            exchange = stream.exchange
+            if stream._phase == "upstream" and exchange is not None and exchange.response_started:
+                stream.arm("send", idle_timeout)  # the client is not reading: its time
             if not stream.upstream_paused:
                 stream.pause_upstream()
 

@@ -76,7 +76,7 @@ def test_memory_of_one_connection_stays_flat_over_100k_streams(refusing: ProxyPr
             value = refusing.metric("tls_sidecar_http_requests_total", 'code="403"')
             return 0.0 if math.isnan(value) else value  # NaN before the first
 
-        wait_for(lambda: answered() >= WARM_UP, timeout=120, what=f"{WARM_UP} streams")
+        wait_for(lambda: answered() >= WARM_UP, timeout=300, what=f"{WARM_UP} streams")
         warm = _rss(pid)
         out, _ = load.communicate(timeout=600)
     finally:
