@@ -210,8 +210,8 @@ class Metrics:
         )
         self.timeouts = Counter(
             f"{p}_timeouts",
-            "Timeouts by phase (handshake, header, idle, request_body, upstream, tunnel; send: an "
-            "HTTP/2 client's flow-control window stayed shut).",
+            "Timeouts by phase (handshake, header, idle, request_body, upstream, tunnel; send: the "
+            "client did not read the response, its socket or HTTP/2 flow-control window full).",
             ["phase"],
             registry=r,
         )

@@ -339,8 +339,7 @@ class Exchange:
         if self.response_complete or self.finished:
             return  # answered already; the rest of the request body is read and dropped
         if self.response_started:
-            self.down.abort_all()  # truncated: closing is the only honest signal left
-            self._finish(self.status)
+            self._cut(grpc.UNAVAILABLE, "upstream_closed", "the app closed the stream mid-response")
             return
         # The app closed a pooled connection just as we reused it: safe to send again only
         # when it saw no body and we saw no answer.
@@ -361,17 +360,48 @@ class Exchange:
         if upstream is not None:
             upstream.abort()
         if self.response_started:
-            self.down.abort_all()
-            self._finish(self.status)
+            self._cut(grpc.UNAVAILABLE, reason, message)
             return
         self.local(502, reason, message)
 
+    def _cut(self, code: int, reason: str, message: str) -> None:
+        """A response under way cannot be completed. A gRPC call ends with trailers carrying
+        `code` (UNAVAILABLE for an app that failed, DEADLINE_EXCEEDED for one that stalled, as
+        Envoy answers), which a client reads as the call's status; a reset would say INTERNAL
+        or CANCELLED. Anything else is cut (truncated: closing is the only honest signal left),
+        and so is a stream the app reset itself: its code is relayed."""
+        if not self.head.grpc or self.reset_code is not None:
+            self.down.abort_all()
+            self._finish(self.status)
+            return
+        upstream = self.upstream
+        if upstream is not None:
+            self.upstream = None
+            upstream.abort()
+        self.grpc_status = grpc.STATUS_BYTES[code]
+        self.local_reason = (reason, message)
+        self._finish(self.status)
+        self.down.send_trailers(grpc.status_trailers(code, message))
+
     # --- ends -----------------------------------------------------------------------------------
     def timed_out(self) -> bool:
-        """The upstream phase ran out: 504 when nothing was answered yet."""
+        """The upstream phase ran out: 504 when nothing was answered yet; a gRPC response under
+        way ends with DEADLINE_EXCEEDED."""
+        if self.finished:
+            return False
+        if self.response_started:
+            if not self.head.grpc:
+                return False
+            self._cut(grpc.DEADLINE_EXCEEDED, "upstream_timeout", "the app stalled mid-response")
+            return True
+        self.local(504, "upstream_timeout", "the app did not answer in time")
+        return True
+
+    def body_timed_out(self) -> bool:
+        """The request body stalled past --idle-timeout: 408 when nothing was answered yet."""
         if self.response_started or self.finished:
             return False
-        self.local(504, "upstream_timeout", "the app did not answer in time")
+        self.local(408, "request_timeout", "request body not received in time")
         return True
 
     def local(self, status: int, reason: str, message: str) -> None:

@@ -52,6 +52,14 @@ def _percent_encode(message: str) -> bytes:
     )
 
 
+def status_trailers(code: int, message: str) -> Headers:
+    """Trailers that end a response under way with the proxy's status (the app failed)."""
+    return [
+        (b"grpc-status", STATUS_BYTES.get(code) or b"%d" % code),
+        (b"grpc-message", _percent_encode(message)),
+    ]
+
+
 def trailers_only(code: int, message: str, request_id: bytes | None) -> Headers:
     """The headers of a trailers-only response (HTTP 200, no body)."""
     out = [

@@ -281,8 +281,11 @@ class Http1Connection(ClientConnection):
         exchange = self.exchange
         if phase == "header" and self._received_since_idle and exchange is None:
             self._refuse(BadRequest(408, "header_timeout", "request head not received in time"))
-        elif phase == "upstream" and exchange is not None and exchange.timed_out():
-            return
+        elif exchange is not None and (
+            (phase == "upstream" and exchange.timed_out())
+            or (phase == "request_body" and exchange.body_timed_out())
+        ):
+            return  # answered (504, 408)
         elif phase == "idle":
             self.close()
         else:
@@ -298,12 +301,17 @@ class Http1Connection(ClientConnection):
 
     # --- the client's transport and the tunnel --------------------------------------------------
     def pause_writing(self) -> None:
+        if self._phase == "upstream":  # the client is not reading: its time, not the app's
+            self.arm("send", self.ctx.config.idle_timeout)
         upstream = self.tunnel or (self.exchange.upstream if self.exchange else None)
         if upstream is not None:
             upstream.pause_reading()
 
     def resume_writing(self) -> None:
-        self._phase_since = self.loop.time()
+        if self._phase == "send":
+            self.arm("upstream", self.ctx.config.upstream_timeout)
+        else:
+            self._phase_since = self.loop.time()
         upstream = self.tunnel or (self.exchange.upstream if self.exchange else None)
         if upstream is not None:
             upstream.resume_reading()

@@ -47,6 +47,10 @@ CONNECTION_WINDOW = 1024 * 1024
 # together) the app's side is paused until the client reads.
 STREAM_BUFFER = 64 * 1024
 CONNECTION_BUFFER = 1024 * 1024
+# After an answer of the proxy's own while the client is still sending its body: read and drop
+# up to this much (crediting the windows) before RST_STREAM NO_ERROR. Clients such as curl and
+# httpx read the answer only once their body is sent, and treat the reset as an error.
+DISCARD_BYTES = 4 * 1024 * 1024
 # Frames that cost work but carry no request (SETTINGS, PING, empty DATA, unknown types): a
 # burst, then a steady rate per second; past it, GOAWAY ENHANCE_YOUR_CALM.
 CONTROL_BURST = 1000.0
@@ -67,6 +71,12 @@ _SERVER_CONFIG = h2.config.H2Configuration(
 LINGER_SECONDS = 1.0
 _DRAIN_PING = b"drain\x00\x00\x00"
 _STATUS = {code: b"%d" % code for code in range(100, 600)}
+
+
+def header_list_bound(max_header_bytes: int) -> int:
+    """What one header block may be, encoded or decoded (HPACK counts 32 bytes more per
+    field than a head's size): twice --max-header-bytes."""
+    return 2 * max_header_bytes
 
 
 class CalmDown(h2.exceptions.DenialOfServiceError):
@@ -130,13 +140,20 @@ class Http2Connection(ClientConnection):
         super().__init__(ctx)
         config = ctx.config
         conn = H2Connection(config=_SERVER_CONFIG)
-        # The HPACK decoder stops a header list over the limit while decoding (HPACK bombs);
-        # h2 would apply the setting only once the client acknowledged it.
-        conn.decoder.max_header_list_size = config.max_header_bytes
-        conn.incoming_buffer = HeaderBlockBudget(conn, config.max_header_bytes)
+        # The HPACK decoder stops a header list over the bound while decoding (HPACK bombs);
+        # h2 would apply the setting only once the client acknowledged it. Up to the bound a
+        # head past --max-header-bytes is decoded whole (the HPACK state stays shared) and
+        # answered 431 on its stream, as over HTTP/1.1; past it the connection ends.
+        bound = header_list_bound(config.max_header_bytes)
+        conn.decoder.max_header_list_size = bound
+        conn.incoming_buffer = HeaderBlockBudget(conn, bound)
         self.h2 = conn
         self.streams: dict[int, H2Stream] = {}
         self.buffered = 0  # response bytes waiting for the client's window, all streams
+        # Streams whose app side is paused, resumed together once the buffers drained: a stream
+        # paused for the connection's buffer may have nothing of its own waiting.
+        self.paused: dict[int, H2Stream] = {}
+        self.writing_paused = False  # the client's transport is over its high-water mark
         self.corked = 0  # a response head waits while corked (it may end with its stream)
         self._flush_soon = False
         self.going_away = False  # a GOAWAY went out (or came in): no new streams
@@ -168,7 +185,9 @@ class Http2Connection(ClientConnection):
             client=False,
             initial_values={
                 h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: streams,
-                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: self.ctx.config.max_header_bytes,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: header_list_bound(
+                    self.ctx.config.max_header_bytes
+                ),
                 h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
             },
         )
@@ -323,8 +342,8 @@ class Http2Connection(ClientConnection):
 
     def _on_stream_ended(self, event: h2.events.StreamEnded) -> None:
         stream = self.streams.get(event.stream_id)
-        if stream is not None and stream.exchange is not None:
-            stream.exchange.request_end()
+        if stream is not None:
+            stream.request_ended()
 
     def _on_trailers(self, event: h2.events.TrailersReceived) -> None:
         stream = self.streams.get(event.stream_id)
@@ -449,12 +468,26 @@ class Http2Connection(ClientConnection):
 
     # The stream a pooled upstream connection works for relays the app's backpressure.
     def pause_writing(self) -> None:
+        self.writing_paused = True
+        idle_timeout = self.ctx.config.idle_timeout
         for stream in self.streams.values():
-            stream.pause_upstream()
+            exchange = stream.exchange
+            if stream._phase == "upstream" and exchange is not None and exchange.response_started:
+                stream.arm("send", idle_timeout)  # the client is not reading: its time
+            if not stream.upstream_paused:
+                stream.pause_upstream()
 
     def resume_writing(self) -> None:
-        for stream in list(self.streams.values()):
-            if not stream.waiting:
+        self.writing_paused = False
+        self.resume_streams()
+
+    def resume_streams(self) -> None:
+        """Every paused stream whose own buffer is low goes on, once the connection's buffer
+        and transport have room again."""
+        if not self.paused or self.writing_paused or self.buffered > CONNECTION_BUFFER // 2:
+            return
+        for stream in list(self.paused.values()):
+            if stream.waiting_bytes <= STREAM_BUFFER // 2:
                 stream.resume_upstream()
 
 
@@ -480,6 +513,7 @@ class H2Stream(PhaseTimer):
     __slots__ = (
         "conn",
         "ctx",
+        "discard_left",
         "ended",
         "exchange",
         "head",
@@ -513,10 +547,14 @@ class H2Stream(PhaseTimer):
         self.trailers_waiting: Headers | None = None
         self.ended = False  # our END_STREAM (or RST_STREAM) went out
         self.local_sent = False
+        self.discard_left = 0  # after our own answer: request bytes still to be read and dropped
         self.upstream_paused = False
 
     # --- the request body -------------------------------------------------------------------------
     def request_data(self, data: bytes, size: int) -> None:
+        if self.local_sent:  # answered already: the rest of the body is read and dropped
+            self._discard(size)
+            return
         exchange = self.exchange
         assert exchange is not None
         if self._phase == "request_body":
@@ -628,16 +666,18 @@ class H2Stream(PhaseTimer):
             self._phase_since = self.loop.time()
         else:
             exchange = self.exchange
-            if exchange is not None and not exchange.response_complete:
-                self.arm("upstream", self.ctx.config.upstream_timeout)
-            else:
+            if exchange is None or exchange.response_complete:
                 self.stop_timer()
+            elif self.upstream_paused:  # until the other streams' buffers drain: the client's
+                self.arm("send", self.ctx.config.idle_timeout)
+            else:
+                self.arm("upstream", self.ctx.config.upstream_timeout)
             if self.trailers_waiting is not None:
                 trailers, self.trailers_waiting = self.trailers_waiting, None
                 self.send_trailers(trailers)
             elif self.waiting_end:
                 self.send_end()
-            self.resume_upstream()
+        self.conn.resume_streams()
         self.conn.flush()
 
     def send_trailers(self, headers: Headers) -> None:
@@ -665,8 +705,53 @@ class H2Stream(PhaseTimer):
         self.ended = True
         self.conn.flush()
         exchange = self.exchange
-        if self.local_sent or exchange is None or exchange.finished:
+        if self.local_sent:
+            stream = self.conn.h2.streams.get(self.sid)
+            if stream is not None and not stream.closed:  # the client is still sending
+                self._start_discarding()
+                return
             self._done()
+        elif exchange is None or exchange.finished:
+            self._done()
+
+    # --- after an answer of our own, the rest of the request --------------------------------------
+    def _start_discarding(self) -> None:
+        """The answer went out whole while the request is still open: read and drop the rest
+        of its body, so that a client sending it first sees the answer (RFC 9113 §8.1), up to
+        DISCARD_BYTES or --idle-timeout without a byte, then RST_STREAM NO_ERROR."""
+        if self.discard_left < 0:
+            self.stop_discarding()
+            return
+        if self.unacked:
+            unacked, self.unacked = self.unacked, 0
+            self.conn.acknowledge(unacked, self.sid)
+        self.arm("request_body", self.ctx.config.idle_timeout)
+
+    def _discard(self, size: int) -> None:
+        self._phase_since = self.loop.time()
+        if size:
+            self.conn.acknowledge(size, self.sid)
+        self.discard_left -= size
+        if self.discard_left < 0 and self.ended:  # else the answer still waits for the window
+            self.stop_discarding()
+
+    def stop_discarding(self) -> None:
+        """Enough was dropped (or the client stalled): ask the client to stop, without error."""
+        if self.conn.h2.streams.get(self.sid) is not None:
+            with contextlib.suppress(h2.exceptions.ProtocolError):  # closed there meanwhile
+                self.conn.h2.reset_stream(self.sid, ErrorCodes.NO_ERROR)
+            self.conn.flush()
+        self._done()
+
+    def request_ended(self) -> None:
+        """The client's END_STREAM."""
+        if self.local_sent:
+            if self.ended:  # discarding: nothing more will come
+                self._done()
+            return
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.request_end()
 
     def send_informational(self, status: int, reason: bytes, headers: Headers) -> None:
         if status == 101:
@@ -675,15 +760,14 @@ class H2Stream(PhaseTimer):
         self.conn.flush()
 
     def send_local(self, status: int, headers: Headers, body: bytes) -> None:
-        """The proxy's own answer: the stream ends with it; the rest of the request is not
-        wanted (RST_STREAM NO_ERROR, RFC 9113 §8.1); the connection goes on."""
+        """The proxy's own answer: the stream ends with it (the rest of the request is read and
+        dropped, `_start_discarding`); the connection goes on."""
         if self.ended:
             return
         self.local_sent = True
+        self.discard_left = DISCARD_BYTES
         conn = self.conn.h2
         head = [(b":status", _STATUS.get(status) or b"%d" % status), *headers]
-        exchange = self.exchange
-        request_open = exchange is None or not exchange.request_complete
         if conn.streams.get(self.sid) is None or self.waiting:
             self.lost(ErrorCodes.INTERNAL_ERROR)  # a response is under way: reset is all left
             return
@@ -699,8 +783,6 @@ class H2Stream(PhaseTimer):
         except h2.exceptions.ProtocolError:  # the head went out already
             self.lost(ErrorCodes.INTERNAL_ERROR)
             return
-        if self.ended and request_open:
-            self.conn.h2.reset_stream(self.sid, ErrorCodes.NO_ERROR)
         self.conn.flush()
 
     def switch_protocols(self, upstream: Tunnel) -> None:
@@ -722,8 +804,15 @@ class H2Stream(PhaseTimer):
         self._reset(code)
 
     def timed_out(self, phase: str) -> None:
+        if self.local_sent and self.ended:  # the client stalled the body we were dropping
+            self.stop_discarding()
+            return
         exchange = self.exchange
         if phase == "upstream" and exchange is not None and exchange.timed_out():
+            return
+        if phase == "request_body" and exchange is not None and exchange.body_timed_out():
+            if self.ended and self.sid in self.conn.streams:
+                self.stop_discarding()  # the client is not sending: no point reading on
             return
         if exchange is not None and not exchange.finished:
             exchange.downstream_lost()
@@ -752,10 +841,15 @@ class H2Stream(PhaseTimer):
 
     def _done(self) -> None:
         self.stop_timer()
+        conn = self.conn
+        if self.upstream_paused:
+            self.upstream_paused = False
+            conn.paused.pop(self.sid, None)
         if self.waiting:
-            self.conn.buffered -= self.waiting_bytes
+            conn.buffered -= self.waiting_bytes
             self.waiting = []
             self.waiting_bytes = 0
+            conn.resume_streams()  # what this stream held no longer fills the connection's
         if self.unacked:  # the connection's window still counts what this stream held back
             unacked, self.unacked = self.unacked, 0
             self.conn.acknowledge(unacked, self.sid)
@@ -764,17 +858,20 @@ class H2Stream(PhaseTimer):
     # --- backpressure on the app's side -----------------------------------------------------------
     def pause_upstream(self) -> None:
         self.upstream_paused = True
+        self.conn.paused[self.sid] = self
         exchange = self.exchange
         if exchange is not None and exchange.upstream is not None:
             exchange.upstream.pause_reading()
 
     def resume_upstream(self) -> None:
+        """Read from the app again (the connection decided there is room)."""
         if not self.upstream_paused:
             return
-        conn = self.conn
-        if self.waiting_bytes > STREAM_BUFFER // 2 or conn.buffered > CONNECTION_BUFFER // 2:
-            return
         self.upstream_paused = False
+        self.conn.paused.pop(self.sid, None)
         exchange = self.exchange
-        if exchange is not None and exchange.upstream is not None:
-            exchange.upstream.resume_reading()
+        if exchange is not None and not exchange.finished:
+            if not self.waiting and not exchange.response_complete:
+                self.arm("upstream", self.ctx.config.upstream_timeout)  # the app's turn again
+            if exchange.upstream is not None:
+                exchange.upstream.resume_reading()

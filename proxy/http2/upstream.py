@@ -195,7 +195,8 @@ class H2UpstreamStream:
             self._end(end if isinstance(end, list) else None)
         if self.write_paused and self.owner is not None:
             self.write_paused = False
-            self.owner.upstream_write_paused(False)
+            if not self.conn.writing_paused:  # else the transport's resume releases it
+                self.owner.upstream_write_paused(False)
 
     def feed(self, data: bytes, sink: ResponseSink) -> None:
         raise NotImplementedError  # the connection reads for all its streams
@@ -227,7 +228,9 @@ class H2UpstreamStream:
         self.paused = False
         if self.unacked and not self.closed:
             unacked, self.unacked = self.unacked, 0
-            self.conn.h2.acknowledge_received_data(unacked, self.sid)
+            # The connection's share was credited on arrival: this stream's window alone.
+            with contextlib.suppress(h2.exceptions.ProtocolError, KeyError):  # closed there
+                self.conn.h2.increment_flow_control_window(unacked, stream_id=self.sid)
             self.conn.flush()
 
     def as_tunnel(self) -> Tunnel | None:
@@ -258,6 +261,7 @@ class H2UpstreamConnection(asyncio.Protocol):
         self.streams: dict[int, H2UpstreamStream] = {}
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self.writing_paused = False  # the app's transport is over its high-water mark
         self.going_away = False  # the app sent GOAWAY, or we are closing: no new streams
         self.used = False
         self.idle_since = 0.0
@@ -351,11 +355,13 @@ class H2UpstreamConnection(asyncio.Protocol):
                     owner.upstream_lost(stream, exc)
 
     def pause_writing(self) -> None:
+        self.writing_paused = True
         for stream in list(self.streams.values()):
             if stream.owner is not None:
                 stream.owner.upstream_write_paused(True)
 
     def resume_writing(self) -> None:
+        self.writing_paused = False
         for stream in list(self.streams.values()):
             if stream.owner is not None and not stream.write_paused:
                 stream.owner.upstream_write_paused(False)
@@ -410,7 +416,10 @@ class H2UpstreamConnection(asyncio.Protocol):
         if not size:
             return
         if stream.paused:
+            # Held back from this stream's window only: the connection's is shared with other
+            # clients' streams, which a client that does not read must not stop.
             stream.unacked += size
+            self.h2.increment_flow_control_window(size)
         else:
             self.h2.acknowledge_received_data(size, event.stream_id)
 

@@ -186,6 +186,38 @@ def test_slow_request_head_gets_408(strict: ProxyProcess, ca: Path) -> None:
         assert client.closed_by_peer()
 
 
+def test_stalled_request_body_gets_408(strict: ProxyProcess, ca: Path) -> None:
+    """A body that stops coming for --idle-timeout is answered 408 (then closed: the rest of
+    its framing will not come), not cut with a bare close."""
+    with tls_socket(strict.port, ca) as sock:
+        client = RawClient(sock)
+        client.send(b"POST /echo/stalled HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\npart")
+        response = client.read_response(head_only=True)
+        assert response is not None and response.status == 408
+        assert client.closed_by_peer()
+    record = wait_for(
+        lambda: next((r for r in strict.access_records() if r["path"] == "/echo/stalled"), None),
+        what="the access line",
+    )
+    assert (record["status"], record["local"]) == (408, "request_timeout")
+
+
+def test_a_client_that_stops_reading_is_the_clients_timeout(strict: ProxyProcess, ca: Path) -> None:
+    """A download the client stops reading is cut after --idle-timeout and counted as
+    `timeouts_total{phase="send"}`, not as the app's (`upstream`), which answered at once."""
+
+    def count(phase: str) -> float:
+        value = strict.metric("tls_sidecar_timeouts_total", f'phase="{phase}"')
+        return 0.0 if value != value else value  # noqa: PLR0124  NaN: never counted
+
+    upstream, send = count("upstream"), count("send")
+    with tls_socket(strict.port, ca) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(b"GET /bytes/50000000 HTTP/1.1\r\nHost: x\r\n\r\n")  # and never read
+        wait_for(lambda: count("send") > send, timeout=15, what="the send timeout")
+    assert count("upstream") == upstream
+
+
 def test_silent_tcp_client_is_cut_at_the_handshake_timeout(strict: ProxyProcess) -> None:
     with socket.create_connection(("127.0.0.1", strict.port), timeout=10) as sock:
         assert sock.recv(1) == b"", "the proxy closed the connection"

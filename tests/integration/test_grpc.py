@@ -40,6 +40,7 @@ class EchoApp:
             "NotFound": grpc.unary_unary_rpc_method_handler(self.not_found),
             "ServerStream": grpc.unary_stream_rpc_method_handler(self.server_stream),
             "Forever": grpc.unary_stream_rpc_method_handler(self.forever),
+            "Stall": grpc.unary_stream_rpc_method_handler(self.stall),
             "ClientStream": grpc.stream_unary_rpc_method_handler(self.client_stream),
             "Bidi": grpc.stream_stream_rpc_method_handler(self.bidi),
         }
@@ -81,6 +82,12 @@ class EchoApp:
         context.add_callback(self.cancelled.set)
         while context.is_active():
             yield b"tick"
+            time.sleep(0.01)
+
+    def stall(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        """One message, then nothing until the call is gone."""
+        yield b"first"
+        while context.is_active():
             time.sleep(0.01)
 
     def client_stream(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
@@ -215,6 +222,19 @@ def test_the_proxys_upstream_timeout_is_deadline_exceeded(
         chan.unary_unary("/test.Echo/Slow")(b"4", timeout=20)  # --upstream-timeout 2s
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "504 Gateway Timeout: request id" in (caught.value.details() or "")
+
+
+def test_an_app_stalled_mid_stream_is_deadline_exceeded(
+    chan: grpc.Channel, proxy: ProxyProcess
+) -> None:
+    """The response's head and a message went out, then the app says nothing past
+    --upstream-timeout: the call ends DEADLINE_EXCEEDED (Envoy's answer), not CANCELLED."""
+    call = chan.unary_stream("/test.Echo/Stall")(b"", timeout=20)
+    assert next(call) == b"first"
+    with pytest.raises(grpc.RpcError) as caught:
+        next(call)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "stalled" in (caught.value.details() or "")
 
 
 def test_a_cancelled_stream_is_reset_at_the_app(chan: grpc.Channel, app: EchoApp) -> None:

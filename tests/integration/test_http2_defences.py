@@ -134,7 +134,7 @@ def test_streams_the_proxy_must_refuse_count_as_resets(
 
 def test_continuation_flood_is_bounded_by_max_header_bytes(proxy: ProxyProcess, ca: Path) -> None:
     """CVE-2024-27316: one header block in endless CONTINUATION frames. The block is cut at
-    --max-header-bytes (16 KiB) in total, long before h2's own 64-frame limit."""
+    twice --max-header-bytes (32 KiB) in total, long before h2's own 64-frame limit."""
     client = H2Client(proxy.port, ca)
     block = headers_block(client)
     client.send_frames([HeadersFrame(1, block, flags=[])])

@@ -1,7 +1,13 @@
 """A small HTTP/2 cleartext app (h2 library, prior knowledge) for the h2c:// upstream tests:
-it reports what it received (headers, body, trailers) and can reset a stream mid-response
-(`/reset-mid…`) or, 0.1 s after the request, before any answer (`/reset-unanswered…`).
-`/grpc...` answers as a gRPC server does: no content-length, the status in trailers."""
+it reports what it received (headers, body, trailers) and can reset a stream mid-response.
+
+  /bytes/N             N bytes of `pattern`, sent as the proxy's flow-control windows allow
+  /reset-mid           a head and a little body, then RST_STREAM CANCEL
+  /reset-mid/N         a head and N bytes (within the windows), then RST_STREAM INTERNAL_ERROR
+  /reset-unanswered    no answer: RST_STREAM 0.1 s after the request
+  /grpc...             as a gRPC server answers: no content-length, the status in trailers
+  /slow...             the JSON report, 0.3 s late     anything else: the JSON report at once
+"""
 
 from __future__ import annotations
 
@@ -15,6 +21,8 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.settings
+
+from tests.support.upstream import pattern
 
 
 class _Conn(asyncio.Protocol):
@@ -30,6 +38,8 @@ class _Conn(asyncio.Protocol):
             )
         self.transport: Any = None
         self.requests: dict[int, dict[str, Any]] = {}
+        # stream id -> (body still to send, reset with INTERNAL_ERROR instead of ending)
+        self.sending: dict[int, tuple[memoryview, bool]] = {}
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -52,7 +62,12 @@ class _Conn(asyncio.Protocol):
                     "trailers": [],
                 }
                 path = dict(event.headers)[b":path"]
-                if path.startswith(b"/reset-mid"):
+                if path.startswith((b"/bytes/", b"/reset-mid/")):
+                    self.conn.send_headers(sid, [(b":status", b"200")])
+                    body = memoryview(pattern(int(path.split(b"/")[2])))
+                    self.sending[sid] = (body, path.startswith(b"/reset-mid/"))
+                    self._send_more(sid)
+                elif path.startswith(b"/reset-mid"):
                     self.conn.send_headers(sid, [(b":status", b"200")])
                     self.conn.send_data(sid, b"partial")
                     self.flush()
@@ -70,14 +85,42 @@ class _Conn(asyncio.Protocol):
                 self.requests[sid]["trailers"] = [
                     [n.decode(), v.decode()] for n, v in event.headers
                 ]
+            elif isinstance(event, h2.events.WindowUpdated):
+                for waiting in [event.stream_id] if event.stream_id else list(self.sending):
+                    if waiting in self.sending:
+                        self._send_more(waiting)
             elif isinstance(event, h2.events.StreamEnded):
-                if dict(self.requests[sid]["headers"])[":path"].startswith("/slow"):
+                target = dict(self.requests[sid]["headers"])[":path"]
+                if target.startswith(("/bytes/", "/reset-mid/")):
+                    del self.requests[sid]  # answered as the request came
+                elif target.startswith("/slow"):
                     asyncio.get_running_loop().call_later(0.3, self._answer, sid)
                 else:
                     self._answer(sid)
             elif isinstance(event, h2.events.StreamReset):
                 self.app.resets.append(event.error_code)
+                self.sending.pop(sid, None)
         self.flush()
+
+    def _send_more(self, sid: int) -> None:
+        """As much of the body as the windows allow; the end (or the reset) after the last."""
+        body, reset = self.sending[sid]
+        while body:
+            step = min(
+                len(body),
+                self.conn.local_flow_control_window(sid),
+                self.conn.max_outbound_frame_size,
+            )
+            if step <= 0:
+                self.sending[sid] = (body, reset)
+                return
+            self.conn.send_data(sid, body[:step].tobytes())
+            body = body[step:]
+        del self.sending[sid]
+        if reset:
+            self.conn.reset_stream(sid, h2.errors.ErrorCodes.INTERNAL_ERROR)
+        else:
+            self.conn.end_stream(sid)
 
     def _reset(self, sid: int, code: int) -> None:
         self.conn.reset_stream(sid, code)

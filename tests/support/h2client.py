@@ -43,8 +43,11 @@ class H2Client:
         *,
         settings: dict[h2.settings.SettingCodes, int] | None = None,
         validate: bool = True,
+        cert: tuple[Path, Path] | None = None,  # a client certificate and its key
     ) -> None:
         ctx = client_context(ca)
+        if cert is not None:
+            ctx.load_cert_chain(*cert)
         ctx.set_alpn_protocols(["h2"])
         raw = socket.create_connection(("127.0.0.1", port), timeout=10)
         self.sock: ssl.SSLSocket = ctx.wrap_socket(raw, server_hostname="localhost")

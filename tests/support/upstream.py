@@ -10,6 +10,7 @@ can assert what reached the app. Behaviour is chosen by path:
   /slow/SECONDS       answers after SECONDS            /stall  never answers
   /reset              closes the connection without answering (RST)
   /reset-mid          sends a head and half the body, then RST
+  /reset-mid/N        sends a head for 2N bytes and N of them, then RST
   /garbage            answers bytes that are not HTTP
   /status/N           empty answer with status N       /close  answers with Connection: close
   /hop                answers with hop-by-hop headers the proxy must strip
@@ -304,11 +305,13 @@ class UpstreamApp:
         elif path == "/reset":
             _reset(writer)
             return False
-        elif path == "/reset-mid":
+        elif path == "/reset-mid" or path.startswith("/reset-mid/"):
+            half = int(path.split("/")[2]) if path.count("/") == 2 else 50000
+            length = b"%d" % (2 * half)
             writer.write(
-                send(h11.Response(status_code=200, headers=[(b"content-length", b"100000")])) or b""
+                send(h11.Response(status_code=200, headers=[(b"content-length", length)])) or b""
             )
-            writer.write(send(h11.Data(data=pattern(50000))) or b"")
+            writer.write(send(h11.Data(data=pattern(half))) or b"")
             await writer.drain()
             _reset(writer)
             return False
