@@ -35,6 +35,21 @@ METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"}
 )
 
+# The closed label sets, created at 0 at start-up (see Metrics.__init__).
+CONNECTION_REJECT_REASONS = ("max_connections", "draining")
+HANDSHAKE_ERROR_REASONS = ("timeout", "protocol", "client_certificate", "closed")
+UPSTREAM_CONNECT_ERROR_REASONS = ("refused", "timeout", "error")
+HTTP2_CONNECTION_ERROR_REASONS = (
+    "protocol_error",
+    "rapid_reset",
+    "control_flood",
+    "header_block",
+    "internal_error",
+)
+TIMEOUT_PHASES = ("handshake", "header", "idle", "request_body", "upstream", "tunnel", "send")
+RELOAD_RESULTS = ("success", "failure")
+CLIENT_AUTH_DENIED_REASONS = ("no_certificate", "not_allowed")
+
 LATENCY_BUCKETS = (
     0.0005,
     0.001,
@@ -260,6 +275,20 @@ class Metrics:
             registry=r,
             multiprocess_mode="min",
         )
+        # Every series whose labels are known up front exists from start-up at 0: increase()
+        # and rate() then see the first event (a series born at 1 has no before), and
+        # dashboards show 0, not "No data".
+        for counter, label_values in (
+            (self.connections_rejected, CONNECTION_REJECT_REASONS),
+            (self.tls_handshake_errors, HANDSHAKE_ERROR_REASONS),
+            (self.upstream_connect_errors, UPSTREAM_CONNECT_ERROR_REASONS),
+            (self.http2_connection_errors, HTTP2_CONNECTION_ERROR_REASONS),
+            (self.timeouts, TIMEOUT_PHASES),
+            (self.certificate_reloads, RELOAD_RESULTS),
+            (self.client_auth_denied, CLIENT_AUTH_DENIED_REASONS),
+        ):
+            for value in label_values:
+                counter.labels(value)
         self.upstream_idle = self.upstream_connections_active.labels("idle")
         self.upstream_busy = self.upstream_connections_active.labels("busy")
         # The data path's accumulators (see flush).

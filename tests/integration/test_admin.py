@@ -63,6 +63,26 @@ def test_readiness_follows_the_upstream(start_proxy: ProxyFactory) -> None:
         app.stop()
 
 
+def test_counters_with_known_labels_are_exported_at_zero_from_start_up(
+    start_proxy: ProxyFactory, upstream: UpstreamApp
+) -> None:
+    # A series born at 1 has no before: increase() over it is 0 and the first failed reload
+    # would never fire TLSSidecarCertificateReloadFailing; dashboards would show "No data".
+    proxy = start_proxy(upstream.base)
+    for name, labels in (
+        ("tls_sidecar_certificate_reloads_total", 'result="failure"'),
+        ("tls_sidecar_certificate_reloads_total", 'result="success"'),
+        ("tls_sidecar_tls_handshake_errors_total", 'reason="protocol"'),
+        ("tls_sidecar_tls_handshake_errors_total", 'reason="client_certificate"'),
+        ("tls_sidecar_connections_rejected_total", 'reason="max_connections"'),
+        ("tls_sidecar_upstream_connect_errors_total", 'reason="refused"'),
+        ("tls_sidecar_http2_connection_errors_total", 'reason="rapid_reset"'),
+        ("tls_sidecar_timeouts_total", 'phase="upstream"'),
+        ("tls_sidecar_client_auth_denied_total", 'reason="not_allowed"'),
+    ):
+        assert proxy.metric(name, labels) == 0, (name, labels)
+
+
 def test_metrics_count_what_happened(proxy: ProxyProcess, ca: Path) -> None:
     before = proxy.metric("tls_sidecar_http_requests_total", 'method="GET",code="200"')
     before = 0.0 if math.isnan(before) else before  # NaN: no such sample yet
