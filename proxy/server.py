@@ -28,6 +28,7 @@ from .identity import identity_name
 from .log import AccessLog, AccessRecord
 from .metrics import PROTOCOLS, Metrics
 from .request import RequestHead
+from .sockets import bind_dual_stack, dual_stack
 from .tls import TlsState
 from .upstream import UpstreamPool, probe_upstream
 
@@ -278,14 +279,22 @@ class ProxyServer:
             except OSError as e:
                 raise bind_error("--admin-listen", config.admin_listen, e) from None
         try:
-            self._listener = await loop.create_server(
-                lambda: Http1Connection(self.ctx),
-                config.listen.host,
-                config.listen.port,
-                backlog=1024,
-                reuse_address=True,
-                reuse_port=config.worker_index is not None,
-            )
+            reuse_port = config.worker_index is not None
+            if dual_stack(config.listen.host):
+                self._listener = await loop.create_server(
+                    lambda: Http1Connection(self.ctx),
+                    sock=bind_dual_stack(config.listen, reuse_port=reuse_port),
+                    backlog=1024,
+                )
+            else:
+                self._listener = await loop.create_server(
+                    lambda: Http1Connection(self.ctx),
+                    config.listen.host,
+                    config.listen.port,
+                    backlog=1024,
+                    reuse_address=True,
+                    reuse_port=reuse_port,
+                )
         except OSError as e:
             if self._admin is not None:
                 await self._admin.close()

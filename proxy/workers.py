@@ -28,6 +28,7 @@ from .admin import AdminServer
 from .config import Config, ConfigError
 from .metrics import PREFIX, render
 from .server import bind_error
+from .sockets import dual_stack
 from .tls import TICKET_KEYS_SIZE
 from .upstream import probe_upstream
 
@@ -134,6 +135,8 @@ class Supervisor:
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if dual_stack(address.host):  # as the workers' own sockets (sockets.py)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         try:
             sock.bind((address.host, address.port))
         except OSError as e:

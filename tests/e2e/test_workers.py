@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -205,3 +206,24 @@ def test_a_worker_without_its_ticket_keys_says_so(
         )
     finally:
         proxy.stop()
+
+
+def test_workers_on_the_ipv6_wildcard_serve_ipv4_and_ipv6_clients(dev_certs: DevCerts) -> None:
+    app = UpstreamApp().start()
+    proxy = ProxyProcess(
+        [*serve_args(app.base, dev_certs, "--listen", "[::]:0", "--workers", "2")]
+    ).start()
+    try:
+        wait_for(lambda: len(worker_lines(proxy, "listening")) == 2, what="both workers listening")
+        hosts = ["127.0.0.1"]
+        with contextlib.suppress(OSError), socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+            hosts.append("::1")
+        for host in hosts:
+            raw = socket.create_connection((host, proxy.port), timeout=10)
+            with client_context(dev_certs.ca).wrap_socket(raw, server_hostname="localhost") as tls:
+                tls.sendall(b"GET /echo/w HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                assert tls.makefile("rb").readline().startswith(b"HTTP/1.1 200"), host
+    finally:
+        proxy.stop()
+        app.stop()

@@ -379,6 +379,31 @@ def test_ipv6_listener(
         proxy.stop()
 
 
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+def test_the_ipv6_wildcard_serves_ipv4_and_ipv6_clients(
+    start_proxy: ProxyFactory, upstream: UpstreamApp, ca: Path
+) -> None:
+    # As nginx's and Envoy's [::]: one socket for both families (asyncio alone is IPv6-only).
+    proxy = start_proxy(upstream.base, "--listen", "[::]:0", "--admin-listen", "[::]:0")
+    hosts = ["127.0.0.1", "::1"] if ipv6_loopback() else ["127.0.0.1"]
+    for host in hosts:
+        with tls_socket(proxy.port, ca, host=host) as sock:
+            sock.sendall(request_bytes("GET", "/echo/dual"))
+            response = RawClient(sock).read_response()
+            assert response is not None and response.status == 200, host
+        with socket.create_connection((host, proxy.admin_port), timeout=10) as admin:
+            admin.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert admin.makefile("rb").readline().startswith(b"HTTP/1.1 200"), host
+
+
 def test_early_answer_before_the_body_keeps_the_connection(
     proxy: ProxyProcess, upstream: UpstreamApp, ca: Path
 ) -> None:
