@@ -37,7 +37,7 @@ METHODS = frozenset(
 
 # The closed label sets, created at 0 at start-up (see Metrics.__init__).
 CONNECTION_REJECT_REASONS = ("max_connections", "draining")
-HANDSHAKE_ERROR_REASONS = ("timeout", "protocol", "client_certificate", "closed")
+HANDSHAKE_ERROR_REASONS = ("timeout", "protocol", "client_certificate", "closed", "plain_http")
 UPSTREAM_CONNECT_ERROR_REASONS = ("refused", "timeout", "error")
 HTTP2_CONNECTION_ERROR_REASONS = (
     "protocol_error",
@@ -154,7 +154,8 @@ class Metrics:
         )
         self.tls_handshake_errors = Counter(
             f"{p}_tls_handshake_errors",
-            "Failed TLS handshakes by reason (timeout, protocol, client_certificate, closed).",
+            "Failed TLS handshakes by reason (timeout, protocol, client_certificate, closed; "
+            "plain_http: a plain HTTP request on the TLS port, answered 400).",
             ["reason"],
             registry=r,
         )
