@@ -27,6 +27,8 @@ from proxy import certs
 from tests.support.proxy import DevCerts, ProxyProcess, https, serve_args, wait_for
 from tests.support.upstream import UpstreamApp
 
+REPO = Path(__file__).resolve().parents[2]
+
 
 def run_cli(
     *args: str, env: dict[str, str] | None = None, timeout: float = 30
@@ -502,3 +504,24 @@ def test_check_fails_what_would_not_start(dev_certs: DevCerts) -> None:
     assert any(line.startswith("fail  certificates: --key") for line in lines), lines
     code, lines = run_check("--listen", "nowhere")
     assert (code, lines[0][:11]) == (2, "fail  flags")
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_run_installs_the_runtime_only_and_the_tests_add_dev(tmp_path: Path) -> None:
+    # A fresh clone's plan (make -n): `run` needs neither the test tools nor the [dev] extra.
+    for name in ("Makefile", "pyproject.toml", "requirements.lock"):
+        shutil.copy(REPO / name, tmp_path / name)
+
+    def plan(target: str) -> str:
+        out = subprocess.run(
+            ["make", "-n", target], cwd=tmp_path, capture_output=True, text=True, timeout=60
+        )
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    run = plan("run")
+    assert "-c .venv/constraints.txt -e ." in run and "[dev]" not in run
+    assert "tls-sidecar demo" in run
+    test = plan("test")
+    assert "-c .venv/constraints-dev.txt -e '.[dev]'" in test
+    assert 'PYTHONWARNINGS="ignore:Editable installation"' in test
