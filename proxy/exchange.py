@@ -415,9 +415,9 @@ class Exchange:
             self.down.send_local(200, grpc.trailers_only(code, text, self.request_id), b"")
             self._finish(200)
             return
-        self.down.send_local(
-            status, local_headers(self.request_id), local_body(status, message, self.request_id)
-        )
+        body = local_body(status, message, self.request_id)
+        self.bytes_out = len(body)  # the access log's bytes_out: the body the client got
+        self.down.send_local(status, local_headers(self.request_id), body)
         self._finish(status)
 
     def downstream_lost(self) -> None:

@@ -141,14 +141,15 @@ class Http1Connection(ClientConnection):
             return
         ctx = self.ctx
         ctx.metrics.local_responses.labels(str(error.status), error.reason).inc()
-        self.send_local(error.status, local_headers(None), local_body(error.status, str(error)))
+        body = local_body(error.status, str(error))
+        self.send_local(error.status, local_headers(None), body)
         ctx.metrics.request_done(b"OTHER", error.status, 0.0, b"1.1")
         ctx.access(
             self.session,
             None,
             status=error.status,
             bytes_in=0,
-            bytes_out=0,
+            bytes_out=len(body),
             duration=0.0,
             upstream_duration=None,
             request_id=b"-",

@@ -223,8 +223,8 @@ class Metrics:
             ["code", "reason"],
             registry=r,
         )
-        self.bytes = Counter(
-            f"{p}_bytes",
+        self.transferred_bytes = Counter(
+            f"{p}_transferred_bytes",
             "Bytes relayed, by side (downstream = client, upstream = app) and direction.",
             ["side", "direction"],
             registry=r,
@@ -296,10 +296,10 @@ class Metrics:
         self.down_in = self.down_out = self.up_in = self.up_out = 0
         self.in_flight = 0
         self._bytes_children = [
-            self.bytes.labels("downstream", "in"),
-            self.bytes.labels("downstream", "out"),
-            self.bytes.labels("upstream", "in"),
-            self.bytes.labels("upstream", "out"),
+            self.transferred_bytes.labels("downstream", "in"),
+            self.transferred_bytes.labels("downstream", "out"),
+            self.transferred_bytes.labels("upstream", "in"),
+            self.transferred_bytes.labels("upstream", "out"),
         ]
         self._buckets = (*LATENCY_BUCKETS, float("inf"))
         self._requests: dict[tuple[bytes, int, bytes], tuple[Counter, Histogram, _Observed]] = {}

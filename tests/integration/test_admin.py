@@ -99,7 +99,7 @@ def test_metrics_count_what_happened(proxy: ProxyProcess, ca: Path) -> None:
         "tls_sidecar_tls_handshake_duration_seconds_bucket{",
         "tls_sidecar_upstream_response_duration_seconds_bucket{",
         'tls_sidecar_upstream_connections_active{state="idle"}',
-        'tls_sidecar_bytes_total{direction="in",side="downstream"}',
+        'tls_sidecar_transferred_bytes_total{direction="in",side="downstream"}',
         "tls_sidecar_ready ",
         "process_resident_memory_bytes ",
     ):
@@ -108,7 +108,7 @@ def test_metrics_count_what_happened(proxy: ProxyProcess, ca: Path) -> None:
     assert after - before >= 3
     assert proxy.metric("tls_sidecar_http_requests_total", 'method="DELETE",code="404"') == 1
     assert proxy.metric("tls_sidecar_tls_handshakes_total", 'version="TLSv1.3"') >= 4
-    assert proxy.metric("tls_sidecar_bytes_total", 'side="upstream",direction="in"') > 0
+    assert proxy.metric("tls_sidecar_transferred_bytes_total", 'side="upstream",direction="in"') > 0
 
 
 def test_unknown_methods_share_one_label(proxy: ProxyProcess, ca: Path) -> None:
