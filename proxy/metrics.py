@@ -50,6 +50,11 @@ TIMEOUT_PHASES = ("handshake", "header", "idle", "request_body", "upstream", "tu
 RELOAD_RESULTS = ("success", "failure")
 CLIENT_AUTH_DENIED_REASONS = ("no_certificate", "not_allowed")
 
+UPSTREAM_UP_HELP = (
+    "1 when the app accepted the last readiness check's connection, else 0 (a failing "
+    "--upstream-health-path leaves it 1 and makes ready 0)."
+)
+
 LATENCY_BUCKETS = (
     0.0005,
     0.001,
@@ -272,7 +277,7 @@ class Metrics:
         )
         self.upstream_up = Gauge(
             f"{p}_upstream_up",
-            "1 when the last upstream check connected, else 0.",
+            UPSTREAM_UP_HELP,
             registry=r,
             multiprocess_mode="min",
         )

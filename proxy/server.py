@@ -30,7 +30,7 @@ from .metrics import PROTOCOLS, Metrics
 from .request import RequestHead
 from .sockets import bind_dual_stack, dual_stack
 from .tls import TlsState
-from .upstream import UpstreamPool, probe_upstream
+from .upstream import UpstreamPool, check_upstream
 
 if TYPE_CHECKING:
     from .upstream_h2 import H2UpstreamPool
@@ -322,11 +322,12 @@ class ProxyServer:
             now = asyncio.get_running_loop().time()
             if now - self._upstream_checked_at >= READINESS_CACHE_SECONDS:
                 timeout = min(1.0, self.config.upstream_connect_timeout)
-                self._upstream_problem = await probe_upstream(
+                check = await check_upstream(
                     self.config.upstream, timeout, self.config.upstream_health_path
                 )
+                self._upstream_problem = check.problem
                 self._upstream_checked_at = asyncio.get_running_loop().time()
-                self.metrics.upstream_up.set(0 if self._upstream_problem else 1)
+                self.metrics.upstream_up.set(1 if check.connected else 0)
         ok = self._upstream_problem is None and self.state == "ready"
         self.metrics.ready.set(1 if ok else 0)
         return ok, "ready" if ok else (self._upstream_problem or self.state)

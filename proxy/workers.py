@@ -26,11 +26,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from . import __version__
 from .admin import AdminServer
 from .config import Config, ConfigError
-from .metrics import PREFIX, render
+from .metrics import PREFIX, UPSTREAM_UP_HELP, render
 from .server import bind_error
 from .sockets import dual_stack
 from .tls import TICKET_KEYS_SIZE
-from .upstream import probe_upstream
+from .upstream import check_upstream
 
 log = logging.getLogger("tls_sidecar.workers")
 
@@ -91,9 +91,7 @@ class SupervisorMetrics:
         r.register(_WorkerMetrics(multiproc_dir))  # type: ignore[arg-type]
         self.ready = Gauge(f"{PREFIX}_ready", "1 when /readyz answers 200, else 0.", registry=r)
         self.draining = Gauge(f"{PREFIX}_draining", "1 while shutting down, else 0.", registry=r)
-        self.upstream_up = Gauge(
-            f"{PREFIX}_upstream_up", "1 when the last upstream check connected, else 0.", registry=r
-        )
+        self.upstream_up = Gauge(f"{PREFIX}_upstream_up", UPSTREAM_UP_HELP, registry=r)
         self.workers = Gauge(f"{PREFIX}_workers", "Worker processes running now.", registry=r)
         self.worker_restarts = Counter(
             f"{PREFIX}_worker_restarts", "Workers that died and were started again.", registry=r
@@ -189,11 +187,12 @@ class Supervisor:
         now = time.monotonic()
         if now - self._ready_checked >= 1.0:
             timeout = min(1.0, self.config.upstream_connect_timeout)
-            self._ready_problem = await probe_upstream(
+            check = await check_upstream(
                 self.config.upstream, timeout, self.config.upstream_health_path
             )
+            self._ready_problem = check.problem
             self._ready_checked = time.monotonic()
-            self.metrics.upstream_up.set(0 if self._ready_problem else 1)
+            self.metrics.upstream_up.set(1 if check.connected else 0)
         ok = self._ready_problem is None
         self.metrics.ready.set(1 if ok else 0)
         return ok, "ready" if ok else (self._ready_problem or "not ready")

@@ -150,6 +150,10 @@ def test_readiness_follows_the_apps_health_endpoint(
     status, body = failing.admin_get("/readyz")
     assert status == 503
     assert "health check GET /status/503: 503 Service Unavailable" in body
+    # The app accepts connections: upstream_up (the runbook's "no TCP connection") stays 1,
+    # ready says the health path failed.
+    assert failing.metric("tls_sidecar_upstream_up") == 1
+    assert failing.metric("tls_sidecar_ready") == 0
     healthy = start_proxy(upstream.base, "--upstream-health-path", "/status/204")
     assert healthy.admin_get("/readyz") == (200, "ready\n")
     assert math.isnan(failing.metric("tls_sidecar_http_requests_total"))  # no request counted
