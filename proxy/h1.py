@@ -246,6 +246,10 @@ class Http1Connection(ClientConnection):
         if not self.codec.next_cycle():  # which delivers a pipelined request at once
             self.close()
 
+    def still_going(self, phase: str) -> bool:
+        exchange = self.exchange
+        return phase == "upstream" and exchange is not None and exchange.app_still_reading()
+
     def timed_out(self, phase: str) -> None:
         exchange = self.exchange
         if phase == "header" and self._received_since_idle and exchange is None:

@@ -230,6 +230,11 @@ class H2UpstreamStream:
             self.conn.h2.acknowledge_received_data(unacked, self.sid)
             self.conn.flush()
 
+    def unread_request_bytes(self) -> int:
+        # HTTP/2 flow control: the app takes DATA as its window allows; what waits for the
+        # window is ours, not the socket's.
+        return 0
+
     def abort(self) -> None:
         """The exchange gave up (the client went away, a timeout): RST_STREAM CANCEL."""
         self.owner = None

@@ -24,7 +24,7 @@ from tests.support.proxy import (
     tls_socket,
     wait_for,
 )
-from tests.support.upstream import UpstreamApp, pattern
+from tests.support.upstream import SlowReaderApp, UpstreamApp, pattern
 
 MiB = 1024 * 1024
 
@@ -155,7 +155,13 @@ def test_10_mib_upload_is_byte_exact(proxy: ProxyProcess, ca: Path) -> None:
     assert doc["body_sha256"] == hashlib.sha256(data).hexdigest()
 
 
-def test_10_mib_chunked_upload_is_byte_exact(proxy: ProxyProcess, ca: Path) -> None:
+def test_10_mib_chunked_upload_is_byte_exact(
+    start_proxy: ProxyFactory, upstream: UpstreamApp, ca: Path
+) -> None:
+    # The default --upstream-timeout: over TCP the app's own receive buffer can hold megabytes
+    # of the body when the request ends, and on a loaded machine the app may take longer than
+    # the `proxy` fixture's 2 s to read and hash them; what this test checks is the bytes.
+    proxy = start_proxy(upstream.base)
     data = pattern(10 * MiB)
     conn = http.client.HTTPSConnection(
         "localhost", proxy.port, context=client_context(ca), timeout=30
@@ -172,6 +178,24 @@ def test_10_mib_chunked_upload_is_byte_exact(proxy: ProxyProcess, ca: Path) -> N
     assert doc["body_length"] == len(data)
     assert doc["body_sha256"] == hashlib.sha256(data).hexdigest()
     assert ["transfer-encoding", "chunked"] in doc["headers"]
+
+
+def test_the_upstream_timeout_waits_while_the_app_is_still_reading_the_body(
+    start_proxy: ProxyFactory, tmp_path: Path, ca: Path
+) -> None:
+    # --upstream-timeout counts from the end of the request as the app gets it: an app still
+    # reading an upload, steadily, is not late. It got 504 while the body's last few hundred
+    # KiB still waited in the proxy's buffers. Over a unix socket the kernel tells the proxy
+    # what the app has not read.
+    app = SlowReaderApp(str(tmp_path / "slow.sock"))
+    try:
+        proxy = start_proxy(f"unix:{app.path}", "--upstream-timeout", "400ms")
+        data = pattern(MiB)
+        status, _, body = https(proxy, ca, "POST", "/upload", body=data, timeout=60)
+        assert (status, body) == (200, hashlib.sha256(data).hexdigest().encode())
+        assert proxy.metric("tls_sidecar_timeouts_total", 'phase="upstream"') == 0
+    finally:
+        app.stop()
 
 
 def test_10_mib_downloads_are_byte_exact(proxy: ProxyProcess, ca: Path) -> None:
