@@ -1,6 +1,11 @@
 """`python -m proxy` runs the `tls-sidecar` command."""
 
-from .cli import main
+from .log import hold_warnings
+
+# Before the imports below: a warning they raise is logged in the configured format.
+hold_warnings()
+
+from .cli import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

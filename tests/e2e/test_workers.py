@@ -132,11 +132,16 @@ def test_auto_without_a_quota_uses_the_usable_cpus(tmp_path: Path) -> None:
 def test_library_warnings_are_json_log_lines_with_workers(
     dev_certs: DevCerts, tmp_path: Path
 ) -> None:
-    """A warning raised in each worker (by a sitecustomize module, as any library could) reaches
-    stderr as a JSON log line like every other line."""
+    """A warning raised in each process while it starts (here when proxy.cli is imported, as
+    any library's import could; it used to be raised a second after start, and a worker still
+    loading on a busy machine printed it as raw text) reaches stderr as a JSON log line like
+    every other line."""
     (tmp_path / "sitecustomize.py").write_text(
-        "import threading, warnings\n"
-        "threading.Timer(1.0, warnings.warn, args=('a library warning',)).start()\n"
+        "import sys, warnings\n"
+        "def warn_on_import(event, args):\n"
+        "    if event == 'import' and args[0] == 'proxy.cli':\n"
+        "        warnings.warn('a library warning', stacklevel=1)\n"
+        "sys.addaudithook(warn_on_import)\n"
     )
     app = UpstreamApp().start()
     proxy = ProxyProcess(
