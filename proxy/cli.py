@@ -585,6 +585,7 @@ def _fail(message: str) -> NoReturn:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: bad input becomes one line on stderr and exit code 2, never a traceback."""
+    logs.hold_warnings()  # the console script's start; python -m proxy holds them earlier
     try:
         code = cli.main(args=argv, prog_name="tls-sidecar", standalone_mode=False)
     except click.exceptions.NoArgsIsHelpError as e:
