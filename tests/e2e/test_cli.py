@@ -216,6 +216,25 @@ def test_without_certificate_a_self_signed_one_is_served_with_a_warning() -> Non
         app.stop()
 
 
+def test_demo_with_its_app_port_taken_says_how_to_move_it_under_make_run(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        demo = ProxyProcess(
+            [
+                *("demo", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"),
+                *("--certs-dir", str(tmp_path / "certs")),
+            ],
+            env={"TLS_SIDECAR_DEMO_APP_LISTEN": f"127.0.0.1:{port}"},
+        ).start(expect_ready=False)
+        assert demo.wait(60) == 2
+    assert demo.stderr_lines[-1] == (
+        f"tls-sidecar: error: --app-listen 127.0.0.1:{port}: cannot listen (address already in "
+        f"use); pick another port, e.g. TLS_SIDECAR_DEMO_APP_LISTEN=127.0.0.1:{port + 1} make run"
+    )
+
+
 def start_demo(tmp_path: Path) -> tuple[ProxyProcess, str]:
     """`tls-sidecar demo` on ephemeral ports; its `try:` hint line once it serves."""
     demo = ProxyProcess(
