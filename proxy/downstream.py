@@ -95,7 +95,8 @@ class ClientConnection(PhaseTimer, asyncio.Protocol):
         self._raw: asyncio.Transport | None = None
         self._tls_protocol: Any = None  # the TLS layer's protocol, while _HandshakeReader is in
         self._server_name: str | None = None  # SNI of a failed handshake, for its log line
-        self._failure_counted = False  # plain HTTP was answered and counted before the TLS layer
+        # A failed handshake is counted once (plain HTTP: before the TLS layer fails too).
+        self._failure_counted = False
 
     # --- to be provided by the protocol -------------------------------------------------------
     def handshake_complete(self) -> None:
