@@ -2,11 +2,21 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+# `make run` installs what `serve` and the demo need; tests and tools add the [dev] extra.
+RUN_STAMP := $(VENV)/.installed-run
+STAMP     := $(VENV)/.installed
+# The lock's versions as constraints, without its hashes (pip would then demand hashes for the
+# editable install too, which has no file to hash). The dev install leaves cryptography out:
+# sslyze, the tests' TLS scanner, needs cryptography<47 (see README, "Development").
+CONSTRAINTS     := $(VENV)/constraints.txt
+DEV_CONSTRAINTS := $(VENV)/constraints-dev.txt
+# setuptools' "Editable installation" box warns about folders named like the package: ours is
+# the package itself.
+PIP := PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip
 
 .PHONY: run test test-slow fuzz lint typecheck loadtest lock clean
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(BIN)/tls-sidecar demo
 
 test: lint typecheck
@@ -50,9 +60,17 @@ $(BIN)/python:
 	    echo "error: python3 cannot create a virtual environment; fix: sudo apt-get install -y python3-venv"; exit 1; \
 	  fi; }
 
-$(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+$(CONSTRAINTS): requirements.lock $(BIN)/python
+	@sed -n 's/^\([A-Za-z0-9_.-]*==[^ ]*\).*/\1/p' requirements.lock > $@
+	@grep -v '^cryptography==' $@ > $(DEV_CONSTRAINTS)
+
+$(RUN_STAMP): $(BIN)/python pyproject.toml $(CONSTRAINTS)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c $(CONSTRAINTS) -e .
+	@touch $(RUN_STAMP)
+
+$(STAMP): $(RUN_STAMP)
+	$(PIP) install -q -c $(DEV_CONSTRAINTS) -e '.[dev]'
 	@touch $(STAMP)
 
 clean:

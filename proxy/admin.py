@@ -13,6 +13,7 @@ import h11
 
 from proxy.config import Address
 from proxy.metrics import Metrics
+from proxy.sockets import bind_dual_stack, dual_stack
 
 log = logging.getLogger("tls_sidecar.admin")
 
@@ -43,9 +44,12 @@ class AdminServer:
         self._writers: set[asyncio.StreamWriter] = set()
 
     async def start(self, address: Address) -> list[socket.socket]:
-        self._server = await asyncio.start_server(
-            self._serve, address.host, address.port, reuse_address=True
-        )
+        if dual_stack(address.host):
+            self._server = await asyncio.start_server(self._serve, sock=bind_dual_stack(address))
+        else:
+            self._server = await asyncio.start_server(
+                self._serve, address.host, address.port, reuse_address=True
+            )
         return list(self._server.sockets)
 
     async def close(self) -> None:

@@ -520,7 +520,10 @@ def demo(app_listen: str, listen: str, admin_listen: str, certs_dir: Path) -> No
             demo_server = await start_demo_app(app.host, app.port)
         except OSError as e:
             raise ConfigError(
-                f"--app-listen {app}: cannot listen ({e.strerror}); pick another port"
+                f"--app-listen {app}: cannot listen "
+                f"({os.strerror(e.errno).lower() if e.errno else e}); pick another port, e.g. "
+                f"TLS_SIDECAR_DEMO_APP_LISTEN={app.host}:{app.port + 1 if app.port else 8081} "
+                "make run"
             ) from None
         app_port = demo_server.sockets[0].getsockname()[1]
         config = replace(base, upstream=parse_upstream(f"http://{app.host}:{app_port}"))
@@ -644,6 +647,7 @@ def _fail(message: str) -> NoReturn:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: bad input becomes one line on stderr and exit code 2, never a traceback."""
+    logs.hold_warnings()  # the console script's start; python -m proxy holds them earlier
     try:
         code = cli.main(args=argv, prog_name="tls-sidecar", standalone_mode=False)
     except click.exceptions.NoArgsIsHelpError as e:

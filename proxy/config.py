@@ -233,10 +233,15 @@ def parse_size(text: str, *, option: str = "size", allow_unlimited: bool = False
 
 
 def parse_address(text: str, *, option: str = "address", example: str = "0.0.0.0:8443") -> Address:
-    """'0.0.0.0:8443', '[::]:8443', ':8443', 'localhost:8443' -> Address; `example` is what a
-    message suggests (a listen address, or the app's for --upstream)."""
+    """'0.0.0.0:8443', '[::]:8443' (IPv4 and IPv6), ':8443', 'localhost:8443' -> Address;
+    `example` is what a message suggests (a listen address, or the app's for --upstream)."""
     text = text.strip()
     host: str
+    if "," in text:
+        raise ConfigError(
+            f"{option}: {text!r} is a list; give one address: [::]:PORT listens on IPv4 and "
+            "IPv6 alike"
+        )
     if text.startswith("["):
         end = text.find("]")
         if end < 0 or not text[end + 1 :].startswith(":"):

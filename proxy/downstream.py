@@ -38,6 +38,8 @@ class ClientConnection(PhaseTimer, asyncio.Protocol):
         self._raw: asyncio.Transport | None = None
         self._tls_protocol: Any = None  # the TLS layer's protocol, while _HandshakeReader is in
         self._server_name: str | None = None  # SNI of a failed handshake, for its log line
+        # A failed handshake is counted once (plain HTTP: before the TLS layer fails too).
+        self._failure_counted = False
 
     # --- to be provided by the protocol -------------------------------------------------------
     def handshake_complete(self) -> None:
@@ -107,7 +109,7 @@ class ClientConnection(PhaseTimer, asyncio.Protocol):
             return
         except (TimeoutError, ConnectionAbortedError) as e:
             timed_out = isinstance(e, TimeoutError) or "taking longer" in str(e)
-            if timed_out:
+            if timed_out and not self._failure_counted:
                 self.ctx.metrics.timeouts.labels("handshake").inc()
             self._handshake_failed("timeout" if timed_out else "closed", e)
             return
@@ -173,23 +175,44 @@ class ClientConnection(PhaseTimer, asyncio.Protocol):
             )
 
     def _handshake_failed(self, reason: str, exc: BaseException) -> None:
+        if not self._failure_counted:
+            self._count_failure(reason, handshake_failure(exc), str(exc))
+        if self._raw is not None:
+            self._raw.abort()
+        self.forget()
+
+    def _count_failure(self, reason: str, detail: str, error: str) -> None:
+        """Count and log (rate-limited) a failed handshake. The log's `reason` is the metric's
+        label, so one word finds both; `detail` is the finer cause (OpenSSL's reason)."""
+        self._failure_counted = True
         self.ctx.metrics.tls_handshake_errors.labels(reason).inc()
-        detail = handshake_failure(exc)
         suppressed = self.ctx.handshake_log.allow(detail)
         if suppressed is not None:
             log.info(
                 "tls handshake failed",
                 extra={
                     "client": self.session.client.address,
-                    "reason": detail,
+                    "reason": reason,
+                    "detail": detail,
                     "sni": self._server_name,
-                    "error": str(exc),
+                    "error": error,
                     "suppressed_since_last": suppressed,
                 },
             )
-        if self._raw is not None:
-            self._raw.abort()
-        self.forget()
+
+    def refuse_plain_http(self) -> None:
+        """The client spoke plain HTTP to the TLS port: answer 400 in plain HTTP (nginx's
+        "The plain HTTP request was sent to HTTPS port") instead of an empty reply, then close
+        once the client has read it. The handshake timeout bounds the wait."""
+        raw = self._raw
+        if raw is None or raw.is_closing():
+            return
+        self._count_failure("plain_http", "plain_http_on_tls_port", "plain HTTP on the TLS port")
+        raw.write(PLAIN_HTTP_ANSWER)
+        if raw.can_write_eof():
+            raw.write_eof()
+        else:
+            raw.close()
 
     def hand_over(self, successor: ClientConnection) -> None:
         """ALPN chose another protocol: `successor` takes this connection's place."""
@@ -261,6 +284,9 @@ class _HandshakeReader(asyncio.BufferedProtocol):
         self._buffer: bytearray | None = None
         self._eof = False
         self._lost: tuple[Exception | None] | None = None
+        self._first: Any = None  # the buffer the connection's first bytes are read into
+        self._peeked = False
+        self._refused = False  # plain HTTP answered: what else comes is read and dropped
 
     def start(self) -> None:
         """The TLS layer has started: hand it what came early, then an early EOF or close."""
@@ -268,6 +294,14 @@ class _HandshakeReader(asyncio.BufferedProtocol):
         # uvloop keeps this reader's bound methods after the TLS layer is put back: drop the
         # 16 KiB buffer here, or it lives as long as the connection (S5: 53.5 -> 33.8 KiB).
         self._buffer = None
+        if early and _plain_http(early[0]):
+            self._refuse()
+            if self._lost is not None:
+                self.inner.connection_lost(self._lost[0])
+            elif self._eof and self.connection._raw is not None:
+                self.connection._raw.close()  # the answer is written: close once it is sent
+            return
+        self._peeked = bool(early)
         if early:
             buffer = self.inner.get_buffer(len(early))
             buffer[: len(early)] = early
@@ -279,18 +313,34 @@ class _HandshakeReader(asyncio.BufferedProtocol):
             if raw is not None:
                 raw.close()
 
+    def _refuse(self) -> None:
+        self._refused = True
+        self._buffer = bytearray(4096)
+        self.connection.refuse_plain_http()
+
     def get_buffer(self, sizehint: int) -> Any:
-        if self.early is not None:
+        if self.early is not None or self._refused:
             if self._buffer is None:
                 self._buffer = bytearray(16384)
             return self._buffer
-        return self.inner.get_buffer(sizehint)
+        buffer = self.inner.get_buffer(sizehint)
+        if not self._peeked:
+            self._first = buffer
+        return buffer
 
     def buffer_updated(self, nbytes: int) -> None:
         if self.early is not None:
             assert self._buffer is not None
             self.early += self._buffer[:nbytes]
             return
+        if self._refused:
+            return
+        if not self._peeked:  # once per connection: the first byte says TLS or plain HTTP
+            self._peeked = True
+            first, self._first = self._first, None
+            if nbytes and first is not None and _plain_http(first[0]):
+                self._refuse()
+                return
         tls.handshaking = self.connection
         try:
             self.inner.buffer_updated(nbytes)
@@ -298,6 +348,8 @@ class _HandshakeReader(asyncio.BufferedProtocol):
             tls.handshaking = None
 
     def eof_received(self) -> bool | None:
+        if self._refused:
+            return False  # the client read the 400 and closed: close our side too
         if self.early is not None:
             self._eof = True
             return True  # kept open until the TLS layer has seen what came before the EOF
@@ -316,7 +368,25 @@ class _HandshakeReader(asyncio.BufferedProtocol):
         self.inner.resume_writing()
 
 
-# OpenSSL's reasons for a failed handshake -> what the log line says.
+# A TLS connection starts with a handshake record (0x16; 0x80 for an SSLv2-style hello); an
+# HTTP request starts with its method, upper-case letters.
+_METHOD_LETTERS = frozenset(range(ord("A"), ord("Z") + 1))
+
+
+def _plain_http(first_byte: int) -> bool:
+    return first_byte in _METHOD_LETTERS
+
+
+PLAIN_HTTP_BODY = (
+    b"400 Bad Request: this port speaks HTTPS, and a plain HTTP request was sent to it; "
+    b"use https:// in the URL.\n"
+)
+PLAIN_HTTP_ANSWER = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(PLAIN_HTTP_BODY), PLAIN_HTTP_BODY)
+)
+
+# OpenSSL's reasons for a failed handshake -> the log line's detail.
 _FAILURES = {
     "UNSUPPORTED_PROTOCOL": "protocol_version",
     "TLSV1_ALERT_PROTOCOL_VERSION": "protocol_version",

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import logging
 import sys
 import time
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -45,7 +48,49 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+class _HeldWarnings:
+    """warnings.showwarning until `configure` knows the log format: a warning raised while
+    the process starts (a library's import, a worker still loading) is kept, then logged in
+    that format, instead of going to stderr as raw text first."""
+
+    LIMIT = 100
+
+    def __init__(self, original: Callable[..., None]) -> None:
+        self.original = original
+        self.held: list[tuple[Warning | str, type[Warning], str, int]] = []
+        atexit.register(self.release)  # never configured (--help, certs ...): print them plainly
+
+    def __call__(
+        self,
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: IO[str] | None = None,
+        line: str | None = None,
+    ) -> None:
+        if len(self.held) < self.LIMIT:
+            self.held.append((message, category, filename, lineno))
+
+    def release(self) -> None:
+        """Put the original back, then show what was held (through logging, once configured)."""
+        if warnings.showwarning is self:
+            warnings.showwarning = self.original
+        held, self.held = self.held, []
+        for message, category, filename, lineno in held:
+            warnings.showwarning(message, category, filename, lineno)
+
+
+def hold_warnings() -> None:
+    """Keep warnings until `configure` (the first thing `python -m proxy` does)."""
+    if not isinstance(warnings.showwarning, _HeldWarnings):
+        warnings.showwarning = _HeldWarnings(warnings.showwarning)
+
+
 def configure(log_format: str, level: str, stream: IO[str] | None = None) -> None:
+    held = warnings.showwarning if isinstance(warnings.showwarning, _HeldWarnings) else None
+    if held is not None:
+        warnings.showwarning = held.original  # what captureWarnings saves and wraps
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     root = logging.getLogger("tls_sidecar")
@@ -58,6 +103,8 @@ def configure(log_format: str, level: str, stream: IO[str] | None = None) -> Non
     warnings_log = logging.getLogger("py.warnings")
     warnings_log.handlers[:] = [handler]
     warnings_log.propagate = False
+    if held is not None:
+        held.release()  # through logging now
 
 
 @dataclass(slots=True)

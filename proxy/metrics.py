@@ -35,6 +35,26 @@ METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"}
 )
 
+# The closed label sets, created at 0 at start-up (see Metrics.__init__).
+CONNECTION_REJECT_REASONS = ("max_connections", "draining")
+HANDSHAKE_ERROR_REASONS = ("timeout", "protocol", "client_certificate", "closed", "plain_http")
+UPSTREAM_CONNECT_ERROR_REASONS = ("refused", "timeout", "error")
+HTTP2_CONNECTION_ERROR_REASONS = (
+    "protocol_error",
+    "rapid_reset",
+    "control_flood",
+    "header_block",
+    "internal_error",
+)
+TIMEOUT_PHASES = ("handshake", "header", "idle", "request_body", "upstream", "tunnel", "send")
+RELOAD_RESULTS = ("success", "failure")
+CLIENT_AUTH_DENIED_REASONS = ("no_certificate", "not_allowed")
+
+UPSTREAM_UP_HELP = (
+    "1 when the app accepted the last readiness check's connection, else 0 (a failing "
+    "--upstream-health-path leaves it 1 and makes ready 0)."
+)
+
 LATENCY_BUCKETS = (
     0.0005,
     0.001,
@@ -134,7 +154,8 @@ class Metrics:
         )
         self.tls_handshake_errors = Counter(
             f"{p}_tls_handshake_errors",
-            "Failed TLS handshakes by reason (timeout, protocol, client_certificate, closed).",
+            "Failed TLS handshakes by reason (timeout, protocol, client_certificate, closed; "
+            "plain_http: a plain HTTP request on the TLS port, answered 400).",
             ["reason"],
             registry=r,
         )
@@ -202,8 +223,8 @@ class Metrics:
             ["code", "reason"],
             registry=r,
         )
-        self.bytes = Counter(
-            f"{p}_bytes",
+        self.transferred_bytes = Counter(
+            f"{p}_transferred_bytes",
             "Bytes relayed, by side (downstream = client, upstream = app) and direction.",
             ["side", "direction"],
             registry=r,
@@ -251,20 +272,34 @@ class Metrics:
         )
         self.upstream_up = Gauge(
             f"{p}_upstream_up",
-            "1 when the last upstream check connected, else 0.",
+            UPSTREAM_UP_HELP,
             registry=r,
             multiprocess_mode="min",
         )
+        # Every series whose labels are known up front exists from start-up at 0: increase()
+        # and rate() then see the first event (a series born at 1 has no before), and
+        # dashboards show 0, not "No data".
+        for counter, label_values in (
+            (self.connections_rejected, CONNECTION_REJECT_REASONS),
+            (self.tls_handshake_errors, HANDSHAKE_ERROR_REASONS),
+            (self.upstream_connect_errors, UPSTREAM_CONNECT_ERROR_REASONS),
+            (self.http2_connection_errors, HTTP2_CONNECTION_ERROR_REASONS),
+            (self.timeouts, TIMEOUT_PHASES),
+            (self.certificate_reloads, RELOAD_RESULTS),
+            (self.client_auth_denied, CLIENT_AUTH_DENIED_REASONS),
+        ):
+            for value in label_values:
+                counter.labels(value)
         self.upstream_idle = self.upstream_connections_active.labels("idle")
         self.upstream_busy = self.upstream_connections_active.labels("busy")
         # The data path's accumulators (see flush).
         self.down_in = self.down_out = self.up_in = self.up_out = 0
         self.in_flight = 0
         self._bytes_children = [
-            self.bytes.labels("downstream", "in"),
-            self.bytes.labels("downstream", "out"),
-            self.bytes.labels("upstream", "in"),
-            self.bytes.labels("upstream", "out"),
+            self.transferred_bytes.labels("downstream", "in"),
+            self.transferred_bytes.labels("downstream", "out"),
+            self.transferred_bytes.labels("upstream", "in"),
+            self.transferred_bytes.labels("upstream", "out"),
         ]
         self._buckets = (*LATENCY_BUCKETS, float("inf"))
         self._requests: dict[tuple[bytes, int, bytes], tuple[Counter, Histogram, _Observed]] = {}

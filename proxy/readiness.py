@@ -4,18 +4,36 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 
 from proxy.config import Upstream
 from proxy.core.headers import reason_phrase
 
 
+@dataclass(frozen=True)
+class UpstreamCheck:
+    """One readiness check of the app: why it is not ready (None: it is), and whether it
+    accepted the connection at all (upstream_up), which a failing health path does not undo."""
+
+    problem: str | None
+    connected: bool
+
+
 async def probe_upstream(
     target: Upstream, timeout: float, health_path: str | None = None
 ) -> str | None:
-    """Is the app ready? None when it is, else why not: it accepts a connection, and with
-    `health_path` answers a GET there with 2xx or 3xx (over HTTP/2 for an h2c app).
+    """Is the app ready? None when it is, else why not (see check_upstream)."""
+    return (await check_upstream(target, timeout, health_path)).problem
+
+
+async def check_upstream(
+    target: Upstream, timeout: float, health_path: str | None = None
+) -> UpstreamCheck:
+    """The app is ready when it accepts a connection and, with `health_path`, answers a GET
+    there with 2xx or 3xx (over HTTP/2 for an h2c app).
 
     Readiness checks use their own connection, not the pool: they never count as requests."""
+    connected = False
     try:
         async with asyncio.timeout(timeout):
             if target.unix_path:
@@ -25,19 +43,22 @@ async def probe_upstream(
                 reader, writer = await asyncio.open_connection(
                     target.address.host, target.address.port
                 )
+            connected = True
             try:
                 if health_path is None:
-                    return None
+                    return UpstreamCheck(None, connected)
                 if target.h2c:
-                    return await _health_h2c(reader, writer, target, health_path)
-                return await _health_http1(reader, writer, target, health_path)
+                    problem = await _health_h2c(reader, writer, target, health_path)
+                else:
+                    problem = await _health_http1(reader, writer, target, health_path)
+                return UpstreamCheck(problem, connected)
             finally:
                 writer.close()
     except TimeoutError:
-        what = "answer" if health_path else "accept"
-        return f"upstream {target} did not {what} within {timeout:g}s"
+        what = "answer" if connected else "accept"
+        return UpstreamCheck(f"upstream {target} did not {what} within {timeout:g}s", connected)
     except OSError as e:
-        return f"upstream {target} {e.strerror or e}".rstrip()
+        return UpstreamCheck(f"upstream {target} {e.strerror or e}".rstrip(), connected)
 
 
 def _verdict(path: str, status: int, reason: str) -> str | None:

@@ -23,7 +23,8 @@ from proxy.http1.connection import Http1Connection
 from proxy.http1.upstream import UpstreamPool
 from proxy.log import AccessLog
 from proxy.metrics import Metrics
-from proxy.readiness import probe_upstream
+from proxy.readiness import check_upstream
+from proxy.sockets import bind_dual_stack, dual_stack
 from proxy.tls.context import TlsState
 
 if TYPE_CHECKING:
@@ -173,14 +174,22 @@ class ProxyServer:
             except OSError as e:
                 raise bind_error("--admin-listen", config.admin_listen, e) from None
         try:
-            self._listener = await loop.create_server(
-                lambda: Http1Connection(self.ctx),
-                config.listen.host,
-                config.listen.port,
-                backlog=1024,
-                reuse_address=True,
-                reuse_port=config.worker_index is not None,
-            )
+            reuse_port = config.worker_index is not None
+            if dual_stack(config.listen.host):
+                self._listener = await loop.create_server(
+                    lambda: Http1Connection(self.ctx),
+                    sock=bind_dual_stack(config.listen, reuse_port=reuse_port),
+                    backlog=1024,
+                )
+            else:
+                self._listener = await loop.create_server(
+                    lambda: Http1Connection(self.ctx),
+                    config.listen.host,
+                    config.listen.port,
+                    backlog=1024,
+                    reuse_address=True,
+                    reuse_port=reuse_port,
+                )
         except OSError as e:
             if self._admin is not None:
                 await self._admin.close()
@@ -208,11 +217,12 @@ class ProxyServer:
             now = asyncio.get_running_loop().time()
             if now - self._upstream_checked_at >= READINESS_CACHE_SECONDS:
                 timeout = min(1.0, self.config.upstream_connect_timeout)
-                self._upstream_problem = await probe_upstream(
+                check = await check_upstream(
                     self.config.upstream, timeout, self.config.upstream_health_path
                 )
+                self._upstream_problem = check.problem
                 self._upstream_checked_at = asyncio.get_running_loop().time()
-                self.metrics.upstream_up.set(0 if self._upstream_problem else 1)
+                self.metrics.upstream_up.set(1 if check.connected else 0)
         ok = self._upstream_problem is None and self.state == "ready"
         self.metrics.ready.set(1 if ok else 0)
         return ok, "ready" if ok else (self._upstream_problem or self.state)

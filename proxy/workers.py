@@ -26,8 +26,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from proxy import __version__
 from proxy.admin import AdminServer
 from proxy.config import Config, ConfigError, bind_error
-from proxy.metrics import PREFIX, render
-from proxy.readiness import probe_upstream
+from proxy.metrics import PREFIX, UPSTREAM_UP_HELP, render
+from proxy.readiness import check_upstream
+from proxy.sockets import dual_stack
 from proxy.tls.context import TICKET_KEYS_SIZE
 
 log = logging.getLogger("tls_sidecar.workers")
@@ -89,9 +90,7 @@ class SupervisorMetrics:
         r.register(_WorkerMetrics(multiproc_dir))  # type: ignore[arg-type]
         self.ready = Gauge(f"{PREFIX}_ready", "1 when /readyz answers 200, else 0.", registry=r)
         self.draining = Gauge(f"{PREFIX}_draining", "1 while shutting down, else 0.", registry=r)
-        self.upstream_up = Gauge(
-            f"{PREFIX}_upstream_up", "1 when the last upstream check connected, else 0.", registry=r
-        )
+        self.upstream_up = Gauge(f"{PREFIX}_upstream_up", UPSTREAM_UP_HELP, registry=r)
         self.workers = Gauge(f"{PREFIX}_workers", "Worker processes running now.", registry=r)
         self.worker_restarts = Counter(
             f"{PREFIX}_worker_restarts", "Workers that died and were started again.", registry=r
@@ -133,6 +132,8 @@ class Supervisor:
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if dual_stack(address.host):  # as the workers' own sockets (sockets.py)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         try:
             sock.bind((address.host, address.port))
         except OSError as e:
@@ -185,11 +186,12 @@ class Supervisor:
         now = time.monotonic()
         if now - self._ready_checked >= 1.0:
             timeout = min(1.0, self.config.upstream_connect_timeout)
-            self._ready_problem = await probe_upstream(
+            check = await check_upstream(
                 self.config.upstream, timeout, self.config.upstream_health_path
             )
+            self._ready_problem = check.problem
             self._ready_checked = time.monotonic()
-            self.metrics.upstream_up.set(0 if self._ready_problem else 1)
+            self.metrics.upstream_up.set(1 if check.connected else 0)
         ok = self._ready_problem is None
         self.metrics.ready.set(1 if ok else 0)
         return ok, "ready" if ok else (self._ready_problem or "not ready")

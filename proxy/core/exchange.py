@@ -29,6 +29,9 @@ log = logging.getLogger("tls_sidecar.http")
 HOLD_CONNECT = 1  # waiting for an upstream connection
 HOLD_PIPELINE = 2  # a pipelined request waits until the current response is done
 HOLD_UPSTREAM_FULL = 4  # the app is not reading the request body fast enough
+_UNKNOWN = 1 << 62
+# A body this large may still sit in buffers when the request ends (see app_still_reading).
+_LARGE_BODY = 65536
 
 
 class Downstream(Protocol):
@@ -76,6 +79,7 @@ class Exchange:
 
     __slots__ = (
         "_pending",
+        "_unread",
         "bytes_in",
         "bytes_out",
         "connect_task",
@@ -134,6 +138,7 @@ class Exchange:
         self.request_trailers: Headers | None = None  # the client's, sent on with the end
         self.reset_code: int | None = None  # how the app's HTTP/2 stream was reset
         self.grpc_status: bytes | None = None
+        self._unread = _UNKNOWN  # request bytes the app had not read when last asked
         self._pending: list[bytes] | None = None  # body that arrived while connecting
         ctx.metrics.in_flight += 1
 
@@ -235,7 +240,7 @@ class Exchange:
         self.sent_at = time.perf_counter()
         config = self.ctx.config
         if self.request_complete:
-            self.down.arm("upstream", config.upstream_timeout)
+            self._upstream_phase(upstream)
         elif self.head.has_body:  # a bodiless request's end follows at once and arms upstream
             self.down.arm("request_body", config.idle_timeout)
 
@@ -264,7 +269,14 @@ class Exchange:
         if self.response_complete:
             self._complete()
         elif not self.response_started and self._pending is None:
-            self.down.arm("upstream", self.ctx.config.upstream_timeout)
+            self._upstream_phase(upstream)
+
+    def _upstream_phase(self, upstream: UpstreamLink | None) -> None:
+        """The request is all with the app's connection: the app's time starts."""
+        if upstream is not None and self.bytes_in >= _LARGE_BODY:
+            # Where the body stands now, so an app that reads none of it gets no extension.
+            self._unread = upstream.unread_request_bytes()
+        self.down.arm("upstream", self.ctx.config.upstream_timeout)
 
     # --- the app's response (called by the upstream connection's codec) -------------------------
     def response_head(
@@ -384,6 +396,19 @@ class Exchange:
         self.down.send_trailers(grpc.status_trailers(code, message))
 
     # --- ends -----------------------------------------------------------------------------------
+    def app_still_reading(self) -> bool:
+        """--upstream-timeout counts from the end of the request: from when the app has it,
+        not from when the proxy read its last byte while megabytes of it still waited in
+        buffers. True while the app has request bytes unread and took some since last asked;
+        an app that takes nothing for a whole timeout gets its 504."""
+        upstream = self.upstream
+        if upstream is None or self.response_started or not self.request_complete:
+            return False
+        unread = upstream.unread_request_bytes()
+        progress = 0 < unread < self._unread
+        self._unread = unread
+        return progress
+
     def timed_out(self) -> bool:
         """The upstream phase ran out: 504 when nothing was answered yet; a gRPC response under
         way ends with DEADLINE_EXCEEDED."""
@@ -431,9 +456,9 @@ class Exchange:
             self.down.send_local(200, grpc.trailers_only(code, text, self.request_id), b"")
             self._finish(200)
             return
-        self.down.send_local(
-            status, local_headers(self.request_id), local_body(status, message, self.request_id)
-        )
+        body = local_body(status, message, self.request_id)
+        self.bytes_out = len(body)  # the access log's bytes_out: the body the client got
+        self.down.send_local(status, local_headers(self.request_id), body)
         self._finish(status)
 
     def downstream_lost(self) -> None:

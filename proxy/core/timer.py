@@ -31,6 +31,10 @@ class PhaseTimer:
     def timed_out(self, phase: str) -> None:
         """The phase ran out; counted already."""
 
+    def still_going(self, phase: str) -> bool:
+        """The phase ran out but is making progress it cannot report: start it again."""
+        return False
+
     def arm(self, phase: str, timeout: float) -> None:
         """Start a timeout phase."""
         now = self.loop.time()
@@ -56,6 +60,9 @@ class PhaseTimer:
         if self.loop.time() < deadline:
             self._timer = self.loop.call_at(deadline, self._on_timer)
             self._timer_at = deadline
+            return
+        if self.still_going(self._phase):
+            self.arm(self._phase, self._phase_timeout)
             return
         phase, self._phase = self._phase, None
         self.ctx.metrics.timeouts.labels(phase).inc()

@@ -152,14 +152,15 @@ class Http1Connection(ClientConnection):
             return
         ctx = self.ctx
         ctx.metrics.local_responses.labels(str(error.status), error.reason).inc()
-        self.send_local(error.status, local_headers(None), local_body(error.status, str(error)))
+        body = local_body(error.status, str(error))
+        self.send_local(error.status, local_headers(None), body)
         ctx.metrics.request_done(b"OTHER", error.status, 0.0, b"1.1")
         ctx.access(
             self.session,
             None,
             status=error.status,
             bytes_in=0,
-            bytes_out=0,
+            bytes_out=len(body),
             duration=0.0,
             upstream_duration=None,
             request_id=b"-",
@@ -276,6 +277,10 @@ class Http1Connection(ClientConnection):
             return
         if not going_on:
             self.close()
+
+    def still_going(self, phase: str) -> bool:
+        exchange = self.exchange
+        return phase == "upstream" and exchange is not None and exchange.app_still_reading()
 
     def timed_out(self, phase: str) -> None:
         exchange = self.exchange

@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import fcntl
 import logging
+import sys
+import termios
 from collections.abc import Callable
 from typing import cast
 
@@ -143,6 +146,23 @@ class UpstreamConnection(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.abort()
         self.pool.forget(self)
+
+    def unread_request_bytes(self) -> int:
+        """Our write buffer plus the socket's send queue (SIOCOUTQ): on loopback, what did not
+        fit into the app's receive buffer, i.e. what the app has not read. Off the hot path:
+        asked only when the upstream timeout fires."""
+        transport = self.transport
+        if transport is None or self.closed:
+            return 0
+        buffered = transport.get_write_buffer_size()
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return buffered
+        try:
+            queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        except OSError:  # not a socket the kernel reports on
+            return buffered
+        return buffered + int.from_bytes(queued, sys.byteorder, signed=True)
 
 
 class UpstreamPool:

@@ -803,6 +803,10 @@ class H2Stream(PhaseTimer):
                 exchange.upstream.abort()
         self._reset(code)
 
+    def still_going(self, phase: str) -> bool:
+        exchange = self.exchange
+        return phase == "upstream" and exchange is not None and exchange.app_still_reading()
+
     def timed_out(self, phase: str) -> None:
         if self.local_sent and self.ended:  # the client stalled the body we were dropping
             self.stop_discarding()

@@ -236,6 +236,11 @@ class H2UpstreamStream:
     def as_tunnel(self) -> Tunnel | None:
         return None  # RFC 8441's extended CONNECT is not offered, so no 101 either
 
+    def unread_request_bytes(self) -> int:
+        # HTTP/2 flow control: the app takes DATA as its window allows; what waits for the
+        # window is ours, not the socket's.
+        return 0
+
     def abort(self) -> None:
         """The exchange gave up (the client went away, a timeout): RST_STREAM CANCEL."""
         self.owner = None

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import ssl
 import subprocess
@@ -25,6 +26,8 @@ from wsproto.events import Request as WsRequest
 from proxy.tls import certs
 from tests.support.proxy import DevCerts, ProxyProcess, https, serve_args, wait_for
 from tests.support.upstream import UpstreamApp
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run_cli(
@@ -258,6 +261,27 @@ def test_without_certificate_a_self_signed_one_is_served_with_a_warning() -> Non
     finally:
         proxy.stop()
         app.stop()
+
+
+def test_demo_with_its_app_port_taken_says_how_to_move_it_under_make_run(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        demo = ProxyProcess(
+            [
+                *("demo", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"),
+                *("--certs-dir", str(tmp_path / "certs")),
+            ],
+            env={"TLS_SIDECAR_DEMO_APP_LISTEN": f"127.0.0.1:{port}"},
+        ).start(expect_ready=False)
+        assert demo.wait(60) == 2
+    # the message names what was set: the variable, as make run users set it
+    assert demo.stderr_lines[-1] == (
+        f"tls-sidecar: error: TLS_SIDECAR_DEMO_APP_LISTEN 127.0.0.1:{port}: cannot listen "
+        f"(address already in "
+        f"use); pick another port, e.g. TLS_SIDECAR_DEMO_APP_LISTEN=127.0.0.1:{port + 1} make run"
+    )
 
 
 def start_demo(tmp_path: Path) -> tuple[ProxyProcess, str]:
@@ -587,3 +611,24 @@ def test_serve_and_check_refuse_a_leaf_as_the_client_ca(init_certs: Path) -> Non
         "CA that signs the client certificates (its ca.crt)"
     ], lines
     assert any(line.startswith("ok    certificate default: CN=localhost") for line in lines)
+
+
+@pytest.mark.needs("make", install="apt-get install make")
+def test_make_run_installs_the_runtime_only_and_the_tests_add_dev(tmp_path: Path) -> None:
+    # A fresh clone's plan (make -n): `run` needs neither the test tools nor the [dev] extra.
+    for name in ("Makefile", "pyproject.toml", "requirements.lock"):
+        shutil.copy(REPO / name, tmp_path / name)
+
+    def plan(target: str) -> str:
+        out = subprocess.run(
+            ["make", "-n", target], cwd=tmp_path, capture_output=True, text=True, timeout=60
+        )
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    run = plan("run")
+    assert "-c .venv/constraints.txt -e ." in run and "[dev]" not in run
+    assert "tls-sidecar demo" in run
+    test = plan("test")
+    assert "-c .venv/constraints-dev.txt -e '.[dev]'" in test
+    assert 'PYTHONWARNINGS="ignore:Editable installation"' in test

@@ -305,6 +305,10 @@ def test_promtool_checks_the_rules_and_every_alert_fires_and_stays_silent_as_tes
     )
     assert tested.returncode == 0, tested.stdout + tested.stderr
     cases = yaml.safe_load((PROMETHEUS / "alerts_test.yaml").read_text())["tests"]
+    # As real scrapes see them: no series before the pod's first scrape.
+    for case in cases:
+        for series in case["input_series"]:
+            assert series["values"].startswith("_ "), (case["name"], series["series"])
     covered = {t["alertname"] for case in cases for t in case["alert_rule_test"] if t["exp_alerts"]}
     plain = yaml.safe_load((PROMETHEUS / "alerts.yaml").read_text())
     assert covered == {r["alert"] for g in plain["groups"] for r in g["rules"]}

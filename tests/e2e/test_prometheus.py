@@ -1,7 +1,10 @@
 """The metrics where they are used: a real Prometheus (Debian's) scrapes a proxy and a
 `--workers 2` proxy on 127.0.0.1, with the shipped alert rules loaded; after some traffic (200s,
 a 502, a failed handshake) every PromQL expression of the alerts and of the dashboard evaluates,
-and the ones that traffic feeds return data."""
+and the ones that traffic feeds return data. A third proxy that never completes a handshake
+makes alerts fire for real: a failed certificate reload, and failed handshakes with none ever
+succeeding (pending, then firing, as `ALERTS` records them; `for:` shortened in a test copy of
+the rules, the expressions as shipped)."""
 
 from __future__ import annotations
 
@@ -9,12 +12,14 @@ import json
 import math
 import re
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,41 +38,70 @@ DASHBOARD = (
 )
 
 
+# Alerts with a `for:` get this one in the test copy of the rules: long enough to be seen
+# pending at a 1 s evaluation interval, short enough for a test.
+TEST_FOR = "4s"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
+def rules_for_tests(work: Path) -> Path:
+    """The shipped rules with every `for:` shortened to TEST_FOR."""
+    groups = yaml.safe_load(ALERTS.read_text())
+    for group in groups["groups"]:
+        for rule in group["rules"]:
+            if "for" in rule:
+                rule["for"] = TEST_FOR
+    copy = work / "alerts.yaml"
+    copy.write_text(yaml.safe_dump(groups))
+    return copy
+
+
 class Prometheus:
-    def __init__(self, work: Path, targets: list[str]) -> None:
+    def __init__(self, work: Path, jobs: dict[str, list[str]]) -> None:
         binary = shutil.which("prometheus")
         if binary is None:
             pytest.fail("prometheus is missing: apt-get install prometheus")
-        self.port = free_port()
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "rule_files": [str(ALERTS)],
+            "rule_files": [str(rules_for_tests(work))],
             "scrape_configs": [
-                {
-                    "job_name": "tls-sidecar",
-                    "static_configs": [{"targets": targets}],
-                }
+                {"job_name": job, "static_configs": [{"targets": targets}]}
+                for job, targets in jobs.items()
             ],
         }
         (work / "prometheus.yml").write_text(yaml.safe_dump(config))
-        self.log = (work / "prometheus.log").open("w")
-        self.proc = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={work / 'prometheus.yml'}",
-                f"--storage.tsdb.path={work / 'data'}",
-                f"--web.listen-address=127.0.0.1:{self.port}",
-            ],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        wait_for(lambda: self._get("/-/ready") is not None, 30, "Prometheus ready")
+        # Prometheus cannot listen on port 0 and tell us the port: pick a free one, and pick
+        # again if another process took it between our probe and Prometheus's bind.
+        for _attempt in range(5):
+            self.port = free_port()
+            log_path = work / f"prometheus-{self.port}.log"
+            self.log = log_path.open("w")
+            self.proc = subprocess.Popen(
+                [
+                    binary,
+                    f"--config.file={work / 'prometheus.yml'}",
+                    f"--storage.tsdb.path={work / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{self.port}",
+                ],
+                stdout=self.log,
+                stderr=subprocess.STDOUT,
+            )
+            wait_for(
+                lambda: self.proc.poll() is not None or self._get("/-/ready") is not None,
+                30,
+                "Prometheus ready",
+            )
+            if self.proc.poll() is None:
+                return
+            self.log.close()
+            if "address already in use" not in log_path.read_text():
+                pytest.fail(f"Prometheus did not start: {log_path.read_text()}")
+        pytest.fail("Prometheus found no free port in 5 attempts")
 
     def _get(self, path: str) -> Any:
         try:
@@ -88,13 +122,25 @@ class Prometheus:
         self.log.close()
 
 
+@dataclass
+class Setup:
+    prometheus: Prometheus
+    single: ProxyProcess
+    workers: ProxyProcess
+    lonely: ProxyProcess  # never completes a handshake; its certificate files are its own
+    lonely_certs: Path
+
+
 @pytest.fixture(scope="module")
-def setup(
-    dev_certs: DevCerts, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[Prometheus, ProxyProcess, ProxyProcess]]:
+def setup(dev_certs: DevCerts, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     app = UpstreamApp().start()
     single = ProxyProcess(serve_args(app.base, dev_certs)).start()
     workers = ProxyProcess(serve_args(app.base, dev_certs, "--workers", "2")).start()
+    own = tmp_path_factory.mktemp("lonely-certs")
+    for name in ("tls.crt", "tls.key"):
+        shutil.copy(dev_certs.dir / name, own / name)
+    mine = DevCerts(dev_certs.ca, own / "tls.crt", own / "tls.key", own)
+    lonely = ProxyProcess(serve_args(app.base, mine)).start()
     wait_for(
         lambda: sum('"msg": "listening"' in line for line in list(workers.stderr_lines)) == 2,
         30,
@@ -102,19 +148,19 @@ def setup(
     )
     prometheus = Prometheus(
         tmp_path_factory.mktemp("prometheus"),
-        [f"127.0.0.1:{single.admin_port}", f"127.0.0.1:{workers.admin_port}"],
+        {
+            "tls-sidecar": [f"127.0.0.1:{single.admin_port}", f"127.0.0.1:{workers.admin_port}"],
+            "lonely": [f"127.0.0.1:{lonely.admin_port}"],
+        },
     )
-    yield prometheus, single, workers
+    yield Setup(prometheus, single, workers, lonely, own)
     prometheus.stop()
-    single.stop()
-    workers.stop()
+    for proxy in (single, workers, lonely):
+        proxy.stop()
     app.stop()
 
 
-def drive_traffic(proxy: ProxyProcess, ca: Path) -> None:
-    for i in range(40):
-        assert https(proxy, ca, path=f"/echo/{i}")[0] == 200
-    assert https(proxy, ca, path="/reset")[0] == 502
+def fail_handshake(proxy: ProxyProcess) -> None:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # no shared cipher: a failed handshake
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
@@ -125,6 +171,13 @@ def drive_traffic(proxy: ProxyProcess, ca: Path) -> None:
         pytest.raises((ssl.SSLError, OSError)),
     ):
         ctx.wrap_socket(raw, server_hostname="localhost")
+
+
+def drive_traffic(proxy: ProxyProcess, ca: Path) -> None:
+    for i in range(40):
+        assert https(proxy, ca, path=f"/echo/{i}")[0] == 200
+    assert https(proxy, ca, path="/reset")[0] == 502
+    fail_handshake(proxy)
 
 
 def expressions() -> dict[str, str]:
@@ -146,11 +199,9 @@ def values(answer: dict[str, Any]) -> list[float]:
     return [float(r["value"][1]) for r in answer["data"]["result"]]
 
 
-def test_prometheus_scrapes_and_every_shipped_expression_evaluates(
-    setup: tuple[Prometheus, ProxyProcess, ProxyProcess], ca: Path
-) -> None:
-    prometheus, single, workers = setup
-    totals = "sum by (instance) (tls_sidecar_http_requests_total)"
+def test_prometheus_scrapes_and_every_shipped_expression_evaluates(setup: Setup, ca: Path) -> None:
+    prometheus, single, workers = setup.prometheus, setup.single, setup.workers
+    totals = 'sum by (instance) (tls_sidecar_http_requests_total{job="tls-sidecar"})'
 
     def scraped(at_least: float) -> bool:
         got = values(prometheus.query(totals))
@@ -164,7 +215,7 @@ def test_prometheus_scrapes_and_every_shipped_expression_evaluates(
         drive_traffic(proxy, ca)
     wait_for(lambda: scraped(42), 60, "the traffic in Prometheus")
     targets = prometheus._get("/api/v1/targets")["data"]["activeTargets"]
-    assert sorted(t["health"] for t in targets) == ["up", "up"], targets
+    assert sorted(t["health"] for t in targets) == ["up", "up", "up"], targets
     # Rates need two scrapes after the traffic: wait until the request rate shows it.
     # Series born with the traffic (the 502, the failed handshake) need a few scrapes too.
     samples = (
@@ -204,3 +255,44 @@ def test_prometheus_scrapes_and_every_shipped_expression_evaluates(
     rules = prometheus._get("/api/v1/rules")["data"]["groups"]
     assert [r["health"] for g in rules for r in g["rules"]] == ["ok"] * 7
     assert re.search(r"tls_sidecar", json.dumps(rules))
+
+
+def alert_states(prometheus: Prometheus, alert: str, instance: str) -> set[str]:
+    """Every state the alert was in for this instance in the last 5 minutes, from ALERTS."""
+    answer = prometheus.query(f'ALERTS{{alertname="{alert}",instance="{instance}"}}[5m]')
+    return {r["metric"]["alertstate"] for r in answer["data"]["result"]}
+
+
+def test_a_failed_reload_and_failed_handshakes_with_none_succeeding_fire_their_alerts(
+    setup: Setup,
+) -> None:
+    prometheus, lonely = setup.prometheus, setup.lonely
+    instance = f"127.0.0.1:{lonely.admin_port}"
+    # Scraped before anything fails: the counters a real Prometheus sees from the start.
+    before = f'tls_sidecar_certificate_reloads_total{{instance="{instance}",result="failure"}}'
+    scrapes = f"count_over_time({before}[1m])"
+    wait_for(lambda: (values(prometheus.query(scrapes)) or [0])[0] >= 2, 30, "two scrapes at 0")
+    (setup.lonely_certs / "tls.crt").write_text("not a certificate\n")
+    lonely.signal(signal.SIGHUP)
+    wait_for(
+        lambda: lonely.metric("tls_sidecar_certificate_reloads_total", 'result="failure"') == 1,
+        30,
+        "the failed reload counted",
+    )
+    # Over 0.5 a second in a 5-minute rate: more than 150 in the window.
+    for _ in range(200):
+        fail_handshake(lonely)
+    assert math.isnan(lonely.metric("tls_sidecar_tls_handshakes_total"))  # none ever succeeded
+
+    def fired(alert: str) -> set[str] | None:
+        states = alert_states(prometheus, alert, instance)
+        return states if "firing" in states else None
+
+    # No `for:`: firing at the first evaluation that sees the failure.
+    assert fired_within(fired, "TLSSidecarCertificateReloadFailing") == {"firing"}
+    # `for:` (TEST_FOR here): pending first, then firing.
+    assert fired_within(fired, "TLSSidecarHandshakeErrorsSpiking") == {"pending", "firing"}
+
+
+def fired_within(fired: Any, alert: str) -> set[str]:
+    return set(wait_for(lambda: fired(alert), 60, f"{alert} firing"))

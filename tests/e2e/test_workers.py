@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -131,11 +132,16 @@ def test_auto_without_a_quota_uses_the_usable_cpus(tmp_path: Path) -> None:
 def test_library_warnings_are_json_log_lines_with_workers(
     dev_certs: DevCerts, tmp_path: Path
 ) -> None:
-    """A warning raised in each worker (by a sitecustomize module, as any library could) reaches
-    stderr as a JSON log line like every other line."""
+    """A warning raised in each process while it starts (here when proxy.cli is imported, as
+    any library's import could; it used to be raised a second after start, and a worker still
+    loading on a busy machine printed it as raw text) reaches stderr as a JSON log line like
+    every other line."""
     (tmp_path / "sitecustomize.py").write_text(
-        "import threading, warnings\n"
-        "threading.Timer(1.0, warnings.warn, args=('a library warning',)).start()\n"
+        "import sys, warnings\n"
+        "def warn_on_import(event, args):\n"
+        "    if event == 'import' and args[0] == 'proxy.cli':\n"
+        "        warnings.warn('a library warning', stacklevel=1)\n"
+        "sys.addaudithook(warn_on_import)\n"
     )
     app = UpstreamApp().start()
     proxy = ProxyProcess(
@@ -205,3 +211,24 @@ def test_a_worker_without_its_ticket_keys_says_so(
         )
     finally:
         proxy.stop()
+
+
+def test_workers_on_the_ipv6_wildcard_serve_ipv4_and_ipv6_clients(dev_certs: DevCerts) -> None:
+    app = UpstreamApp().start()
+    proxy = ProxyProcess(
+        [*serve_args(app.base, dev_certs, "--listen", "[::]:0", "--workers", "2")]
+    ).start()
+    try:
+        wait_for(lambda: len(worker_lines(proxy, "listening")) == 2, what="both workers listening")
+        hosts = ["127.0.0.1"]
+        with contextlib.suppress(OSError), socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+            hosts.append("::1")
+        for host in hosts:
+            raw = socket.create_connection((host, proxy.port), timeout=10)
+            with client_context(dev_certs.ca).wrap_socket(raw, server_hostname="localhost") as tls:
+                tls.sendall(b"GET /echo/w HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                assert tls.makefile("rb").readline().startswith(b"HTTP/1.1 200"), host
+    finally:
+        proxy.stop()
+        app.stop()

@@ -63,6 +63,26 @@ def test_readiness_follows_the_upstream(start_proxy: ProxyFactory) -> None:
         app.stop()
 
 
+def test_counters_with_known_labels_are_exported_at_zero_from_start_up(
+    start_proxy: ProxyFactory, upstream: UpstreamApp
+) -> None:
+    # A series born at 1 has no before: increase() over it is 0 and the first failed reload
+    # would never fire TLSSidecarCertificateReloadFailing; dashboards would show "No data".
+    proxy = start_proxy(upstream.base)
+    for name, labels in (
+        ("tls_sidecar_certificate_reloads_total", 'result="failure"'),
+        ("tls_sidecar_certificate_reloads_total", 'result="success"'),
+        ("tls_sidecar_tls_handshake_errors_total", 'reason="protocol"'),
+        ("tls_sidecar_tls_handshake_errors_total", 'reason="client_certificate"'),
+        ("tls_sidecar_connections_rejected_total", 'reason="max_connections"'),
+        ("tls_sidecar_upstream_connect_errors_total", 'reason="refused"'),
+        ("tls_sidecar_http2_connection_errors_total", 'reason="rapid_reset"'),
+        ("tls_sidecar_timeouts_total", 'phase="upstream"'),
+        ("tls_sidecar_client_auth_denied_total", 'reason="not_allowed"'),
+    ):
+        assert proxy.metric(name, labels) == 0, (name, labels)
+
+
 def test_metrics_count_what_happened(proxy: ProxyProcess, ca: Path) -> None:
     before = proxy.metric("tls_sidecar_http_requests_total", 'method="GET",code="200"')
     before = 0.0 if math.isnan(before) else before  # NaN: no such sample yet
@@ -79,7 +99,7 @@ def test_metrics_count_what_happened(proxy: ProxyProcess, ca: Path) -> None:
         "tls_sidecar_tls_handshake_duration_seconds_bucket{",
         "tls_sidecar_upstream_response_duration_seconds_bucket{",
         'tls_sidecar_upstream_connections_active{state="idle"}',
-        'tls_sidecar_bytes_total{direction="in",side="downstream"}',
+        'tls_sidecar_transferred_bytes_total{direction="in",side="downstream"}',
         "tls_sidecar_ready ",
         "process_resident_memory_bytes ",
     ):
@@ -88,7 +108,7 @@ def test_metrics_count_what_happened(proxy: ProxyProcess, ca: Path) -> None:
     assert after - before >= 3
     assert proxy.metric("tls_sidecar_http_requests_total", 'method="DELETE",code="404"') == 1
     assert proxy.metric("tls_sidecar_tls_handshakes_total", 'version="TLSv1.3"') >= 4
-    assert proxy.metric("tls_sidecar_bytes_total", 'side="upstream",direction="in"') > 0
+    assert proxy.metric("tls_sidecar_transferred_bytes_total", 'side="upstream",direction="in"') > 0
 
 
 def test_unknown_methods_share_one_label(proxy: ProxyProcess, ca: Path) -> None:
@@ -130,6 +150,10 @@ def test_readiness_follows_the_apps_health_endpoint(
     status, body = failing.admin_get("/readyz")
     assert status == 503
     assert "health check GET /status/503: 503 Service Unavailable" in body
+    # The app accepts connections: upstream_up (the runbook's "no TCP connection") stays 1,
+    # ready says the health path failed.
+    assert failing.metric("tls_sidecar_upstream_up") == 1
+    assert failing.metric("tls_sidecar_ready") == 0
     healthy = start_proxy(upstream.base, "--upstream-health-path", "/status/204")
     assert healthy.admin_get("/readyz") == (200, "ready\n")
     assert math.isnan(failing.metric("tls_sidecar_http_requests_total"))  # no request counted

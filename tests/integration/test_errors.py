@@ -62,6 +62,7 @@ def test_upstream_refused_is_502_without_waiting_for_a_timeout(
         what="the access log line",
     )
     assert record["local"] == "upstream_refused"
+    assert record["bytes_out"] == len(body)  # what the client got, not 0
     assert f"127.0.0.1:{refused_port}" in record["detail"] and "refused" in record["detail"].lower()
     assert wait_for(
         lambda: any(
@@ -126,6 +127,11 @@ def test_malformed_request_is_400_and_closed(
         assert response.header("connection") == "close"
         assert client.closed_by_peer()
     assert upstream.count() == before, "nothing reached the app"
+    record = wait_for(
+        lambda: next((r for r in strict.access_records()[::-1] if r["status"] == 400), None),
+        what="the access log line",
+    )
+    assert record["bytes_out"] == len(response.body)  # what the client got, not 0
 
 
 def test_content_length_with_transfer_encoding_is_refused(
@@ -235,14 +241,17 @@ def test_idle_keep_alive_connection_is_closed(strict: ProxyProcess, ca: Path) ->
         assert client.closed_by_peer(timeout=10)
 
 
-def test_plaintext_http_on_the_tls_port_is_refused(strict: ProxyProcess) -> None:
+def test_plaintext_http_on_the_tls_port_is_answered_400_in_plaintext(
+    strict: ProxyProcess, upstream: UpstreamApp
+) -> None:
+    before = upstream.count()
     with socket.create_connection(("127.0.0.1", strict.port), timeout=10) as sock:
-        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        data = sock.recv(4096)
-        assert not data.startswith(b"HTTP/"), "no HTTP answer over plaintext"
-    wait_for(
-        lambda: strict.metric("tls_sidecar_tls_handshake_errors_total", 'reason="protocol"') >= 1
-    )
+        sock.sendall(b"POST /echo/x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+        answer = sock.makefile("rb").read()  # until the proxy closes
+    assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer
+    assert b"Connection: close" in answer and answer.endswith(b"use https:// in the URL.\n")
+    assert strict.metric("tls_sidecar_tls_handshake_errors_total", 'reason="plain_http"') >= 1
+    assert upstream.count() == before
 
 
 def test_a_failing_connection_never_affects_another(strict: ProxyProcess, ca: Path) -> None:

@@ -13,7 +13,14 @@ import pytest
 
 from proxy.tls import certs
 from tests.conftest import ProxyFactory
-from tests.support.proxy import ProxyProcess, client_context, wait_for
+from tests.support.proxy import (
+    ProxyProcess,
+    RawClient,
+    client_context,
+    request_bytes,
+    tls_socket,
+    wait_for,
+)
 from tests.support.upstream import UpstreamApp
 
 
@@ -49,8 +56,9 @@ def test_no_shared_cipher_gets_the_alert_and_a_log_line(
     assert error.reason == "SSLV3_ALERT_HANDSHAKE_FAILURE", error
     line = wait_for(lambda: next(iter(failures(proxy)), None), 10, "the log line")
     assert line["level"] == "info"
-    assert (line["client"], line["reason"], line["sni"]) == (
+    assert (line["client"], line["reason"], line["detail"], line["sni"]) == (
         "127.0.0.1",
+        "protocol",
         "no_shared_cipher",
         "shop.example",
     )
@@ -96,7 +104,11 @@ def test_a_missing_client_certificate_gets_certificate_required(
         tls.recv(100)
     assert caught.value.reason == "TLSV13_ALERT_CERTIFICATE_REQUIRED", caught.value
     line = wait_for(lambda: next(iter(failures(proxy)), None), 10, "the log line")
-    assert line["reason"] == "no_client_certificate"
+    # The log's reason is the metric's label; the finer cause is its detail.
+    assert (line["reason"], line["detail"]) == ("client_certificate", "no_client_certificate")
+    assert (
+        proxy.metric("tls_sidecar_tls_handshake_errors_total", 'reason="client_certificate"') == 1
+    )
 
 
 def test_a_scanner_cannot_flood_the_log(start_proxy: ProxyFactory, upstream: UpstreamApp) -> None:
@@ -109,3 +121,29 @@ def test_a_scanner_cannot_flood_the_log(start_proxy: ProxyFactory, upstream: Ups
         "30 failures counted",
     )
     assert len(failures(proxy)) == 1  # one line per reason every 10 s; the rest are counted
+
+
+def test_plain_http_to_the_tls_port_gets_a_400_that_says_use_https(
+    start_proxy: ProxyFactory, upstream: UpstreamApp, ca: Path
+) -> None:
+    proxy = start_proxy(upstream.base)
+    before = upstream.count()
+    out = subprocess.run(
+        ["curl", "-sS", "-w", "\n%{http_code}", f"http://127.0.0.1:{proxy.port}/echo/plain"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    body, _, code = out.stdout.rpartition("\n")
+    assert (code, out.returncode) == ("400", 0), out
+    assert "plain HTTP request was sent" in body and "https://" in body
+    assert proxy.metric("tls_sidecar_tls_handshake_errors_total", 'reason="plain_http"') == 1
+    line = wait_for(lambda: next(iter(failures(proxy)), None), 10, "the log line")
+    assert (line["reason"], line["detail"]) == ("plain_http", "plain_http_on_tls_port")
+    assert upstream.count() == before  # never reached the app
+    # TLS clients on the same port are not disturbed, and nothing else was counted.
+    with tls_socket(proxy.port, ca) as sock:
+        sock.sendall(request_bytes("GET", "/echo/after"))
+        response = RawClient(sock).read_response()
+        assert response is not None and response.status == 200
+    assert proxy.metric("tls_sidecar_tls_handshake_errors_total") == 1

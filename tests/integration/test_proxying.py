@@ -24,7 +24,7 @@ from tests.support.proxy import (
     tls_socket,
     wait_for,
 )
-from tests.support.upstream import UpstreamApp, pattern
+from tests.support.upstream import SlowReaderApp, UpstreamApp, pattern
 
 MiB = 1024 * 1024
 
@@ -155,7 +155,13 @@ def test_10_mib_upload_is_byte_exact(proxy: ProxyProcess, ca: Path) -> None:
     assert doc["body_sha256"] == hashlib.sha256(data).hexdigest()
 
 
-def test_10_mib_chunked_upload_is_byte_exact(proxy: ProxyProcess, ca: Path) -> None:
+def test_10_mib_chunked_upload_is_byte_exact(
+    start_proxy: ProxyFactory, upstream: UpstreamApp, ca: Path
+) -> None:
+    # The default --upstream-timeout: over TCP the app's own receive buffer can hold megabytes
+    # of the body when the request ends, and on a loaded machine the app may take longer than
+    # the `proxy` fixture's 2 s to read and hash them; what this test checks is the bytes.
+    proxy = start_proxy(upstream.base)
     data = pattern(10 * MiB)
     conn = http.client.HTTPSConnection(
         "localhost", proxy.port, context=client_context(ca), timeout=30
@@ -172,6 +178,24 @@ def test_10_mib_chunked_upload_is_byte_exact(proxy: ProxyProcess, ca: Path) -> N
     assert doc["body_length"] == len(data)
     assert doc["body_sha256"] == hashlib.sha256(data).hexdigest()
     assert ["transfer-encoding", "chunked"] in doc["headers"]
+
+
+def test_the_upstream_timeout_waits_while_the_app_is_still_reading_the_body(
+    start_proxy: ProxyFactory, tmp_path: Path, ca: Path
+) -> None:
+    # --upstream-timeout counts from the end of the request as the app gets it: an app still
+    # reading an upload, steadily, is not late. It got 504 while the body's last few hundred
+    # KiB still waited in the proxy's buffers. Over a unix socket the kernel tells the proxy
+    # what the app has not read.
+    app = SlowReaderApp(str(tmp_path / "slow.sock"))
+    try:
+        proxy = start_proxy(f"unix:{app.path}", "--upstream-timeout", "400ms")
+        data = pattern(MiB)
+        status, _, body = https(proxy, ca, "POST", "/upload", body=data, timeout=60)
+        assert (status, body) == (200, hashlib.sha256(data).hexdigest().encode())
+        assert proxy.metric("tls_sidecar_timeouts_total", 'phase="upstream"') == 0
+    finally:
+        app.stop()
 
 
 def test_10_mib_downloads_are_byte_exact(proxy: ProxyProcess, ca: Path) -> None:
@@ -377,6 +401,31 @@ def test_ipv6_listener(
             assert json.loads(response.body)["headers"][-5] == ["x-forwarded-for", "::1"]
     finally:
         proxy.stop()
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+def test_the_ipv6_wildcard_serves_ipv4_and_ipv6_clients(
+    start_proxy: ProxyFactory, upstream: UpstreamApp, ca: Path
+) -> None:
+    # As nginx's and Envoy's [::]: one socket for both families (asyncio alone is IPv6-only).
+    proxy = start_proxy(upstream.base, "--listen", "[::]:0", "--admin-listen", "[::]:0")
+    hosts = ["127.0.0.1", "::1"] if ipv6_loopback() else ["127.0.0.1"]
+    for host in hosts:
+        with tls_socket(proxy.port, ca, host=host) as sock:
+            sock.sendall(request_bytes("GET", "/echo/dual"))
+            response = RawClient(sock).read_response()
+            assert response is not None and response.status == 200, host
+        with socket.create_connection((host, proxy.admin_port), timeout=10) as admin:
+            admin.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert admin.makefile("rb").readline().startswith(b"HTTP/1.1 200"), host
 
 
 def test_early_answer_before_the_body_keeps_the_connection(

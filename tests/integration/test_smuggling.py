@@ -253,10 +253,11 @@ def test_absolute_form_target_is_rewritten_with_its_host(
 
 
 def test_plaintext_and_garbage_client_hello_are_refused(guarded: ProxyProcess) -> None:
-    for data in (
-        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
-        b"\x16\x03\x01\x00\x05garbage-hello",
-        b"\xff" * 300,
+    # Plain HTTP gets only the proxy's own 400 saying to use https; garbage gets nothing HTTP.
+    for data, expected in (
+        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"HTTP/1.1 400 Bad Request\r\n"),
+        (b"\x16\x03\x01\x00\x05garbage-hello", None),
+        (b"\xff" * 300, None),
     ):
         with socket.create_connection(("127.0.0.1", guarded.port), timeout=10) as sock:
             sock.sendall(data)
@@ -264,7 +265,10 @@ def test_plaintext_and_garbage_client_hello_are_refused(guarded: ProxyProcess) -
                 answer = sock.recv(4096)
             except ConnectionResetError:
                 answer = b""
-            assert not answer.startswith(b"HTTP/")
+            if expected is None:
+                assert not answer.startswith(b"HTTP/")
+            else:
+                assert answer.startswith(expected) and b"use https://" in answer
 
 
 # --- the response side: an app's bytes after its response (response-queue poisoning) ---------

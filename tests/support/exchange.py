@@ -123,6 +123,9 @@ class FakeLink:
     def as_tunnel(self) -> Tunnel | None:
         return None
 
+    def unread_request_bytes(self) -> int:
+        return 0  # the byte buffer takes everything at once
+
     def answer(self, data: bytes) -> None:
         """The app writes `data`."""
         self.received_any = True

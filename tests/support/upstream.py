@@ -404,3 +404,55 @@ async def _websocket_echo(
         if not data:
             return
         ws.receive_data(data)
+
+
+class SlowReaderApp:
+    """An app on a unix socket that reads an upload 4 KiB every 10 ms, straight from the
+    socket (no read buffer of its own: what it has not read, the kernel still holds for the
+    proxy), then answers 200 with the body's sha256. One request per connection."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(path)
+        self._listener.listen(8)
+        self._thread = threading.Thread(target=self._accept, daemon=True, name="slow-reader")
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return  # closed by stop()
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _serve(conn: socket.socket) -> None:
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                data = conn.recv(1)  # the head byte by byte: not one body byte early
+                if not data:
+                    return
+                head += data
+            length = next(
+                int(line.split(b":", 1)[1])
+                for line in head.lower().split(b"\r\n")
+                if line.startswith(b"content-length:")
+            )
+            digest = hashlib.sha256()
+            received = 0
+            while received < length:
+                data = conn.recv(min(4096, length - received))
+                if not data:
+                    return
+                digest.update(data)
+                received += len(data)
+                time.sleep(0.01)  # the app's pace, not the test's
+            body = digest.hexdigest().encode()
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    def stop(self) -> None:
+        self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept
+        self._listener.close()

@@ -122,6 +122,15 @@ def test_address_messages_say_what_is_missing_with_an_example_of_its_kind(
     assert str(caught.value) == message
 
 
+@pytest.mark.parametrize("text", ["[0.0.0.0:17443,[::]]:17443", "0.0.0.0:8443,[::]:8443"])
+def test_a_list_of_addresses_is_refused_pointing_to_the_dual_stack_wildcard(text: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        parse_address(text, option="--listen")
+    assert str(refused.value) == (
+        f"--listen: {text!r} is a list; give one address: [::]:PORT listens on IPv4 and IPv6 alike"
+    )
+
+
 def test_ipv6_address_prints_with_brackets() -> None:
     assert str(Address("::1", 8443)) == "[::1]:8443"
 
