@@ -28,7 +28,7 @@ from .identity import identity_name
 from .log import AccessLog, AccessRecord
 from .metrics import PROTOCOLS, Metrics
 from .request import RequestHead
-from .tls import TlsState
+from .tls import TlsState, out_of_descriptors
 from .upstream import UpstreamPool, probe_upstream
 
 if TYPE_CHECKING:
@@ -360,7 +360,14 @@ class ProxyServer:
             # OpenSSL takes milliseconds per context: build them off the event loop.
             served = await loop.run_in_executor(None, self.tls.reload)
         except (ConfigError, OSError) as e:
-            self.tls.mark_failed()
+            if out_of_descriptors(e):
+                # Not the certificates' fault: tried again at the next poll (or SIGHUP).
+                log.warning(
+                    "certificate reload postponed: no file descriptors left; trying again "
+                    "at the next check",
+                    extra={"reason": str(e)},
+                )
+                return False
             self.metrics.certificate_reloads.labels("failure").inc()
             log.error(
                 "certificate reload failed; still serving the previous one",
