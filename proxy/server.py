@@ -73,13 +73,16 @@ class ProxyContext:
         self.handshake_log = FailureLog()
         self.upstream_host = (str(upstream.address) if upstream.address else "localhost").encode()
         self._handshake_children: dict[tuple[str, bool], Counter] = {}
+        self._worker_connections = metrics.worker_connections_active.labels(
+            str(config.worker_index or 0)
+        )
         metrics.on_flush(self._export_connections)
         self._all_closed = asyncio.Event()
 
     def _export_connections(self) -> None:
         open_now = len(self.connections)
         self.metrics.connections_active.set(open_now)
-        self.metrics.worker_connections_active.set(open_now)
+        self._worker_connections.set(open_now)
 
     def handshake_done(self, version: str, resumed: bool) -> None:
         child = self._handshake_children.get((version, resumed))
@@ -255,6 +258,7 @@ class ProxyServer:
         self._ready_lock = asyncio.Lock()
         self._upstream_checked_at = -1e9
         self._upstream_problem: str | None = "not checked yet"
+        self._certificate_names: set[str] = set()
         self._record_certificates()
         self._watcher: asyncio.Task[None] | None = None
         self._reloads: set[asyncio.Task[bool]] = set()
@@ -349,9 +353,19 @@ class ProxyServer:
         task.add_done_callback(self._reloads.discard)
 
     def _record_certificates(self) -> None:
-        self.metrics.certificate_expiry.clear()
+        expiry = self.metrics.certificate_expiry
+        names = {served.name for served in self.tls.served}
+        for gone in self._certificate_names - names:
+            if self.config.worker_index is None:
+                expiry.remove(gone)
+            else:
+                # prometheus-client cannot remove a series from a worker's multiprocess file
+                # (remove() and clear() only warn): +Inf says "nothing expiring" for a
+                # certificate no longer served, so no expiry alert fires for it.
+                expiry.labels(gone).set(float("inf"))
         for served in self.tls.served:
-            self.metrics.certificate_expiry.labels(served.name).set(served.not_after)
+            expiry.labels(served.name).set(served.not_after)
+        self._certificate_names = names
         self.metrics.certificate_last_reload_success.set(time.time())
 
     async def reload_certificates(self) -> bool:

@@ -186,7 +186,7 @@ def test_prometheus_scrapes_and_every_shipped_expression_evaluates(
         "certificate days left": "(min by (instance, cert) (tls_sidecar_certificate_expiry_timestamp_seconds) - time()) / 86400",
         "local 502s": 'sum(tls_sidecar_local_responses_total{code="502"})',
         "handshake errors": 'sum(tls_sidecar_tls_handshake_errors_total{reason="protocol"})',
-        "connections per worker": 'count(tls_sidecar_worker_connections_active{pid!=""})',
+        "connections per worker": 'count(tls_sidecar_worker_connections_active{worker!=""})',
     }
     for what, expr in fed.items():
         got = values(prometheus.query(expr))
