@@ -130,7 +130,8 @@ class Metrics:
         )
         self.connections_rejected = Counter(
             f"{p}_connections_rejected",
-            "Downstream connections closed at once, by reason (max_connections, draining).",
+            "Downstream connections closed at once, by reason (max_connections, draining, "
+            "no_file_descriptors).",
             ["reason"],
             registry=r,
         )

@@ -21,6 +21,7 @@ from . import codec
 from . import headers as hdr
 from .admin import AdminServer
 from .config import Address, Config, ConfigError
+from .descriptors import DescriptorReserve
 from .downstream import ClientConnection, FailureLog
 from .exchange import Session
 from .h1 import Http1Connection
@@ -71,6 +72,10 @@ class ProxyContext:
         upstream = config.upstream
         self.new_request_id = hdr.RequestIds()
         self.handshake_log = FailureLog()
+        self.descriptors = DescriptorReserve.for_this_process(
+            idle_upstreams=config.upstream_max_idle
+        )
+        self._refusal_log = FailureLog()
         self.upstream_host = (str(upstream.address) if upstream.address else "localhost").encode()
         self._handshake_children: dict[tuple[str, bool], Counter] = {}
         self._worker_connections = metrics.worker_connections_active.labels(
@@ -91,7 +96,25 @@ class ProxyContext:
             self._handshake_children[(version, resumed)] = child
         child.inc()
 
+    def refuse_for_descriptors(self, client: str) -> None:
+        """A connection closed on accept: taking it would leave too few descriptors spare."""
+        self.metrics.connections_rejected.labels("no_file_descriptors").inc()
+        suppressed = self._refusal_log.allow("no_file_descriptors")
+        if suppressed is not None:
+            log.warning(
+                "connection refused: out of file descriptors; raise the open-file limit "
+                "(ulimit -n) or lower --max-connections",
+                extra={
+                    "client": client,
+                    "open_file_limit": self.descriptors.limit,
+                    "kept_free": self.descriptors.reserve,
+                    "open_connections": len(self.connections),
+                    "suppressed_since_last": suppressed,
+                },
+            )
+
     def connection_closed(self) -> None:
+        self.descriptors.released()
         if not self.connections:
             self._all_closed.set()
 
