@@ -77,6 +77,11 @@ class ClientConnection(PhaseTimer, asyncio.Protocol):
             self.closed = True
             transport.close()
             return
+        if not ctx.descriptors.admits(len(ctx.connections)):
+            ctx.refuse_for_descriptors(self.session.client.address)
+            self.closed = True
+            transport.close()
+            return
         ctx.connections.add(self)
         self._handshake_started = time.perf_counter()
         # uvloop starts reading as soon as connection_made returns, so the TLS protocol must be

@@ -133,16 +133,20 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        # By worker index, not pid: a restarted worker takes over its predecessor's series
+        # instead of adding one per restart.
         self.worker_connections_active = Gauge(
             f"{p}_worker_connections_active",
-            "Downstream connections open now in this process; with --workers, one series per "
-            "live worker (a pid label), for per-worker views.",
+            "Downstream connections open now, by worker (0..N-1 with --workers N; a single "
+            "process is worker 0), for per-worker views.",
+            ["worker"],
             registry=r,
-            multiprocess_mode="liveall",
+            multiprocess_mode="livesum",
         )
         self.connections_rejected = Counter(
             f"{p}_connections_rejected",
-            "Downstream connections closed at once, by reason (max_connections, draining).",
+            "Downstream connections closed at once, by reason (max_connections, draining, "
+            "no_file_descriptors).",
             ["reason"],
             registry=r,
         )
@@ -242,7 +246,7 @@ class Metrics:
             "folder name); days left: (this - time()) / 86400.",
             ["cert"],
             registry=r,
-            multiprocess_mode="min",
+            multiprocess_mode="livemin",  # the live workers' only: a dead one's files go
         )
         self.certificate_reloads = Counter(
             f"{p}_certificate_reloads",
@@ -255,7 +259,7 @@ class Metrics:
             "Unix time of the last successful certificate load (start-up counts); "
             "seconds since: time() - this.",
             registry=r,
-            multiprocess_mode="min",
+            multiprocess_mode="livemin",
         )
         self.client_auth_denied = Counter(
             f"{p}_client_auth_denied",

@@ -25,7 +25,7 @@ from proxy.log import AccessLog
 from proxy.metrics import Metrics
 from proxy.readiness import check_upstream
 from proxy.sockets import bind_dual_stack, dual_stack
-from proxy.tls.context import TlsState
+from proxy.tls.context import TlsState, out_of_descriptors
 
 if TYPE_CHECKING:
     pass
@@ -151,6 +151,7 @@ class ProxyServer:
         self._ready_lock = asyncio.Lock()
         self._upstream_checked_at = -1e9
         self._upstream_problem: str | None = "not checked yet"
+        self._certificate_names: set[str] = set()
         self._record_certificates()
         self._watcher: asyncio.Task[None] | None = None
         self._reloads: set[asyncio.Task[bool]] = set()
@@ -254,9 +255,19 @@ class ProxyServer:
         task.add_done_callback(self._reloads.discard)
 
     def _record_certificates(self) -> None:
-        self.metrics.certificate_expiry.clear()
+        expiry = self.metrics.certificate_expiry
+        names = {served.name for served in self.tls.served}
+        for gone in self._certificate_names - names:
+            if self.config.worker_index is None:
+                expiry.remove(gone)
+            else:
+                # prometheus-client cannot remove a series from a worker's multiprocess file
+                # (remove() and clear() only warn): +Inf says "nothing expiring" for a
+                # certificate no longer served, so no expiry alert fires for it.
+                expiry.labels(gone).set(float("inf"))
         for served in self.tls.served:
-            self.metrics.certificate_expiry.labels(served.name).set(served.not_after)
+            expiry.labels(served.name).set(served.not_after)
+        self._certificate_names = names
         self.metrics.certificate_last_reload_success.set(time.time())
 
     async def reload_certificates(self) -> bool:
@@ -265,7 +276,14 @@ class ProxyServer:
             # OpenSSL takes milliseconds per context: build them off the event loop.
             served = await loop.run_in_executor(None, self.tls.reload)
         except (ConfigError, OSError) as e:
-            self.tls.mark_failed()
+            if out_of_descriptors(e):
+                # Not the certificates' fault: tried again at the next poll (or SIGHUP).
+                log.warning(
+                    "certificate reload postponed: no file descriptors left; trying again "
+                    "at the next check",
+                    extra={"reason": str(e)},
+                )
+                return False
             self.metrics.certificate_reloads.labels("failure").inc()
             log.error(
                 "certificate reload failed; still serving the previous one",

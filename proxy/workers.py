@@ -208,9 +208,7 @@ class Supervisor:
             code = worker.proc.poll()
             if code is None:
                 continue
-            from prometheus_client.multiprocess import mark_process_dead  # noqa: PLC0415
-
-            mark_process_dead(worker.proc.pid, self._multiproc)
+            self._forget_gauges(worker.proc.pid)
             if self.state == "ready":
                 log.error(
                     "worker exited; starting it again",
@@ -221,6 +219,14 @@ class Supervisor:
                 asyncio.get_running_loop().call_later(delay, self._restart, index)
                 del self.workers[index]
         self.metrics.workers.set(sum(1 for w in self.workers.values() if w.proc.poll() is None))
+
+    def _forget_gauges(self, pid: int) -> None:
+        """Remove a dead worker's gauge files, whatever their mode. prometheus-client's
+        mark_process_dead removes only the live* ones: a dead worker's `min` or `max` values
+        would otherwise take part in the aggregate for the supervisor's life. Counter and
+        histogram files stay: the totals must not go back."""
+        for path in Path(self._multiproc).glob(f"gauge_*_{pid}.db"):
+            path.unlink(missing_ok=True)
 
     def _restart(self, index: int) -> None:
         if self.state == "ready" and index not in self.workers:

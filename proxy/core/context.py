@@ -5,6 +5,7 @@ server builds the collaborators and passes them in."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -16,10 +17,13 @@ from proxy.core import headers as hdr
 from proxy.core.links import Pool
 from proxy.core.request import RequestHead
 from proxy.core.session import Session
+from proxy.descriptors import DescriptorReserve
 from proxy.identity import identity_name
 from proxy.log import AccessLog, AccessRecord, FailureLog
 from proxy.metrics import PROTOCOLS, Metrics
 from proxy.tls.context import TlsState
+
+log = logging.getLogger("tls_sidecar.server")
 
 
 class Connection(Protocol):
@@ -66,15 +70,22 @@ class ProxyContext:
         upstream = config.upstream
         self.new_request_id = hdr.RequestIds()
         self.handshake_log = FailureLog()
+        self.descriptors = DescriptorReserve.for_this_process(
+            idle_upstreams=config.upstream_max_idle
+        )
+        self._refusal_log = FailureLog()
         self.upstream_host = upstream.authority.encode()
         self._handshake_children: dict[tuple[str, bool], Counter] = {}
+        self._worker_connections = metrics.worker_connections_active.labels(
+            str(config.worker_index or 0)
+        )
         metrics.on_flush(self._export_connections)
         self._all_closed = asyncio.Event()
 
     def _export_connections(self) -> None:
         open_now = len(self.connections)
         self.metrics.connections_active.set(open_now)
-        self.metrics.worker_connections_active.set(open_now)
+        self._worker_connections.set(open_now)
 
     def handshake_done(self, version: str, resumed: bool) -> None:
         child = self._handshake_children.get((version, resumed))
@@ -83,7 +94,25 @@ class ProxyContext:
             self._handshake_children[(version, resumed)] = child
         child.inc()
 
+    def refuse_for_descriptors(self, client: str) -> None:
+        """A connection closed on accept: taking it would leave too few descriptors spare."""
+        self.metrics.connections_rejected.labels("no_file_descriptors").inc()
+        suppressed = self._refusal_log.allow("no_file_descriptors")
+        if suppressed is not None:
+            log.warning(
+                "connection refused: out of file descriptors; raise the open-file limit "
+                "(ulimit -n) or lower --max-connections",
+                extra={
+                    "client": client,
+                    "open_file_limit": self.descriptors.limit,
+                    "kept_free": self.descriptors.reserve,
+                    "open_connections": len(self.connections),
+                    "suppressed_since_last": suppressed,
+                },
+            )
+
     def connection_closed(self) -> None:
+        self.descriptors.released()
         if not self.connections:
             self._all_closed.set()
 

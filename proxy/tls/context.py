@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
 import logging
 import os
@@ -446,9 +447,26 @@ def content_digest(paths: Iterable[Path]) -> str:
         digest.update(os.fsencode(path))
         try:
             digest.update(path.resolve().read_bytes())
-        except OSError:
+        except OSError as e:
+            if e.errno in OUT_OF_DESCRIPTORS:
+                raise  # says nothing about the file: a missing one would look like a change
             digest.update(b"\0missing")
     return digest.hexdigest()
+
+
+OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE})
+
+
+def out_of_descriptors(error: BaseException | None) -> bool:
+    """True when an error (or one it was raised from, `from None` included) is the process or
+    the system running out of file descriptors: a reason to try again, not a bad file."""
+    seen = 0
+    while error is not None and seen < 8:
+        if isinstance(error, OSError) and error.errno in OUT_OF_DESCRIPTORS:
+            return True
+        error = error.__cause__ or error.__context__
+        seen += 1
+    return False
 
 
 class TlsState:
@@ -481,11 +499,20 @@ class TlsState:
         return uris[0] if uris else None
 
     def reload(self) -> tuple[ServedCertificate, ...]:
-        """Build new contexts from the files; on any error keep the old ones and raise."""
+        """Build new contexts from the files; on any error keep the old ones and raise. A failed
+        attempt's files are not tried again until they change (out of descriptors: they are)."""
         if self.self_signed and self._config.client_ca is None:
             return self.served
+        # The digest of what this attempt reads, taken before it: a file replaced while the
+        # attempt runs (a key that lands just after its certificate) makes the next poll see a
+        # change and try again, instead of the new pair being recorded as the broken one.
         digest = content_digest(input_files(self._config))
-        bundle, warnings = build_bundle(self._config)
+        try:
+            bundle, warnings = build_bundle(self._config)
+        except (ConfigError, OSError) as e:
+            if not out_of_descriptors(e):
+                self._failed_digest = digest
+            raise
         for warning in warnings:
             log.warning(warning)
         self.bundle, self.digest, self._failed_digest = bundle, digest, None
@@ -498,6 +525,3 @@ class TlsState:
         and content is what counts (a rewrite in the same clock tick keeps size and mtime)."""
         digest = content_digest(input_files(self._config))
         return digest not in (self.digest, self._failed_digest)
-
-    def mark_failed(self) -> None:
-        self._failed_digest = content_digest(input_files(self._config))

@@ -9,11 +9,13 @@ import os
 import signal
 import socket
 import ssl
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from proxy.tls import certs
 from proxy.workers import cpu_quota_workers
 from tests.support.proxy import DevCerts, ProxyProcess, client_context, serve_args, wait_for
 from tests.support.upstream import UpstreamApp
@@ -232,3 +234,78 @@ def test_workers_on_the_ipv6_wildcard_serve_ipv4_and_ipv6_clients(dev_certs: Dev
     finally:
         proxy.stop()
         app.stop()
+
+
+def series(proxy: ProxyProcess, name: str) -> dict[str, float]:
+    """Every sample of one metric on /metrics: {labels text: value}."""
+    _, text = proxy.admin_get("/metrics")
+    found = {}
+    for line in text.splitlines():
+        if line.startswith(name) and line[len(name)] in " {":
+            head, value = line.rsplit(" ", 1)
+            found[head[len(name) :]] = float(value)
+    return found
+
+
+def test_after_a_worker_dies_the_metrics_describe_the_served_certificate(
+    tmp_path: Path, upstream: UpstreamApp
+) -> None:
+    """A worker killed, its replacement started, then the certificate rotated: the expiry and
+    last-reload gauges show the new certificate (a dead worker's old values must not win the
+    min), each worker keeps one connections series by its index, and no worker start logs
+    prometheus-client's warning."""
+    ca = certs.create_ca("workers CA")
+    (tmp_path / "ca.crt").write_bytes(ca.cert_pem)
+    cert_path, key_path = tmp_path / "tls.crt", tmp_path / "tls.key"
+    old = certs.issue(ca, ["localhost"], days=30)
+    cert_path.write_bytes(old.cert_pem)
+    certs.write_private(key_path, old.key_pem)
+    proxy = ProxyProcess(
+        [
+            *serve_args(upstream.base),
+            "--cert",
+            str(cert_path),
+            "--key",
+            str(key_path),
+            "--workers",
+            "2",
+            "--reload-interval",
+            "200ms",
+        ]
+    ).start()
+    expiry = "tls_sidecar_certificate_expiry_timestamp_seconds"
+    reloaded = "tls_sidecar_certificate_last_reload_success_timestamp_seconds"
+    try:
+        wait_for(lambda: len(worker_lines(proxy, "listening")) == 2, what="both workers listening")
+        old_expiry = old.certificate.not_valid_after_utc.timestamp()
+        wait_for(lambda: proxy.metric(expiry) == old_expiry, what="the first certificate")
+        pids = {
+            int(str(w["worker"])): int(str(w["pid"])) for w in worker_lines(proxy, "worker started")
+        }
+        os.kill(pids[0], signal.SIGKILL)
+        wait_for(lambda: len(worker_lines(proxy, "listening")) == 3, what="worker 0 replaced")
+        before_rotation = time.time()
+        new = certs.issue(ca, ["localhost"], days=90)
+        cert_path.write_bytes(new.cert_pem)
+        certs.write_private(key_path, new.key_pem)
+        wait_for(
+            lambda: len(worker_lines(proxy, "certificate reloaded")) == 2,
+            what="both live workers to reload",
+        )
+        new_expiry = new.certificate.not_valid_after_utc.timestamp()
+        wait_for(
+            lambda: series(proxy, expiry) == {'{cert="default"}': new_expiry},
+            what="the expiry of the certificate served now",
+        )
+        wait_for(
+            lambda: proxy.metric(reloaded) >= before_rotation,
+            what="the last reload to be the rotation",
+        )
+        assert set(series(proxy, "tls_sidecar_worker_connections_active")) == {
+            '{worker="0"}',
+            '{worker="1"}',
+        }
+        assert request(proxy, tmp_path / "ca.crt", "/echo/after-rotation") == 200
+    finally:
+        proxy.stop()
+    assert "UserWarning" not in proxy.stderr_text()

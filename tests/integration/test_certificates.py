@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import http.client
 import json
 import os
+import signal
 import socket
 import ssl
 import threading
@@ -502,5 +504,101 @@ def test_rotation_through_a_secret_volume_swap_under_load(
         assert load.failed == [], load.failed[:5]
         assert proxy.metric("tls_sidecar_certificate_reloads_total", 'result="success"') == 1
         assert reload_latency < 5, "the swap was seen within a few reload intervals"
+    finally:
+        proxy.stop()
+
+
+def reload_helper(pid: int, timeout: float = 20) -> int:
+    """The reload's helper process (`python -m proxy.tls.certload`, started from one of `pid`'s
+    threads), once it runs: polled every millisecond, as it lives a fraction of a second."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for task in Path(f"/proc/{pid}/task").glob("*/children"):
+            for child in task.read_text().split():
+                with contextlib.suppress(OSError):
+                    if b"proxy.tls.certload" in Path(f"/proc/{child}/cmdline").read_bytes():
+                        return int(child)
+        assert time.monotonic() < deadline, "no reload helper process was started"
+        time.sleep(0.001)
+
+
+def holds(pid: int, link: str) -> bool:
+    """Whether process `pid` has a descriptor open on `link` (e.g. `pipe:[1234]`)."""
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            if os.readlink(fd) == link:
+                return True
+    return False
+
+
+def exited(pid: int) -> bool:
+    """An exited child not yet reaped (its parent is stopped) is a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+@pytest.mark.parametrize("first", ["cert", "key"])
+def test_a_pair_replaced_in_two_steps_is_served_once_complete(
+    tmp_path: Path, upstream: UpstreamApp, pki: Pki, first: str
+) -> None:
+    """Certificate and key replaced a moment apart, the second file landing while the reload
+    started by the first is under way: that attempt fails (a mismatched pair), and the next
+    poll must still see the complete pair as new and serve it.
+
+    Deterministic, with no timing: the reload's helper process is held (SIGSTOP) until the
+    proxy has handed it its settings, then the proxy is held while the helper reads the files
+    and exits, and the second file is written before the proxy goes on to the failure."""
+    old = certs.issue(pki.ca, ["localhost"], common_name="old")
+    cert_path, key_path = pki.write(f"two-step-{first}", old)
+    proxy = ProxyProcess(
+        [
+            *serve_args(upstream.base),
+            "--cert",
+            str(cert_path),
+            "--key",
+            str(key_path),
+            "--reload-interval",
+            "200ms",
+        ]
+    ).start()
+    assert proxy.proc is not None
+    pid = proxy.proc.pid
+    new = certs.issue(pki.ca, ["localhost"], common_name="new")
+
+    def write(which: str) -> None:
+        if which == "cert":
+            cert_path.write_bytes(new.cert_pem + pki.ca.cert_pem)
+        else:
+            certs.write_private(key_path, new.key_pem)
+
+    second = "key" if first == "cert" else "cert"
+    try:
+        assert common_name(handshake(proxy.port, pki.ca_path, "localhost")) == "old"
+        write(first)
+        helper = reload_helper(pid)
+        os.kill(helper, signal.SIGSTOP)
+        stopped = [helper]
+        try:
+            settings_pipe = os.readlink(f"/proc/{helper}/fd/0")
+            wait_for(lambda: not holds(pid, settings_pipe), what="the helper's settings sent")
+            os.kill(pid, signal.SIGSTOP)
+            stopped.append(pid)
+            os.kill(helper, signal.SIGCONT)
+            wait_for(lambda: exited(helper), what="the helper to read the files and exit")
+            write(second)
+        finally:
+            for process in stopped:
+                os.kill(process, signal.SIGCONT)
+        wait_for(
+            lambda: proxy.metric("tls_sidecar_certificate_reloads_total", 'result="failure"') == 1,
+            what="the reload of the half-replaced pair to fail",
+        )
+        wait_for(
+            lambda: common_name(handshake(proxy.port, pki.ca_path, "localhost")) == "new",
+            what="the complete new pair to be served",
+        )
+        assert proxy.metric("tls_sidecar_certificate_reloads_total", 'result="success"') == 1
     finally:
         proxy.stop()
