@@ -27,6 +27,7 @@ from .config import Config
 from .h2conn import H2Connection
 from .headers import Headers
 from .metrics import Metrics
+from .request import BadRequest, valid_authority, valid_h2_field, valid_request_line
 from .upstream import UpstreamLink, UpstreamOwner, open_to_app
 
 log = logging.getLogger("tls_sidecar.upstream")
@@ -113,12 +114,20 @@ class H2UpstreamStream:
         grpc = False
         for name, value in headers:
             if name in _NOT_SENT:
-                if name == b"host":
+                if name == b"host" and value:  # an empty Host (HTTP/1.1 allows it): ours
+                    if not valid_authority(value):
+                        raise BadRequest(400, "bad_request", "Host cannot be an :authority")
                     authority = value
                 continue
+            if not valid_h2_field(name, value):
+                # h2 sends what it is given (outbound validation is off): an app's h2 stack
+                # would refuse it, maybe for the whole connection. This request alone is 400.
+                raise BadRequest(400, "bad_request", f"field {name!r} cannot go over HTTP/2")
             if name == b"content-type" and value[:16] == b"application/grpc":
                 grpc = True
             out.append((name, value))
+        if not valid_request_line(method, target):
+            raise BadRequest(400, "bad_request", "method or target cannot go over HTTP/2")
         if grpc:
             out.append((b"te", b"trailers"))  # gRPC servers require it (gRPC over HTTP/2)
         out[:0] = [
@@ -127,7 +136,10 @@ class H2UpstreamStream:
             (b":authority", authority),
             (b":path", target),
         ]
-        self.conn.h2.send_headers(self.sid, out)
+        try:
+            self.conn.h2.send_headers(self.sid, out)
+        except h2.exceptions.ProtocolError as e:  # the connection's state, not the request's
+            raise BadRequest(502, "upstream_closed", f"the app's connection: {e}") from None
         self.conn.flush()
         return b""  # the connection writes every stream's frames once per loop iteration
 

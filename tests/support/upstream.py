@@ -62,6 +62,8 @@ class UpstreamApp:
     port: int = 0
     unix_path: str | None = None
     requests: list[Received] = field(default_factory=list)
+    received: bytearray = field(default_factory=bytearray)  # every byte read, all connections
+    malformed: int = 0  # requests its parser (h11, strict) refused
     connections: int = 0
     in_flight: int = 0
     _loop: asyncio.AbstractEventLoop | None = None
@@ -201,10 +203,20 @@ class UpstreamApp:
     ) -> tuple[h11.Request | None, bytes]:
         request = None
         chunks = []
+        eof = False
         while True:
-            event = conn.next_event()
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError:
+                if not eof:  # not a request cut short: one h11 could not parse
+                    with self._lock:
+                        self.malformed += 1
+                raise
             if event is h11.NEED_DATA:
                 data = await reader.read(262144)
+                eof = not data
+                with self._lock:
+                    self.received += data
                 conn.receive_data(data)
             elif isinstance(event, h11.Request):
                 request = event
