@@ -315,13 +315,19 @@ class H2UpstreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.pool.metrics.up_in += len(data)
+        if self.closed:
+            return
         try:
             events = self.h2.receive_data(data)
-        except h2.exceptions.ProtocolError as e:
-            log.warning("the app broke HTTP/2; closing its connection", extra={"detail": str(e)})
-            self.flush()
-            self._lose_all(e)
-            self.close()
+        except h2.exceptions.ProtocolError as e:  # h2 queued a GOAWAY with the error's code
+            self._broken("upstream_protocol_error", e)
+            return
+        except Exception as e:
+            # h2 turns the frame errors it knows into ProtocolError; anything else h2,
+            # hyperframe or hpack raise while reading is the app's bytes' doing all the same.
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.h2.close_connection(ErrorCodes.PROTOCOL_ERROR)
+            self._broken("upstream_protocol_error", e)
             return
         corked: list[Any] = []
         try:
@@ -336,10 +342,33 @@ class H2UpstreamConnection(asyncio.Protocol):
                         down.cork()
                         corked.append(down)
                 handler(self, event)
+        except Exception as e:
+            # As the HTTP/1.1 connection does: this app connection ends, its streams get 502
+            # (or a reset, when their answer had begun); the proxy and other connections go on.
+            log.exception("unexpected error relaying responses from an h2c app")
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.h2.close_connection(ErrorCodes.INTERNAL_ERROR)
+            self._broken("upstream_internal_error", e)
+            return
         finally:
             for down in corked:
                 down.uncork()
         self.flush()
+
+    def _broken(self, reason: str, exc: Exception) -> None:
+        """The app's connection can no longer be trusted: GOAWAY, counted; every stream on it
+        is lost (a 502 for those not answered yet)."""
+        self.pool.metrics.http2_connection_errors.labels(reason).inc()
+        if reason == "upstream_protocol_error":
+            log.warning(
+                "the app broke HTTP/2; closing its connection",
+                extra={"detail": f"{type(exc).__name__}: {exc}"},
+            )
+        self.going_away = True
+        self.flush_now()
+        self._lose_all(exc)
+        self.close()
+        self.closed = True  # what the app sends until the close is not read
 
     def eof_received(self) -> bool:
         return False
@@ -387,12 +416,22 @@ class H2UpstreamConnection(asyncio.Protocol):
         for name, value in event.headers:
             if name[:1] == b":":
                 if name == b":status":
-                    status = int(value)
+                    status = _status(value)
                 continue
             if name == b"content-length" and value.isdigit():
                 length = int(value)
             headers.append((name, value))
+        if not 200 <= status <= 599:
+            self._malformed(found, "invalid :status")
+            return
         found[1].response_head(status, b"", headers, length)
+
+    def _malformed(self, found: tuple[H2UpstreamStream, UpstreamOwner], message: str) -> None:
+        """A malformed response is a stream error (RFC 9113 §8.1.1): that stream is reset and
+        its client answered 502; the connection's other streams go on."""
+        stream, owner = found
+        self.reset(stream, ErrorCodes.PROTOCOL_ERROR)
+        owner.response_malformed(message)
 
     def _on_informational(self, event: h2.events.InformationalResponseReceived) -> None:
         found = self._owner(event.stream_id)
@@ -402,9 +441,12 @@ class H2UpstreamConnection(asyncio.Protocol):
         headers: Headers = []
         for name, value in event.headers:
             if name == b":status":
-                status = int(value)
+                status = _status(value)
             elif name[:1] != b":":
                 headers.append((name, value))
+        if not 100 <= status <= 199:
+            self._malformed(found, "invalid :status")
+            return
         found[1].response_informational(status, b"", headers)
 
     def _on_data(self, event: h2.events.DataReceived) -> None:
@@ -506,6 +548,11 @@ class H2UpstreamConnection(asyncio.Protocol):
                 self.h2.close_connection()
             self.flush_now()
             self.transport.close()
+
+
+def _status(value: bytes) -> int:
+    """A `:status` of three digits, else 0 (h2 checks only that there is one)."""
+    return int(value) if len(value) == 3 and value.isdigit() else 0
 
 
 # Event type -> handler, for every connection.

@@ -1,10 +1,12 @@
 """A small HTTP/2 cleartext app (h2 library, prior knowledge) for the h2c:// upstream tests:
-it reports what it received (headers, body, trailers) and can reset a stream mid-response."""
+it reports what it received (headers, body, trailers) and can reset a stream mid-response.
+`/bad-status` answers `:status: abc`, `/bad-padding` a DATA frame padded past its payload."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import struct
 import threading
 from typing import Any
 
@@ -50,7 +52,9 @@ class _Conn(asyncio.Protocol):
                     "trailers": [],
                 }
                 path = dict(event.headers)[b":path"]
-                if path.startswith(b"/reset-mid"):
+                if path.startswith(b"/bad-"):
+                    self._malformed(sid, path)
+                elif path.startswith(b"/reset-mid"):
                     self.conn.send_headers(sid, [(b":status", b"200")])
                     self.conn.send_data(sid, b"partial")
                     self.flush()
@@ -73,6 +77,16 @@ class _Conn(asyncio.Protocol):
                 self.app.resets.append(event.error_code)
         self.flush()
 
+    def _malformed(self, sid: int, path: bytes) -> None:
+        """Bytes h2 would not send, written past it (its HPACK encoder stays in step)."""
+        if path.startswith(b"/bad-status"):
+            kind, flags = 0x1, 0x5  # HEADERS, END_HEADERS | END_STREAM
+            payload = bytes(self.conn.encoder.encode([(b":status", b"abc")]))
+        else:
+            kind, flags, payload = 0x0, 0x9, bytes([5]) + b"abcd"  # DATA, PADDED | END_STREAM
+        head = struct.pack(">I", len(payload))[1:] + bytes([kind, flags])
+        self.transport.write(head + struct.pack(">I", sid) + payload)
+
     def _reset(self, sid: int, code: int) -> None:
         self.conn.reset_stream(sid, code)
         self.flush()
@@ -80,7 +94,7 @@ class _Conn(asyncio.Protocol):
     def _answer(self, sid: int) -> None:
         request = self.requests.pop(sid)
         path = dict((n, v) for n, v in request["headers"])[":path"]
-        if path.startswith("/reset-mid"):
+        if path.startswith(("/reset-mid", "/bad-")):
             return
         self.app.seen.append(request)
         body = json.dumps(
