@@ -300,7 +300,9 @@ class H2UpstreamConnection(asyncio.Protocol):
                 self.close()
 
     def reset(self, stream: H2UpstreamStream, code: int) -> None:
-        if not stream.closed and not self.closed:
+        # A stream whose head was never sent (refused by request_head) is unknown to h2, and
+        # resetting it there would close h2's whole connection (an invalid input in IDLE).
+        if not stream.closed and not self.closed and stream.sid in self.h2.streams:
             with contextlib.suppress(h2.exceptions.ProtocolError):  # ended on h2's side
                 self.h2.reset_stream(stream.sid, code)
             self.flush()

@@ -8,12 +8,14 @@ import math
 from collections.abc import Iterator
 from pathlib import Path
 
+import h2.errors
 import pytest
+from hyperframe.frame import DataFrame
 
 from tests.conftest import ProxyFactory
 from tests.support.h2app import H2App
 from tests.support.h2client import H2Client
-from tests.support.proxy import ProxyProcess, RawClient, request_bytes, tls_socket
+from tests.support.proxy import ProxyProcess, RawClient, request_bytes, tls_socket, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +92,35 @@ def test_a_host_http2_cannot_carry_is_a_400(
     assert good is not None
     assert good.status == 200
     assert dict(json.loads(good.body)["headers"])[":authority"] == "localhost"
+
+
+def test_a_fragment_in_an_http11_target_is_a_400(proxy: ProxyProcess, app: H2App, ca: Path) -> None:
+    """HTTP/1.1 parsers take `/a#b`; an HTTP/2 :path cannot carry a fragment (RFC 9113 §8.3.1)."""
+    seen = len(app.seen)
+    with tls_socket(proxy.port, ca) as sock:
+        raw = RawClient(sock)
+        raw.send(request_bytes("GET", "/h2c#fragment"))
+        response = raw.read_response()
+    assert response is not None
+    assert response.status == 400
+    assert len(app.seen) == seen
+
+
+def test_a_content_length_the_data_contradicts_resets_the_app_stream_too(
+    proxy: ProxyProcess, app: H2App, ca: Path
+) -> None:
+    """H2.CL in front of an h2c app: the client's stream is reset PROTOCOL_ERROR, the app's
+    stream is reset (it never sees the request end), the client's other streams go on.
+    Before: GOAWAY PROTOCOL_ERROR for the client's whole connection."""
+    seen, resets = len(app.seen), len(app.resets)
+    client = H2Client(proxy.port, ca)
+    sid = client.request(
+        b"/h2c/short", method=b"POST", headers=[(b"content-length", b"10")], end=False
+    )
+    client.pump(lambda: bool(client.remote_settings), 5)
+    client.send_frames([DataFrame(sid, b"12345", flags=["END_STREAM"])])
+    assert client.response(sid).reset == h2.errors.ErrorCodes.PROTOCOL_ERROR
+    assert client.response(client.request(b"/after")).status == 200
+    wait_for(lambda: len(app.resets) > resets, what="the app's stream reset")
+    assert [r for r in app.seen[seen:] if dict(r["headers"])[":path"] == "/h2c/short"] == []
+    client.close()
