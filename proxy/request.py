@@ -148,7 +148,8 @@ _H2_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path"})
 # here it also has no other control character (RFC 9110 §5.5 field-value: HTAB, SP, VCHAR and
 # obs-text), as an HTTP/1.1 request's fields have: the app gets what HTTP/1.1 can carry.
 _H2_BAD_NAME = re.compile(rb"[^a-z0-9!#$%&'*+\-.^_`|~]")
-_H2_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]|\A[ \t]|[ \t]\Z")
+_H2_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # one class: the fastest search
+_WHITESPACE = (0x20, 0x09)
 # What becomes the request line and Host of an HTTP/1.1 request: a method that is a token
 # (RFC 9110 §9.1); a path in origin-form, `/` then printable ASCII without `#` (RFC 3986's path
 # and query characters, and the few it excludes that HTTP/1.1 parsers and browsers pass on
@@ -169,9 +170,16 @@ def valid_authority(value: bytes) -> bool:
     return _AUTHORITY.fullmatch(value) is not None
 
 
+def valid_h2_value(value: bytes) -> bool:
+    """No control but HTAB, no leading or trailing whitespace (RFC 9113 §8.2.1, RFC 9110 §5.5)."""
+    return _H2_CONTROL.search(value) is None and not (
+        value and (value[0] in _WHITESPACE or value[-1] in _WHITESPACE)
+    )
+
+
 def valid_h2_field(name: bytes, value: bytes) -> bool:
     """A regular field HTTP/2 and HTTP/1.1 can both carry (RFC 9113 §8.2.1, RFC 9110 §5)."""
-    return bool(name) and _H2_BAD_NAME.search(name) is None and _H2_BAD_VALUE.search(value) is None
+    return bool(name) and _H2_BAD_NAME.search(name) is None and valid_h2_value(value)
 
 
 def valid_request_line(method: bytes, path: bytes) -> bool:
@@ -203,7 +211,9 @@ def read_h2_head(fields: HeaderSeq, ended: bool) -> RequestHead:
     size = 0
     for name, value in fields:
         size += len(name) + len(value) + 4
-        if _H2_BAD_VALUE.search(value) is not None:
+        if _H2_CONTROL.search(value) is not None or (
+            value and (value[0] in _WHITESPACE or value[-1] in _WHITESPACE)
+        ):
             raise BadRequest(400, "malformed", f"invalid value of {name!r}")
         if name[:1] == b":":
             if headers or cookies or host is not None:
