@@ -284,7 +284,8 @@ class Http2Connection(ClientConnection):
             extra={"client": self.session.client.address, "reason": reason, "detail": message},
         )
         if code is not None:
-            self.h2.close_connection(code, last_stream_id=self.h2.highest_inbound_stream_id)
+            with contextlib.suppress(h2.exceptions.ProtocolError):  # h2 closed itself already
+                self.h2.close_connection(code, last_stream_id=self.h2.highest_inbound_stream_id)
         self.going_away = self._final_sent = True
         self.flush_now()
         self._linger()

@@ -1,7 +1,8 @@
 """A controllable upstream app for tests: echo, stream, stall, reset, garbage; it counts requests.
 
 It runs its own event loop in a background thread and records exactly what it received, so a test
-can assert what reached the app. Behaviour is chosen by path:
+can assert what reached the app: each request parsed (`requests`), every byte read (`received`),
+and how many requests its strict parser (h11) could not parse (`malformed`). Behaviour is chosen by path:
 
   /echo...            JSON: method, path, headers, body length and sha256
   /bytes/N            N bytes with Content-Length      /chunked/N  N bytes, chunked
