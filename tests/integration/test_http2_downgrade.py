@@ -27,6 +27,7 @@ END = ["END_HEADERS", "END_STREAM"]
 
 @pytest.fixture(scope="module")
 def proxy(start_proxy: ProxyFactory, upstream: UpstreamApp) -> ProxyProcess:
+    upstream.record = True  # every byte the app reads, to find what must never reach it
     # The upstream timeout is longer than any wait here: a request the app waits on shows as
     # a missing answer, not as a 504.
     return start_proxy(upstream.base, "--upstream-timeout", "30s")

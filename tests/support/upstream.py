@@ -1,7 +1,7 @@
 """A controllable upstream app for tests: echo, stream, stall, reset, garbage; it counts requests.
 
 It runs its own event loop in a background thread and records exactly what it received, so a test
-can assert what reached the app: each request parsed (`requests`), every byte read (`received`),
+can assert what reached the app: each request parsed (`requests`), every byte read (`received`, when `record` is set),
 and how many requests its strict parser (h11) could not parse (`malformed`). Behaviour is chosen by path:
 
   /echo...            JSON: method, path, headers, body length and sha256
@@ -63,6 +63,7 @@ class UpstreamApp:
     port: int = 0
     unix_path: str | None = None
     requests: list[Received] = field(default_factory=list)
+    record: bool = False  # keep every byte read in `received` (off: bulk tests stay lean)
     received: bytearray = field(default_factory=bytearray)  # every byte read, all connections
     malformed: int = 0  # requests its parser (h11, strict) refused
     connections: int = 0
@@ -216,8 +217,9 @@ class UpstreamApp:
             if event is h11.NEED_DATA:
                 data = await reader.read(262144)
                 eof = not data
-                with self._lock:
-                    self.received += data
+                if self.record:
+                    with self._lock:
+                        self.received += data
                 conn.receive_data(data)
             elif isinstance(event, h11.Request):
                 request = event
