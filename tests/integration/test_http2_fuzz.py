@@ -4,7 +4,7 @@ stream is refused (RST_STREAM, or an answer of the proxy's own), or the app pars
 request with the same method, target, fields and body. Never two requests, never one the app
 cannot parse, never a GOAWAY for one stream.
 
-Bounded in CI (TLS_SIDECAR_FUZZ_EXAMPLES, default 100); `make fuzz` runs thousands.
+Bounded in CI (TLS_SIDECAR_FUZZ_EXAMPLES, default 60 per codec); `make fuzz` runs thousands.
 """
 
 from __future__ import annotations
@@ -15,15 +15,17 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 from hyperframe.frame import DataFrame, Frame, GoAwayFrame, HeadersFrame, RstStreamFrame
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import ProxyFactory
 from tests.support.h2client import H2Client
 from tests.support.proxy import ProxyProcess
 from tests.support.upstream import UpstreamApp
 
-EXAMPLES = int(os.environ.get("TLS_SIDECAR_FUZZ_EXAMPLES", "100"))
+EXAMPLES = int(os.environ.get("TLS_SIDECAR_FUZZ_EXAMPLES", "60"))
 
 # Fields the proxy itself sets, removes or joins (X-Forwarded-*, the request id, cookies,
 # hop-by-hop): they are not compared, and the generator does not aim at them.
@@ -128,6 +130,12 @@ def requests(draw: st.DrawFn) -> Sent:
     authority = None if draw(st.integers(0, 5)) == 0 else part("authority")
     body = draw(st.one_of(st.none(), st.binary(max_size=24)))
     return Sent(part("method"), part("scheme"), part("path"), authority, fields, body)
+
+
+@pytest.fixture(scope="module")
+def proxy(start_proxy: ProxyFactory, upstream: UpstreamApp) -> ProxyProcess:
+    # Longer than any answer takes on a loaded machine: a 504 would look like a refusal.
+    return start_proxy(upstream.base, "--upstream-timeout", "30s")
 
 
 def send(proxy: ProxyProcess, ca: Path, sent: Sent) -> H2Client:
