@@ -26,7 +26,7 @@ test-slow: $(STAMP)
 	$(BIN)/pytest -m slow -q -s
 
 fuzz: $(STAMP)
-	TLS_SIDECAR_FUZZ_EXAMPLES=$${EXAMPLES:-5000} $(BIN)/pytest -q tests/integration/test_fuzz.py
+	TLS_SIDECAR_FUZZ_EXAMPLES=$${EXAMPLES:-5000} $(BIN)/pytest -q tests/integration/test_fuzz.py tests/integration/test_http2_fuzz.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check proxy tests loadtest

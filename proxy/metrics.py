@@ -217,7 +217,8 @@ class Metrics:
         self.http2_connection_errors = Counter(
             f"{p}_http2_connection_errors",
             "HTTP/2 connections ended with GOAWAY for an error, by reason (protocol_error, "
-            "rapid_reset, control_flood, header_block, internal_error).",
+            "rapid_reset, control_flood, header_block, internal_error; upstream_protocol_error, "
+            "upstream_internal_error: a connection to an h2c app).",
             ["reason"],
             registry=r,
         )

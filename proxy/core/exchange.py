@@ -225,7 +225,17 @@ class Exchange:
         except BadRequest as e:
             self.ctx.pool.close(upstream)
             self.upstream = None
-            self.local(400, "bad_request", f"request cannot be forwarded: {e}")
+            self.local(e.status, e.reason, f"request cannot be forwarded: {e}")
+            return
+        except Exception:
+            # Never into the connection: one request that cannot be encoded fails alone.
+            log.exception(
+                "unexpected error encoding a request for the app",
+                extra={"client": self.session.client.address},
+            )
+            self.ctx.pool.close(upstream)
+            self.upstream = None
+            self.local(502, "internal_error", "the request could not be sent to the app")
             return
         pending, self._pending = self._pending, None
         if pending:

@@ -198,9 +198,12 @@ class H11Client:
     def request_head(
         self, method: bytes, target: bytes, headers: Headers, *, chunked: bool
     ) -> bytes:
-        data = self._conn.send(
-            h11.Request(method=method, target=target, headers=headers, _parsed=True)
-        )
+        try:
+            data = self._conn.send(
+                h11.Request(method=method, target=target, headers=headers, _parsed=True)
+            )
+        except h11.LocalProtocolError as e:  # what HTTP/1.1 cannot carry: this request only
+            raise BadRequest(400, "bad_request", str(e)) from None
         assert data is not None
         return data
 

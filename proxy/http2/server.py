@@ -21,6 +21,7 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+import h2.stream
 from h2.errors import ErrorCodes
 from h2.frame_buffer import FrameBuffer
 from hyperframe.frame import ContinuationFrame, Frame, GoAwayFrame, HeadersFrame
@@ -114,6 +115,27 @@ class HeaderBlockBudget(FrameBuffer):
         return super()._update_header_buffer(f)
 
 
+class _LengthCheckedByUs(h2.stream.H2Stream):
+    """h2 checks a request's Content-Length against its DATA as a connection error, ending
+    every stream for one client's mistake; RFC 9113 §8.1.1 makes it a stream error. The
+    connection checks it instead (`Http2Connection._body_length_wrong`), so h2 does not."""
+
+    def _initialize_content_length(self, headers: Any) -> None:
+        return None
+
+    def _track_content_length(self, length: int, end_stream: bool) -> None:
+        return None
+
+
+class _ServerConnection(H2Connection):
+    def _begin_new_stream(
+        self, stream_id: int, allowed_ids: h2.connection.AllowedStreamIDs
+    ) -> h2.stream.H2Stream:
+        stream = super()._begin_new_stream(stream_id, allowed_ids)
+        stream.__class__ = _LengthCheckedByUs
+        return stream
+
+
 class Budget:
     """A token bucket: `burst` at once, refilled at `rate` per second."""
 
@@ -139,7 +161,7 @@ class Http2Connection(ClientConnection):
     def __init__(self, ctx: ProxyContext) -> None:
         super().__init__(ctx)
         config = ctx.config
-        conn = H2Connection(config=_SERVER_CONFIG)
+        conn = _ServerConnection(config=_SERVER_CONFIG)
         # The HPACK decoder stops a header list over the bound while decoding (HPACK bombs);
         # h2 would apply the setting only once the client acknowledged it. Up to the bound a
         # head past --max-header-bytes is decoded whole (the HPACK state stays shared) and
@@ -246,6 +268,13 @@ class Http2Connection(ClientConnection):
         except h2.exceptions.ProtocolError as e:  # h2 queued a GOAWAY with the error's code
             self._connection_error("protocol_error", str(e))
             return
+        except Exception as e:
+            # h2 turns the frame errors it knows into ProtocolError (hyperframe's padding and
+            # frame-size errors among them); anything else h2, hyperframe or hpack raise while
+            # reading is still the client's bytes' doing: a connection error, not a traceback.
+            detail = f"{type(e).__name__}: {e}"
+            self._connection_error("protocol_error", detail, ErrorCodes.PROTOCOL_ERROR)
+            return
         self.corked += 1
         try:
             for event in events:
@@ -276,7 +305,8 @@ class Http2Connection(ClientConnection):
             extra={"client": self.session.client.address, "reason": reason, "detail": message},
         )
         if code is not None:
-            self.h2.close_connection(code, last_stream_id=self.h2.highest_inbound_stream_id)
+            with contextlib.suppress(h2.exceptions.ProtocolError):  # h2 closed itself already
+                self.h2.close_connection(code, last_stream_id=self.h2.highest_inbound_stream_id)
         self.going_away = self._final_sent = True
         self.flush_now()
         self._linger()
@@ -338,12 +368,43 @@ class Http2Connection(ClientConnection):
             if size:
                 self.acknowledge(size, event.stream_id)
             return
+        exchange = stream.exchange
+        declared = exchange.head.content_length
+        if declared is not None and exchange.bytes_in + len(event.data) > declared:
+            self._body_length_wrong(stream, "more DATA than its Content-Length")
+            if size:
+                self.acknowledge(size, event.stream_id)
+            return
         stream.request_data(event.data, size)
 
     def _on_stream_ended(self, event: h2.events.StreamEnded) -> None:
         stream = self.streams.get(event.stream_id)
         if stream is not None:
+            exchange = stream.exchange
+            if exchange is not None and not stream.local_sent:
+                declared = exchange.head.content_length
+                if declared is not None and exchange.bytes_in != declared:
+                    self._body_length_wrong(stream, "less DATA than its Content-Length")
+                    return
             stream.request_ended()
+
+    def _body_length_wrong(self, stream: H2Stream, detail: str) -> None:
+        """H2.CL: the DATA frames contradict the request's Content-Length, a malformed request
+        (RFC 9113 §8.1.1). The bytes past it never reach the app (over HTTP/1.1 they would be
+        read as the next request); the stream is reset PROTOCOL_ERROR, the others go on, and
+        the app's side is given up: its HTTP/1.1 connection closed (never pooled again), its
+        h2c stream reset."""
+        self.ctx.metrics.local_responses.labels("400", "malformed").inc()
+        log.debug(
+            "malformed http/2 request",
+            extra={"client": self.session.client.address, "detail": detail},
+        )
+        answered = stream.ended
+        stream.lost(ErrorCodes.PROTOCOL_ERROR)
+        if answered and self.h2.streams.get(stream.sid) is not None:
+            with contextlib.suppress(h2.exceptions.ProtocolError):  # closed there already
+                self.h2.reset_stream(stream.sid, ErrorCodes.PROTOCOL_ERROR)
+        self._calm(self._resets, "rapid_reset")
 
     def _on_trailers(self, event: h2.events.TrailersReceived) -> None:
         stream = self.streams.get(event.stream_id)

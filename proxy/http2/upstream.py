@@ -25,6 +25,7 @@ from h2.errors import ErrorCodes
 from proxy.config import Config
 from proxy.core.headers import Headers
 from proxy.core.links import ClientCodec, ResponseSink, Tunnel, UpstreamLink, UpstreamOwner
+from proxy.core.request import BadRequest, valid_authority, valid_h2_field, valid_request_line
 from proxy.http2.h2conn import H2Connection
 from proxy.metrics import Metrics
 from proxy.pool import open_to_app
@@ -113,12 +114,20 @@ class H2UpstreamStream:
         grpc = False
         for name, value in headers:
             if name in _NOT_SENT:
-                if name == b"host":
+                if name == b"host" and value:  # an empty Host (HTTP/1.1 allows it): ours
+                    if not valid_authority(value):
+                        raise BadRequest(400, "bad_request", "Host cannot be an :authority")
                     authority = value
                 continue
+            if not valid_h2_field(name, value):
+                # h2 sends what it is given (outbound validation is off): an app's h2 stack
+                # would refuse it, maybe for the whole connection. This request alone is 400.
+                raise BadRequest(400, "bad_request", f"field {name!r} cannot go over HTTP/2")
             if name == b"content-type" and value[:16] == b"application/grpc":
                 grpc = True
             out.append((name, value))
+        if not valid_request_line(method, target):
+            raise BadRequest(400, "bad_request", "method or target cannot go over HTTP/2")
         if grpc:
             out.append((b"te", b"trailers"))  # gRPC servers require it (gRPC over HTTP/2)
         out[:0] = [
@@ -127,7 +136,10 @@ class H2UpstreamStream:
             (b":authority", authority),
             (b":path", target),
         ]
-        self.conn.h2.send_headers(self.sid, out)
+        try:
+            self.conn.h2.send_headers(self.sid, out)
+        except h2.exceptions.ProtocolError as e:  # the connection's state, not the request's
+            raise BadRequest(502, "upstream_closed", f"the app's connection: {e}") from None
         self.conn.flush()
         return b""  # the connection writes every stream's frames once per loop iteration
 
@@ -300,7 +312,9 @@ class H2UpstreamConnection(asyncio.Protocol):
                 self.close()
 
     def reset(self, stream: H2UpstreamStream, code: int) -> None:
-        if not stream.closed and not self.closed:
+        # A stream whose head was never sent (refused by request_head) is unknown to h2, and
+        # resetting it there would close h2's whole connection (an invalid input in IDLE).
+        if not stream.closed and not self.closed and stream.sid in self.h2.streams:
             with contextlib.suppress(h2.exceptions.ProtocolError):  # ended on h2's side
                 self.h2.reset_stream(stream.sid, code)
             self.flush()
@@ -315,13 +329,19 @@ class H2UpstreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.pool.metrics.up_in += len(data)
+        if self.closed:
+            return
         try:
             events = self.h2.receive_data(data)
-        except h2.exceptions.ProtocolError as e:
-            log.warning("the app broke HTTP/2; closing its connection", extra={"detail": str(e)})
-            self.flush()
-            self._lose_all(e)
-            self.close()
+        except h2.exceptions.ProtocolError as e:  # h2 queued a GOAWAY with the error's code
+            self._broken("upstream_protocol_error", e)
+            return
+        except Exception as e:
+            # h2 turns the frame errors it knows into ProtocolError; anything else h2,
+            # hyperframe or hpack raise while reading is the app's bytes' doing all the same.
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.h2.close_connection(ErrorCodes.PROTOCOL_ERROR)
+            self._broken("upstream_protocol_error", e)
             return
         corked: list[Any] = []
         try:
@@ -336,10 +356,33 @@ class H2UpstreamConnection(asyncio.Protocol):
                         down.cork()
                         corked.append(down)
                 handler(self, event)
+        except Exception as e:
+            # As the HTTP/1.1 connection does: this app connection ends, its streams get 502
+            # (or a reset, when their answer had begun); the proxy and other connections go on.
+            log.exception("unexpected error relaying responses from an h2c app")
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.h2.close_connection(ErrorCodes.INTERNAL_ERROR)
+            self._broken("upstream_internal_error", e)
+            return
         finally:
             for down in corked:
                 down.uncork()
         self.flush()
+
+    def _broken(self, reason: str, exc: Exception) -> None:
+        """The app's connection can no longer be trusted: GOAWAY, counted; every stream on it
+        is lost (a 502 for those not answered yet)."""
+        self.pool.metrics.http2_connection_errors.labels(reason).inc()
+        if reason == "upstream_protocol_error":
+            log.warning(
+                "the app broke HTTP/2; closing its connection",
+                extra={"detail": f"{type(exc).__name__}: {exc}"},
+            )
+        self.going_away = True
+        self.flush_now()
+        self._lose_all(exc)
+        self.close()
+        self.closed = True  # what the app sends until the close is not read
 
     def eof_received(self) -> bool:
         return False
@@ -389,12 +432,22 @@ class H2UpstreamConnection(asyncio.Protocol):
         for name, value in event.headers:
             if name[:1] == b":":
                 if name == b":status":
-                    status = int(value)
+                    status = _status(value)
                 continue
             if name == b"content-length" and value.isdigit():
                 length = int(value)
             headers.append((name, value))
+        if not 200 <= status <= 599:
+            self._malformed(found, "invalid :status")
+            return
         found[1].response_head(status, b"", headers, length)
+
+    def _malformed(self, found: tuple[H2UpstreamStream, UpstreamOwner], message: str) -> None:
+        """A malformed response is a stream error (RFC 9113 §8.1.1): that stream is reset and
+        its client answered 502; the connection's other streams go on."""
+        stream, owner = found
+        self.reset(stream, ErrorCodes.PROTOCOL_ERROR)
+        owner.response_malformed(message)
 
     def _on_informational(self, event: h2.events.InformationalResponseReceived) -> None:
         found = self._owner(event.stream_id)
@@ -404,9 +457,12 @@ class H2UpstreamConnection(asyncio.Protocol):
         headers: Headers = []
         for name, value in event.headers:
             if name == b":status":
-                status = int(value)
+                status = _status(value)
             elif name[:1] != b":":
                 headers.append((name, value))
+        if not 100 <= status <= 199:
+            self._malformed(found, "invalid :status")
+            return
         found[1].response_informational(status, b"", headers)
 
     def _on_data(self, event: h2.events.DataReceived) -> None:
@@ -511,6 +567,11 @@ class H2UpstreamConnection(asyncio.Protocol):
                 self.h2.close_connection()
             self.flush_now()
             self.transport.close()
+
+
+def _status(value: bytes) -> int:
+    """A `:status` of three digits, else 0 (h2 checks only that there is one)."""
+    return int(value) if len(value) == 3 and value.isdigit() else 0
 
 
 # Event type -> handler, for every connection.

@@ -7,12 +7,15 @@ it reports what it received (headers, body, trailers) and can reset a stream mid
   /reset-unanswered    no answer: RST_STREAM 0.1 s after the request
   /grpc...             as a gRPC server answers: no content-length, the status in trailers
   /slow...             the JSON report, 0.3 s late     anything else: the JSON report at once
+  /bad-status          answers `:status: abc`
+  /bad-padding         a DATA frame padded past its payload
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import struct
 import threading
 from typing import Any
 
@@ -67,6 +70,8 @@ class _Conn(asyncio.Protocol):
                     body = memoryview(pattern(int(path.split(b"/")[2])))
                     self.sending[sid] = (body, path.startswith(b"/reset-mid/"))
                     self._send_more(sid)
+                elif path.startswith(b"/bad-"):
+                    self._malformed(sid, path)
                 elif path.startswith(b"/reset-mid"):
                     self.conn.send_headers(sid, [(b":status", b"200")])
                     self.conn.send_data(sid, b"partial")
@@ -122,6 +127,16 @@ class _Conn(asyncio.Protocol):
         else:
             self.conn.end_stream(sid)
 
+    def _malformed(self, sid: int, path: bytes) -> None:
+        """Bytes h2 would not send, written past it (its HPACK encoder stays in step)."""
+        if path.startswith(b"/bad-status"):
+            kind, flags = 0x1, 0x5  # HEADERS, END_HEADERS | END_STREAM
+            payload = bytes(self.conn.encoder.encode([(b":status", b"abc")]))
+        else:
+            kind, flags, payload = 0x0, 0x9, bytes([5]) + b"abcd"  # DATA, PADDED | END_STREAM
+        head = struct.pack(">I", len(payload))[1:] + bytes([kind, flags])
+        self.transport.write(head + struct.pack(">I", sid) + payload)
+
     def _reset(self, sid: int, code: int) -> None:
         self.conn.reset_stream(sid, code)
         self.flush()
@@ -129,7 +144,7 @@ class _Conn(asyncio.Protocol):
     def _answer(self, sid: int) -> None:
         request = self.requests.pop(sid)
         path = dict((n, v) for n, v in request["headers"])[":path"]
-        if path.startswith(("/reset-mid", "/reset-unanswered")):
+        if path.startswith(("/reset-mid", "/reset-unanswered", "/bad-")):
             return
         self.app.seen.append(request)
         if path.startswith("/grpc"):

@@ -1,7 +1,8 @@
 """A controllable upstream app for tests: echo, stream, stall, reset, garbage; it counts requests.
 
 It runs its own event loop in a background thread and records exactly what it received, so a test
-can assert what reached the app. Behaviour is chosen by path:
+can assert what reached the app: each request parsed (`requests`), every byte read (`received`, when `record` is set),
+and how many requests its strict parser (h11) could not parse (`malformed`). Behaviour is chosen by path:
 
   /echo...            JSON: method, path, headers, body length and sha256
   /bytes/N            N bytes with Content-Length      /chunked/N  N bytes, chunked
@@ -73,6 +74,9 @@ class UpstreamApp:
     port: int = 0
     unix_path: str | None = None
     requests: list[Received] = field(default_factory=list)
+    record: bool = False  # keep every byte read in `received` (off: bulk tests stay lean)
+    received: bytearray = field(default_factory=bytearray)  # every byte read, all connections
+    malformed: int = 0  # requests its parser (h11, strict) refused
     connections: int = 0
     closed: int = 0
     in_flight: int = 0
@@ -215,10 +219,21 @@ class UpstreamApp:
     ) -> tuple[h11.Request | None, bytes]:
         request = None
         chunks = []
+        eof = False
         while True:
-            event = conn.next_event()
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError:
+                if not eof:  # not a request cut short: one h11 could not parse
+                    with self._lock:
+                        self.malformed += 1
+                raise
             if event is h11.NEED_DATA:
                 data = await reader.read(262144)
+                eof = not data
+                if self.record:
+                    with self._lock:
+                        self.received += data
                 conn.receive_data(data)
             elif isinstance(event, h11.Request):
                 request = event
