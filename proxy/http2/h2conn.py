@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 import h2.connection
+import h2.stream
 from h2.connection import ConnectionInputs, ConnectionState
 
 _OPEN = (ConnectionState.CLIENT_OPEN, ConnectionState.SERVER_OPEN)
@@ -42,3 +43,86 @@ class H2Connection(h2.connection.H2Connection):
 
     def clear_outbound_data_buffer(self) -> None:
         """Frames queued before the peer's GOAWAY still go out: they answer streams it keeps."""
+
+
+class _LengthCheckedByUs(h2.stream.H2Stream):
+    """h2 checks a request's Content-Length against its DATA as a connection error, ending
+    every stream for one client's mistake; RFC 9113 §8.1.1 makes it a stream error. The
+    connection checks it instead (`http2.server.Http2Connection._body_length_wrong`), so h2 does not."""
+
+    def _initialize_content_length(self, headers: Any) -> None:
+        return None
+
+    def _track_content_length(self, length: int, end_stream: bool) -> None:
+        return None
+
+
+class ServerH2Connection(H2Connection):
+    """The client-facing side: request bodies' lengths are the proxy's to check."""
+
+    def _begin_new_stream(
+        self, stream_id: int, allowed_ids: h2.connection.AllowedStreamIDs
+    ) -> h2.stream.H2Stream:
+        stream = super()._begin_new_stream(stream_id, allowed_ids)
+        stream.__class__ = _LengthCheckedByUs
+        return stream
+
+
+class SendQueue:
+    """A stream's DATA within the peer's flow-control windows, for both HTTP/2 sides: what the
+    windows let through goes out at once (in frames of the peer's size), the rest waits here in
+    order until the windows open. What a wait means (a timer, pausing the other side) is the
+    stream's own."""
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.size = 0  # bytes waiting
+
+    def send(self, conn: h2.connection.H2Connection, sid: int, data: bytes) -> int:
+        """Send `data` as far as the windows allow, behind anything already waiting; returns
+        how many of its bytes now wait."""
+        if self.parts:
+            self.parts.append(data)
+            self.size += len(data)
+            return len(data)
+        size = len(data)
+        window = conn.local_flow_control_window(sid)
+        frame = conn.max_outbound_frame_size
+        if window >= size and size <= frame:
+            conn.send_data(sid, data)
+            return 0
+        view = memoryview(data)
+        sent = 0
+        end = min(window, size)
+        while sent < end:
+            step = min(frame, end - sent)
+            conn.send_data(sid, view[sent : sent + step].tobytes())
+            sent += step
+        if sent == size:
+            return 0
+        rest = data[sent:]
+        self.parts.append(rest)
+        self.size += len(rest)
+        return len(rest)
+
+    def drain(self, conn: h2.connection.H2Connection, sid: int) -> int:
+        """The windows opened: send what waited, in order, as far as they allow; returns how
+        many bytes left the queue."""
+        before = self.size
+        waiting, self.parts = self.parts, []
+        self.size = 0
+        for index, data in enumerate(waiting):
+            self.send(conn, sid, data)
+            if self.parts:  # shut again: keep the rest in order
+                rest = waiting[index + 1 :]
+                self.parts += rest
+                self.size += sum(map(len, rest))
+                break
+        return before - self.size
+
+    def clear(self) -> int:
+        """Nothing more will be sent: drop what waits; returns how many bytes that was."""
+        size, self.parts, self.size = self.size, [], 0
+        return size

@@ -23,17 +23,21 @@ import h2.exceptions
 import h2.settings
 import h2.stream
 from h2.errors import ErrorCodes
-from h2.frame_buffer import FrameBuffer
-from hyperframe.frame import ContinuationFrame, Frame, GoAwayFrame, HeadersFrame
+from hyperframe.frame import GoAwayFrame
 
-from proxy.core.exchange import Exchange, local_body, local_headers
-from proxy.core.headers import Headers
-from proxy.core.links import Tunnel
+from proxy.core.exchange import Exchange
 from proxy.core.request import BadRequest, read_h2_head, read_h2_trailers
-from proxy.core.session import Session
-from proxy.core.timer import PhaseTimer
 from proxy.downstream import ClientConnection
-from proxy.http2.h2conn import H2Connection
+from proxy.http2.defences import (
+    CONTROL_BURST,
+    CONTROL_RATE,
+    Budget,
+    CalmDown,
+    HeaderBlockBudget,
+    header_list_bound,
+)
+from proxy.http2.h2conn import ServerH2Connection
+from proxy.http2.stream import CONNECTION_BUFFER, STREAM_BUFFER, H2Stream
 
 if TYPE_CHECKING:
     from proxy.core.context import ProxyContext
@@ -44,19 +48,6 @@ log = logging.getLogger("tls_sidecar.http")
 # window bounds what one slow upload buffers here; the connection's bounds them all together.
 STREAM_WINDOW = 256 * 1024
 CONNECTION_WINDOW = 1024 * 1024
-# A response body waiting for the client's window: past this much per stream (or all streams
-# together) the app's side is paused until the client reads.
-STREAM_BUFFER = 64 * 1024
-CONNECTION_BUFFER = 1024 * 1024
-# After an answer of the proxy's own while the client is still sending its body: read and drop
-# up to this much (crediting the windows) before RST_STREAM NO_ERROR. Clients such as curl and
-# httpx read the answer only once their body is sent, and treat the reset as an error.
-DISCARD_BYTES = 4 * 1024 * 1024
-# Frames that cost work but carry no request (SETTINGS, PING, empty DATA, unknown types): a
-# burst, then a steady rate per second; past it, GOAWAY ENHANCE_YOUR_CALM.
-CONTROL_BURST = 1000.0
-CONTROL_RATE = 100.0
-
 _SERVER_CONFIG = h2.config.H2Configuration(
     client_side=False,
     header_encoding=None,
@@ -71,88 +62,6 @@ _SERVER_CONFIG = h2.config.H2Configuration(
 
 LINGER_SECONDS = 1.0
 _DRAIN_PING = b"drain\x00\x00\x00"
-_STATUS = {code: b"%d" % code for code in range(100, 600)}
-
-
-def header_list_bound(max_header_bytes: int) -> int:
-    """What one header block may be, encoded or decoded (HPACK counts 32 bytes more per
-    field than a head's size): twice --max-header-bytes."""
-    return 2 * max_header_bytes
-
-
-class CalmDown(h2.exceptions.DenialOfServiceError):
-    """The client spent a budget: the connection ends with GOAWAY ENHANCE_YOUR_CALM."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-class HeaderBlockBudget(FrameBuffer):
-    """h2 joins up to 64 CONTINUATION frames of any size into one header block; here a block is
-    bounded in total by --max-header-bytes as it arrives (CVE-2024-27316). A HEADERS frame on a
-    stream id already used and closed is a connection error PROTOCOL_ERROR (RFC 9113 §5.1.1),
-    where h2 would say STREAM_CLOSED, or only reset the stream if it had been reset."""
-
-    def __init__(self, conn: h2.connection.H2Connection, limit: int) -> None:
-        super().__init__(server=True)
-        self.conn = conn
-        self.limit = limit
-        self._block = 0
-
-    def _update_header_buffer(self, f: Frame | None) -> Frame | None:
-        if isinstance(f, HeadersFrame):
-            sid = f.stream_id
-            if sid <= self.conn.highest_inbound_stream_id:
-                stream = self.conn.streams.get(sid)
-                if stream is None or stream.closed:
-                    raise h2.exceptions.ProtocolError(f"stream id {sid} used again")
-            self._block = len(f.data)
-        elif isinstance(f, ContinuationFrame):
-            self._block += len(f.data)
-        if self._block > self.limit:
-            raise CalmDown("header_block", f"header block over {self.limit} bytes")
-        return super()._update_header_buffer(f)
-
-
-class _LengthCheckedByUs(h2.stream.H2Stream):
-    """h2 checks a request's Content-Length against its DATA as a connection error, ending
-    every stream for one client's mistake; RFC 9113 §8.1.1 makes it a stream error. The
-    connection checks it instead (`Http2Connection._body_length_wrong`), so h2 does not."""
-
-    def _initialize_content_length(self, headers: Any) -> None:
-        return None
-
-    def _track_content_length(self, length: int, end_stream: bool) -> None:
-        return None
-
-
-class _ServerConnection(H2Connection):
-    def _begin_new_stream(
-        self, stream_id: int, allowed_ids: h2.connection.AllowedStreamIDs
-    ) -> h2.stream.H2Stream:
-        stream = super()._begin_new_stream(stream_id, allowed_ids)
-        stream.__class__ = _LengthCheckedByUs
-        return stream
-
-
-class Budget:
-    """A token bucket: `burst` at once, refilled at `rate` per second."""
-
-    __slots__ = ("_at", "_level", "burst", "rate")
-
-    def __init__(self, burst: float, rate: float, now: float) -> None:
-        self.burst = burst
-        self.rate = rate
-        self._level = burst
-        self._at = now
-
-    def spend(self, now: float) -> bool:
-        """Take one token; False when none is left."""
-        level = min(self.burst, self._level + (now - self._at) * self.rate) - 1.0
-        self._at = now
-        self._level = level
-        return level >= 0.0
 
 
 class Http2Connection(ClientConnection):
@@ -161,7 +70,7 @@ class Http2Connection(ClientConnection):
     def __init__(self, ctx: ProxyContext) -> None:
         super().__init__(ctx)
         config = ctx.config
-        conn = _ServerConnection(config=_SERVER_CONFIG)
+        conn = ServerH2Connection(config=_SERVER_CONFIG)
         # The HPACK decoder stops a header list over the bound while decoding (HPACK bombs);
         # h2 would apply the setting only once the client acknowledged it. Up to the bound a
         # head past --max-header-bytes is decoded whole (the HPACK state stays shared) and
@@ -428,14 +337,14 @@ class Http2Connection(ClientConnection):
         sid = event.stream_id
         if sid:
             stream = self.streams.get(sid)
-            if stream is not None and stream.waiting:
+            if stream is not None and stream.queue.parts:
                 stream.send_waiting()
         else:
             self._window_opened()
 
     def _window_opened(self) -> None:
         for stream in list(self.streams.values()):
-            if stream.waiting:
+            if stream.queue.parts:
                 stream.send_waiting()
 
     def _on_settings(self, event: h2.events.RemoteSettingsChanged) -> None:
@@ -548,7 +457,7 @@ class Http2Connection(ClientConnection):
         if not self.paused or self.writing_paused or self.buffered > CONNECTION_BUFFER // 2:
             return
         for stream in list(self.paused.values()):
-            if stream.waiting_bytes <= STREAM_BUFFER // 2:
+            if stream.queue.size <= STREAM_BUFFER // 2:
                 stream.resume_upstream()
 
 
@@ -566,377 +475,3 @@ _SERVER_HANDLERS: dict[type[h2.events.Event], Callable[[Http2Connection, Any], N
     h2.events.UnknownFrameReceived: Http2Connection._on_control,
     h2.events.ConnectionTerminated: Http2Connection._on_goaway,
 }
-
-
-class H2Stream(PhaseTimer):
-    """One request and its response on an HTTP/2 connection: the exchange's Downstream."""
-
-    __slots__ = (
-        "conn",
-        "ctx",
-        "discard_left",
-        "ended",
-        "exchange",
-        "head",
-        "holds",
-        "local_sent",
-        "loop",
-        "session",
-        "sid",
-        "trailers_waiting",
-        "unacked",
-        "upstream_paused",
-        "waiting",
-        "waiting_bytes",
-        "waiting_end",
-    )
-
-    def __init__(self, conn: Http2Connection, sid: int) -> None:
-        super().__init__()
-        self.conn = conn
-        self.ctx = conn.ctx
-        self.loop = conn.loop
-        self.session: Session = conn.session
-        self.sid = sid
-        self.exchange: Exchange | None = None
-        self.head: Headers | None = None  # a response head held until we know if a body follows
-        self.holds = 0
-        self.unacked = 0  # request bytes taken but not acknowledged (the app is not reading)
-        self.waiting: list[bytes] = []  # response bytes the client's window has no room for
-        self.waiting_bytes = 0
-        self.waiting_end = False
-        self.trailers_waiting: Headers | None = None
-        self.ended = False  # our END_STREAM (or RST_STREAM) went out
-        self.local_sent = False
-        self.discard_left = 0  # after our own answer: request bytes still to be read and dropped
-        self.upstream_paused = False
-
-    # --- the request body -------------------------------------------------------------------------
-    def request_data(self, data: bytes, size: int) -> None:
-        if self.local_sent:  # answered already: the rest of the body is read and dropped
-            self._discard(size)
-            return
-        exchange = self.exchange
-        assert exchange is not None
-        if self._phase == "request_body":
-            self._phase_since = self.loop.time()
-        exchange.request_data(data)
-        if self.holds and not self.ended:
-            self.unacked += size  # acknowledged when the app takes more
-        elif size:
-            self.conn.acknowledge(size, self.sid)
-
-    def refuse(self, error: BadRequest) -> None:
-        """A request refused before it had an exchange (431 for an oversized head)."""
-        self.send_local(error.status, local_headers(None), local_body(error.status, str(error)))
-
-    # --- Downstream -------------------------------------------------------------------------------
-    def cork(self) -> None:
-        self.conn.corked += 1
-
-    def uncork(self) -> None:
-        if self.head is not None:
-            self._emit_head(False)
-        conn = self.conn
-        conn.corked -= 1
-        if not conn.corked:
-            conn.flush()
-
-    def hold(self, reason: int) -> None:
-        self.holds |= reason
-
-    def release(self, reason: int) -> None:
-        if self.holds & reason:
-            self.holds &= ~reason
-            if not self.holds and self.unacked and not self.ended:
-                unacked, self.unacked = self.unacked, 0
-                self.conn.acknowledge(unacked, self.sid)
-                self.conn.flush()
-
-    def send_head(self, status: int, reason: bytes, headers: Headers, length: int | None) -> None:
-        self._phase_since = self.loop.time()
-        headers.insert(0, (b":status", _STATUS.get(status) or b"%d" % status))
-        self.head = headers
-        if not self.conn.corked:
-            self._emit_head(False)
-            self.conn.flush()
-
-    def _emit_head(self, end: bool) -> None:
-        """The held head goes out; with END_STREAM when nothing follows it (a gRPC
-        trailers-only answer must be one HEADERS frame)."""
-        head, self.head = self.head, None
-        if head is not None:
-            self.conn.h2.send_headers(self.sid, head, end_stream=end)
-
-    def send_data(self, data: bytes) -> None:
-        if not data:
-            return
-        self._phase_since = self.loop.time()
-        if self.head is not None:
-            self._emit_head(False)
-        if self.waiting:
-            self._wait(data)
-        else:
-            self._send(data)
-        self.conn.flush()
-
-    def _send(self, data: bytes) -> None:
-        """As much as the client's windows let through; the rest waits."""
-        conn = self.conn.h2
-        window = conn.local_flow_control_window(self.sid)
-        if window >= len(data) and len(data) <= conn.max_outbound_frame_size:
-            conn.send_data(self.sid, data)
-            return
-        frame = conn.max_outbound_frame_size
-        view = memoryview(data)
-        sent = 0
-        end = min(window, len(data))
-        while sent < end:
-            step = min(frame, end - sent)
-            conn.send_data(self.sid, view[sent : sent + step].tobytes())
-            sent += step
-        if sent < len(data):
-            self._wait(data[sent:])
-
-    def _wait(self, data: bytes) -> None:
-        if not self.waiting:
-            self.arm("send", self.ctx.config.idle_timeout)  # a shut window is cut in time
-        self.waiting.append(data)
-        self.waiting_bytes += len(data)
-        self.conn.buffered += len(data)
-        if not self.upstream_paused and (
-            self.waiting_bytes > STREAM_BUFFER or self.conn.buffered > CONNECTION_BUFFER
-        ):
-            self.pause_upstream()
-
-    def send_waiting(self) -> None:
-        """The client's window opened: send what waited, and the end that waited behind it."""
-        waiting, self.waiting = self.waiting, []
-        self.conn.buffered -= self.waiting_bytes
-        self.waiting_bytes = 0
-        for index, data in enumerate(waiting):
-            self._send(data)
-            if self.waiting:  # shut again: keep the rest in order
-                rest = waiting[index + 1 :]
-                self.waiting += rest
-                size = sum(map(len, rest))
-                self.waiting_bytes += size
-                self.conn.buffered += size
-                break
-        if self.waiting:
-            self._phase_since = self.loop.time()
-        else:
-            exchange = self.exchange
-            if exchange is None or exchange.response_complete:
-                self.stop_timer()
-            elif self.upstream_paused:  # until the other streams' buffers drain: the client's
-                self.arm("send", self.ctx.config.idle_timeout)
-            else:
-                self.arm("upstream", self.ctx.config.upstream_timeout)
-            if self.trailers_waiting is not None:
-                trailers, self.trailers_waiting = self.trailers_waiting, None
-                self.send_trailers(trailers)
-            elif self.waiting_end:
-                self.send_end()
-        self.conn.resume_streams()
-        self.conn.flush()
-
-    def send_trailers(self, headers: Headers) -> None:
-        if self.head is not None:
-            self._emit_head(False)
-        if self.waiting:
-            self.trailers_waiting = headers
-            return
-        self.conn.h2.send_headers(self.sid, headers, end_stream=True)
-        self._ended()
-
-    def send_end(self) -> None:
-        if self.ended:
-            return
-        if self.waiting:
-            self.waiting_end = True
-            return
-        if self.head is not None:
-            self._emit_head(True)
-        else:
-            self.conn.h2.end_stream(self.sid)
-        self._ended()
-
-    def _ended(self) -> None:
-        self.ended = True
-        self.conn.flush()
-        exchange = self.exchange
-        if self.local_sent:
-            stream = self.conn.h2.streams.get(self.sid)
-            if stream is not None and not stream.closed:  # the client is still sending
-                self._start_discarding()
-                return
-            self._done()
-        elif exchange is None or exchange.finished:
-            self._done()
-
-    # --- after an answer of our own, the rest of the request --------------------------------------
-    def _start_discarding(self) -> None:
-        """The answer went out whole while the request is still open: read and drop the rest
-        of its body, so that a client sending it first sees the answer (RFC 9113 §8.1), up to
-        DISCARD_BYTES or --idle-timeout without a byte, then RST_STREAM NO_ERROR."""
-        if self.discard_left < 0:
-            self.stop_discarding()
-            return
-        if self.unacked:
-            unacked, self.unacked = self.unacked, 0
-            self.conn.acknowledge(unacked, self.sid)
-        self.arm("request_body", self.ctx.config.idle_timeout)
-
-    def _discard(self, size: int) -> None:
-        self._phase_since = self.loop.time()
-        if size:
-            self.conn.acknowledge(size, self.sid)
-        self.discard_left -= size
-        if self.discard_left < 0 and self.ended:  # else the answer still waits for the window
-            self.stop_discarding()
-
-    def stop_discarding(self) -> None:
-        """Enough was dropped (or the client stalled): ask the client to stop, without error."""
-        if self.conn.h2.streams.get(self.sid) is not None:
-            with contextlib.suppress(h2.exceptions.ProtocolError):  # closed there meanwhile
-                self.conn.h2.reset_stream(self.sid, ErrorCodes.NO_ERROR)
-            self.conn.flush()
-        self._done()
-
-    def request_ended(self) -> None:
-        """The client's END_STREAM."""
-        if self.local_sent:
-            if self.ended:  # discarding: nothing more will come
-                self._done()
-            return
-        exchange = self.exchange
-        if exchange is not None:
-            exchange.request_end()
-
-    def send_informational(self, status: int, reason: bytes, headers: Headers) -> None:
-        if status == 101:
-            return
-        self.conn.h2.send_headers(self.sid, [(b":status", _STATUS[status]), *headers])
-        self.conn.flush()
-
-    def send_local(self, status: int, headers: Headers, body: bytes) -> None:
-        """The proxy's own answer: the stream ends with it (the rest of the request is read and
-        dropped, `_start_discarding`); the connection goes on."""
-        if self.ended:
-            return
-        self.local_sent = True
-        self.discard_left = DISCARD_BYTES
-        conn = self.conn.h2
-        head = [(b":status", _STATUS.get(status) or b"%d" % status), *headers]
-        if conn.streams.get(self.sid) is None or self.waiting:
-            self.lost(ErrorCodes.INTERNAL_ERROR)  # a response is under way: reset is all left
-            return
-        try:
-            if body:
-                head.append((b"content-length", b"%d" % len(body)))
-                conn.send_headers(self.sid, head)
-                self.send_data(body)
-                self.send_end()
-            else:
-                conn.send_headers(self.sid, head, end_stream=True)
-                self._ended()
-        except h2.exceptions.ProtocolError:  # the head went out already
-            self.lost(ErrorCodes.INTERNAL_ERROR)
-            return
-        self.conn.flush()
-
-    def switch_protocols(self, upstream: Tunnel) -> None:
-        upstream.abort()  # never asked for: an HTTP/2 request carries no Upgrade
-        self.abort_all()
-
-    def exchange_done(self, exchange: Exchange) -> None:
-        if self.ended:
-            self._done()
-
-    def abort_all(self) -> None:
-        """The response cannot be completed: reset this stream, not the connection."""
-        exchange = self.exchange
-        code: int = ErrorCodes.INTERNAL_ERROR
-        if exchange is not None:
-            code = exchange.reset_code or code
-            if exchange.upstream is not None:
-                exchange.upstream.abort()
-        self._reset(code)
-
-    def still_going(self, phase: str) -> bool:
-        exchange = self.exchange
-        return phase == "upstream" and exchange is not None and exchange.app_still_reading()
-
-    def timed_out(self, phase: str) -> None:
-        if self.local_sent and self.ended:  # the client stalled the body we were dropping
-            self.stop_discarding()
-            return
-        exchange = self.exchange
-        if phase == "upstream" and exchange is not None and exchange.timed_out():
-            return
-        if phase == "request_body" and exchange is not None and exchange.body_timed_out():
-            if self.ended and self.sid in self.conn.streams:
-                self.stop_discarding()  # the client is not sending: no point reading on
-            return
-        if exchange is not None and not exchange.finished:
-            exchange.downstream_lost()
-        self._reset(ErrorCodes.CANCEL)
-
-    def lost(self, code: int | None = None) -> None:
-        """The client reset the stream, or the connection ended: nothing more is sent."""
-        exchange = self.exchange
-        if exchange is not None and not exchange.finished:
-            exchange.downstream_lost()
-        if code is not None and not self.ended:
-            self._reset(code)
-            return
-        self.ended = True
-        self._done()
-
-    def _reset(self, code: int) -> None:
-        self.head = None
-        if not self.ended:
-            self.ended = True
-            if self.conn.h2.streams.get(self.sid) is not None:
-                with contextlib.suppress(h2.exceptions.ProtocolError):  # closed there already
-                    self.conn.h2.reset_stream(self.sid, code)
-                self.conn.flush()
-        self._done()
-
-    def _done(self) -> None:
-        self.stop_timer()
-        conn = self.conn
-        if self.upstream_paused:
-            self.upstream_paused = False
-            conn.paused.pop(self.sid, None)
-        if self.waiting:
-            conn.buffered -= self.waiting_bytes
-            self.waiting = []
-            self.waiting_bytes = 0
-            conn.resume_streams()  # what this stream held no longer fills the connection's
-        if self.unacked:  # the connection's window still counts what this stream held back
-            unacked, self.unacked = self.unacked, 0
-            self.conn.acknowledge(unacked, self.sid)
-        self.conn.stream_done(self)
-
-    # --- backpressure on the app's side -----------------------------------------------------------
-    def pause_upstream(self) -> None:
-        self.upstream_paused = True
-        self.conn.paused[self.sid] = self
-        exchange = self.exchange
-        if exchange is not None and exchange.upstream is not None:
-            exchange.upstream.pause_reading()
-
-    def resume_upstream(self) -> None:
-        """Read from the app again (the connection decided there is room)."""
-        if not self.upstream_paused:
-            return
-        self.upstream_paused = False
-        self.conn.paused.pop(self.sid, None)
-        exchange = self.exchange
-        if exchange is not None and not exchange.finished:
-            if not self.waiting and not exchange.response_complete:
-                self.arm("upstream", self.ctx.config.upstream_timeout)  # the app's turn again
-            if exchange.upstream is not None:
-                exchange.upstream.resume_reading()

@@ -26,7 +26,7 @@ from proxy.config import Config
 from proxy.core.headers import Headers
 from proxy.core.links import ClientCodec, ResponseSink, Tunnel, UpstreamLink, UpstreamOwner
 from proxy.core.request import BadRequest, valid_authority, valid_h2_field, valid_request_line
-from proxy.http2.h2conn import H2Connection
+from proxy.http2.h2conn import H2Connection, SendQueue
 from proxy.metrics import Metrics
 from proxy.pool import open_to_app
 
@@ -79,12 +79,11 @@ class H2UpstreamStream:
         "ended",
         "owner",
         "paused",
+        "queue",
         "received_any",
         "reused",
         "sid",
         "unacked",
-        "waiting",
-        "waiting_bytes",
         "waiting_end",
         "write_paused",
     )
@@ -100,8 +99,7 @@ class H2UpstreamStream:
         self.closed = False
         self.ended = False  # our END_STREAM went out
         self.unacked = 0  # response bytes taken while the client side is slow
-        self.waiting: list[bytes] = []  # request bytes the app's window has no room for
-        self.waiting_bytes = 0
+        self.queue = SendQueue()  # request bytes the app's window has no room for
         self.waiting_end: Headers | bool = False
         self.write_paused = False
 
@@ -146,37 +144,21 @@ class H2UpstreamStream:
     def request_data(self, data: bytes) -> list[bytes]:
         if self.closed or not data:
             return []
-        if self.waiting:
-            self._wait(data)
-            return []
-        self._send(data)
+        if self.queue.send(self.conn.h2, self.sid, data):
+            self._queued()
         self.conn.flush()
         return []
 
-    def _send(self, data: bytes) -> None:
-        conn = self.conn.h2
-        window = conn.local_flow_control_window(self.sid)
-        frame = conn.max_outbound_frame_size
-        end = min(window, len(data))
-        sent = 0
-        while sent < end:
-            step = min(frame, end - sent)
-            conn.send_data(self.sid, data[sent : sent + step])
-            sent += step
-        if sent < len(data):
-            self._wait(data[sent:])
-
-    def _wait(self, data: bytes) -> None:
-        self.waiting.append(data)
-        self.waiting_bytes += len(data)
-        if self.waiting_bytes > REQUEST_BUFFER and not self.write_paused and self.owner:
+    def _queued(self) -> None:
+        """More of the request waits for the app's window."""
+        if self.queue.size > REQUEST_BUFFER and not self.write_paused and self.owner:
             self.write_paused = True
             self.owner.upstream_write_paused(True)
 
     def request_end(self, trailers: Headers | None = None) -> bytes:
         if self.closed or self.ended:
             return b""
-        if self.waiting:
+        if self.queue.parts:
             self.waiting_end = trailers or True
             return b""
         self._end(trailers)
@@ -193,15 +175,9 @@ class H2UpstreamStream:
 
     def window_opened(self) -> None:
         """The app's window grew: send what waited, then the end that waited behind it."""
-        waiting, self.waiting = self.waiting, []
-        self.waiting_bytes = 0
-        for index, data in enumerate(waiting):
-            self._send(data)
-            if self.waiting:
-                rest = waiting[index + 1 :]
-                self.waiting += rest
-                self.waiting_bytes += sum(map(len, rest))
-                return
+        self.queue.drain(self.conn.h2, self.sid)
+        if self.queue.parts:
+            return
         if self.waiting_end is not False:
             end, self.waiting_end = self.waiting_end, False
             self._end(end if isinstance(end, list) else None)
@@ -513,11 +489,11 @@ class H2UpstreamConnection(asyncio.Protocol):
     def _on_window(self, event: h2.events.WindowUpdated) -> None:
         if event.stream_id:
             stream = self.streams.get(event.stream_id)
-            if stream is not None and stream.waiting:
+            if stream is not None and stream.queue.parts:
                 stream.window_opened()
             return
         for stream in list(self.streams.values()):
-            if stream.waiting:
+            if stream.queue.parts:
                 stream.window_opened()
 
     def _on_settings(self, event: h2.events.RemoteSettingsChanged) -> None:
@@ -525,7 +501,7 @@ class H2UpstreamConnection(asyncio.Protocol):
             self.settled.set_result(None)
         if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
             for stream in list(self.streams.values()):
-                if stream.waiting:
+                if stream.queue.parts:
                     stream.window_opened()
 
     def _on_goaway(self, event: h2.events.ConnectionTerminated) -> None:

@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry
 
 from proxy.core.context import ProxyContext
 from proxy.core.timer import PhaseTimer
-from proxy.http2.server import Budget
+from proxy.http2.defences import Budget
 from proxy.metrics import Metrics
 from tests.support.exchange import FakeClock
 

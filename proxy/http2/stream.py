@@ -1,0 +1,397 @@
+"""One HTTP/2 stream as the exchange's `Downstream`: the response's head, body and trailers
+within the client's flow-control windows, the request body acknowledged as the app takes it,
+and the proxy's own answers ending the stream cleanly."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import TYPE_CHECKING, Protocol
+
+import h2.exceptions
+from h2.connection import H2Connection as H2Machine
+from h2.errors import ErrorCodes
+
+from proxy.core.exchange import Exchange, local_body, local_headers
+from proxy.core.headers import Headers
+from proxy.core.links import Tunnel
+from proxy.core.request import BadRequest
+from proxy.core.session import Session
+from proxy.core.timer import PhaseTimer
+from proxy.http2.h2conn import SendQueue
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from proxy.core.context import ProxyContext
+
+log = logging.getLogger("tls_sidecar.http")
+
+# A response body waiting for the client's window: past this much per stream (or all streams
+# together) the app's side is paused until the client reads.
+STREAM_BUFFER = 64 * 1024
+CONNECTION_BUFFER = 1024 * 1024
+# After an answer of the proxy's own while the client is still sending its body: read and drop
+# up to this much (crediting the windows) before RST_STREAM NO_ERROR. Clients such as curl and
+# httpx read the answer only once their body is sent, and treat the reset as an error.
+DISCARD_BYTES = 4 * 1024 * 1024
+_STATUS = {code: b"%d" % code for code in range(100, 600)}
+
+
+class StreamHost(Protocol):
+    """What a stream needs of its connection (http2.server.Http2Connection)."""
+
+    ctx: ProxyContext
+    loop: asyncio.AbstractEventLoop
+    session: Session
+    streams: dict[int, H2Stream]
+    paused: dict[int, H2Stream]
+    buffered: int
+    corked: int
+
+    @property
+    def h2(self) -> H2Machine: ...
+
+    def acknowledge(self, size: int, sid: int) -> None: ...
+    def flush(self) -> None: ...
+    def resume_streams(self) -> None: ...
+    def stream_done(self, stream: H2Stream) -> None: ...
+
+
+class H2Stream(PhaseTimer):
+    """One request and its response on an HTTP/2 connection: the exchange's Downstream."""
+
+    __slots__ = (
+        "conn",
+        "ctx",
+        "discard_left",
+        "ended",
+        "exchange",
+        "head",
+        "holds",
+        "local_sent",
+        "loop",
+        "queue",
+        "session",
+        "sid",
+        "trailers_waiting",
+        "unacked",
+        "upstream_paused",
+        "waiting_end",
+    )
+
+    def __init__(self, conn: StreamHost, sid: int) -> None:
+        super().__init__()
+        self.conn = conn
+        self.ctx = conn.ctx
+        self.loop = conn.loop
+        self.session: Session = conn.session
+        self.sid = sid
+        self.exchange: Exchange | None = None
+        self.head: Headers | None = None  # a response head held until we know if a body follows
+        self.holds = 0
+        self.unacked = 0  # request bytes taken but not acknowledged (the app is not reading)
+        self.queue = SendQueue()  # response bytes the client's window has no room for
+        self.waiting_end = False
+        self.trailers_waiting: Headers | None = None
+        self.ended = False  # our END_STREAM (or RST_STREAM) went out
+        self.local_sent = False
+        self.discard_left = 0  # after our own answer: request bytes still to be read and dropped
+        self.upstream_paused = False
+
+    # --- the request body -------------------------------------------------------------------------
+    def request_data(self, data: bytes, size: int) -> None:
+        if self.local_sent:  # answered already: the rest of the body is read and dropped
+            self._discard(size)
+            return
+        exchange = self.exchange
+        assert exchange is not None
+        if self._phase == "request_body":
+            self._phase_since = self.loop.time()
+        exchange.request_data(data)
+        if self.holds and not self.ended:
+            self.unacked += size  # acknowledged when the app takes more
+        elif size:
+            self.conn.acknowledge(size, self.sid)
+
+    def refuse(self, error: BadRequest) -> None:
+        """A request refused before it had an exchange (431 for an oversized head)."""
+        self.send_local(error.status, local_headers(None), local_body(error.status, str(error)))
+
+    # --- Downstream -------------------------------------------------------------------------------
+    def cork(self) -> None:
+        self.conn.corked += 1
+
+    def uncork(self) -> None:
+        if self.head is not None:
+            self._emit_head(False)
+        conn = self.conn
+        conn.corked -= 1
+        if not conn.corked:
+            conn.flush()
+
+    def hold(self, reason: int) -> None:
+        self.holds |= reason
+
+    def release(self, reason: int) -> None:
+        if self.holds & reason:
+            self.holds &= ~reason
+            if not self.holds and self.unacked and not self.ended:
+                unacked, self.unacked = self.unacked, 0
+                self.conn.acknowledge(unacked, self.sid)
+                self.conn.flush()
+
+    def send_head(self, status: int, reason: bytes, headers: Headers, length: int | None) -> None:
+        self._phase_since = self.loop.time()
+        headers.insert(0, (b":status", _STATUS.get(status) or b"%d" % status))
+        self.head = headers
+        if not self.conn.corked:
+            self._emit_head(False)
+            self.conn.flush()
+
+    def _emit_head(self, end: bool) -> None:
+        """The held head goes out; with END_STREAM when nothing follows it (a gRPC
+        trailers-only answer must be one HEADERS frame)."""
+        head, self.head = self.head, None
+        if head is not None:
+            self.conn.h2.send_headers(self.sid, head, end_stream=end)
+
+    def send_data(self, data: bytes) -> None:
+        if not data:
+            return
+        self._phase_since = self.loop.time()
+        if self.head is not None:
+            self._emit_head(False)
+        queued = self.queue.send(self.conn.h2, self.sid, data)
+        if queued:
+            self._queued(queued)
+        self.conn.flush()
+
+    def _queued(self, size: int) -> None:
+        """`size` more bytes wait for the client's window."""
+        if self.queue.size == size:  # the first: a shut window is cut in time
+            self.arm("send", self.ctx.config.idle_timeout)
+        self.conn.buffered += size
+        if not self.upstream_paused and (
+            self.queue.size > STREAM_BUFFER or self.conn.buffered > CONNECTION_BUFFER
+        ):
+            self.pause_upstream()
+
+    def send_waiting(self) -> None:
+        """The client's window opened: send what waited, and the end that waited behind it."""
+        self.conn.buffered -= self.queue.drain(self.conn.h2, self.sid)
+        if self.queue.parts:
+            self.arm("send", self.ctx.config.idle_timeout)  # it moved: the deadline too
+        else:
+            exchange = self.exchange
+            if exchange is None or exchange.response_complete:
+                self.stop_timer()
+            elif self.upstream_paused:  # until the other streams' buffers drain: the client's
+                self.arm("send", self.ctx.config.idle_timeout)
+            else:
+                self.arm("upstream", self.ctx.config.upstream_timeout)
+            if self.trailers_waiting is not None:
+                trailers, self.trailers_waiting = self.trailers_waiting, None
+                self.send_trailers(trailers)
+            elif self.waiting_end:
+                self.send_end()
+        self.conn.resume_streams()
+        self.conn.flush()
+
+    def send_trailers(self, headers: Headers) -> None:
+        if self.head is not None:
+            self._emit_head(False)
+        if self.queue.parts:
+            self.trailers_waiting = headers
+            return
+        self.conn.h2.send_headers(self.sid, headers, end_stream=True)
+        self._ended()
+
+    def send_end(self) -> None:
+        if self.ended:
+            return
+        if self.queue.parts:
+            self.waiting_end = True
+            return
+        if self.head is not None:
+            self._emit_head(True)
+        else:
+            self.conn.h2.end_stream(self.sid)
+        self._ended()
+
+    def _ended(self) -> None:
+        self.ended = True
+        self.conn.flush()
+        exchange = self.exchange
+        if self.local_sent:
+            stream = self.conn.h2.streams.get(self.sid)
+            if stream is not None and not stream.closed:  # the client is still sending
+                self._start_discarding()
+                return
+            self._done()
+        elif exchange is None or exchange.finished:
+            self._done()
+
+    # --- after an answer of our own, the rest of the request --------------------------------------
+    def _start_discarding(self) -> None:
+        """The answer went out whole while the request is still open: read and drop the rest
+        of its body, so that a client sending it first sees the answer (RFC 9113 §8.1), up to
+        DISCARD_BYTES or --idle-timeout without a byte, then RST_STREAM NO_ERROR."""
+        if self.discard_left < 0:
+            self.stop_discarding()
+            return
+        if self.unacked:
+            unacked, self.unacked = self.unacked, 0
+            self.conn.acknowledge(unacked, self.sid)
+        self.arm("request_body", self.ctx.config.idle_timeout)
+
+    def _discard(self, size: int) -> None:
+        self._phase_since = self.loop.time()
+        if size:
+            self.conn.acknowledge(size, self.sid)
+        self.discard_left -= size
+        if self.discard_left < 0 and self.ended:  # else the answer still waits for the window
+            self.stop_discarding()
+
+    def stop_discarding(self) -> None:
+        """Enough was dropped (or the client stalled): ask the client to stop, without error."""
+        if self.conn.h2.streams.get(self.sid) is not None:
+            with contextlib.suppress(h2.exceptions.ProtocolError):  # closed there meanwhile
+                self.conn.h2.reset_stream(self.sid, ErrorCodes.NO_ERROR)
+            self.conn.flush()
+        self._done()
+
+    def request_ended(self) -> None:
+        """The client's END_STREAM."""
+        if self.local_sent:
+            if self.ended:  # discarding: nothing more will come
+                self._done()
+            return
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.request_end()
+
+    def send_informational(self, status: int, reason: bytes, headers: Headers) -> None:
+        if status == 101:
+            return
+        self.conn.h2.send_headers(self.sid, [(b":status", _STATUS[status]), *headers])
+        self.conn.flush()
+
+    def send_local(self, status: int, headers: Headers, body: bytes) -> None:
+        """The proxy's own answer: the stream ends with it (the rest of the request is read and
+        dropped, `_start_discarding`); the connection goes on."""
+        if self.ended:
+            return
+        self.local_sent = True
+        self.discard_left = DISCARD_BYTES
+        conn = self.conn.h2
+        head = [(b":status", _STATUS.get(status) or b"%d" % status), *headers]
+        if conn.streams.get(self.sid) is None or self.queue.parts:
+            self.lost(ErrorCodes.INTERNAL_ERROR)  # a response is under way: reset is all left
+            return
+        try:
+            if body:
+                head.append((b"content-length", b"%d" % len(body)))
+                conn.send_headers(self.sid, head)
+                self.send_data(body)
+                self.send_end()
+            else:
+                conn.send_headers(self.sid, head, end_stream=True)
+                self._ended()
+        except h2.exceptions.ProtocolError:  # the head went out already
+            self.lost(ErrorCodes.INTERNAL_ERROR)
+            return
+        self.conn.flush()
+
+    def switch_protocols(self, upstream: Tunnel) -> None:
+        upstream.abort()  # never asked for: an HTTP/2 request carries no Upgrade
+        self.abort_all()
+
+    def exchange_done(self, exchange: Exchange) -> None:
+        if self.ended:
+            self._done()
+
+    def abort_all(self) -> None:
+        """The response cannot be completed: reset this stream, not the connection."""
+        exchange = self.exchange
+        code: int = ErrorCodes.INTERNAL_ERROR
+        if exchange is not None:
+            code = exchange.reset_code or code
+            if exchange.upstream is not None:
+                exchange.upstream.abort()
+        self._reset(code)
+
+    def still_going(self, phase: str) -> bool:
+        exchange = self.exchange
+        return phase == "upstream" and exchange is not None and exchange.app_still_reading()
+
+    def timed_out(self, phase: str) -> None:
+        if self.local_sent and self.ended:  # the client stalled the body we were dropping
+            self.stop_discarding()
+            return
+        exchange = self.exchange
+        if phase == "upstream" and exchange is not None and exchange.timed_out():
+            return
+        if phase == "request_body" and exchange is not None and exchange.body_timed_out():
+            if self.ended and self.sid in self.conn.streams:
+                self.stop_discarding()  # the client is not sending: no point reading on
+            return
+        if exchange is not None and not exchange.finished:
+            exchange.downstream_lost()
+        self._reset(ErrorCodes.CANCEL)
+
+    def lost(self, code: int | None = None) -> None:
+        """The client reset the stream, or the connection ended: nothing more is sent."""
+        exchange = self.exchange
+        if exchange is not None and not exchange.finished:
+            exchange.downstream_lost()
+        if code is not None and not self.ended:
+            self._reset(code)
+            return
+        self.ended = True
+        self._done()
+
+    def _reset(self, code: int) -> None:
+        self.head = None
+        if not self.ended:
+            self.ended = True
+            if self.conn.h2.streams.get(self.sid) is not None:
+                with contextlib.suppress(h2.exceptions.ProtocolError):  # closed there already
+                    self.conn.h2.reset_stream(self.sid, code)
+                self.conn.flush()
+        self._done()
+
+    def _done(self) -> None:
+        self.stop_timer()
+        conn = self.conn
+        if self.upstream_paused:
+            self.upstream_paused = False
+            conn.paused.pop(self.sid, None)
+        if self.queue.parts:
+            conn.buffered -= self.queue.clear()
+            conn.resume_streams()  # what this stream held no longer fills the connection's
+        if self.unacked:  # the connection's window still counts what this stream held back
+            unacked, self.unacked = self.unacked, 0
+            self.conn.acknowledge(unacked, self.sid)
+        self.conn.stream_done(self)
+
+    # --- backpressure on the app's side -----------------------------------------------------------
+    def pause_upstream(self) -> None:
+        self.upstream_paused = True
+        self.conn.paused[self.sid] = self
+        exchange = self.exchange
+        if exchange is not None and exchange.upstream is not None:
+            exchange.upstream.pause_reading()
+
+    def resume_upstream(self) -> None:
+        """Read from the app again (the connection decided there is room)."""
+        if not self.upstream_paused:
+            return
+        self.upstream_paused = False
+        self.conn.paused.pop(self.sid, None)
+        exchange = self.exchange
+        if exchange is not None and not exchange.finished:
+            if not self.queue.parts and not exchange.response_complete:
+                self.arm("upstream", self.ctx.config.upstream_timeout)  # the app's turn again
+            if exchange.upstream is not None:
+                exchange.upstream.resume_reading()
