@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 import click
 import uvloop
 
-from proxy import __version__
+from proxy import __version__, proxy_protocol
 from proxy import log as logs
 from proxy.commands.inject import DEFAULT_IMAGE, DEFAULT_SECRET, InjectOptions, inject
 from proxy.config import (
@@ -273,6 +273,20 @@ def serve_options(func: Callable[..., Any]) -> Callable[..., Any]:
         _option("--log-format", "json", "Log line format.", type=click.Choice(["json", "text"])),
         _option("--log-level", "info", "debug, info, warning or error."),
         _option("--access-log/--no-access-log", True, "One line per request on stdout."),
+        # PROXY protocol in: the client's address from a TCP load balancer in front
+        _option(
+            "--accept-proxy-protocol/--no-accept-proxy-protocol",
+            False,
+            "Read a PROXY protocol header (v1 or v2) before the TLS handshake; its client "
+            "address is the client's. Needs --proxy-protocol-from.",
+        ),
+        _option(
+            "--proxy-protocol-from",
+            (),
+            "Address or CIDR allowed to send a PROXY header (repeatable); connections from "
+            "elsewhere are closed.",
+            multiple=True,
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -342,7 +356,19 @@ def build_config(opts: dict[str, Any]) -> Config:
         workers=check_workers(opts["workers"]),
         worker_index=opts["worker_index"],
         ticket_keys=read_ticket_keys(opts["ticket_keys_fd"]),
+        **_proxy_protocol_options(opts),
     ).validate()
+
+
+def _proxy_protocol_options(opts: dict[str, Any]) -> dict[str, Any]:
+    try:
+        allowed = proxy_protocol.networks(opts["proxy_protocol_from"])
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return {
+        "accept_proxy_protocol": opts["accept_proxy_protocol"],
+        "proxy_protocol_from": allowed,
+    }
 
 
 def read_ticket_keys(fd: int | None) -> bytes | None:

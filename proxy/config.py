@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from proxy.identity import AccessPolicy
+from proxy.proxy_protocol import IPNetwork
 
 
 class ConfigError(Exception):
@@ -98,6 +99,9 @@ class Config:
     worker_index: int | None = None  # set in the worker processes of --workers N
     # Session ticket keys the supervisor hands every worker (through a pipe, never argv or env).
     ticket_keys: bytes | None = field(default=None, repr=False)
+    # PROXY protocol: a header before the TLS handshake, taken only from these networks
+    accept_proxy_protocol: bool = False
+    proxy_protocol_from: tuple[IPNetwork, ...] = ()
 
     def validate(self) -> Config:
         """Check the relations between settings; return self so it chains."""
@@ -175,7 +179,20 @@ class Config:
                 raise ConfigError(
                     f"--upgrade {protocol!r} is not a protocol name; use e.g. --upgrade websocket"
                 )
+        self._validate_proxy_protocol()
         return self
+
+    def _validate_proxy_protocol(self) -> None:
+        if self.accept_proxy_protocol and not self.proxy_protocol_from:
+            raise ConfigError(
+                "--accept-proxy-protocol needs --proxy-protocol-from CIDR (the load balancers' "
+                "addresses, e.g. 10.0.0.0/8): a PROXY header is never taken from anyone"
+            )
+        if self.proxy_protocol_from and not self.accept_proxy_protocol:
+            raise ConfigError(
+                "--proxy-protocol-from is given without --accept-proxy-protocol; add it, or "
+                "drop --proxy-protocol-from"
+            )
 
 
 def _wildcard(host: str) -> bool:

@@ -9,6 +9,7 @@ import ssl
 import time
 from typing import TYPE_CHECKING, Any, cast
 
+from proxy import proxy_protocol
 from proxy.core.headers import ClientInfo
 from proxy.core.session import Session
 from proxy.core.timer import PhaseTimer
@@ -77,26 +78,72 @@ class ClientConnection(PhaseTimer, asyncio.Protocol):
             return
         ctx.connections.add(self)
         self._handshake_started = time.perf_counter()
+        self._raw = transport
+        if ctx.config.accept_proxy_protocol:
+            self._read_proxy_header(transport)
+            return
+        self._start_tls(transport, ctx.config.handshake_timeout)
+
+    def _start_tls(self, transport: asyncio.Transport, timeout: float, early: bytes = b"") -> None:
+        """The TLS handshake on `transport`; `early` are bytes read already (after a PROXY
+        header), handed to the TLS layer first."""
         # uvloop starts reading as soon as connection_made returns, so the TLS protocol must be
         # in place before then: step start_tls's coroutine here instead of in a Task, whose
         # first step would run a loop turn later and could let the ClientHello reach the codec.
         self._handshake = self.loop.start_tls(
             transport,
             self,
-            ctx.tls.context,
+            self.ctx.tls.context,
             server_side=True,
-            ssl_handshake_timeout=ctx.config.handshake_timeout,
+            ssl_handshake_timeout=timeout,
         )
-        self._raw = transport
         self._step_handshake(None)
         if self.handshaking and not self.closed:
             # Every read of the handshake goes through _HandshakeReader, so that a failed
             # handshake's alert reaches the client (tls.AlertingSSLObject); it steps aside after.
             self._tls_protocol = transport.get_protocol()
             reader = _HandshakeReader(self._tls_protocol, self)
+            if early:
+                assert reader.early is not None
+                reader.early += early
             transport.set_protocol(reader)
             # After the TLS layer's own connection_made (start_tls queued it just now).
             self.loop.call_soon(reader.start)
+
+    # --- the PROXY protocol header, before any TLS byte -----------------------------------------
+    def _read_proxy_header(self, transport: asyncio.Transport) -> None:
+        config = self.ctx.config
+        if not proxy_protocol.trusted(self.session.client.address, config.proxy_protocol_from):
+            self.proxy_header_refused("untrusted", "a PROXY header is not taken from this address")
+            return
+        transport.set_protocol(_ProxyHeaderReader(self, config.handshake_timeout))
+
+    def proxy_header_read(self, header: proxy_protocol.ProxyHeader, rest: bytes) -> None:
+        """The header is in: its client is this connection's; the TLS layer gets what follows."""
+        if header.source is not None and header.destination is not None:
+            self.session.client = ClientInfo(header.source[0], header.destination[1])
+        assert self._raw is not None
+        spent = time.perf_counter() - self._handshake_started
+        # The header and the handshake share --handshake-timeout.
+        self._start_tls(self._raw, max(self.ctx.config.handshake_timeout - spent, 0.001), rest)
+
+    def proxy_header_refused(self, reason: str, detail: str) -> None:
+        """Missing, malformed, untrusted or too slow: closed at once and counted, nothing sent."""
+        self.ctx.metrics.connections_rejected.labels("proxy_protocol_" + reason).inc()
+        suppressed = self.ctx.handshake_log.allow("proxy_protocol_" + reason)
+        if suppressed is not None:
+            log.info(
+                "proxy protocol header refused",
+                extra={
+                    "client": self.session.client.address,
+                    "reason": reason,
+                    "error": detail,
+                    "suppressed_since_last": suppressed,
+                },
+            )
+        if self._raw is not None:
+            self._raw.abort()
+        self.forget()
 
     def _step_handshake(self, _done: object) -> None:
         coro = self._handshake
@@ -246,6 +293,56 @@ class ClientConnection(PhaseTimer, asyncio.Protocol):
         assert self.transport is not None
         self.ctx.metrics.down_out += sum(map(len, parts))
         self.transport.writelines(parts)
+
+
+class _ProxyHeaderReader(asyncio.Protocol):
+    """The raw transport's protocol until the PROXY header is whole: bounded in time (the
+    handshake timeout) and in size (proxy_protocol's bounds); only then does TLS start."""
+
+    def __init__(self, connection: ClientConnection, timeout: float) -> None:
+        self.connection = connection
+        self.buffer = bytearray()
+        self.done = False
+        self.timer = connection.loop.call_later(timeout, self._timed_out)
+
+    def data_received(self, data: bytes) -> None:
+        if self.done:
+            return
+        self.buffer += data
+        try:
+            header = proxy_protocol.parse(self.buffer)
+        except proxy_protocol.ProxyProtocolError as e:
+            self._finish()
+            self.connection.proxy_header_refused(e.reason, str(e))
+            return
+        if header is not None:
+            self._finish()
+            self.connection.proxy_header_read(header, bytes(self.buffer[header.length :]))
+
+    def eof_received(self) -> bool:
+        if not self.done:
+            self._finish()
+            if self.buffer:
+                self.connection.proxy_header_refused("missing", "closed within a PROXY header")
+            else:  # a balancer's TCP check: connected and closed, nothing to count
+                self.connection.abort()
+                self.connection.forget()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done:
+            self._finish()
+            self.connection.forget()
+
+    def _timed_out(self) -> None:
+        if not self.done:
+            self._finish()
+            self.connection.ctx.metrics.timeouts.labels("proxy_protocol").inc()
+            self.connection.proxy_header_refused("timeout", "no whole PROXY header in time")
+
+    def _finish(self) -> None:
+        self.done = True
+        self.timer.cancel()
 
 
 class _HandshakeReader(asyncio.BufferedProtocol):

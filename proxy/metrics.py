@@ -122,7 +122,8 @@ class Metrics:
         )
         self.connections_rejected = Counter(
             f"{p}_connections_rejected",
-            "Downstream connections closed at once, by reason (max_connections, draining).",
+            "Downstream connections closed at once, by reason (max_connections, draining; with "
+            "--accept-proxy-protocol: proxy_protocol_untrusted, _missing, _malformed, _timeout).",
             ["reason"],
             registry=r,
         )
@@ -211,7 +212,8 @@ class Metrics:
         self.timeouts = Counter(
             f"{p}_timeouts",
             "Timeouts by phase (handshake, header, idle, request_body, upstream, tunnel; send: an "
-            "HTTP/2 client's flow-control window stayed shut).",
+            "HTTP/2 client's flow-control window stayed shut; proxy_protocol: no whole PROXY "
+            "header within the handshake timeout).",
             ["phase"],
             registry=r,
         )
