@@ -287,6 +287,15 @@ def serve_options(func: Callable[..., Any]) -> Callable[..., Any]:
             "elsewhere are closed.",
             multiple=True,
         ),
+        # PROXY protocol out: the app learns the client (and its TLS) from a header
+        _option(
+            "--upstream-proxy-protocol",
+            "off",
+            "Begin each app connection with a PROXY header: v1, or v2 with TLS fields (ALPN, SNI, "
+            "TLS version, client CN and SPIFFE ID); app connections are then per client "
+            "connection.",
+            type=click.Choice(["off", "v1", "v2"]),
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -368,6 +377,9 @@ def _proxy_protocol_options(opts: dict[str, Any]) -> dict[str, Any]:
     return {
         "accept_proxy_protocol": opts["accept_proxy_protocol"],
         "proxy_protocol_from": allowed,
+        "upstream_proxy_protocol": None
+        if opts["upstream_proxy_protocol"] == "off"
+        else opts["upstream_proxy_protocol"],
     }
 
 

@@ -102,6 +102,8 @@ class Config:
     # PROXY protocol: a header before the TLS handshake, taken only from these networks
     accept_proxy_protocol: bool = False
     proxy_protocol_from: tuple[IPNetwork, ...] = ()
+    # PROXY protocol out: each app connection begins with a header; pools per client connection
+    upstream_proxy_protocol: Literal["v1", "v2"] | None = None
 
     def validate(self) -> Config:
         """Check the relations between settings; return self so it chains."""

@@ -39,6 +39,8 @@ class ClientConnection(PhaseTimer, asyncio.Protocol):
         self._raw: asyncio.Transport | None = None
         self._tls_protocol: Any = None  # the TLS layer's protocol, while _HandshakeReader is in
         self._server_name: str | None = None  # SNI of a failed handshake, for its log line
+        self._peer: Any = None  # the client's and our address, as the PROXY header out says
+        self._local: Any = None
 
     # --- to be provided by the protocol -------------------------------------------------------
     def handshake_complete(self) -> None:
@@ -66,6 +68,7 @@ class ClientConnection(PhaseTimer, asyncio.Protocol):
         ctx.metrics.connections_accepted.inc()
         peer = transport.get_extra_info("peername")
         sock = transport.get_extra_info("sockname")
+        self._peer, self._local = peer, sock  # the PROXY header the app gets says these
         self.session.client = ClientInfo(
             peer[0] if isinstance(peer, tuple) else "-",
             sock[1] if isinstance(sock, tuple) else 0,
@@ -122,6 +125,7 @@ class ClientConnection(PhaseTimer, asyncio.Protocol):
         """The header is in: its client is this connection's; the TLS layer gets what follows."""
         if header.source is not None and header.destination is not None:
             self.session.client = ClientInfo(header.source[0], header.destination[1])
+            self._peer, self._local = header.source, header.destination
         assert self._raw is not None
         spent = time.perf_counter() - self._handshake_started
         # The header and the handshake share --handshake-timeout.
@@ -201,6 +205,10 @@ class ClientConnection(PhaseTimer, asyncio.Protocol):
         ctx.handshake_done(session.tls_version, ssl_object.session_reused)
         if ctx.config.client_ca is not None:
             self._check_client(ssl_object)
+        if ctx.client_pools is not None and isinstance(self._peer, tuple):
+            session.pool = ctx.client_pools.open(
+                session, self._peer[:2], self._local[:2], ssl_object.selected_alpn_protocol()
+            )
         ctx.metrics.tls_handshake_duration.observe(time.perf_counter() - self._handshake_started)
         self.arm("header", ctx.config.header_timeout)
         self.handshake_complete()
@@ -257,6 +265,10 @@ class ClientConnection(PhaseTimer, asyncio.Protocol):
         self.closed = True
         if self not in self.ctx.connections:
             return
+        pool = self.session.pool
+        if pool is not None and self.ctx.client_pools is not None:
+            self.session.pool = None
+            self.ctx.client_pools.close(pool)
         self.stop_timer()
         self.ctx.connections.discard(self)
         self.ctx.connection_closed()

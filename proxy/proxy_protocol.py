@@ -32,8 +32,9 @@ SSL_CN = 0x22
 SSL_CIPHER = 0x23
 SSL_SIG_ALG = 0x24
 SSL_KEY_ALG = 0x25
-# ghostunnel's: the client certificate's SPIFFE ID, in PP2_TYPE_MIN_CUSTOM's range.
-TLV_SPIFFE_ID = 0xE0
+# The client certificate's SPIFFE ID: a type of this sidecar's own, in the spec's custom range
+# (0xE0-0xEF), away from the clouds' (GCP 0xE0, AWS 0xEA, Azure 0xEE).
+TLV_SPIFFE_ID = 0xE5
 # PP2_CLIENT_SSL: the client connected over TLS; PP2_CLIENT_CERT_CONN: it presented a
 # certificate on this connection; PP2_CLIENT_CERT_SESS: ... on this TLS session.
 CLIENT_SSL = 0x01
@@ -238,17 +239,25 @@ def build_v2(
     return V2_SIGNATURE + struct.pack("!BBH", 0x21, family, len(payload)) + payload
 
 
+def build_local(version: str | None) -> bytes:
+    """What a health check says first to an app that expects a header (v2 LOCAL, v1 UNKNOWN:
+    the connection is the sender's own); nothing without one."""
+    if version == "v2":
+        return V2_SIGNATURE + bytes([0x20, 0x00, 0, 0])
+    return b"PROXY UNKNOWN\r\n" if version == "v1" else b""
+
+
 def tlv(kind: int, value: bytes) -> bytes:
     return struct.pack("!BH", kind, len(value)) + value
 
 
-def ssl_tlv(*, verified: bool, client_cert: bool, version: str | None, cn: str | None) -> bytes:
-    """PP2_TYPE_SSL: client flags, verify (0: the certificate verified, or none given), and
-    the version and CN sub-TLVs."""
+def ssl_value(*, client_cert: bool, version: str | None, cn: str | None) -> bytes:
+    """PP2_TYPE_SSL's value for a verified client: flags, verify 0 (the certificate, if any,
+    verified), then the version and CN sub-TLVs."""
     flags = CLIENT_SSL | ((CLIENT_CERT_CONN | CLIENT_CERT_SESS) if client_cert else 0)
-    body = struct.pack("!BI", flags, 0 if verified else 1)
+    body = struct.pack("!BI", flags, 0)
     if version:
         body += tlv(SSL_VERSION, version.encode("ascii"))
     if cn:
         body += tlv(SSL_CN, cn.encode("utf-8"))
-    return tlv(TLV_SSL, body)
+    return body

@@ -10,10 +10,11 @@ from proxy.core.headers import reason_phrase
 
 
 async def probe_upstream(
-    target: Upstream, timeout: float, health_path: str | None = None
+    target: Upstream, timeout: float, health_path: str | None = None, *, preface: bytes = b""
 ) -> str | None:
     """Is the app ready? None when it is, else why not: it accepts a connection, and with
-    `health_path` answers a GET there with 2xx or 3xx (over HTTP/2 for an h2c app).
+    `health_path` answers a GET there with 2xx or 3xx (over HTTP/2 for an h2c app). `preface`
+    goes first (a PROXY LOCAL header, for an app that expects one on every connection).
 
     Readiness checks use their own connection, not the pool: they never count as requests."""
     try:
@@ -26,7 +27,10 @@ async def probe_upstream(
                     target.address.host, target.address.port
                 )
             try:
+                if preface:
+                    writer.write(preface)
                 if health_path is None:
+                    await writer.drain()
                     return None
                 if target.h2c:
                     return await _health_h2c(reader, writer, target, health_path)

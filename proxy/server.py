@@ -12,7 +12,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from proxy import http1
 from proxy.admin import AdminServer
@@ -23,8 +23,10 @@ from proxy.http1.connection import Http1Connection
 from proxy.http1.upstream import UpstreamPool
 from proxy.log import AccessLog
 from proxy.metrics import Metrics
+from proxy.proxy_protocol import build_local
 from proxy.readiness import probe_upstream
 from proxy.tls.context import TlsState
+from proxy.upstream_proxy import ClientPools
 
 if TYPE_CHECKING:
     pass
@@ -57,7 +59,7 @@ def build_context(
         from proxy.http2.server import Http2Connection  # noqa: PLC0415
 
         protocols["h2"] = Http2Connection
-    return ProxyContext(
+    ctx = ProxyContext(
         loop,
         config,
         tls,
@@ -67,6 +69,30 @@ def build_context(
         pool=pool,
         protocols=protocols,
     )
+    if config.upstream_proxy_protocol is not None:
+        ctx.client_pools = _client_pools(loop, config, metrics, pool, http)
+    return ctx
+
+
+def _client_pools(
+    loop: asyncio.AbstractEventLoop, config: Config, metrics: Metrics, shared: Pool, http: str
+) -> ClientPools:
+    """Pools of the upstream kind, one per client connection, adding to the shared one's counts."""
+    assert config.upstream_proxy_protocol is not None
+    counts = cast(Any, shared).counts
+    if config.upstream.h2c:
+        from proxy.http2.upstream import H2UpstreamPool  # noqa: PLC0415
+
+        def new_pool(preface: bytes) -> Pool:
+            return H2UpstreamPool(config, metrics, loop, preface=preface, counts=counts)
+
+    else:
+        codec = http1.client_codec_class(http)
+
+        def new_pool(preface: bytes) -> Pool:
+            return UpstreamPool(config, metrics, loop, codec, preface=preface, counts=counts)
+
+    return ClientPools(config.upstream_proxy_protocol, new_pool)
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,7 +235,10 @@ class ProxyServer:
             if now - self._upstream_checked_at >= READINESS_CACHE_SECONDS:
                 timeout = min(1.0, self.config.upstream_connect_timeout)
                 self._upstream_problem = await probe_upstream(
-                    self.config.upstream, timeout, self.config.upstream_health_path
+                    self.config.upstream,
+                    timeout,
+                    self.config.upstream_health_path,
+                    preface=build_local(self.config.upstream_proxy_protocol),
                 )
                 self._upstream_checked_at = asyncio.get_running_loop().time()
                 self.metrics.upstream_up.set(0 if self._upstream_problem else 1)

@@ -27,6 +27,7 @@ from proxy import __version__
 from proxy.admin import AdminServer
 from proxy.config import Config, ConfigError, bind_error
 from proxy.metrics import PREFIX, render
+from proxy.proxy_protocol import build_local
 from proxy.readiness import probe_upstream
 from proxy.tls.context import TICKET_KEYS_SIZE
 
@@ -186,7 +187,10 @@ class Supervisor:
         if now - self._ready_checked >= 1.0:
             timeout = min(1.0, self.config.upstream_connect_timeout)
             self._ready_problem = await probe_upstream(
-                self.config.upstream, timeout, self.config.upstream_health_path
+                self.config.upstream,
+                timeout,
+                self.config.upstream_health_path,
+                preface=build_local(self.config.upstream_proxy_protocol),
             )
             self._ready_checked = time.monotonic()
             self.metrics.upstream_up.set(0 if self._ready_problem else 1)

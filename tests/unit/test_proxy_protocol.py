@@ -213,3 +213,13 @@ def test_trusted_networks_and_ipv4_mapped() -> None:
 def test_a_bad_cidr_names_itself() -> None:
     with pytest.raises(ValueError, match=r"--proxy-protocol-from '10\.0\.0\.0/33'"):
         pp.networks(["10.0.0.0/33"])
+
+
+def test_a_health_check_says_local_or_unknown() -> None:
+    v2_local = parse(pp.build_local("v2"))
+    assert v2_local is not None
+    assert v2_local.local
+    v1_unknown = parse(pp.build_local("v1"))
+    assert v1_unknown is not None
+    assert v1_unknown.source is None
+    assert pp.build_local(None) == b""
