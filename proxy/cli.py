@@ -296,6 +296,15 @@ def serve_options(func: Callable[..., Any]) -> Callable[..., Any]:
             "connection.",
             type=click.Choice(["off", "v1", "v2"]),
         ),
+        # Client certificate revocation
+        _option(
+            "--client-crl",
+            (),
+            "CRL (PEM or DER) of a --client-ca CA; revoked client certificates fail the "
+            "handshake (repeatable; reloaded like certificates).",
+            type=click.Path(path_type=Path),
+            multiple=True,
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -366,6 +375,7 @@ def build_config(opts: dict[str, Any]) -> Config:
         worker_index=opts["worker_index"],
         ticket_keys=read_ticket_keys(opts["ticket_keys_fd"]),
         **_proxy_protocol_options(opts),
+        client_crl_files=tuple(readable_file(p, "--client-crl") for p in opts["client_crl"]),
     ).validate()
 
 

@@ -104,6 +104,8 @@ class Config:
     proxy_protocol_from: tuple[IPNetwork, ...] = ()
     # PROXY protocol out: each app connection begins with a header; pools per client connection
     upstream_proxy_protocol: Literal["v1", "v2"] | None = None
+    # Client certificate revocation: CRLs checked in every handshake, reloaded with the certs
+    client_crl_files: tuple[Path, ...] = ()
 
     def validate(self) -> Config:
         """Check the relations between settings; return self so it chains."""
@@ -182,6 +184,8 @@ class Config:
                     f"--upgrade {protocol!r} is not a protocol name; use e.g. --upgrade websocket"
                 )
         self._validate_proxy_protocol()
+        if self.client_crl_files and self.client_ca is None:
+            raise ConfigError("--client-crl needs --client-ca, the CA whose revocations it lists")
         return self
 
     def _validate_proxy_protocol(self) -> None:

@@ -165,9 +165,10 @@ class ClientConnection(PhaseTimer, asyncio.Protocol):
         except ssl.SSLError as e:
             about_client_cert = "CERTIFICATE" in str(e.reason or "").upper()
             mtls = self.ctx.config.client_ca is not None
-            self._handshake_failed(
-                "client_certificate" if mtls and about_client_cert else "protocol", e
-            )
+            reason = "client_certificate" if mtls and about_client_cert else "protocol"
+            if reason == "client_certificate" and isinstance(e, ssl.SSLCertVerificationError):
+                reason = _CRL_VERDICTS.get(e.verify_code, reason)
+            self._handshake_failed(reason, e)
             return
         except (OSError, EOFError, RuntimeError, asyncio.CancelledError) as e:
             self._handshake_failed("closed", e)
@@ -436,9 +437,19 @@ _FAILURES = {
 }
 
 
+# OpenSSL's verify codes of --client-crl -> tls_handshake_errors_total's reason
+_CRL_VERDICTS = {
+    23: "client_certificate_revoked",  # X509_V_ERR_CERT_REVOKED
+    12: "client_crl_expired",  # X509_V_ERR_CRL_HAS_EXPIRED: fail closed until a fresh one
+    3: "client_crl_missing",  # X509_V_ERR_UNABLE_TO_GET_CRL: no CRL of the client's CA
+}
+
+
 def handshake_failure(exc: BaseException) -> str:
     """Why a handshake failed, in words an operator greps for."""
     if isinstance(exc, ssl.SSLCertVerificationError):
+        if exc.verify_code in _CRL_VERDICTS:
+            return _CRL_VERDICTS[exc.verify_code]
         message = (exc.verify_message or "").lower()
         if "expired" in message:
             return "expired_client_certificate"

@@ -135,7 +135,8 @@ class Metrics:
         )
         self.tls_handshake_errors = Counter(
             f"{p}_tls_handshake_errors",
-            "Failed TLS handshakes by reason (timeout, protocol, client_certificate, closed).",
+            "Failed TLS handshakes by reason (timeout, protocol, client_certificate, closed; with "
+            "--client-crl: client_certificate_revoked, client_crl_expired, client_crl_missing).",
             ["reason"],
             registry=r,
         )
@@ -222,6 +223,14 @@ class Metrics:
             "Unix time at which the served certificate expires, by cert (default, or the file or "
             "folder name); days left: (this - time()) / 86400.",
             ["cert"],
+            registry=r,
+            multiprocess_mode="min",
+        )
+        self.client_crl_next_update = Gauge(
+            f"{p}_client_crl_next_update_timestamp_seconds",
+            "Unix time of the next update each --client-crl promises, by crl (its file name); "
+            "past it, OpenSSL refuses that CA's clients until a fresh CRL is loaded.",
+            ["crl"],
             registry=r,
             multiprocess_mode="min",
         )

@@ -276,6 +276,10 @@ class ProxyServer:
         self.metrics.certificate_expiry.clear()
         for served in self.tls.served:
             self.metrics.certificate_expiry.labels(served.name).set(served.not_after)
+        self.metrics.client_crl_next_update.clear()
+        crls = self.tls.bundle.crls
+        for name, next_update in crls.next_updates if crls is not None else ():
+            self.metrics.client_crl_next_update.labels(name).set(next_update)
         self.metrics.certificate_last_reload_success.set(time.time())
 
     async def reload_certificates(self) -> bool:
