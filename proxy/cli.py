@@ -305,6 +305,13 @@ def serve_options(func: Callable[..., Any]) -> Callable[..., Any]:
             type=click.Path(path_type=Path),
             multiple=True,
         ),
+        _option(
+            "--client-cert-revalidate",
+            "off",
+            "How often open connections' client certificates are checked again (expiry, a newly "
+            "loaded CRL, the CA still in --client-ca); a failing one is closed after its request. "
+            "off, or e.g. 1m.",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -376,6 +383,9 @@ def build_config(opts: dict[str, Any]) -> Config:
         ticket_keys=read_ticket_keys(opts["ticket_keys_fd"]),
         **_proxy_protocol_options(opts),
         client_crl_files=tuple(readable_file(p, "--client-crl") for p in opts["client_crl"]),
+        client_cert_revalidate=0.0
+        if opts["client_cert_revalidate"].strip().lower() in ("off", "0", "")
+        else parse_duration(opts["client_cert_revalidate"], option="--client-cert-revalidate"),
     ).validate()
 
 

@@ -106,6 +106,8 @@ class Config:
     upstream_proxy_protocol: Literal["v1", "v2"] | None = None
     # Client certificate revocation: CRLs checked in every handshake, reloaded with the certs
     client_crl_files: tuple[Path, ...] = ()
+    # Re-validation of open connections' client certificates: every this many seconds (0: off)
+    client_cert_revalidate: float = 0.0
 
     def validate(self) -> Config:
         """Check the relations between settings; return self so it chains."""
@@ -186,6 +188,13 @@ class Config:
         self._validate_proxy_protocol()
         if self.client_crl_files and self.client_ca is None:
             raise ConfigError("--client-crl needs --client-ca, the CA whose revocations it lists")
+        if self.client_cert_revalidate < 0:
+            raise ConfigError("--client-cert-revalidate must be off or a duration, e.g. 1m")
+        if self.client_cert_revalidate and self.client_ca is None:
+            raise ConfigError(
+                "--client-cert-revalidate needs --client-ca: without mutual TLS there is no "
+                "client certificate to check again"
+            )
         return self
 
     def _validate_proxy_protocol(self) -> None:

@@ -39,6 +39,7 @@ class ClientConnection(PhaseTimer, asyncio.Protocol):
         self._raw: asyncio.Transport | None = None
         self._tls_protocol: Any = None  # the TLS layer's protocol, while _HandshakeReader is in
         self._server_name: str | None = None  # SNI of a failed handshake, for its log line
+        self.retiring = False  # its client certificate is no longer valid: close when idle
         self._peer: Any = None  # the client's and our address, as the PROXY header out says
         self._local: Any = None
 
@@ -60,6 +61,11 @@ class ClientConnection(PhaseTimer, asyncio.Protocol):
     def begin_drain(self) -> None:
         if self.idle:
             self.close()
+
+    def retire(self) -> None:
+        """Close after the request in flight, as a drain does, for this connection alone."""
+        self.retiring = True
+        self.begin_drain()
 
     # --- accepting and the handshake ----------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

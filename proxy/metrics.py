@@ -234,6 +234,13 @@ class Metrics:
             registry=r,
             multiprocess_mode="min",
         )
+        self.client_cert_revalidation_closed = Counter(
+            f"{p}_client_cert_revalidation_closed",
+            "Open connections closed by --client-cert-revalidate, by reason (expired, revoked, "
+            "ca_removed): their client certificate is no longer valid.",
+            ["reason"],
+            registry=r,
+        )
         self.certificate_reloads = Counter(
             f"{p}_certificate_reloads",
             "Certificate reload attempts by result (success, failure).",

@@ -29,7 +29,7 @@ from proxy.tls.context import TlsState
 from proxy.upstream_proxy import ClientPools
 
 if TYPE_CHECKING:
-    pass
+    from proxy.revalidation import Revalidation
 
 log = logging.getLogger("tls_sidecar.server")
 
@@ -178,6 +178,7 @@ class ProxyServer:
         self._upstream_problem: str | None = "not checked yet"
         self._record_certificates()
         self._watcher: asyncio.Task[None] | None = None
+        self._revalidation: Revalidation | None = None  # --client-cert-revalidate
         self._reloads: set[asyncio.Task[bool]] = set()
 
     @property
@@ -217,6 +218,11 @@ class ProxyServer:
         reloadable = not (self.tls.self_signed and self.config.client_ca is None)
         if self.config.reload_interval > 0 and reloadable:
             self._watcher = loop.create_task(self._watch_certificates())
+        if config.client_cert_revalidate > 0:
+            from proxy.revalidation import Revalidation  # noqa: PLC0415
+
+            self._revalidation = Revalidation(self.ctx, config.client_cert_revalidate)
+            self._revalidation.start()
         return Bound(_addresses(self._listener.sockets), _addresses(admin_sockets))
 
     def _flush_metrics_every_second(self) -> None:
@@ -297,6 +303,8 @@ class ProxyServer:
             return False
         self.metrics.certificate_reloads.labels("success").inc()
         self._record_certificates()
+        if self._revalidation is not None:  # new CRLs or CAs count for open connections now
+            self._revalidation.check_now()
         log.info(
             "certificate reloaded",
             extra={"certificates": [f"{c.name}: {c.subject} serial {c.serial:x}" for c in served]},
@@ -338,6 +346,8 @@ class ProxyServer:
         ctx.draining = True
         if self._watcher is not None:
             self._watcher.cancel()
+        if self._revalidation is not None:
+            self._revalidation.stop()
         if self._listener is not None:
             self._listener.close()
         in_flight = [c for c in ctx.connections if not c.idle]

@@ -384,6 +384,7 @@ class TlsBundle:
     contexts: tuple[ssl.SSLContext, ...]
     served: tuple[ServedCertificate, ...]
     crls: LoadedCrls | None = None  # --client-crl, as loaded with these contexts
+    client_ca: bytes | None = None  # --client-ca's PEM, as loaded with these contexts
 
     @property
     def default(self) -> ssl.SSLContext:
@@ -429,7 +430,7 @@ def build_bundle(config: Config) -> tuple[TlsBundle, list[str]]:
     if len(contexts) > 1:
         exact, wildcard = name_tables(served)
         _install_sni(contexts, exact, wildcard)
-    return TlsBundle(contexts, served, crls), warnings
+    return TlsBundle(contexts, served, crls, client_ca), warnings
 
 
 def _install_sni(

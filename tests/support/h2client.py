@@ -43,8 +43,11 @@ class H2Client:
         *,
         settings: dict[h2.settings.SettingCodes, int] | None = None,
         validate: bool = True,
+        client_cert: tuple[Path, Path] | None = None,
     ) -> None:
         ctx = client_context(ca)
+        if client_cert is not None:
+            ctx.load_cert_chain(client_cert[0], client_cert[1])
         ctx.set_alpn_protocols(["h2"])
         raw = socket.create_connection(("127.0.0.1", port), timeout=10)
         self.sock: ssl.SSLSocket = ctx.wrap_socket(raw, server_hostname="localhost")
