@@ -23,6 +23,7 @@ import pytest
 from proxy import proxy_protocol as pp
 from tests.conftest import ProxyFactory
 from tests.e2e.test_cli import assert_one_line_error, run_cli
+from tests.support.h2client import H2Client
 from tests.support.proxy import (
     ProxyProcess,
     RawClient,
@@ -104,6 +105,17 @@ def test_the_header_s_client_reaches_the_app_and_the_access_log(
         what="the access log line",
     )
     assert record["client"] == "192.0.2.7"
+
+
+def test_an_http2_client_behind_the_balancer(pp_proxy: ProxyProcess, ca: Path) -> None:
+    header = pp.build_v2(("2001:db8::7", 4444), ("2001:db8::1", 443))
+    client = H2Client(pp_proxy.port, ca, preface=header, source=BALANCER)
+    try:
+        response = client.response(client.request(b"/echo/pp-h2"))
+    finally:
+        client.close()
+    assert response.status == 200
+    assert dict(json.loads(response.body)["headers"])["x-forwarded-for"] == "2001:db8::7"
 
 
 def test_v2_local_keeps_the_balancer_s_own_address(pp_proxy: ProxyProcess, ca: Path) -> None:
