@@ -13,8 +13,17 @@ import pytest
 
 from proxy.tls import certs
 from tests.conftest import ProxyFactory
+from tests.e2e.test_cli import run_check
 from tests.support.h2app import H2App
-from tests.support.proxy import ProxyProcess, RawClient, client_context, request_bytes, wait_for
+from tests.support.proxy import (
+    DevCerts,
+    ProxyProcess,
+    RawClient,
+    client_context,
+    request_bytes,
+    serve_args,
+    wait_for,
+)
 from tests.support.proxy_app import ProxyProtocolApp
 from tests.support.upstream import UpstreamApp
 
@@ -173,3 +182,18 @@ def test_v1_header_before_an_h2c_app(start_proxy: ProxyFactory, ca: Path) -> Non
     finally:
         front.stop()
         app.stop()
+
+
+def test_check_speaks_local_to_an_app_that_expects_headers(
+    front: ProxyProtocolApp, dev_certs: DevCerts
+) -> None:
+    refused = front.refused
+    local = sum(h.command == "LOCAL" for h in front.headers)
+    code, lines = run_check(
+        *serve_args(f"http://127.0.0.1:{front.port}", dev_certs)[1:],
+        "--upstream-proxy-protocol", "v2", "--upstream-health-path", "/status/200",
+    )  # fmt: skip
+    assert code == 0, lines
+    assert any(line.startswith("ok    upstream") for line in lines), lines
+    assert front.refused == refused
+    assert sum(h.command == "LOCAL" for h in front.headers) == local + 1
