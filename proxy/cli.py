@@ -19,7 +19,7 @@ import click
 import uvloop
 from click.core import ParameterSource
 
-from proxy import __version__
+from proxy import __version__, proxy_protocol
 from proxy import log as logs
 from proxy.commands.inject import inject
 from proxy.commands.inject_sidecar import DEFAULT_IMAGE, DEFAULT_SECRET, InjectOptions
@@ -276,6 +276,45 @@ def serve_options(func: Callable[..., Any]) -> Callable[..., Any]:
         _option("--log-format", "json", "Log line format.", type=click.Choice(["json", "text"])),
         _option("--log-level", "info", "debug, info, warning or error."),
         _option("--access-log/--no-access-log", True, "One line per request on stdout."),
+        # PROXY protocol in: the client's address from a TCP load balancer in front
+        _option(
+            "--accept-proxy-protocol/--no-accept-proxy-protocol",
+            False,
+            "Read a PROXY protocol header (v1 or v2) before the TLS handshake; its client "
+            "address is the client's. Needs --proxy-protocol-from.",
+        ),
+        _option(
+            "--proxy-protocol-from",
+            (),
+            "Address or CIDR allowed to send a PROXY header (repeatable); connections from "
+            "elsewhere are closed.",
+            multiple=True,
+        ),
+        # PROXY protocol out: the app learns the client (and its TLS) from a header
+        _option(
+            "--upstream-proxy-protocol",
+            "off",
+            "Begin each app connection with a PROXY header: v1, or v2 with TLS fields (ALPN, SNI, "
+            "TLS version, client CN and SPIFFE ID); app connections are then per client "
+            "connection.",
+            type=click.Choice(["off", "v1", "v2"]),
+        ),
+        # Client certificate revocation
+        _option(
+            "--client-crl",
+            (),
+            "CRL (PEM or DER) of a --client-ca CA; revoked client certificates fail the "
+            "handshake (repeatable; reloaded like certificates).",
+            type=click.Path(path_type=Path),
+            multiple=True,
+        ),
+        _option(
+            "--client-cert-revalidate",
+            "off",
+            "How often open connections' client certificates are checked again (expiry, a newly "
+            "loaded CRL, the CA still in --client-ca); a failing one is closed after its request. "
+            "off, or e.g. 1m.",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -347,7 +386,26 @@ def build_config(opts: dict[str, Any]) -> Config:
         workers=check_workers(opts["workers"]),
         worker_index=opts["worker_index"],
         ticket_keys=read_ticket_keys(opts["ticket_keys_fd"]),
+        **_proxy_protocol_options(opts),
+        client_crl_files=tuple(readable_file(p, "--client-crl") for p in opts["client_crl"]),
+        client_cert_revalidate=0.0
+        if opts["client_cert_revalidate"].strip().lower() in ("off", "0", "")
+        else parse_duration(opts["client_cert_revalidate"], option="--client-cert-revalidate"),
     ).validate()
+
+
+def _proxy_protocol_options(opts: dict[str, Any]) -> dict[str, Any]:
+    try:
+        allowed = proxy_protocol.networks(opts["proxy_protocol_from"])
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return {
+        "accept_proxy_protocol": opts["accept_proxy_protocol"],
+        "proxy_protocol_from": allowed,
+        "upstream_proxy_protocol": None
+        if opts["upstream_proxy_protocol"] == "off"
+        else opts["upstream_proxy_protocol"],
+    }
 
 
 def read_ticket_keys(fd: int | None) -> bytes | None:

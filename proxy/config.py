@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from proxy.identity import AccessPolicy
+from proxy.proxy_protocol import IPNetwork
 
 
 class ConfigError(Exception):
@@ -103,6 +104,15 @@ class Config:
     worker_index: int | None = None  # set in the worker processes of --workers N
     # Session ticket keys the supervisor hands every worker (through a pipe, never argv or env).
     ticket_keys: bytes | None = field(default=None, repr=False)
+    # PROXY protocol: a header before the TLS handshake, taken only from these networks
+    accept_proxy_protocol: bool = False
+    proxy_protocol_from: tuple[IPNetwork, ...] = ()
+    # PROXY protocol out: each app connection begins with a header; pools per client connection
+    upstream_proxy_protocol: Literal["v1", "v2"] | None = None
+    # Client certificate revocation: CRLs checked in every handshake, reloaded with the certs
+    client_crl_files: tuple[Path, ...] = ()
+    # Re-validation of open connections' client certificates: every this many seconds (0: off)
+    client_cert_revalidate: float = 0.0
 
     @property
     def has_certificates(self) -> bool:
@@ -185,7 +195,29 @@ class Config:
                 raise ConfigError(
                     f"--upgrade {protocol!r} is not a protocol name; use e.g. --upgrade websocket"
                 )
+        self._validate_proxy_protocol()
+        if self.client_crl_files and self.client_ca is None:
+            raise ConfigError("--client-crl needs --client-ca, the CA whose revocations it lists")
+        if self.client_cert_revalidate < 0:
+            raise ConfigError("--client-cert-revalidate must be off or a duration, e.g. 1m")
+        if self.client_cert_revalidate and self.client_ca is None:
+            raise ConfigError(
+                "--client-cert-revalidate needs --client-ca: without mutual TLS there is no "
+                "client certificate to check again"
+            )
         return self
+
+    def _validate_proxy_protocol(self) -> None:
+        if self.accept_proxy_protocol and not self.proxy_protocol_from:
+            raise ConfigError(
+                "--accept-proxy-protocol needs --proxy-protocol-from CIDR (the load balancers' "
+                "addresses, e.g. 10.0.0.0/8): a PROXY header is never taken from anyone"
+            )
+        if self.proxy_protocol_from and not self.accept_proxy_protocol:
+            raise ConfigError(
+                "--proxy-protocol-from is given without --accept-proxy-protocol; add it, or "
+                "drop --proxy-protocol-from"
+            )
 
 
 def _wildcard(host: str) -> bool:

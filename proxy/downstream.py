@@ -9,6 +9,7 @@ import ssl
 import time
 from typing import TYPE_CHECKING, Any, cast
 
+from proxy import proxy_protocol
 from proxy.core.headers import ClientInfo
 from proxy.core.session import Session
 from proxy.core.timer import PhaseTimer
@@ -40,6 +41,9 @@ class ClientConnection(PhaseTimer, asyncio.Protocol):
         self._server_name: str | None = None  # SNI of a failed handshake, for its log line
         # A failed handshake is counted once (plain HTTP: before the TLS layer fails too).
         self._failure_counted = False
+        self.retiring = False  # its client certificate is no longer valid: close when idle
+        self._peer: Any = None  # the client's and our address, as the PROXY header out says
+        self._local: Any = None
 
     # --- to be provided by the protocol -------------------------------------------------------
     def handshake_complete(self) -> None:
@@ -60,6 +64,11 @@ class ClientConnection(PhaseTimer, asyncio.Protocol):
         if self.idle:
             self.close()
 
+    def retire(self) -> None:
+        """Close after the request in flight, as a drain does, for this connection alone."""
+        self.retiring = True
+        self.begin_drain()
+
     # --- accepting and the handshake ----------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
@@ -67,6 +76,7 @@ class ClientConnection(PhaseTimer, asyncio.Protocol):
         ctx.metrics.connections_accepted.inc()
         peer = transport.get_extra_info("peername")
         sock = transport.get_extra_info("sockname")
+        self._peer, self._local = peer, sock  # the PROXY header the app gets says these
         self.session.client = ClientInfo(
             peer[0] if isinstance(peer, tuple) else "-",
             sock[1] if isinstance(sock, tuple) else 0,
@@ -84,26 +94,73 @@ class ClientConnection(PhaseTimer, asyncio.Protocol):
             return
         ctx.connections.add(self)
         self._handshake_started = time.perf_counter()
+        self._raw = transport
+        if ctx.config.accept_proxy_protocol:
+            self._read_proxy_header(transport)
+            return
+        self._start_tls(transport, ctx.config.handshake_timeout)
+
+    def _start_tls(self, transport: asyncio.Transport, timeout: float, early: bytes = b"") -> None:
+        """The TLS handshake on `transport`; `early` are bytes read already (after a PROXY
+        header), handed to the TLS layer first."""
         # uvloop starts reading as soon as connection_made returns, so the TLS protocol must be
         # in place before then: step start_tls's coroutine here instead of in a Task, whose
         # first step would run a loop turn later and could let the ClientHello reach the codec.
         self._handshake = self.loop.start_tls(
             transport,
             self,
-            ctx.tls.context,
+            self.ctx.tls.context,
             server_side=True,
-            ssl_handshake_timeout=ctx.config.handshake_timeout,
+            ssl_handshake_timeout=timeout,
         )
-        self._raw = transport
         self._step_handshake(None)
         if self.handshaking and not self.closed:
             # Every read of the handshake goes through _HandshakeReader, so that a failed
             # handshake's alert reaches the client (tls.AlertingSSLObject); it steps aside after.
             self._tls_protocol = transport.get_protocol()
             reader = _HandshakeReader(self._tls_protocol, self)
+            if early:
+                assert reader.early is not None
+                reader.early += early
             transport.set_protocol(reader)
             # After the TLS layer's own connection_made (start_tls queued it just now).
             self.loop.call_soon(reader.start)
+
+    # --- the PROXY protocol header, before any TLS byte -----------------------------------------
+    def _read_proxy_header(self, transport: asyncio.Transport) -> None:
+        config = self.ctx.config
+        if not proxy_protocol.trusted(self.session.client.address, config.proxy_protocol_from):
+            self.proxy_header_refused("untrusted", "a PROXY header is not taken from this address")
+            return
+        transport.set_protocol(_ProxyHeaderReader(self, config.handshake_timeout))
+
+    def proxy_header_read(self, header: proxy_protocol.ProxyHeader, rest: bytes) -> None:
+        """The header is in: its client is this connection's; the TLS layer gets what follows."""
+        if header.source is not None and header.destination is not None:
+            self.session.client = ClientInfo(header.source[0], header.destination[1])
+            self._peer, self._local = header.source, header.destination
+        assert self._raw is not None
+        spent = time.perf_counter() - self._handshake_started
+        # The header and the handshake share --handshake-timeout.
+        self._start_tls(self._raw, max(self.ctx.config.handshake_timeout - spent, 0.001), rest)
+
+    def proxy_header_refused(self, reason: str, detail: str) -> None:
+        """Missing, malformed, untrusted or too slow: closed at once and counted, nothing sent."""
+        self.ctx.metrics.connections_rejected.labels("proxy_protocol_" + reason).inc()
+        suppressed = self.ctx.handshake_log.allow("proxy_protocol_" + reason)
+        if suppressed is not None:
+            log.info(
+                "proxy protocol header refused",
+                extra={
+                    "client": self.session.client.address,
+                    "reason": reason,
+                    "error": detail,
+                    "suppressed_since_last": suppressed,
+                },
+            )
+        if self._raw is not None:
+            self._raw.abort()
+        self.forget()
 
     def _step_handshake(self, _done: object) -> None:
         coro = self._handshake
@@ -121,9 +178,10 @@ class ClientConnection(PhaseTimer, asyncio.Protocol):
         except ssl.SSLError as e:
             about_client_cert = "CERTIFICATE" in str(e.reason or "").upper()
             mtls = self.ctx.config.client_ca is not None
-            self._handshake_failed(
-                "client_certificate" if mtls and about_client_cert else "protocol", e
-            )
+            reason = "client_certificate" if mtls and about_client_cert else "protocol"
+            if reason == "client_certificate" and isinstance(e, ssl.SSLCertVerificationError):
+                reason = _CRL_VERDICTS.get(e.verify_code, reason)
+            self._handshake_failed(reason, e)
             return
         except (OSError, EOFError, RuntimeError, asyncio.CancelledError) as e:
             self._handshake_failed("closed", e)
@@ -161,6 +219,10 @@ class ClientConnection(PhaseTimer, asyncio.Protocol):
         ctx.handshake_done(session.tls_version, ssl_object.session_reused)
         if ctx.config.client_ca is not None:
             self._check_client(ssl_object)
+        if ctx.client_pools is not None and isinstance(self._peer, tuple):
+            session.pool = ctx.client_pools.open(
+                session, self._peer[:2], self._local[:2], ssl_object.selected_alpn_protocol()
+            )
         ctx.metrics.tls_handshake_duration.observe(time.perf_counter() - self._handshake_started)
         self.arm("header", ctx.config.header_timeout)
         self.handshake_complete()
@@ -238,6 +300,10 @@ class ClientConnection(PhaseTimer, asyncio.Protocol):
         self.closed = True
         if self not in self.ctx.connections:
             return
+        pool = self.session.pool
+        if pool is not None and self.ctx.client_pools is not None:
+            self.session.pool = None
+            self.ctx.client_pools.close(pool)
         self.stop_timer()
         self.ctx.connections.discard(self)
         self.ctx.connection_closed()
@@ -274,6 +340,56 @@ class ClientConnection(PhaseTimer, asyncio.Protocol):
         assert self.transport is not None
         self.ctx.metrics.down_out += sum(map(len, parts))
         self.transport.writelines(parts)
+
+
+class _ProxyHeaderReader(asyncio.Protocol):
+    """The raw transport's protocol until the PROXY header is whole: bounded in time (the
+    handshake timeout) and in size (proxy_protocol's bounds); only then does TLS start."""
+
+    def __init__(self, connection: ClientConnection, timeout: float) -> None:
+        self.connection = connection
+        self.buffer = bytearray()
+        self.done = False
+        self.timer = connection.loop.call_later(timeout, self._timed_out)
+
+    def data_received(self, data: bytes) -> None:
+        if self.done:
+            return
+        self.buffer += data
+        try:
+            header = proxy_protocol.parse(self.buffer)
+        except proxy_protocol.ProxyProtocolError as e:
+            self._finish()
+            self.connection.proxy_header_refused(e.reason, str(e))
+            return
+        if header is not None:
+            self._finish()
+            self.connection.proxy_header_read(header, bytes(self.buffer[header.length :]))
+
+    def eof_received(self) -> bool:
+        if not self.done:
+            self._finish()
+            if self.buffer:
+                self.connection.proxy_header_refused("missing", "closed within a PROXY header")
+            else:  # a balancer's TCP check: connected and closed, nothing to count
+                self.connection.abort()
+                self.connection.forget()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done:
+            self._finish()
+            self.connection.forget()
+
+    def _timed_out(self) -> None:
+        if not self.done:
+            self._finish()
+            self.connection.ctx.metrics.timeouts.labels("proxy_protocol").inc()
+            self.connection.proxy_header_refused("timeout", "no whole PROXY header in time")
+
+    def _finish(self) -> None:
+        self.done = True
+        self.timer.cancel()
 
 
 class _HandshakeReader(asyncio.BufferedProtocol):
@@ -402,9 +518,19 @@ _FAILURES = {
 }
 
 
+# OpenSSL's verify codes of --client-crl -> tls_handshake_errors_total's reason
+_CRL_VERDICTS = {
+    23: "client_certificate_revoked",  # X509_V_ERR_CERT_REVOKED
+    12: "client_crl_expired",  # X509_V_ERR_CRL_HAS_EXPIRED: fail closed until a fresh one
+    3: "client_crl_missing",  # X509_V_ERR_UNABLE_TO_GET_CRL: no CRL of the client's CA
+}
+
+
 def handshake_failure(exc: BaseException) -> str:
     """Why a handshake failed, in words an operator greps for."""
     if isinstance(exc, ssl.SSLCertVerificationError):
+        if exc.verify_code in _CRL_VERDICTS:
+            return _CRL_VERDICTS[exc.verify_code]
         message = (exc.verify_message or "").lower()
         if "expired" in message:
             return "expired_client_certificate"

@@ -146,7 +146,8 @@ class Metrics:
         self.connections_rejected = Counter(
             f"{p}_connections_rejected",
             "Downstream connections closed at once, by reason (max_connections, draining, "
-            "no_file_descriptors).",
+            "no_file_descriptors; with --accept-proxy-protocol: proxy_protocol_untrusted, "
+            "_missing, _malformed, _timeout).",
             ["reason"],
             registry=r,
         )
@@ -159,7 +160,8 @@ class Metrics:
         self.tls_handshake_errors = Counter(
             f"{p}_tls_handshake_errors",
             "Failed TLS handshakes by reason (timeout, protocol, client_certificate, closed; "
-            "plain_http: a plain HTTP request on the TLS port, answered 400).",
+            "plain_http: a plain HTTP request on the TLS port, answered 400; with --client-crl: "
+            "client_certificate_revoked, client_crl_expired, client_crl_missing).",
             ["reason"],
             registry=r,
         )
@@ -237,7 +239,8 @@ class Metrics:
         self.timeouts = Counter(
             f"{p}_timeouts",
             "Timeouts by phase (handshake, header, idle, request_body, upstream, tunnel; send: the "
-            "client did not read the response, its socket or HTTP/2 flow-control window full).",
+            "client did not read the response, its socket or HTTP/2 flow-control window full; "
+            "proxy_protocol: no whole PROXY header within the handshake timeout).",
             ["phase"],
             registry=r,
         )
@@ -248,6 +251,21 @@ class Metrics:
             ["cert"],
             registry=r,
             multiprocess_mode="livemin",  # the live workers' only: a dead one's files go
+        )
+        self.client_crl_next_update = Gauge(
+            f"{p}_client_crl_next_update_timestamp_seconds",
+            "Unix time of the next update each --client-crl promises, by crl (its file name); "
+            "past it, OpenSSL refuses that CA's clients until a fresh CRL is loaded.",
+            ["crl"],
+            registry=r,
+            multiprocess_mode="min",
+        )
+        self.client_cert_revalidation_closed = Counter(
+            f"{p}_client_cert_revalidation_closed",
+            "Open connections closed by --client-cert-revalidate, by reason (expired, revoked, "
+            "ca_removed): their client certificate is no longer valid.",
+            ["reason"],
+            registry=r,
         )
         self.certificate_reloads = Counter(
             f"{p}_certificate_reloads",

@@ -20,17 +20,18 @@ class UpstreamCheck:
 
 
 async def probe_upstream(
-    target: Upstream, timeout: float, health_path: str | None = None
+    target: Upstream, timeout: float, health_path: str | None = None, *, preface: bytes = b""
 ) -> str | None:
     """Is the app ready? None when it is, else why not (see check_upstream)."""
-    return (await check_upstream(target, timeout, health_path)).problem
+    return (await check_upstream(target, timeout, health_path, preface=preface)).problem
 
 
 async def check_upstream(
-    target: Upstream, timeout: float, health_path: str | None = None
+    target: Upstream, timeout: float, health_path: str | None = None, *, preface: bytes = b""
 ) -> UpstreamCheck:
     """The app is ready when it accepts a connection and, with `health_path`, answers a GET
-    there with 2xx or 3xx (over HTTP/2 for an h2c app).
+    there with 2xx or 3xx (over HTTP/2 for an h2c app). `preface` goes first (a PROXY LOCAL
+    header, for an app that expects one on every connection).
 
     Readiness checks use their own connection, not the pool: they never count as requests."""
     connected = False
@@ -45,7 +46,10 @@ async def check_upstream(
                 )
             connected = True
             try:
+                if preface:
+                    writer.write(preface)
                 if health_path is None:
+                    await writer.drain()
                     return UpstreamCheck(None, connected)
                 if target.h2c:
                     problem = await _health_h2c(reader, writer, target, health_path)

@@ -12,7 +12,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from proxy import http1
 from proxy.admin import AdminServer
@@ -23,12 +23,14 @@ from proxy.http1.connection import Http1Connection
 from proxy.http1.upstream import UpstreamPool
 from proxy.log import AccessLog
 from proxy.metrics import Metrics
+from proxy.proxy_protocol import build_local
 from proxy.readiness import check_upstream
 from proxy.sockets import bind_dual_stack, dual_stack
 from proxy.tls.context import TlsState, out_of_descriptors
+from proxy.upstream_proxy import ClientPools
 
 if TYPE_CHECKING:
-    pass
+    from proxy.revalidation import Revalidation
 
 log = logging.getLogger("tls_sidecar.server")
 
@@ -58,7 +60,7 @@ def build_context(
         from proxy.http2.server import Http2Connection  # noqa: PLC0415
 
         protocols["h2"] = Http2Connection
-    return ProxyContext(
+    ctx = ProxyContext(
         loop,
         config,
         tls,
@@ -68,6 +70,30 @@ def build_context(
         pool=pool,
         protocols=protocols,
     )
+    if config.upstream_proxy_protocol is not None:
+        ctx.client_pools = _client_pools(loop, config, metrics, pool, http)
+    return ctx
+
+
+def _client_pools(
+    loop: asyncio.AbstractEventLoop, config: Config, metrics: Metrics, shared: Pool, http: str
+) -> ClientPools:
+    """Pools of the upstream kind, one per client connection, adding to the shared one's counts."""
+    assert config.upstream_proxy_protocol is not None
+    counts = cast(Any, shared).counts
+    if config.upstream.h2c:
+        from proxy.http2.upstream import H2UpstreamPool  # noqa: PLC0415
+
+        def new_pool(preface: bytes) -> Pool:
+            return H2UpstreamPool(config, metrics, loop, preface=preface, counts=counts)
+
+    else:
+        codec = http1.client_codec_class(http)
+
+        def new_pool(preface: bytes) -> Pool:
+            return UpstreamPool(config, metrics, loop, codec, preface=preface, counts=counts)
+
+    return ClientPools(config.upstream_proxy_protocol, new_pool)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,8 +178,10 @@ class ProxyServer:
         self._upstream_checked_at = -1e9
         self._upstream_problem: str | None = "not checked yet"
         self._certificate_names: set[str] = set()
+        self._crl_names: set[str] = set()
         self._record_certificates()
         self._watcher: asyncio.Task[None] | None = None
+        self._revalidation: Revalidation | None = None  # --client-cert-revalidate
         self._reloads: set[asyncio.Task[bool]] = set()
 
     @property
@@ -201,6 +229,11 @@ class ProxyServer:
         reloadable = not (self.tls.self_signed and self.config.client_ca is None)
         if self.config.reload_interval > 0 and reloadable:
             self._watcher = loop.create_task(self._watch_certificates())
+        if config.client_cert_revalidate > 0:
+            from proxy.revalidation import Revalidation  # noqa: PLC0415
+
+            self._revalidation = Revalidation(self.ctx, config.client_cert_revalidate)
+            self._revalidation.start()
         return Bound(_addresses(self._listener.sockets), _addresses(admin_sockets))
 
     def _flush_metrics_every_second(self) -> None:
@@ -219,7 +252,10 @@ class ProxyServer:
             if now - self._upstream_checked_at >= READINESS_CACHE_SECONDS:
                 timeout = min(1.0, self.config.upstream_connect_timeout)
                 check = await check_upstream(
-                    self.config.upstream, timeout, self.config.upstream_health_path
+                    self.config.upstream,
+                    timeout,
+                    self.config.upstream_health_path,
+                    preface=build_local(self.config.upstream_proxy_protocol),
                 )
                 self._upstream_problem = check.problem
                 self._upstream_checked_at = asyncio.get_running_loop().time()
@@ -268,6 +304,17 @@ class ProxyServer:
         for served in self.tls.served:
             expiry.labels(served.name).set(served.not_after)
         self._certificate_names = names
+        crl_gauge = self.metrics.client_crl_next_update
+        crls = self.tls.bundle.crls
+        next_updates = dict(crls.next_updates) if crls is not None else {}
+        for gone in self._crl_names - next_updates.keys():
+            if self.config.worker_index is None:
+                crl_gauge.remove(gone)
+            else:  # as for certificates: a worker's file keeps the series
+                crl_gauge.labels(gone).set(float("inf"))
+        for name, next_update in next_updates.items():
+            crl_gauge.labels(name).set(next_update)
+        self._crl_names = set(next_updates)
         self.metrics.certificate_last_reload_success.set(time.time())
 
     async def reload_certificates(self) -> bool:
@@ -292,6 +339,8 @@ class ProxyServer:
             return False
         self.metrics.certificate_reloads.labels("success").inc()
         self._record_certificates()
+        if self._revalidation is not None:  # new CRLs or CAs count for open connections now
+            self._revalidation.check_now()
         log.info(
             "certificate reloaded",
             extra={"certificates": [f"{c.name}: {c.subject} serial {c.serial:x}" for c in served]},
@@ -333,6 +382,8 @@ class ProxyServer:
         ctx.draining = True
         if self._watcher is not None:
             self._watcher.cancel()
+        if self._revalidation is not None:
+            self._revalidation.stop()
         if self._listener is not None:
             self._listener.close()
         in_flight = [c for c in ctx.connections if not c.idle]

@@ -27,6 +27,7 @@ from proxy import __version__
 from proxy.admin import AdminServer
 from proxy.config import Config, ConfigError, bind_error
 from proxy.metrics import PREFIX, UPSTREAM_UP_HELP, render
+from proxy.proxy_protocol import build_local
 from proxy.readiness import check_upstream
 from proxy.sockets import dual_stack
 from proxy.tls.context import TICKET_KEYS_SIZE
@@ -187,7 +188,10 @@ class Supervisor:
         if now - self._ready_checked >= 1.0:
             timeout = min(1.0, self.config.upstream_connect_timeout)
             check = await check_upstream(
-                self.config.upstream, timeout, self.config.upstream_health_path
+                self.config.upstream,
+                timeout,
+                self.config.upstream_health_path,
+                preface=build_local(self.config.upstream_proxy_protocol),
             )
             self._ready_problem = check.problem
             self._ready_checked = time.monotonic()

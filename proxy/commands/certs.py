@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import click
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from proxy.config import ConfigError
 from proxy.tls import certcheck, certs
@@ -337,6 +338,63 @@ def issue_command(
     cert_path, key_path = certs_dir / f"{base}.crt", certs_dir / f"{base}.key"
     _write_pair(cert_path, key_path, issued, chain=b"" if client else ca.cert_pem)
     click.echo(f"certificate {cert_path}\nkey         {key_path}")
+
+
+@certs_group.command("revoke", context_settings=CONTEXT)
+@_DIR
+@click.option(
+    "--name",
+    "names",
+    multiple=True,
+    help="A certificate to revoke: NAME.crt in --certs-dir (e.g. client), or a path (repeatable).",
+)
+@click.option(
+    "--serial",
+    "serials",
+    multiple=True,
+    help="A serial number to revoke, in hex as certs inspect prints it (repeatable).",
+)
+@click.option(
+    "--days",
+    default=7,
+    show_default=True,
+    type=click.IntRange(1, 365),
+    help="Days until the CRL's next update (serve warns and refuses clients after it).",
+)
+def revoke_command(
+    certs_dir: Path, names: tuple[str, ...], serials: tuple[str, ...], days: int
+) -> None:
+    """Revoke certificates of the development CA: writes ca.crl (PEM) in --certs-dir with these and the
+    earlier revocations, for serve --client-crl."""
+    from proxy.tls import crl  # noqa: PLC0415
+
+    if not names and not serials:
+        raise click.UsageError("give --name or --serial: which certificate to revoke")
+    files = dev_files(certs_dir)
+    ca = _load_ca(files.ca_cert, files.ca_key)
+    crl_path = certs_dir / "ca.crl"
+    revoked = (
+        {entry.serial_number for old in crl.load_crls(crl_path, "--certs-dir") for entry in old}
+        if crl_path.exists()
+        else set()
+    )
+    new: list[int] = []
+    for name in names:
+        path = Path(name) if "/" in name or name.endswith(".crt") else certs_dir / f"{name}.crt"
+        new.append(certs.load_chain(path, "--name")[0].serial_number)
+    for text in serials:
+        try:
+            new.append(int(text.replace(":", ""), 16))
+        except ValueError:
+            raise ConfigError(f"--serial {text!r} is not a hex serial number") from None
+    made = crl.make_crl(ca, revoked | set(new), days=days)
+    crl_path.write_bytes(made.public_bytes(Encoding.PEM))
+    for serial in new:
+        click.echo(f"revoked     serial {serial:x}")
+    click.echo(
+        f"crl         {crl_path} ({len(revoked | set(new))} revoked, next update "
+        f"{made.next_update_utc:%Y-%m-%d %H:%M} UTC)"
+    )
 
 
 @certs_group.command("inspect", context_settings=CONTEXT)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from proxy.config import Address, Config, ConfigError
+from proxy.proxy_protocol import build_local
 from proxy.readiness import probe_upstream
 from proxy.tls.context import build_bundle
 
@@ -135,7 +136,10 @@ def _bindable(option: str, address: Address) -> Finding:
 
 def _upstream(config: Config) -> Finding:
     timeout = config.upstream_connect_timeout
-    problem = asyncio.run(probe_upstream(config.upstream, timeout, config.upstream_health_path))
+    preface = build_local(config.upstream_proxy_protocol)  # an app that expects PROXY headers
+    problem = asyncio.run(
+        probe_upstream(config.upstream, timeout, config.upstream_health_path, preface=preface)
+    )
     if problem is None:
         how = f", GET {config.upstream_health_path} answered" if config.upstream_health_path else ""
         return Finding(OK, "upstream", f"{config.upstream} accepts connections{how}")

@@ -37,6 +37,19 @@ class Connection(Protocol):
     def abort_all(self) -> None: ...
 
 
+class ClientPools(Protocol):
+    """--upstream-proxy-protocol: a pool of app connections per client connection."""
+
+    def open(
+        self,
+        session: Session,
+        source: tuple[str, int],
+        destination: tuple[str, int],
+        alpn: str | None,
+    ) -> Pool: ...
+    def close(self, pool: Pool) -> None: ...
+
+
 class ProxyContext:
     """What every downstream connection shares: settings, TLS, the pool, metrics, the registry."""
 
@@ -64,6 +77,7 @@ class ProxyContext:
         self.server_codec = server_codec
         self.pool = pool
         self.protocols = protocols
+        self.client_pools: ClientPools | None = None  # set by the server with PROXY out
         self.allowed_upgrades = frozenset(u.encode() for u in config.upgrades)
         self.connections: set[Connection] = set()
         self.draining = False

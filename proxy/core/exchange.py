@@ -89,6 +89,7 @@ class Exchange:
         "grpc_status",
         "head",
         "local_reason",
+        "pool",
         "request",
         "request_complete",
         "request_id",
@@ -112,6 +113,7 @@ class Exchange:
         self.ctx = ctx
         self.down = down
         self.session = session
+        self.pool = session.pool or ctx.pool  # a client connection's own with PROXY out
         self.head = head
         self.started = time.perf_counter()
         client_id = head.request_id
@@ -176,7 +178,7 @@ class Exchange:
             # As Envoy does: once admitted (403, 413 and the rest were decided above), the
             # client may send its body at once; most apps never send 100 themselves.
             self.down.send_informational(100, b"Continue", [])
-        upstream = ctx.pool.take_idle()
+        upstream = self.pool.take_idle()
         if upstream is not None:
             self._attach(upstream)
         else:
@@ -190,14 +192,14 @@ class Exchange:
 
     async def _connect(self) -> None:
         try:
-            upstream = await self.ctx.pool.connect()
+            upstream = await self.pool.connect()
         except UpstreamConnectError as e:
             if not self.finished:
                 self.local(e.status, f"upstream_{e.reason}", str(e))
             return
         self.connect_task = None
         if self.finished:
-            self.ctx.pool.close(upstream)
+            self.pool.close(upstream)
             return
         try:
             self._attach(upstream)
@@ -223,7 +225,7 @@ class Exchange:
                 )
             ]
         except BadRequest as e:
-            self.ctx.pool.close(upstream)
+            self.pool.close(upstream)
             self.upstream = None
             self.local(e.status, e.reason, f"request cannot be forwarded: {e}")
             return
@@ -486,7 +488,7 @@ class Exchange:
         self.upstream = None
         self._finish(self.status)
         if upstream is not None:
-            self.ctx.pool.release(upstream)
+            self.pool.release(upstream)
         self.down.exchange_done(self)
 
     def _finish(self, status: int) -> None:

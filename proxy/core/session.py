@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from proxy.core.headers import ClientInfo
 from proxy.identity import ClientIdentity
+
+if TYPE_CHECKING:
+    from proxy.core.links import Pool
 
 
 @dataclass(slots=True)
@@ -19,3 +23,5 @@ class Session:
     xfcc: bytes | None = None  # the X-Forwarded-Client-Cert value for an admitted identity
     sni: str | None = None  # the server name the client asked for
     cipher: str | None = None
+    # --upstream-proxy-protocol: this connection's own pool of app connections (else the shared)
+    pool: Pool | None = None

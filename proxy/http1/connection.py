@@ -48,7 +48,7 @@ class Http1Connection(ClientConnection):
         return not self.handshaking and self.exchange is None and not self._received_since_idle
 
     def begin_drain(self) -> None:
-        if self.idle and self.tunnel is None:
+        if (self.idle and self.tunnel is None) or (self.retiring and self.tunnel is not None):
             self.close()
 
     def handshake_complete(self) -> None:
@@ -192,7 +192,7 @@ class Http1Connection(ClientConnection):
 
     def send_head(self, status: int, reason: bytes, headers: Headers, length: int | None) -> None:
         self._phase_since = self.loop.time()
-        if self.ctx.draining:
+        if self.ctx.draining or self.retiring:
             headers.append((b"connection", b"close"))
         self._send(self.codec.response_head(status, reason, headers, length))
 
@@ -254,7 +254,7 @@ class Http1Connection(ClientConnection):
         # A pooled connection no longer reports to us: its backpressure hold ends with it.
         if self._holds:
             self.release(HOLD_UPSTREAM_FULL | HOLD_PIPELINE)
-        if self.ctx.draining:
+        if self.ctx.draining or self.retiring:
             self.close()
             return
         self._received_since_idle = False

@@ -174,14 +174,23 @@ class UpstreamPool:
         metrics: Metrics,
         loop: asyncio.AbstractEventLoop,
         codec_class: Callable[[], ClientCodec],
+        *,
+        preface: bytes = b"",
+        counts: dict[str, int] | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics
         # Kept, not looked up: get_running_loop() checks the PID (a getpid call) on Python 3.11.
         self.loop = loop
         self.codec_class = codec_class
-        self.counts = {"new": 0, "busy": 0, "idle": 0, "closed": 0}  # connections by state
-        metrics.on_flush(self._export)
+        # --upstream-proxy-protocol: one pool per client connection, each connection opened with
+        # `preface` (the PROXY header); such a pool adds to the main pool's counts, which that
+        # one exports.
+        self.preface = preface
+        if counts is None:
+            counts = {"new": 0, "busy": 0, "idle": 0, "closed": 0}  # connections by state
+            metrics.on_flush(self._export)
+        self.counts = counts
         self._idle: collections.deque[UpstreamConnection] = collections.deque()
         self._sweeper: asyncio.TimerHandle | None = None
         self.closing = False
@@ -218,7 +227,14 @@ class UpstreamPool:
         loop = self.loop
         target = self.config.upstream
         limit = self.config.upstream_connect_timeout
-        up = await open_to_app(loop, target, lambda: UpstreamConnection(self), limit, self.metrics)
+        up = await open_to_app(
+            loop,
+            target,
+            lambda: UpstreamConnection(self),
+            limit,
+            self.metrics,
+            preface=self.preface,
+        )
         self._set_state(up, "busy")
         return up
 

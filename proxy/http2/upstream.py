@@ -572,18 +572,26 @@ class H2UpstreamPool:
         config: Config,
         metrics: Metrics,
         loop: asyncio.AbstractEventLoop,
+        *,
+        preface: bytes = b"",
+        counts: dict[str, int] | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics
         self.loop = loop
-        self.counts = {"idle": 0, "busy": 0}
+        # --upstream-proxy-protocol: one pool per client connection, each connection opened with
+        # `preface` (the PROXY header); such a pool adds to the main pool's counts, which that
+        # one exports.
+        self.preface = preface
+        self.counts = counts if counts is not None else {"idle": 0, "busy": 0}
         upstream = config.upstream
         self.authority = upstream.authority.encode()
         self.connections: list[H2UpstreamConnection] = []
         self.closing = False
         self._opening: asyncio.Task[H2UpstreamConnection] | None = None
         self._sweeper: asyncio.TimerHandle | None = None
-        metrics.on_flush(self._export)
+        if counts is None:
+            metrics.on_flush(self._export)
 
     def _export(self) -> None:
         self.metrics.upstream_idle.set(self.counts["idle"])
@@ -638,6 +646,7 @@ class H2UpstreamPool:
             limit,
             self.metrics,
             settle,
+            preface=self.preface,
         )
         self.connections.append(conn)
         self.counts["idle"] += 1

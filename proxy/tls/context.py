@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from proxy.config import CertificateError, Config, ConfigError
 from proxy.tls.material import (
@@ -25,6 +25,9 @@ from proxy.tls.material import (
     decode_answer,
     encode_settings,
 )
+
+if TYPE_CHECKING:
+    from proxy.tls.crl import LoadedCrls
 
 log = logging.getLogger("tls_sidecar.tls")
 
@@ -293,7 +296,9 @@ def key_exchange_notes(groups: str | None) -> list[tuple[int, str]]:
     return notes
 
 
-def context_for(config: Config, material: Material, client_ca: bytes | None) -> ssl.SSLContext:
+def context_for(
+    config: Config, material: Material, client_ca: bytes | None, client_crl: bytes = b""
+) -> ssl.SSLContext:
     """OpenSSL loads certificates only from files: the PEM passes through a private temporary
     directory (0700, key 0600) that is removed at once."""
     ctx = base_context(
@@ -317,6 +322,8 @@ def context_for(config: Config, material: Material, client_ca: bytes | None) -> 
         ctx.verify_mode = (
             ssl.CERT_REQUIRED if config.client_auth == "require" else ssl.CERT_OPTIONAL
         )
+    if client_crl:
+        load_crls_into(ctx, client_crl)
     if config.tls_groups is not None and not set_groups(ctx, config.tls_groups):
         # build_config checked the list on a scratch context of this same OpenSSL
         raise ConfigError(f"--tls-groups {config.tls_groups}: OpenSSL refused it")
@@ -327,6 +334,20 @@ def context_for(config: Config, material: Material, client_ca: bytes | None) -> 
             "session only when it returns to the same worker"
         )
     return ctx
+
+
+def load_crls_into(ctx: ssl.SSLContext, client_crl: bytes) -> None:
+    """--client-crl: the leaf's CRL is checked in every handshake (a revoked certificate gets
+    the certificate_revoked alert). Python's `cadata` takes certificates only; a file given to
+    OpenSSL takes CRLs too."""
+    with tempfile.TemporaryDirectory(prefix="tls-sidecar-") as tmp:
+        crl_path = Path(tmp, "client.crl")
+        crl_path.write_bytes(client_crl)
+        try:
+            ctx.load_verify_locations(cafile=str(crl_path))
+        except ssl.SSLError as e:
+            raise CertificateError(f"--client-crl: OpenSSL refused it ({e.reason})") from None
+    ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
 
 
 def select_certificate(
@@ -369,6 +390,8 @@ class TlsBundle:
 
     contexts: tuple[ssl.SSLContext, ...]
     served: tuple[ServedCertificate, ...]
+    crls: LoadedCrls | None = None  # --client-crl, as loaded with these contexts
+    client_ca: bytes | None = None  # --client-ca's PEM, as loaded with these contexts
 
     @property
     def default(self) -> ssl.SSLContext:
@@ -402,12 +425,19 @@ def build_bundle(config: Config) -> tuple[TlsBundle, list[str]]:
         materials, warnings = inspect(config)
         if config.client_ca is not None:
             client_ca = check_client_ca(config.client_ca)
-    contexts = tuple(context_for(config, item, client_ca) for item in materials)
+    crls = None
+    if config.client_crl_files and config.client_ca is not None:
+        from proxy.tls.crl import check_client_crls  # noqa: PLC0415
+
+        crls = check_client_crls(config.client_crl_files, config.client_ca)
+        warnings = [*warnings, *crls.warnings]
+    crl_pem = crls.pem if crls is not None else b""
+    contexts = tuple(context_for(config, item, client_ca, crl_pem) for item in materials)
     served = tuple(item.served for item in materials)
     if len(contexts) > 1:
         exact, wildcard = name_tables(served)
         _install_sni(contexts, exact, wildcard)
-    return TlsBundle(contexts, served), warnings
+    return TlsBundle(contexts, served, crls, client_ca), warnings
 
 
 def _install_sni(
@@ -424,7 +454,7 @@ def _install_sni(
 
 
 def input_files(config: Config) -> list[Path]:
-    files = [*config.cert_files, *config.key_files]
+    files = [*config.cert_files, *config.key_files, *config.client_crl_files]
     for extra in (
         config.pkcs12_file,
         config.client_ca,

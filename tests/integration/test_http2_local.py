@@ -104,7 +104,9 @@ def test_a_refused_client_gets_403_and_the_connection_serves_on(
 ) -> None:
     before = _counted(mtls, 403)
     expected = "client_not_allowed" if who == "intruder" else "client_no_certificate"
-    client = H2Client(mtls.port, dev_certs.ca, cert=None if who != "intruder" else clients[who])
+    client = H2Client(
+        mtls.port, dev_certs.ca, client_cert=None if who != "intruder" else clients[who]
+    )
     try:
         path = f"/echo?403-{method}-{who.replace(' ', '-')}"
         body = b"x" * 1000 if method == "POST" else None
@@ -140,7 +142,7 @@ def test_answers_for_the_app_keep_the_connection(
     status: int,
     reason: str,
 ) -> None:
-    client = H2Client(mtls.port, dev_certs.ca, cert=clients["billing"])
+    client = H2Client(mtls.port, dev_certs.ca, client_cert=clients["billing"])
     try:
         sid = client.request(path.encode(), method=b"POST", headers=headers, body=b"{}")
         answer = client.response(sid, timeout=15)
@@ -167,7 +169,7 @@ def test_a_body_over_the_limit_gets_413_and_the_stream_ends_cleanly(
 ) -> None:
     """Declared (content-length) or found while relaying: the 413 goes out whole, the rest of
     the body is read and dropped, the client's END_STREAM ends the stream without a reset."""
-    client = H2Client(mtls.port, dev_certs.ca, cert=clients["billing"])
+    client = H2Client(mtls.port, dev_certs.ca, client_cert=clients["billing"])
     path = f"/echo?413-{declared}"
     body = b"y" * (3 * LIMIT)
     try:
@@ -240,7 +242,7 @@ def test_a_stalled_request_body_gets_408(
 ) -> None:
     """A body that stops coming for --idle-timeout: 408 on its stream, then RST_STREAM
     NO_ERROR (the client is not sending); the connection serves on."""
-    client = H2Client(mtls.port, dev_certs.ca, cert=clients["billing"])
+    client = H2Client(mtls.port, dev_certs.ca, client_cert=clients["billing"])
     try:
         sid = client.request(b"/echo?408", method=b"POST", body=b"part", end=False)
         answer = client.response(sid, timeout=15)
@@ -271,7 +273,7 @@ def test_a_grpc_response_the_app_fails_mid_stream_ends_with_its_status(
     """After the response's head: an app that crashes is UNAVAILABLE, one that stalls past
     --upstream-timeout DEADLINE_EXCEEDED, in trailers (as Envoy answers), not a reset that a
     gRPC client reads as INTERNAL or CANCELLED."""
-    client = H2Client(mtls.port, dev_certs.ca, cert=clients["billing"])
+    client = H2Client(mtls.port, dev_certs.ca, client_cert=clients["billing"])
     grpc = [(b"content-type", b"application/grpc")]
     try:
         answer = client.response(
@@ -300,7 +302,7 @@ def test_a_client_that_stops_reading_is_the_clients_timeout(
 
     upstream, send = count("upstream"), count("send")
     wide = {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1}
-    client = H2Client(mtls.port, dev_certs.ca, settings=wide, cert=clients["billing"])
+    client = H2Client(mtls.port, dev_certs.ca, settings=wide, client_cert=clients["billing"])
     try:
         client.conn.increment_flow_control_window(2**31 - 1 - 65535)
         client.request(b"/bytes/50000000")  # and never read
@@ -315,7 +317,7 @@ def test_a_head_over_max_header_bytes_gets_431_on_its_stream(
 ) -> None:
     """A header list past --max-header-bytes (16 KiB here) but within twice it is a stream's
     431, as over HTTP/1.1; the connection serves on."""
-    client = H2Client(mtls.port, dev_certs.ca, cert=clients["billing"])
+    client = H2Client(mtls.port, dev_certs.ca, client_cert=clients["billing"])
     try:
         big = [(b"x-big", b"a" * 20_000)]
         answer = client.response(client.request(b"/echo?431", headers=big))

@@ -43,13 +43,20 @@ class H2Client:
         *,
         settings: dict[h2.settings.SettingCodes, int] | None = None,
         validate: bool = True,
-        cert: tuple[Path, Path] | None = None,  # a client certificate and its key
+        client_cert: tuple[Path, Path] | None = None,
+        preface: bytes = b"",
+        source: str | None = None,
     ) -> None:
+        """`preface` (a PROXY header) goes out before TLS, from `source` if given."""
         ctx = client_context(ca)
-        if cert is not None:
-            ctx.load_cert_chain(*cert)
+        if client_cert is not None:
+            ctx.load_cert_chain(client_cert[0], client_cert[1])
         ctx.set_alpn_protocols(["h2"])
-        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        raw = socket.create_connection(
+            ("127.0.0.1", port), timeout=10, source_address=(source, 0) if source else None
+        )
+        if preface:
+            raw.sendall(preface)
         self.sock: ssl.SSLSocket = ctx.wrap_socket(raw, server_hostname="localhost")
         assert self.sock.selected_alpn_protocol() == "h2"
         config = h2.config.H2Configuration(
