@@ -20,7 +20,7 @@ typedef struct {
 shim_session *shim_new(const shim_config *config);
 void shim_free(shim_session *s);
 int shim_feed(shim_session *s, const char *data, size_t len, const char **events,
-              size_t *events_len, int *why);
+              size_t *events_len, int *why, uint32_t *code);
 int shim_send(shim_session *s, const char **out, size_t *out_len);
 int shim_submit_headers(shim_session *s, int32_t sid, const char *packed, size_t size,
                         int end_stream);

@@ -42,6 +42,9 @@
 #define SHIM_FAIL_HEADER_LIST 2  /* a decoded header list over max_header_list_size */
 #define SHIM_FAIL_STREAM_REUSED 3
 #define SHIM_FAIL_NOMEM 4
+#define SHIM_FAIL_PADDING 6  /* padding that leaves a HEADERS frame no fragment */
+#define SHIM_FAIL_FRAME 7    /* a malformed ALTSVC frame */
+#define SHIM_FAIL_PROTOCOL 5 /* nghttp2 ended the connection itself (code in fail_code) */
 
 typedef struct {
   uint8_t *data;
@@ -73,13 +76,16 @@ static void buf_free(shim_buf *b) {
   b->len = b->cap = b->off = 0;
 }
 
-typedef struct {
+typedef struct shim_stream {
+  struct shim_stream *prev, *next; /* every stream of the session: nghttp2_session_del frees
+                                      its own without calling on_stream_close */
   shim_buf body;     /* response bytes not yet framed: [off, len) */
   uint8_t *trailers; /* packed trailers waiting behind the body */
   size_t trailers_len;
   int eof;           /* the body ends after what it holds */
   int provider;      /* a data provider is submitted (nghttp2 allows one at a time) */
   int deferred;      /* the provider said DEFERRED: resume it when data comes */
+  int reset;         /* the caller reset it */
   int errored;       /* reset for breaking the protocol: nothing more of it is delivered */
   int64_t expected;  /* request content-length, -1 when none */
   int64_t received;  /* request DATA bytes */
@@ -98,11 +104,16 @@ typedef struct {
   int32_t highest;         /* the highest stream id a client's HEADERS opened */
   int32_t headers_stream;  /* the stream whose header block is being decoded */
   int headers_is_request;
-  int headers_is_head;     /* :method HEAD: a body must be empty */
   int64_t headers_length;  /* content-length in the block being decoded, -1 none, -2 bad */
   int fail;
+  uint32_t fail_code;
+  int in_feed;             /* frames sent now answer the bytes being fed */
+  int terminating;         /* the caller ended the connection */
+  int out_taken;           /* the caller has the output: the next drain starts afresh */
   uint32_t frame_data;     /* DATA bytes of the frame being received */
+  uint32_t ext_len, ext_read, ext_origin; /* an ALTSVC frame's length and origin length */
   size_t waiting;          /* response bytes waiting, all streams */
+  shim_stream *streams;
 } shim_session;
 
 static int event(shim_session *s, uint8_t type, uint8_t flags, int32_t sid, uint32_t a,
@@ -152,6 +163,13 @@ static int on_begin_frame(nghttp2_session *session, const nghttp2_frame_hd *hd, 
     event(s, SHIM_PRIORITY, 0, hd->stream_id, 0, 0, NULL, 0);
     break;
   default:
+    if (hd->type == NGHTTP2_ALTSVC) {
+      /* RFC 7838 §4 says a server ignores it; h2 ends the connection for a malformed one, and
+       * where the codecs would differ, both refuse */
+      s->ext_len = (uint32_t)hd->length;
+      s->ext_read = s->ext_origin = 0;
+      if (hd->length < 2) return fail(s, SHIM_FAIL_FRAME);
+    }
     if (hd->type > NGHTTP2_CONTINUATION) {
       /* frames nghttp2 ignores still cost work: the caller's control budget counts them */
       if (event(s, SHIM_UNKNOWN, 0, hd->stream_id, hd->type, 0, NULL, 0) != 0)
@@ -166,18 +184,24 @@ static int on_begin_frame(nghttp2_session *session, const nghttp2_frame_hd *hd, 
 static int on_begin_headers(nghttp2_session *session, const nghttp2_frame *frame, void *user) {
   shim_session *s = user;
   if (frame->hd.type != NGHTTP2_HEADERS) return 0;
+  /* RFC 9113 allows it, h2 (hyperframe) does not: both codecs refuse it alike */
+  if ((frame->hd.flags & NGHTTP2_FLAG_PADDED) && !(frame->hd.flags & NGHTTP2_FLAG_PRIORITY) &&
+      frame->headers.padlen > 1 && frame->headers.padlen == frame->hd.length)
+    return fail(s, SHIM_FAIL_PADDING);
   s->headers_len.len = 0;
   s->headers_val.len = 0;
   s->header_count = 0;
   s->header_list = 0;
   s->headers_stream = frame->hd.stream_id;
   s->headers_is_request = frame->headers.cat == NGHTTP2_HCAT_REQUEST;
-  s->headers_is_head = 0;
   s->headers_length = -1;
   if (s->headers_is_request) {
     shim_stream *st = calloc(1, sizeof *st);
     if (st == NULL) return fail(s, SHIM_FAIL_NOMEM);
     st->expected = -1;
+    st->next = s->streams;
+    if (s->streams != NULL) s->streams->prev = st;
+    s->streams = st;
     nghttp2_session_set_stream_user_data(session, frame->hd.stream_id, st);
   }
   return 0;
@@ -205,10 +229,7 @@ static int on_header(nghttp2_session *session, const nghttp2_frame *frame, const
   s->header_list += namelen + valuelen + 32;
   if (s->header_list > s->header_limit) return fail(s, SHIM_FAIL_HEADER_LIST);
   if (s->headers_is_request) {
-    if (namelen == 7 && memcmp(name, ":method", 7) == 0 && valuelen == 4 &&
-        memcmp(value, "HEAD", 4) == 0)
-      s->headers_is_head = 1;
-    else if (namelen == 14 && memcmp(name, "content-length", 14) == 0) {
+    if (namelen == 14 && memcmp(name, "content-length", 14) == 0) {
       int64_t n;
       if (parse_length(value, valuelen, &n) != 0)
         s->headers_length = -2;
@@ -266,7 +287,7 @@ static int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame, v
     if (st != NULL && st->errored) break;
     if (frame->headers.cat == NGHTTP2_HCAT_REQUEST) {
       if (st != NULL) {
-        st->expected = s->headers_is_head ? 0 : (s->headers_length >= 0 ? s->headers_length : -1);
+        st->expected = s->headers_length >= 0 ? s->headers_length : -1;
       }
       rv = emit_headers(s, SHIM_REQUEST, end, sid);
     } else if (frame->headers.cat == NGHTTP2_HCAT_HEADERS) {
@@ -348,6 +369,11 @@ static int on_invalid_frame(nghttp2_session *session, const nghttp2_frame *frame
 }
 
 static void stream_free(shim_session *s, shim_stream *st) {
+  if (st->prev != NULL)
+    st->prev->next = st->next;
+  else
+    s->streams = st->next;
+  if (st->next != NULL) st->next->prev = st->prev;
   s->waiting -= st->body.len - st->body.off;
   buf_free(&st->body);
   free(st->trailers);
@@ -364,16 +390,45 @@ static int on_stream_close(nghttp2_session *session, int32_t sid, uint32_t code,
   return 0;
 }
 
+/* Frames nghttp2 sends on its own while the bytes are fed: a GOAWAY with an error code is
+ * a connection error it found (it reports none otherwise), an RST_STREAM a stream error. */
+static int on_frame_send(nghttp2_session *session, const nghttp2_frame *frame, void *user) {
+  shim_session *s = user;
+  if (!s->in_feed) return 0;
+  if (frame->hd.type == NGHTTP2_GOAWAY && frame->goaway.error_code != NGHTTP2_NO_ERROR &&
+      !s->terminating && s->fail == SHIM_FAIL_NONE) {
+    s->fail = SHIM_FAIL_PROTOCOL;
+    s->fail_code = frame->goaway.error_code;
+  } else if (frame->hd.type == NGHTTP2_RST_STREAM) {
+    shim_stream *st = nghttp2_session_get_stream_user_data(session, frame->hd.stream_id);
+    if (st != NULL && !st->reset && !st->errored) {
+      st->errored = 1;
+      event(s, SHIM_STREAM_ERROR, 0, frame->hd.stream_id, frame->rst_stream.error_code, 0, NULL,
+            0);
+    }
+  }
+  return 0;
+}
+
 /* extension frames are registered so that on_begin_frame sees them; their payload is dropped */
 static int on_extension_chunk(nghttp2_session *session, const nghttp2_frame_hd *hd,
                               const uint8_t *data, size_t len, void *user) {
-  (void)session, (void)hd, (void)data, (void)len, (void)user;
+  shim_session *s = user;
+  (void)session;
+  if (hd->type == NGHTTP2_ALTSVC)
+    for (size_t i = 0; i < len && s->ext_read < 2; i++, s->ext_read++)
+      s->ext_origin = (s->ext_origin << 8) | data[i];
   return 0;
 }
 
 static int unpack_extension(nghttp2_session *session, void **payload, const nghttp2_frame_hd *hd,
                             void *user) {
-  (void)session, (void)payload, (void)hd, (void)user;
+  shim_session *s = user;
+  (void)session, (void)payload;
+  if (hd->type == NGHTTP2_ALTSVC && s->ext_origin > s->ext_len - 2) {
+    s->fail = SHIM_FAIL_FRAME;
+    return NGHTTP2_ERR_CALLBACK_FAILURE;
+  }
   return NGHTTP2_ERR_CANCEL;
 }
 
@@ -433,6 +488,7 @@ static int setup(void) {
   nghttp2_session_callbacks_set_on_data_chunk_recv_callback(callbacks, on_data_chunk);
   nghttp2_session_callbacks_set_on_invalid_frame_recv_callback(callbacks, on_invalid_frame);
   nghttp2_session_callbacks_set_on_stream_close_callback(callbacks, on_stream_close);
+  nghttp2_session_callbacks_set_on_frame_send_callback(callbacks, on_frame_send);
   nghttp2_session_callbacks_set_on_extension_chunk_recv_callback(callbacks, on_extension_chunk);
   nghttp2_session_callbacks_set_unpack_extension_callback(callbacks, unpack_extension);
   if (nghttp2_option_new(&options) != 0) return -1;
@@ -476,7 +532,8 @@ shim_session *shim_new(const shim_config *config) {
 
 void shim_free(shim_session *s) {
   if (s == NULL) return;
-  nghttp2_session_del(s->session); /* closes every stream: on_stream_close frees them */
+  nghttp2_session_del(s->session);
+  while (s->streams != NULL) stream_free(s, s->streams);
   buf_free(&s->events);
   buf_free(&s->out);
   buf_free(&s->headers_len);
@@ -484,38 +541,52 @@ void shim_free(shim_session *s) {
   free(s);
 }
 
-/* Decode what the client sent. Returns 0, or a negative nghttp2 error (the connection is over;
- * *why says whether one of our bounds ended it). The events are in *events, *events_len. */
+/* Serialize what nghttp2 has ready onto the output. */
+static int drain(shim_session *s) {
+  if (s->out_taken) {
+    s->out.len = 0;
+    s->out_taken = 0;
+  }
+  for (;;) {
+    const uint8_t *p;
+    ssize_t n = nghttp2_session_mem_send(s->session, &p);
+    if (n < 0) return (int)n;
+    if (n == 0) return 0;
+    if (buf_add(&s->out, p, (size_t)n) != 0) return NGHTTP2_ERR_NOMEM;
+  }
+}
+
+/* Decode what the client sent. Returns 0, or a negative nghttp2 error, or 1 when nghttp2 ended
+ * the connection itself (*why and *code say why; the GOAWAY is in the output). The events are in
+ * *events, *events_len. What nghttp2 answers at once (SETTINGS and PING acknowledgements, its
+ * resets and GOAWAY) is serialized here already, so that its own errors are seen. */
 int shim_feed(shim_session *s, const char *data, size_t len, const char **events,
-              size_t *events_len, int *why) {
+              size_t *events_len, int *why, uint32_t *code) {
   ssize_t rv;
+  int sent;
   s->events.len = 0;
   s->fail = SHIM_FAIL_NONE;
+  s->fail_code = 0;
   rv = nghttp2_session_mem_recv(s->session, (const uint8_t *)data, len);
+  s->in_feed = 1;
+  sent = drain(s);
+  s->in_feed = 0;
   *events = (const char *)s->events.data;
   *events_len = s->events.len;
   *why = s->fail;
+  *code = s->fail_code;
   if (rv < 0) return (int)rv;
-  return 0;
+  if (sent < 0) return sent;
+  return s->fail == SHIM_FAIL_NONE ? 0 : 1;
 }
 
 /* Every frame ready to go, in one buffer (valid until the next call). */
 int shim_send(shim_session *s, const char **out, size_t *out_len) {
-  s->out.len = 0;
-  for (;;) {
-    const uint8_t *p;
-    ssize_t n = nghttp2_session_mem_send(s->session, &p);
-    if (n < 0) {
-      *out = (const char *)s->out.data;
-      *out_len = s->out.len;
-      return (int)n;
-    }
-    if (n == 0) break;
-    if (buf_add(&s->out, p, (size_t)n) != 0) return NGHTTP2_ERR_NOMEM;
-  }
+  int rv = drain(s);
   *out = (const char *)s->out.data;
   *out_len = s->out.len;
-  return 0;
+  s->out_taken = 1;
+  return rv;
 }
 
 static int submit_packed(shim_session *s, int32_t sid, const uint8_t *packed, size_t size,
@@ -619,13 +690,18 @@ int shim_is_open(shim_session *s, int32_t sid) {
 }
 
 int shim_reset(shim_session *s, int32_t sid, uint32_t code) {
+  shim_stream *st = nghttp2_session_get_stream_user_data(s->session, sid);
+  if (st != NULL) st->reset = 1;
   return nghttp2_submit_rst_stream(s->session, NGHTTP2_FLAG_NONE, sid, code);
 }
 
 /* A GOAWAY that lets the streams up to last_sid finish (a drain), or, with terminate, the end
  * of the connection (nothing but the GOAWAY is sent after it). */
 int shim_goaway(shim_session *s, uint32_t code, int32_t last_sid, int terminate) {
-  if (terminate) return nghttp2_session_terminate_session2(s->session, last_sid, code);
+  if (terminate) {
+    s->terminating = 1;
+    return nghttp2_session_terminate_session2(s->session, last_sid, code);
+  }
   return nghttp2_submit_goaway(s->session, NGHTTP2_FLAG_NONE, last_sid, code, NULL, 0);
 }
 

@@ -55,6 +55,8 @@ _FAILURES = {
     2: ("header_list", 0xB, "header list over SETTINGS_MAX_HEADER_LIST_SIZE"),
     3: ("stream_reused", 0x1, "a stream id used again"),
     4: ("internal_error", 0x2, "out of memory"),
+    6: ("protocol_error", 0x1, "padding fills the HEADERS frame"),
+    7: ("protocol_error", 0x1, "malformed ALTSVC frame"),
 }
 _PROTOCOL_ERROR = 0x1
 
@@ -94,7 +96,16 @@ class Nghttp2ServerCodec:
     """One client connection's HTTP/2 server side on one nghttp2 session."""
 
     name = "nghttp2"
-    __slots__ = ("_events", "_events_len", "_failed", "_out", "_out_len", "_session", "_why")
+    __slots__ = (
+        "_code",
+        "_events",
+        "_events_len",
+        "_failed",
+        "_out",
+        "_out_len",
+        "_session",
+        "_why",
+    )
 
     def __init__(self, settings: CodecSettings) -> None:
         if lib is None:
@@ -116,6 +127,7 @@ class Nghttp2ServerCodec:
         self._events: Any = ffi.new("const char **")
         self._events_len: Any = ffi.new("size_t *")
         self._why: Any = ffi.new("int *")
+        self._code: Any = ffi.new("uint32_t *")
         self._out: Any = ffi.new("const char **")
         self._out_len: Any = ffi.new("size_t *")
         self._failed = False
@@ -132,11 +144,14 @@ class Nghttp2ServerCodec:
         if self._failed:
             return []
         rv = lib.shim_feed(
-            self._session, data, len(data), self._events, self._events_len, self._why
+            self._session, data, len(data), self._events, self._events_len, self._why, self._code
         )
-        if rv < 0:
+        if rv:
             self._failed = True
             why = self._why[0]
+            if rv > 0:  # nghttp2 found a connection error and queued its GOAWAY
+                code = int(self._code[0])
+                raise CodecError("protocol_error", code, f"connection error {code:#x}")
             reason, code, message = _FAILURES.get(
                 why,
                 ("protocol_error", _PROTOCOL_ERROR, ffi.string(lib.nghttp2_strerror(rv)).decode()),
