@@ -50,10 +50,12 @@ $(BIN)/python:
 	    echo "error: python3 cannot create a virtual environment; fix: sudo apt-get install -y python3-venv"; exit 1; \
 	  fi; }
 
-$(STAMP): $(BIN)/python pyproject.toml
+# the C shim is built in place by the editable install: a change to it reinstalls
+$(STAMP): $(BIN)/python pyproject.toml setup.py proxy/http2/_nghttp2_shim.c proxy/http2/_nghttp2_build.py
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache \
+	  proxy/http2/_nghttp2*.so proxy/http2/_nghttp2.c
