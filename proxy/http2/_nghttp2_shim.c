@@ -31,7 +31,6 @@
 #define SHIM_GOAWAY 9
 #define SHIM_UNKNOWN 10
 #define SHIM_STREAM_ERROR 11
-#define SHIM_PRIORITY 12
 #define SHIM_WINDOW 13
 
 #define SHIM_FLAG_END_STREAM 1
@@ -89,6 +88,7 @@ typedef struct shim_stream {
   int errored;       /* reset for breaking the protocol: nothing more of it is delivered */
   int64_t expected;  /* request content-length, -1 when none */
   int64_t received;  /* request DATA bytes */
+  int32_t sid;
 } shim_stream;
 
 typedef struct {
@@ -159,9 +159,6 @@ static int on_begin_frame(nghttp2_session *session, const nghttp2_frame_hd *hd, 
   case NGHTTP2_DATA:
     s->frame_data = 0;
     break;
-  case NGHTTP2_PRIORITY:
-    event(s, SHIM_PRIORITY, 0, hd->stream_id, 0, 0, NULL, 0);
-    break;
   default:
     if (hd->type == NGHTTP2_ALTSVC) {
       /* RFC 7838 §4 says a server ignores it; h2 ends the connection for a malformed one, and
@@ -199,6 +196,7 @@ static int on_begin_headers(nghttp2_session *session, const nghttp2_frame *frame
     shim_stream *st = calloc(1, sizeof *st);
     if (st == NULL) return fail(s, SHIM_FAIL_NOMEM);
     st->expected = -1;
+    st->sid = frame->hd.stream_id;
     st->next = s->streams;
     if (s->streams != NULL) s->streams->prev = st;
     s->streams = st;
@@ -634,8 +632,10 @@ int shim_submit_headers(shim_session *s, int32_t sid, const char *packed, size_t
                        end_stream ? NGHTTP2_FLAG_END_STREAM : NGHTTP2_FLAG_NONE, 0);
 }
 
+int64_t shim_waiting(shim_session *s, int32_t sid);
+
 /* Body bytes (and the end): sent as the client's windows allow, the rest waits here. Returns
- * what waits on this stream afterwards, or a negative nghttp2 error. */
+ * what the windows have no room for on this stream, or a negative nghttp2 error. */
 int64_t shim_submit_data(shim_session *s, int32_t sid, const char *data, size_t len,
                          int end_stream) {
   shim_stream *st = nghttp2_session_get_stream_user_data(s->session, sid);
@@ -657,7 +657,7 @@ int64_t shim_submit_data(shim_session *s, int32_t sid, const char *data, size_t 
     st->deferred = 0;
     nghttp2_session_resume_data(s->session, sid);
   }
-  return (int64_t)(st->body.len - st->body.off);
+  return shim_waiting(s, sid);
 }
 
 /* Trailers end the stream once the body that waits has gone out. */
@@ -678,11 +678,28 @@ int shim_submit_trailers(shim_session *s, int32_t sid, const char *packed, size_
   return 0;
 }
 
+static int64_t excess(shim_session *s, int32_t sid, shim_stream *st, int64_t room) {
+  int64_t have = (int64_t)(st->body.len - st->body.off);
+  int32_t window = nghttp2_session_get_stream_remote_window_size(s->session, sid);
+  if (window < room) room = window;
+  if (room < 0) room = 0;
+  return have > room ? have - room : 0;
+}
+
+/* What the client's windows have no room for now: what waits on the stream past its window
+ * and the connection's (0: the sum over the streams). The rest goes out at the next
+ * shim_send. */
 int64_t shim_waiting(shim_session *s, int32_t sid) {
+  int64_t room = nghttp2_session_get_remote_window_size(s->session), sum = 0;
   shim_stream *st;
-  if (sid == 0) return (int64_t)s->waiting;
-  st = nghttp2_session_get_stream_user_data(s->session, sid);
-  return st == NULL ? 0 : (int64_t)(st->body.len - st->body.off);
+  if (sid != 0) {
+    st = nghttp2_session_get_stream_user_data(s->session, sid);
+    return st == NULL ? 0 : excess(s, sid, st, room);
+  }
+  if (s->waiting == 0) return 0;
+  for (st = s->streams; st != NULL; st = st->next)
+    if (st->body.len > st->body.off) sum += excess(s, st->sid, st, room);
+  return sum;
 }
 
 int shim_is_open(shim_session *s, int32_t sid) {
@@ -698,6 +715,7 @@ int shim_reset(shim_session *s, int32_t sid, uint32_t code) {
 /* A GOAWAY that lets the streams up to last_sid finish (a drain), or, with terminate, the end
  * of the connection (nothing but the GOAWAY is sent after it). */
 int shim_goaway(shim_session *s, uint32_t code, int32_t last_sid, int terminate) {
+  if (code != NGHTTP2_NO_ERROR) s->terminating = 1; /* ours, not a connection error found */
   if (terminate) {
     s->terminating = 1;
     return nghttp2_session_terminate_session2(s->session, last_sid, code);

@@ -180,7 +180,8 @@ class Http2ServerCodec(Protocol):
 
     def send_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> int:
         """Body bytes; what the client's windows do not allow waits in the codec, and so does
-        the end. Returns the bytes now waiting on the stream, -1 when the stream is gone."""
+        the end. Returns the bytes the windows have no room for (what will still wait after
+        the next `data_to_send`), -1 when the stream is gone."""
 
     def send_trailers(self, stream_id: int, headers: Headers) -> bool:
         """Trailers end the stream, after the body that waits."""
@@ -199,7 +200,7 @@ class Http2ServerCodec(Protocol):
         the connection's only)."""
 
     def waiting(self, stream_id: int) -> int:
-        """Response bytes held on the stream for the client's window (0: for all streams)."""
+        """Response bytes the client's windows have no room for, on the stream (0: on all)."""
 
     def is_open(self, stream_id: int) -> bool:
         """Whether the codec still has the stream (a response can still be sent on it)."""

@@ -20,6 +20,7 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+from h2.connection import ConnectionInputs, ConnectionState
 from h2.errors import ErrorCodes
 from h2.frame_buffer import FrameBuffer
 from hyperframe.frame import ContinuationFrame, Frame, GoAwayFrame, HeadersFrame
@@ -55,6 +56,19 @@ _CONFIG = h2.config.H2Configuration(
     normalize_outbound_headers=False,
     split_outbound_cookies=False,
 )
+
+
+class _StaysOpen(h2.connection.H2ConnectionStateMachine):
+    """`h2conn`'s rule (a received GOAWAY leaves the connection open), before the first
+    stream too: the connection decides when to close, as with nghttp2."""
+
+    def process_input(self, input_: ConnectionInputs) -> list[Any]:
+        if input_ is ConnectionInputs.RECV_GOAWAY and self.state in _OPEN:
+            return []
+        return super().process_input(input_)
+
+
+_OPEN = (ConnectionState.IDLE, ConnectionState.SERVER_OPEN)
 
 
 class _Bound(h2.exceptions.DenialOfServiceError):
@@ -113,6 +127,7 @@ class H2ServerCodec:
 
     def __init__(self, settings: CodecSettings) -> None:
         conn = H2Connection(config=_CONFIG)
+        conn.state_machine = _StaysOpen()
         # The HPACK decoder stops a header list over the limit while decoding (HPACK bombs);
         # h2 would apply the setting only once the client acknowledged it.
         conn.decoder.max_header_list_size = settings.max_header_bytes

@@ -45,7 +45,8 @@ HOW_TO_BUILD = (
 )
 
 _REQUEST, _TRAILERS, _DATA, _END, _RESET, _SETTINGS, _PING, _PING_ACK = range(1, 9)
-_GOAWAY, _UNKNOWN, _STREAM_ERROR, _PRIORITY, _WINDOW = range(9, 14)
+_GOAWAY, _UNKNOWN, _STREAM_ERROR = range(9, 12)
+_WINDOW = 13
 _END_STREAM = 1
 _RECORD = struct.Struct("<BBHIIII")
 _COUNT = struct.Struct("<I")
@@ -59,6 +60,7 @@ _FAILURES = {
     7: ("protocol_error", 0x1, "malformed ALTSVC frame"),
 }
 _PROTOCOL_ERROR = 0x1
+_FLOODED = -904  # NGHTTP2_ERR_FLOODED: the client does not read what its frames make us send
 
 
 def version() -> str | None:
@@ -152,10 +154,17 @@ class Nghttp2ServerCodec:
             if rv > 0:  # nghttp2 found a connection error and queued its GOAWAY
                 code = int(self._code[0])
                 raise CodecError("protocol_error", code, f"connection error {code:#x}")
-            reason, code, message = _FAILURES.get(
-                why,
-                ("protocol_error", _PROTOCOL_ERROR, ffi.string(lib.nghttp2_strerror(rv)).decode()),
-            )
+            if rv == _FLOODED:
+                reason, code, message = "control_flood", 0xB, "frames answered but never read"
+            else:
+                reason, code, message = _FAILURES.get(
+                    why,
+                    (
+                        "protocol_error",
+                        _PROTOCOL_ERROR,
+                        ffi.string(lib.nghttp2_strerror(rv)).decode(),
+                    ),
+                )
             lib.shim_goaway(self._session, code, lib.shim_highest(self._session), 1)
             raise CodecError(reason, code, message)
         size = self._events_len[0]

@@ -24,6 +24,7 @@ from proxy.http2.codec import (
     CodecError,
     CodecSettings,
     DataReceived,
+    GoAwayReceived,
     Http2ServerCodec,
     RequestReceived,
     StreamRefused,
@@ -195,6 +196,37 @@ def test_a_stream_id_used_again_ends_the_connection(
         client.codec.receive(_frame(1, 0x5, 1, block))
     assert raised.value.code == 0x1  # PROTOCOL_ERROR
     assert _goaway(client.codec.data_to_send()) == 0x1
+
+
+def test_a_graceful_goaway_lets_the_streams_under_way_finish(
+    make: Callable[[CodecSettings], Http2ServerCodec],
+) -> None:
+    codec = make(SETTINGS)
+    encoder = Encoder()
+    codec.receive(PREFACE + _frame(1, 0x5, 1, encoder.encode(REQUEST)))
+    codec.data_to_send()
+    codec.goaway(0, 2**31 - 1)
+    assert codec.send_headers(1, [(b":status", b"200")])
+    assert codec.send_data(1, b"body", end_stream=True) == 0
+    out = _frames(codec.data_to_send())
+    kinds = [(kind, sid) for kind, sid, _ in out]
+    assert kinds.index((7, 0)) < kinds.index((1, 1)) < kinds.index((0, 1))
+    (goaway,) = [p for kind, _, p in out if kind == 7]
+    assert goaway == struct.pack(">II", 2**31 - 1, 0)
+    assert (0, 1, b"body") in out
+
+
+def test_the_clients_goaway_leaves_its_streams_open(
+    make: Callable[[CodecSettings], Http2ServerCodec],
+) -> None:
+    codec = make(SETTINGS)
+    encoder = Encoder()
+    goaway = _frame(7, 0, 0, struct.pack(">II", 0, 0))  # no stream of ours: 0
+    events = codec.receive(PREFACE + _frame(1, 0x5, 1, encoder.encode(REQUEST)) + goaway)
+    (seen,) = [e for e in events if isinstance(e, GoAwayReceived)]
+    assert (seen.error_code, seen.last_stream_id) == (0, 0)
+    assert codec.send_headers(1, [(b":status", b"204")], end_stream=True)
+    assert (1, 1) in [(kind, sid) for kind, sid, _ in _frames(codec.data_to_send())]
 
 
 def _frames(out: bytes) -> list[tuple[int, int, bytes]]:

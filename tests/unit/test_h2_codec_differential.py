@@ -20,6 +20,11 @@ Known differences, all of them refusals on both sides (the proxy refuses either 
   9113 §5.1 asks for the stream error); nghttp2 is the stricter.
 - Invalid or conflicting content-length values: h2 ends the connection, nghttp2 hands the
   request on and `read_h2_head` resets its stream as malformed.
+- Not generated: a client's GOAWAY whose last stream id is odd (ours are even). nghttp2 ends
+  the connection with PROTOCOL_ERROR, h2 takes it; no request is involved.
+- Not generated: frames after the client's own GOAWAY. nghttp2 ignores the streams the client
+  opens after it (and their frames), h2 hands them over and the connection refuses them
+  (REFUSED_STREAM); the connection closes once the streams under way are done either way.
 - When one codec ends the connection, what it read in the same `receive` is not delivered
   (h2 raises before any event), so streams the other codec completed in that read are absent
   on the first: only the streams both delivered are compared.
@@ -43,6 +48,7 @@ from proxy.http2.codec import (
     CodecError,
     CodecSettings,
     DataReceived,
+    GoAwayReceived,
     Http2ServerCodec,
     RequestReceived,
     StreamEnded,
@@ -160,7 +166,7 @@ def header_list(draw: st.DrawFn) -> list[tuple[bytes, bytes]]:
 ACTIONS = [
     *["request"] * 24,
     *["data"] * 20,
-    *["trailers", "rst", "window", "priority", "ping", "settings", "unknown"] * 3,
+    *["trailers", "rst", "window", "priority", "ping", "settings", "unknown", "goaway"] * 3,
     "reuse",  # and the malformed few
     "inside_block",
     "idle",
@@ -243,6 +249,10 @@ def client_frames(draw: st.DrawFn) -> bytes:
             sid = draw(known)
             dep = draw(st.sampled_from([0] * 20 + [sid, sid + 2]))
             out.append(frame(PRIORITY, 0, sid, struct.pack(">IB", dep, 3)))
+        elif action == "goaway":  # last stream id 0: the client took no stream of ours
+            code = draw(st.sampled_from([0, 0, 1, 2]))
+            out.append(frame(GOAWAY, 0, 0, struct.pack(">II", 0, code)))
+            break  # what a client sends after its GOAWAY is not generated (see above)
         elif action == "ping":
             out.append(frame(PING, 0, 0, b"pingpong"))
         elif action == "settings":
@@ -270,6 +280,7 @@ class Outcome:
     connection_error: str | None = None
     error_code: int = 0
     codec_resets: int = 0  # streams the codec reset itself for a frame it would not take
+    client_left: bool = False  # the client said GOAWAY: the connection refuses new streams
 
 
 def run(codec: Http2ServerCodec, pieces: list[bytes]) -> Outcome:
@@ -291,8 +302,14 @@ def run(codec: Http2ServerCodec, pieces: list[bytes]) -> Outcome:
 
 
 def on_event(codec: Http2ServerCodec, seen: Outcome, event: Any) -> None:
-    if isinstance(event, RequestReceived):
+    if isinstance(event, GoAwayReceived):
+        seen.client_left = True
+    elif isinstance(event, RequestReceived):
         stream = seen.streams.setdefault(event.stream_id, Stream())
+        if seen.client_left:  # as the connection does (server.py: after the final GOAWAY)
+            stream.outcome = "refused"
+            codec.reset_stream(event.stream_id, 0x7)
+            return
         try:
             head = read_h2_head(event.headers, event.ended)
         except BadRequest as e:
@@ -349,7 +366,11 @@ def compare(ours: Outcome, reference: Outcome) -> None:
         a = ours.streams.get(sid)
         b = reference.streams.get(sid)
         if a is None or b is None:
-            assert not both_alive, (sid, ours, reference)
+            # nghttp2 ignores a stream the client opens after its own GOAWAY, which the
+            # connection would refuse
+            present = a or b
+            assert present is not None
+            assert not both_alive or present.outcome == "refused", (sid, ours, reference)
             continue
         if a.outcome == "complete" and b.outcome == "complete":
             assert (a.head, bytes(a.body), a.trailers) == (b.head, bytes(b.body), b.trailers), sid
