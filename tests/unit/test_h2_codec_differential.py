@@ -25,6 +25,12 @@ Known differences, all of them refusals on both sides (the proxy refuses either 
 - Not generated: frames after the client's own GOAWAY. nghttp2 ignores the streams the client
   opens after it (and their frames), h2 hands them over and the connection refuses them
   (REFUSED_STREAM); the connection closes once the streams under way are done either way.
+- Not generated: header blocks near `max_header_bytes`. The nghttp2 codec counts a HEADERS
+  frame's padding and priority fields into the block's bound (it sees frame lengths), h2's
+  counts the fragments only: nghttp2 refuses a few bytes earlier (ENHANCE_YOUR_CALM both).
+- The reason of a connection error may differ where the outcome does not: HEADERS on a stream
+  the client ended is `stream_reused` (PROTOCOL_ERROR) for h2 once the stream closed, while
+  nghttp2, whose stream closes only when the answer is written, says STREAM_CLOSED.
 - When one codec ends the connection, what it read in the same `receive` is not delivered
   (h2 raises before any event), so streams the other codec completed in that read are absent
   on the first: only the streams both delivered are compared.
