@@ -52,7 +52,7 @@ typedef struct {
 
 static int buf_reserve(shim_buf *b, size_t more) {
   if (b->len + more <= b->cap) return 0;
-  size_t cap = b->cap ? b->cap : 4096;
+  size_t cap = b->cap ? b->cap : 256; /* small: an idle connection keeps what it grew to */
   while (cap < b->len + more) cap *= 2;
   uint8_t *p = realloc(b->data, cap);
   if (p == NULL) return -1;
@@ -67,6 +67,15 @@ static int buf_add(shim_buf *b, const void *p, size_t n) {
   memcpy(b->data + b->len, p, n);
   b->len += n;
   return 0;
+}
+
+/* A buffer that grew for a burst is given back once empty, so idle connections stay small. */
+static void buf_trim(shim_buf *b) {
+  if (b->len == 0 && b->cap > 65536) {
+    free(b->data);
+    b->data = NULL;
+    b->cap = b->off = 0;
+  }
 }
 
 static void buf_free(shim_buf *b) {
@@ -544,6 +553,7 @@ static int drain(shim_session *s) {
   if (s->out_taken) {
     s->out.len = 0;
     s->out_taken = 0;
+    buf_trim(&s->out);
   }
   for (;;) {
     const uint8_t *p;
@@ -563,6 +573,7 @@ int shim_feed(shim_session *s, const char *data, size_t len, const char **events
   ssize_t rv;
   int sent;
   s->events.len = 0;
+  buf_trim(&s->events);
   s->fail = SHIM_FAIL_NONE;
   s->fail_code = 0;
   rv = nghttp2_session_mem_recv(s->session, (const uint8_t *)data, len);
