@@ -23,7 +23,7 @@ WORKDIR /src
 COPY requirements.lock ./
 RUN --mount=type=bind,source=deploy/image/build-root.sh,target=/usr/local/sbin/build-root.sh \
     ["/bin/sh", "/usr/local/sbin/build-root.sh", "deps", "requirements.lock"]
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY proxy ./proxy
 RUN --mount=type=bind,source=deploy/image/build-root.sh,target=/usr/local/sbin/build-root.sh \
     ["/bin/sh", "/usr/local/sbin/build-root.sh", "package", "/src"]

@@ -64,7 +64,8 @@ $(CONSTRAINTS): requirements.lock $(BIN)/python
 	@sed -n 's/^\([A-Za-z0-9_.-]*==[^ ]*\).*/\1/p' requirements.lock > $@
 	@grep -v '^cryptography==' $@ > $(DEV_CONSTRAINTS)
 
-$(RUN_STAMP): $(BIN)/python pyproject.toml $(CONSTRAINTS)
+# the C shim is built in place by the editable install: a change to it reinstalls
+$(RUN_STAMP): $(BIN)/python pyproject.toml setup.py proxy/http2/_nghttp2_shim.c proxy/http2/_nghttp2_build.py $(CONSTRAINTS)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c $(CONSTRAINTS) -e .
 	@touch $(RUN_STAMP)
@@ -74,4 +75,5 @@ $(STAMP): $(RUN_STAMP)
 	@touch $(STAMP)
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache \
+	  proxy/http2/_nghttp2*.so proxy/http2/_nghttp2.c

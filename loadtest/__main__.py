@@ -32,9 +32,10 @@ PLAN = {
     "S5": (*ANCHORS, "tls-sidecar"),
     "S6": (*ANCHORS, *OURS, "direct"),
     # HTTP/2: nginx with http2 on (S8: grpc_pass), and the h2 floor: the h2 library answering
-    # every stream itself in one process, the ceiling of anything built on it.
-    "S7": ("nginx", "h2 floor", "tls-sidecar"),
-    "S8": ("nginx", "h2 floor", "h2relay floor", "tls-sidecar"),
+    # every stream itself in one process, the ceiling of anything built on it; the nghttp2
+    # floor is the same on the nghttp2 codec (left out when it is not built).
+    "S7": ("nginx", "h2 floor", "nghttp2 floor", "tls-sidecar"),
+    "S8": ("nginx", "h2 floor", "nghttp2 floor", "h2relay floor", "tls-sidecar"),
     "S5h2": ("nginx", "tls-sidecar"),
 }
 HTTP2 = ("S7", "S8", "S5h2")
@@ -50,6 +51,10 @@ def start(
         return bench.start_nginx_proxy(upstream, resumption=resumption, http2=http2)
     if who == "h2 floor":
         return bench.start_baseline("h2")
+    if who == "nghttp2 floor":
+        from proxy.http2 import nghttp2_codec  # noqa: PLC0415
+
+        return bench.start_baseline("nghttp2") if nghttp2_codec.AVAILABLE else None
     if who == "haproxy":
         return bench.start_haproxy(upstream, resumption=resumption) if bench.haproxy else None
     if who == "caddy":

@@ -9,6 +9,9 @@ httptools and the request is re-serialized: the least an HTTP-aware proxy does, 
 `python -m loadtest.baselines h2 PORT CERT KEY`: a uvloop TLS server speaking HTTP/2 with the h2
 library that answers every stream itself (a gRPC request, at its end, with a message and
 `grpc-status` trailers): the ceiling of the h2 library in one process.
+`python -m loadtest.baselines nghttp2 PORT CERT KEY`: the same responder on the nghttp2 codec
+(`proxy.http2.nghttp2_codec`: libnghttp2 through the batching C shim, one C call per read, per
+response part and per write): the ceiling of HTTP/2 on nghttp2 in one Python process.
 `python -m loadtest.baselines h2relay PORT UPSTREAM_PORT CERT KEY`: HTTP/2 in, h2c out, each
 stream relayed frame for frame and nothing else: the floor of a gRPC proxy built on h2 (two h2
 stacks per request, where the h2 floor has one).
@@ -195,6 +198,71 @@ class _H2Responder(asyncio.Protocol):
             self.transport.write(out)
 
 
+class _Nghttp2Responder(asyncio.Protocol):
+    """The h2 floor's answers on the nghttp2 codec, with the proxy's HTTP/2 settings."""
+
+    def __init__(self) -> None:
+        from proxy.http2.codec import CodecSettings  # noqa: PLC0415
+        from proxy.http2.nghttp2_codec import Nghttp2ServerCodec  # noqa: PLC0415
+
+        self.codec = Nghttp2ServerCodec(
+            CodecSettings(
+                max_concurrent_streams=100,
+                max_header_bytes=16 * 1024,
+                stream_window=256 * 1024,
+                connection_window=1024 * 1024,
+            )
+        )
+        self.transport: Any = None
+        self.grpc: set[int] = set()
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        transport.write(self.codec.data_to_send())
+
+    def data_received(self, data: bytes) -> None:
+        from proxy.http2.codec import (  # noqa: PLC0415
+            CodecError,
+            DataReceived,
+            RequestReceived,
+            StreamEnded,
+        )
+
+        codec = self.codec
+        try:
+            events = codec.receive(data)
+        except CodecError:
+            self.transport.write(codec.data_to_send())
+            self.transport.close()
+            return
+        event: Any
+        for event in events:
+            kind = type(event)
+            if kind is RequestReceived:
+                sid = event.stream_id
+                if (b"content-type", b"application/grpc") in event.headers:
+                    self.grpc.add(sid)  # answered at its end, as gRPC unary is
+                    continue
+                codec.send_headers(sid, [(b":status", b"200"), (b"content-length", b"6")])
+                codec.send_data(sid, b"hello\n", end_stream=True)
+            elif kind is DataReceived:
+                codec.acknowledge(event.stream_id, event.flow_controlled_length)
+            elif kind is StreamEnded and event.stream_id in self.grpc:
+                sid = event.stream_id
+                self.grpc.discard(sid)
+                codec.send_headers(
+                    sid, [(b":status", b"200"), (b"content-type", b"application/grpc")]
+                )
+                codec.send_data(sid, b"\x00\x00\x00\x00\x05hello")
+                codec.send_trailers(sid, [(b"grpc-status", b"0")])
+        out = codec.data_to_send()
+        if out:
+            self.transport.write(out)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.codec.close()
+
+
 class _H2Relay(asyncio.Protocol):
     """HTTP/2 in, h2c out, nothing else: each client connection gets its own connection to the
     app, and every stream is relayed frame for frame (headers, data, trailers, flow control).
@@ -287,9 +355,9 @@ async def _serve(kind: str, argv: list[str]) -> None:
     port = int(argv[0])
     rest = argv[1:]
     factory: Any
-    if kind == "h2":
+    if kind in ("h2", "nghttp2"):
         cert, key = rest
-        factory = _H2Responder
+        factory = _H2Responder if kind == "h2" else _Nghttp2Responder
         alpn = ["h2"]
     else:
         upstream_port, cert, key = int(rest[0]), rest[1], rest[2]
@@ -312,10 +380,16 @@ async def _serve(kind: str, argv: list[str]) -> None:
 
 def main() -> None:
     kind, *argv = sys.argv[1:]
-    if kind not in ("pipe", "parse", "h2", "h2relay"):
+    if kind not in ("pipe", "parse", "h2", "nghttp2", "h2relay"):
         sys.exit(
-            "usage: python -m loadtest.baselines pipe|parse|h2|h2relay PORT [UPSTREAM_PORT] CERT KEY"
+            "usage: python -m loadtest.baselines pipe|parse|h2|nghttp2|h2relay PORT [UPSTREAM_PORT]"
+            " CERT KEY"
         )
+    if kind == "nghttp2":
+        from proxy.http2 import nghttp2_codec  # noqa: PLC0415
+
+        if not nghttp2_codec.AVAILABLE:
+            sys.exit(f"loadtest.baselines: {nghttp2_codec.HOW_TO_BUILD}")
     uvloop.run(_serve(kind, argv))
 
 

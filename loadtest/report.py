@@ -27,6 +27,7 @@ COLUMNS = (
     "pipe floor",
     "parse floor",
     "h2 floor",
+    "nghttp2 floor",
     "h2relay floor",
     "tls-sidecar h11",
     "tls-sidecar",

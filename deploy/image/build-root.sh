@@ -32,9 +32,12 @@ deps)
     pip_install --require-hashes --no-deps -r "$2"
     ;;
 package)
-    # a wheel built in a scratch folder: the source may be read-only
+    # a wheel built in a scratch folder: the source may be read-only. setup.py builds the
+    # optional nghttp2 codec where a compiler and libnghttp2's headers are; an in-place build
+    # from a developer's editable install is not shipped.
     build=$(mktemp -d)
-    cp -R "$2/pyproject.toml" "$2/README.md" "$2/proxy" "$build/"
+    cp -R "$2/pyproject.toml" "$2/setup.py" "$2/README.md" "$2/proxy" "$build/"
+    rm -f "$build"/proxy/http2/_nghttp2*.so "$build"/proxy/http2/_nghttp2.c
     pip_install --no-deps "$build"
     rm -rf "$build"
     ;;

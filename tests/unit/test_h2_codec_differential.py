@@ -1,0 +1,407 @@
+"""Differential: the same client bytes through both HTTP/2 server codecs (nghttp2 and h2) are
+accepted or refused alike.
+
+Hypothesis builds what a client sends after its preface: requests (valid and malformed header
+lists, split over CONTINUATION frames, padded, with priority), bodies (padded, with a pad
+length at or past the payload), trailers, resets, window updates, PRIORITY, PING, SETTINGS,
+unknown frames, interleaved streams, stream ids used again, frames inside a header block; the
+bytes are fed whole and in random pieces. A recorder decides on each request as the connection
+does (`request.read_h2_head`: a malformed request resets its stream; complete ones are answered,
+which closes their streams). Both codecs must deliver the same requests (method, path, headers
+with the authority as Host, body) and end each stream and the connection in the same class of
+outcome.
+
+Known differences, all of them refusals on both sides (the proxy refuses either way):
+- A body longer or shorter than its content-length, and a second header
+  block without END_STREAM: nghttp2 resets the stream (PROTOCOL_ERROR, a stream error as RFC
+  9113 §8.1.1 says), h2 ends the connection. The streams that are complete on both agree.
+- A frame other than PRIORITY, WINDOW_UPDATE or RST_STREAM on a stream the client has ended
+  (half-closed): nghttp2 ends the connection with STREAM_CLOSED, h2 resets the stream (RFC
+  9113 §5.1 asks for the stream error); nghttp2 is the stricter.
+- Invalid or conflicting content-length values: h2 ends the connection, nghttp2 hands the
+  request on and `read_h2_head` resets its stream as malformed.
+- Not generated: a client's GOAWAY whose last stream id is odd (ours are even). nghttp2 ends
+  the connection with PROTOCOL_ERROR, h2 takes it; no request is involved.
+- Not generated: frames after the client's own GOAWAY. nghttp2 ignores the streams the client
+  opens after it (and their frames), h2 hands them over and the connection refuses them
+  (REFUSED_STREAM); the connection closes once the streams under way are done either way.
+- Not generated: header blocks near `max_header_bytes`. The nghttp2 codec counts a HEADERS
+  frame's padding and priority fields into the block's bound (it sees frame lengths), h2's
+  counts the fragments only: nghttp2 refuses a few bytes earlier (ENHANCE_YOUR_CALM both).
+- The reason of a connection error may differ where the outcome does not: HEADERS on a stream
+  the client ended is `stream_reused` (PROTOCOL_ERROR) for h2 once the stream closed, while
+  nghttp2, whose stream closes only when the answer is written, says STREAM_CLOSED.
+- When one codec ends the connection, what it read in the same `receive` is not delivered
+  (h2 raises before any event), so streams the other codec completed in that read are absent
+  on the first: only the streams both delivered are compared.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from hpack import Encoder
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from proxy.core.request import BadRequest, read_h2_head, read_h2_trailers
+from proxy.http2 import nghttp2_codec
+from proxy.http2.codec import (
+    CodecError,
+    CodecSettings,
+    DataReceived,
+    GoAwayReceived,
+    Http2ServerCodec,
+    RequestReceived,
+    StreamEnded,
+    StreamRefused,
+    StreamReset,
+    TrailersReceived,
+)
+from proxy.http2.h2_codec import H2ServerCodec
+from tests.support import tools
+
+EXAMPLES = int(os.environ.get("TLS_SIDECAR_FUZZ_EXAMPLES", "300")) * 2
+SETTINGS = CodecSettings(
+    max_concurrent_streams=8,
+    max_header_bytes=4096,
+    stream_window=256 * 1024,
+    connection_window=1024 * 1024,
+)
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+@pytest.fixture(autouse=True)
+def _built() -> None:
+    """Skipped without the extension; under CI a failure (tests/support/tools.py)."""
+    if not nghttp2_codec.AVAILABLE:
+        tools.missing(nghttp2_codec.HOW_TO_BUILD)
+
+
+# frame types and flags (RFC 9113 §6)
+DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS_FRAME, PING, GOAWAY, WINDOW_UPDATE = (
+    0, 1, 2, 3, 4, 6, 7, 8,
+)  # fmt: skip
+CONTINUATION = 9
+STREAM_CLOSED = 0x5
+END_STREAM, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x4, 0x8, 0x20
+
+
+def frame(kind: int, flags: int, sid: int, payload: bytes) -> bytes:
+    return (
+        struct.pack(">I", len(payload))[1:]
+        + bytes([kind, flags])
+        + struct.pack(">I", sid)
+        + payload
+    )
+
+
+def padded(payload: bytes, pad: int | None, flags: int) -> tuple[bytes, int]:
+    if pad is None:
+        return payload, flags
+    return bytes([pad]) + payload + b"\x00" * pad, flags | PADDED
+
+
+# --- what a client sends ----------------------------------------------------------------------------
+token = st.text("abcdefghijklmnopqrstuvwxyz-", min_size=1, max_size=8).map(str.encode)
+plain_value = st.text("abcdefghijklmnopqrstuvwxyz0123456789 /;=", max_size=10).map(str.encode)
+Mutation = tuple[str, bytes] | tuple[str, bytes, bytes]
+MUTATIONS: list[list[Mutation]] = [
+    [],
+    [],
+    [],
+    [("drop", b":path")],
+    [("drop", b":method")],
+    [("drop", b":scheme")],
+    [("drop", b":authority")],
+    [("add", b":path", b"/again")],
+    [("late", b":status", b"200")],
+    [("add", b":protocol", b"websocket")],
+    [("extra", b"X-Upper", b"v")],
+    [("extra", b"connection", b"keep-alive")],
+    [("extra", b"transfer-encoding", b"chunked")],
+    [("extra", b"te", b"gzip")],
+    [("extra", b"te", b"trailers")],
+    [("extra", b"x-bad", b"a\r\nb")],
+    [("extra", b"x-bad", b"a\x00b")],
+    [("extra", b"x-bad", b" lead")],
+    [("extra", b"content-length", b"5")],
+    [("extra", b"content-length", b"0")],
+    [("extra", b"content-length", b"abc")],
+    [("extra", b"content-length", b"3"), ("extra", b"content-length", b"4")],
+    [("extra", b"host", b"other.example")],
+    [("extra", b"host", b"example.com")],
+    [("extra", b"cookie", b"a=1"), ("extra", b"cookie", b"b=2")],
+    [("set", b":method", b"CONNECT"), ("drop", b":path"), ("drop", b":scheme")],
+    [("set", b":method", b"HEAD")],
+    [("set", b":method", b"G T")],
+    [("set", b":path", b"")],
+    [("set", b":path", b"noslash")],
+    [("set", b":path", b"/a b")],
+    [("extra", b"", b"x")],
+]
+
+
+@st.composite
+def header_list(draw: st.DrawFn) -> list[tuple[bytes, bytes]]:
+    method = draw(st.sampled_from([b"GET", b"POST", b"PUT"]))
+    path = b"/" + draw(token)
+    headers = [(b":method", method), (b":scheme", b"https"), (b":path", path)]
+    headers.append((b":authority", b"example.com"))
+    extras = draw(st.lists(st.tuples(token, plain_value), max_size=3))
+    for mutation in draw(st.sampled_from(MUTATIONS)):
+        op, name, *rest = mutation
+        if op == "drop":
+            headers = [h for h in headers if h[0] != name]
+        elif op == "set":
+            headers = [(n, rest[0] if n == name else v) for n, v in headers]
+        elif op == "add":
+            headers.insert(1, (name, rest[0]))
+        elif op == "late":
+            extras.append((name, rest[0]))
+        else:
+            extras.append((name, rest[0]))
+    return headers + extras
+
+
+# what the client does next: mostly requests and their bodies
+ACTIONS = [
+    *["request"] * 24,
+    *["data"] * 20,
+    *["trailers", "rst", "window", "priority", "ping", "settings", "unknown", "goaway"] * 3,
+    "reuse",  # and the malformed few
+    "inside_block",
+    "idle",
+]
+
+
+@st.composite
+def client_frames(draw: st.DrawFn) -> bytes:
+    """A connection's worth of client frames after the preface and SETTINGS."""
+    encoder = Encoder()
+    out = [PREFACE, frame(SETTINGS_FRAME, 0, 0, b"")]
+    opened: list[int] = []
+    ended: set[int] = set()
+    next_sid = 1
+    for _ in range(draw(st.integers(1, 8))):
+        action = draw(st.sampled_from(ACTIONS))
+        if not opened and action in ("data", "rst", "priority", "trailers", "reuse"):
+            action = "request"
+        still_open = [sid for sid in opened if sid not in ended]
+        # mostly frames a stream's state allows; now and then one it does not
+        known: st.SearchStrategy[int]
+        if still_open and draw(st.integers(0, 9)) > 0:
+            known = st.sampled_from(still_open)
+        else:
+            known = st.sampled_from(opened) if opened else st.just(1)
+        if action in ("request", "trailers", "reuse", "inside_block"):
+            if action == "request" or not opened:
+                sid = next_sid
+                next_sid += 2
+                opened.append(sid)
+                headers = draw(header_list())
+            elif action == "reuse":
+                sid = draw(known)
+                headers = draw(header_list())
+            else:
+                sid = draw(known)
+                odd = draw(st.sampled_from([[], [(b":path", b"/x")], [(b"te", b"x")]]))
+                headers = [(b"grpc-status", b"0"), *odd]
+            block = encoder.encode(headers)
+            cuts = sorted(draw(st.lists(st.integers(0, len(block)), max_size=2)))
+            pieces = [block[a:b] for a, b in zip([0, *cuts], [*cuts, len(block)], strict=True)]
+            flags = END_STREAM if action == "trailers" or draw(st.booleans()) else 0
+            if action == "trailers" and draw(st.integers(0, 5)) == 0:
+                flags = 0  # a second header block that does not end the stream
+            if flags & END_STREAM:
+                ended.add(sid)
+            first = pieces[0]
+            if draw(st.booleans()):
+                dep = draw(st.sampled_from([0] * 20 + [1, sid]))  # 1, sid: itself
+                first = struct.pack(">IB", dep, 15) + first
+                flags |= PRIORITY_FLAG
+            first, flags = padded(first, draw(st.none() | st.integers(0, 6)), flags)
+            if len(pieces) == 1:
+                flags |= END_HEADERS
+            out.append(frame(HEADERS, flags, sid, first))
+            if action == "inside_block" and len(pieces) > 1:
+                out.append(frame(PING, 0, 0, b"12345678"))
+            for i, piece in enumerate(pieces[1:], 2):
+                out.append(frame(CONTINUATION, END_HEADERS if i == len(pieces) else 0, sid, piece))
+        elif action == "data":
+            sid = draw(known)
+            payload = draw(st.binary(max_size=24))
+            flags = END_STREAM if draw(st.booleans()) else 0
+            if flags:
+                ended.add(sid)
+            body, flags = padded(payload, draw(st.none() | st.integers(0, 4)), flags)
+            if draw(st.integers(0, 30)) == 0:
+                body = bytes([len(body) + draw(st.integers(0, 2))]) + body[1:]  # pad >= payload
+                flags |= PADDED
+            out.append(frame(DATA, flags, sid, body))
+        elif action == "rst":
+            out.append(
+                frame(RST_STREAM, 0, draw(known), struct.pack(">I", draw(st.integers(0, 8))))
+            )
+        elif action == "window":
+            sid = draw(st.sampled_from([0, *opened]))
+            increment = draw(st.sampled_from([1, 100, 65535, 1, 100, 65535, 0]))
+            out.append(frame(WINDOW_UPDATE, 0, sid, struct.pack(">I", increment)))
+        elif action == "priority":
+            sid = draw(known)
+            dep = draw(st.sampled_from([0] * 20 + [sid, sid + 2]))
+            out.append(frame(PRIORITY, 0, sid, struct.pack(">IB", dep, 3)))
+        elif action == "goaway":  # last stream id 0: the client took no stream of ours
+            code = draw(st.sampled_from([0, 0, 1, 2]))
+            out.append(frame(GOAWAY, 0, 0, struct.pack(">II", 0, code)))
+            break  # what a client sends after its GOAWAY is not generated (see above)
+        elif action == "ping":
+            out.append(frame(PING, 0, 0, b"pingpong"))
+        elif action == "settings":
+            value = draw(st.sampled_from([0, 100, 65535, 2**31]))
+            out.append(frame(SETTINGS_FRAME, 0, 0, struct.pack(">HI", 4, value)))
+        elif action == "unknown":
+            out.append(frame(draw(st.sampled_from([0x0A, 0x0C, 0x10, 0x20, 0xFF])), 0, 0, b"x"))
+        else:  # DATA on a stream no HEADERS opened
+            out.append(frame(DATA, 0, next_sid + 2, b"abc"))
+    return b"".join(out)
+
+
+# --- the connection's side ----------------------------------------------------------------------------
+@dataclass
+class Stream:
+    head: tuple[bytes, bytes, list[tuple[bytes, bytes]]] | None = None
+    body: bytearray = field(default_factory=bytearray)
+    trailers: list[tuple[bytes, bytes]] | None = None
+    outcome: str = "open"  # open, complete, refused (ours or the codec's), local, reset
+
+
+@dataclass
+class Outcome:
+    streams: dict[int, Stream] = field(default_factory=dict)
+    connection_error: str | None = None
+    error_code: int = 0
+    codec_resets: int = 0  # streams the codec reset itself for a frame it would not take
+    client_left: bool = False  # the client said GOAWAY: the connection refuses new streams
+
+
+def run(codec: Http2ServerCodec, pieces: list[bytes]) -> Outcome:
+    """Feed the pieces as the connection would, deciding on each request as it does."""
+    seen = Outcome()
+    codec.data_to_send()
+    for piece in pieces:
+        try:
+            events = codec.receive(piece)
+        except CodecError as e:
+            seen.connection_error = e.reason
+            seen.error_code = e.code
+            codec.data_to_send()
+            return seen
+        for event in events:
+            on_event(codec, seen, event)
+        codec.data_to_send()
+    return seen
+
+
+def on_event(codec: Http2ServerCodec, seen: Outcome, event: Any) -> None:
+    if isinstance(event, GoAwayReceived):
+        seen.client_left = True
+    elif isinstance(event, RequestReceived):
+        stream = seen.streams.setdefault(event.stream_id, Stream())
+        if seen.client_left:  # as the connection does (server.py: after the final GOAWAY)
+            stream.outcome = "refused"
+            codec.reset_stream(event.stream_id, 0x7)
+            return
+        try:
+            head = read_h2_head(event.headers, event.ended)
+        except BadRequest as e:
+            if e.reason == "malformed":
+                stream.outcome = "refused"
+                codec.reset_stream(event.stream_id, 0x1)
+            else:
+                stream.outcome = "local"
+                codec.send_headers(event.stream_id, [(b":status", b"%d" % e.status)], True)
+            return
+        stream.head = (head.method, head.target, head.headers)
+    elif isinstance(event, DataReceived):
+        stream = seen.streams.get(event.stream_id, Stream(outcome="none"))
+        if stream.outcome == "open":
+            stream.body += event.data
+        codec.acknowledge(event.stream_id, event.flow_controlled_length)
+    elif isinstance(event, TrailersReceived):
+        stream = seen.streams.get(event.stream_id, Stream(outcome="none"))
+        if stream.outcome == "open":
+            try:
+                stream.trailers = read_h2_trailers(event.headers)
+            except BadRequest:
+                stream.outcome = "refused"
+                codec.reset_stream(event.stream_id, 0x1)
+    elif isinstance(event, StreamEnded):
+        stream = seen.streams.get(event.stream_id, Stream(outcome="none"))
+        if stream.outcome == "open" and stream.head is not None:
+            stream.outcome = "complete"
+            codec.send_headers(event.stream_id, [(b":status", b"204")], True)
+    elif isinstance(event, StreamReset | StreamRefused):
+        if isinstance(event, StreamRefused):
+            seen.codec_resets += 1
+        stream = seen.streams.setdefault(event.stream_id, Stream())
+        if stream.outcome in ("open", "none"):
+            stream.outcome = "reset" if isinstance(event, StreamReset) else "refused"
+
+
+def split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({min(c, len(data)) for c in cuts})
+    return [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True) if b > a]
+
+
+def compare(ours: Outcome, reference: Outcome) -> None:
+    """nghttp2 (ours) against h2 (reference), with the known differences above."""
+    if (ours.connection_error is None) != (reference.connection_error is None):
+        # known: one codec resets a stream where the other ends the connection; and nghttp2
+        # ends it (STREAM_CLOSED) for a frame on a half-closed stream that h2 resets silently
+        alive = ours if ours.connection_error is None else reference
+        refused = any(s.outcome == "refused" for s in alive.streams.values())
+        stream_closed = ours.error_code == STREAM_CLOSED
+        assert alive.codec_resets or refused or stream_closed, (ours, reference)
+    both_alive = ours.connection_error is None and reference.connection_error is None
+    for sid in sorted(set(ours.streams) | set(reference.streams)):
+        a = ours.streams.get(sid)
+        b = reference.streams.get(sid)
+        if a is None or b is None:
+            # nghttp2 ignores a stream the client opens after its own GOAWAY, which the
+            # connection would refuse
+            present = a or b
+            assert present is not None
+            assert not both_alive or present.outcome == "refused", (sid, ours, reference)
+            continue
+        if a.outcome == "complete" and b.outcome == "complete":
+            assert (a.head, bytes(a.body), a.trailers) == (b.head, bytes(b.body), b.trailers), sid
+        elif both_alive:
+            assert a.outcome == b.outcome, (sid, a, b)
+            assert a.head == b.head, (sid, a, b)
+            assert bytes(a.body) == bytes(b.body), (sid, a, b)
+        else:
+            # a request one codec let through whole is never refused by the other alone
+            assert "complete" not in (a.outcome, b.outcome) or "refused" not in (
+                a.outcome,
+                b.outcome,
+            ), (sid, a, b)
+
+
+def both(pieces: list[bytes]) -> None:
+    ours = run(nghttp2_codec.Nghttp2ServerCodec(SETTINGS), pieces)
+    reference = run(H2ServerCodec(SETTINGS), pieces)
+    compare(ours, reference)
+
+
+@settings(
+    max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None
+)
+@given(client_frames(), st.lists(st.integers(0, 600), max_size=5))
+def test_both_codecs_deliver_the_same_requests_or_refuse(data: bytes, cuts: list[int]) -> None:
+    both([data])
+    both(split(data, cuts))
