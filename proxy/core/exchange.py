@@ -17,7 +17,13 @@ from proxy.core import grpc
 from proxy.core import headers as hdr
 from proxy.core.headers import Headers
 from proxy.core.links import Tunnel, UpstreamConnectError, UpstreamLink
-from proxy.core.request import BadRequest, RequestHead, UpstreamRequest, upstream_request
+from proxy.core.request import (
+    BadRequest,
+    RequestHead,
+    UpstreamRequest,
+    upgrade_protocol,
+    upstream_request,
+)
 from proxy.core.session import Session
 
 if TYPE_CHECKING:
@@ -327,10 +333,17 @@ class Exchange:
     def response_informational(self, status: int, reason: bytes, headers: Headers) -> None:
         reason = reason or hdr.reason_phrase(status)
         if status != 101:
-            self.down.send_informational(status, reason, hdr.response_headers(headers))
+            if self.head.version != b"1.0":  # RFC 9110 §15.2: never a 1xx to HTTP/1.0
+                self.down.send_informational(status, reason, hdr.response_headers(headers))
             return
         if self.request is None or not self.request.upgrade:
             self.response_malformed("101 Switching Protocols to a request that did not upgrade")
+            return
+        # The protocol switched to is the one the client asked for (RFC 9110 §7.8), never
+        # another (an app answering `Upgrade: h2c` to a WebSocket request).
+        asked = upgrade_protocol(self.head.upgrade or b"")
+        if upgrade_protocol(hdr.get_header(headers, b"upgrade") or b"") != asked:
+            self.response_malformed("101 Switching Protocols to a protocol not asked for")
             return
         # The app switched protocols (WebSocket): from now on the downstream relays raw bytes.
         tunnel = self.upstream.as_tunnel() if self.upstream is not None else None

@@ -108,6 +108,10 @@ def read_head(
         elif name == b"te":
             trailers = trailers or b"trailers" in (t.strip() for t in value.lower().split(b","))
     if te is not None:
+        if version == b"1.0":
+            # RFC 9112 §6.1: HTTP/1.0 has no transfer codings; such a request's framing is
+            # faulty (a smuggling vector between an HTTP/1.0-minded parser and ours). nginx: 400.
+            raise BadRequest(400, "bad_request", "Transfer-Encoding in an HTTP/1.0 request")
         if te.strip().lower() != b"chunked":
             raise BadRequest(400, "bad_request", "the only transfer coding accepted is chunked")
         if length is not None:
@@ -119,8 +123,8 @@ def read_head(
         content_length = int(length)
     if hosts > 1 or (hosts == 0 and version == b"1.1"):
         raise BadRequest(400, "bad_request", "HTTP/1.1 needs exactly one Host header")
-    if not connection_upgrade:
-        upgrade = None
+    if not connection_upgrade or version == b"1.0":
+        upgrade = None  # RFC 9110 §7.8: Upgrade is HTTP/1.1's; an HTTP/1.0 request's is ignored
     elif upgrade is not None and te is not None:
         raise BadRequest(400, "bad_request", "an upgrade request cannot have a chunked body")
     if size < 0:

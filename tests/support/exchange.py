@@ -23,7 +23,13 @@ from proxy.config import Config
 from proxy.core.context import ProxyContext
 from proxy.core.exchange import Exchange
 from proxy.core.headers import ClientInfo, Headers
-from proxy.core.links import ClientCodec, Tunnel, UpstreamConnectError, UpstreamOwner
+from proxy.core.links import (
+    ClientCodec,
+    Tunnel,
+    TunnelOwner,
+    UpstreamConnectError,
+    UpstreamOwner,
+)
 from proxy.core.request import RequestHead, read_head
 from proxy.core.session import Session
 from proxy.log import AccessLog
@@ -106,6 +112,7 @@ class FakeLink:
         self.received_any = False
         self.sent = bytearray()
         self.aborted = False
+        self.tunnel: TunnelOwner | None = None
 
     def write(self, data: bytes) -> None:
         self.sent += data
@@ -121,7 +128,10 @@ class FakeLink:
         self.aborted = True
 
     def as_tunnel(self) -> Tunnel | None:
-        return None
+        return self  # as an HTTP/1.1 connection can (an h2c stream cannot)
+
+    def start_tunnel(self, owner: TunnelOwner) -> None:
+        self.tunnel = owner
 
     def unread_request_bytes(self) -> int:
         return 0  # the byte buffer takes everything at once

@@ -298,3 +298,47 @@ async def test_a_malformed_answer_from_the_app_is_502_never_relayed(
     assert down.seen.first("local")[0] == 502
     assert "head" not in down.seen.names()
     assert link.aborted
+
+
+async def test_an_http10_client_gets_no_informational_answer(
+    loop: asyncio.AbstractEventLoop, codec: str
+) -> None:
+    """RFC 9110 §15.2: a 1xx must never reach an HTTP/1.0 client, which would take it for the
+    final answer; an HTTP/1.1 client gets the app's 103 Early Hints."""
+    hints = b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n" + OK
+    for version, relayed in ((b"1.0", False), (b"1.1", True)):
+        h = Harness(loop, codec)
+        link = h.pool.link()
+        h.pool.idle.append(link)
+        exchange, down = h.exchange(head(version=version))
+        exchange.start()
+        exchange.request_end()
+        link.answer(hints)
+        assert ("informational" in down.seen.names()) is relayed, version
+        assert down.seen.first("head")[0] == 200
+        assert bytes(down.seen.body) == b"hello"
+
+
+async def test_a_switch_to_a_protocol_the_client_did_not_ask_for_is_502(
+    loop: asyncio.AbstractEventLoop, codec: str
+) -> None:
+    """The client asked for websocket; an app switching to h2c (or anything else) would make
+    the tunnel carry a protocol no rule of the proxy applies to."""
+    upgrade = [(b"host", b"x"), (b"connection", b"upgrade"), (b"upgrade", b"websocket")]
+    for protocol, switched in ((b"h2c", False), (b"WebSocket", True)):
+        h = Harness(loop, codec)
+        link = h.pool.link()
+        h.pool.idle.append(link)
+        exchange, down = h.exchange(head(headers=upgrade))
+        exchange.start()
+        exchange.request_end()
+        link.answer(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: %s\r\nConnection: upgrade\r\n\r\n"
+            % protocol
+        )
+        if switched:
+            assert "switch" in down.seen.names(), protocol
+        else:
+            assert down.seen.first("local")[0] == 502
+            assert "switch" not in down.seen.names()
+            assert link.aborted

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -13,7 +14,7 @@ from proxy.core.headers import (
     response_headers,
     valid_request_id,
 )
-from proxy.core.request import read_head
+from proxy.core.request import BadRequest, read_head
 from proxy.identity import ClientIdentity, xfcc_value
 
 CLIENT = ClientInfo("192.0.2.7", 8443)
@@ -188,3 +189,18 @@ def test_xfcc_escapes_control_characters_from_certificates() -> None:
         value
         == b'Hash=ab;Subject="CN=a\\\\x0d\\\\x0aX-Injected: 1,O=\\"q\\"";URI=spiffe://t/\\x00;DNS=d\\x0ax'
     )
+
+
+def test_an_http10_request_with_transfer_encoding_is_refused() -> None:
+    """RFC 9112 §6.1: HTTP/1.0 has no transfer codings, so its framing is faulty; nginx: 400."""
+    with pytest.raises(BadRequest) as refused:
+        read_head(b"POST", b"/", b"1.0", [(b"transfer-encoding", b"chunked")])
+    assert refused.value.status == 400
+    assert read_head(b"POST", b"/", b"1.1", [(b"host", b"x"), (b"transfer-encoding", b"chunked")])
+
+
+def test_an_http10_upgrade_is_ignored() -> None:
+    """RFC 9110 §7.8: Upgrade is HTTP/1.1's; an HTTP/1.0 request never switches protocols."""
+    fields = [(b"connection", b"upgrade"), (b"upgrade", b"websocket")]
+    assert read_head(b"GET", b"/ws", b"1.0", fields).upgrade is None
+    assert read_head(b"GET", b"/ws", b"1.1", [(b"host", b"x"), *fields]).upgrade == b"websocket"
