@@ -151,6 +151,7 @@ class ProxyContext:
         grpc_status: bytes | None = None,
         upstream_status: int | None = None,
         event: str | None = None,
+        protocol: bytes | None = None,
     ) -> None:
         """One access-log line (built only when the access log is on)."""
         if not self.access_log.enabled:
@@ -181,7 +182,7 @@ class ProxyContext:
                 worker=self.config.worker_index,
                 local=local,
                 detail=detail,
-                protocol=PROTOCOLS.get(head.version, "-") if head else "-",
+                protocol=PROTOCOLS.get(head.version if head else protocol or b"", "-"),
                 grpc_status=None if grpc_status is None else grpc_status.decode("latin-1"),
                 host=host,
                 user_agent=user_agent,

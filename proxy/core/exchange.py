@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from proxy.core import grpc
 from proxy.core import headers as hdr
+from proxy.core.answers import local_body, local_headers
 from proxy.core.headers import Headers
 from proxy.core.links import Tunnel, UpstreamConnectError, UpstreamLink
 from proxy.core.request import (
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from proxy.core.context import ProxyContext
 
 log = logging.getLogger("tls_sidecar.http")
+
 
 # Why a downstream stops reading; it reads again only when no reason is left.
 HOLD_CONNECT = 1  # waiting for an upstream connection
@@ -61,23 +63,6 @@ class Downstream(Protocol):
     def arm(self, phase: str, timeout: float) -> None: ...
     def exchange_done(self, exchange: Exchange) -> None: ...
     def abort_all(self) -> None: ...
-
-
-def local_body(status: int, message: str, request_id: bytes | None = None) -> bytes:
-    """The body of an answer of the proxy's own. A 4xx says what was wrong with the request; a
-    5xx says only that the app failed, with the request id to find the detail in the logs
-    (addresses and errors of the app are the operator's, not the client's)."""
-    if status >= 500:
-        rid = request_id.decode("latin-1") if request_id else "-"
-        return f"{status} {hdr.reason_phrase(status).decode()}: request id {rid}\n".encode()
-    return f"{status} {message}\n".encode("utf-8", "replace")
-
-
-def local_headers(request_id: bytes | None) -> Headers:
-    out = [(b"content-type", b"text/plain; charset=utf-8")]
-    if request_id is not None:
-        out.append((b"x-request-id", request_id))
-    return out
 
 
 class Exchange:

@@ -1,6 +1,6 @@
-"""What the exchange holds to reach the app, whatever the protocol: the upstream link (an
-HTTP/1.1 connection or an h2c stream), the events it delivers, and the tunnel capability a
-protocol switch needs. The exchange imports these, never an upstream implementation."""
+"""What the exchange talks to, whatever the protocol: the upstream link it holds to reach the
+app (an HTTP/1.1 connection or an h2c stream), the events that link delivers, and the tunnel
+capability a protocol switch needs. The exchange imports these, never an implementation."""
 
 from __future__ import annotations
 

@@ -8,13 +8,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from proxy.core.exchange import (
-    HOLD_PIPELINE,
-    HOLD_UPSTREAM_FULL,
-    Exchange,
-    local_body,
-    local_headers,
-)
+from proxy.core.answers import refuse
+from proxy.core.exchange import HOLD_PIPELINE, HOLD_UPSTREAM_FULL, Exchange
 from proxy.core.headers import Headers
 from proxy.core.links import Tunnel, UpstreamLink
 from proxy.core.request import BadRequest, RequestHead
@@ -150,23 +145,7 @@ class Http1Connection(ClientConnection):
         if exchange is not None and not exchange.finished:
             exchange.local(error.status, error.reason, str(error))
             return
-        ctx = self.ctx
-        ctx.metrics.local_responses.labels(str(error.status), error.reason).inc()
-        body = local_body(error.status, str(error))
-        self.send_local(error.status, local_headers(None), body)
-        ctx.metrics.request_done(b"OTHER", error.status, 0.0, b"1.1")
-        ctx.access(
-            self.session,
-            None,
-            status=error.status,
-            bytes_in=0,
-            bytes_out=len(body),
-            duration=0.0,
-            upstream_duration=None,
-            request_id=b"-",
-            local=error.reason,
-            detail=str(error),
-        )
+        refuse(self.ctx, self, self.session, error, b"1.1")
 
     # --- Downstream: what the exchange sends --------------------------------------------------
     def cork(self) -> None:

@@ -12,7 +12,8 @@ import h2.exceptions
 from h2.connection import H2Connection as H2Machine
 from h2.errors import ErrorCodes
 
-from proxy.core.exchange import Exchange, local_body, local_headers
+from proxy.core.answers import local_body, local_headers
+from proxy.core.exchange import Exchange
 from proxy.core.headers import Headers
 from proxy.core.links import Tunnel
 from proxy.core.request import BadRequest

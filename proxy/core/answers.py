@@ -1,0 +1,62 @@
+"""The proxy's own answers: their body and headers, and the one way a request refused before it
+had an exchange (a head that cannot be read, over either protocol) is answered, counted and
+access-logged."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+from proxy.core import headers as hdr
+from proxy.core.headers import Headers
+from proxy.core.request import BadRequest
+from proxy.core.session import Session
+
+if TYPE_CHECKING:
+    from proxy.core.context import ProxyContext
+
+
+def local_body(status: int, message: str, request_id: bytes | None = None) -> bytes:
+    """The body of an answer of the proxy's own. A 4xx says what was wrong with the request; a
+    5xx says only that the app failed, with the request id to find the detail in the logs
+    (addresses and errors of the app are the operator's, not the client's)."""
+    if status >= 500:
+        rid = request_id.decode("latin-1") if request_id else "-"
+        return f"{status} {hdr.reason_phrase(status).decode()}: request id {rid}\n".encode()
+    return f"{status} {message}\n".encode("utf-8", "replace")
+
+
+def local_headers(request_id: bytes | None) -> Headers:
+    out = [(b"content-type", b"text/plain; charset=utf-8")]
+    if request_id is not None:
+        out.append((b"x-request-id", request_id))
+    return out
+
+
+class Answers(Protocol):
+    """A downstream that can answer for the proxy (an HTTP/1.1 connection, an HTTP/2 stream)."""
+
+    def send_local(self, status: int, headers: Headers, body: bytes) -> None: ...
+
+
+def refuse(
+    ctx: ProxyContext, down: Answers, session: Session, error: BadRequest, protocol: bytes
+) -> None:
+    """A request refused before it had an exchange: the same answer, count and access line for
+    HTTP/1.1 (`protocol` b"1.1") and HTTP/2 (b"2") as the exchange gives its own answers."""
+    ctx.metrics.local_responses.labels(str(error.status), error.reason).inc()
+    body = local_body(error.status, str(error))
+    down.send_local(error.status, local_headers(None), body)
+    ctx.metrics.request_done(b"OTHER", error.status, 0.0, protocol)
+    ctx.access(
+        session,
+        None,
+        status=error.status,
+        bytes_in=0,
+        bytes_out=len(body),
+        duration=0.0,
+        upstream_duration=None,
+        request_id=b"-",
+        local=error.reason,
+        detail=str(error),
+        protocol=protocol,
+    )
