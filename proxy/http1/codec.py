@@ -35,6 +35,12 @@ class ServerCodec(Protocol):
     def stop(self) -> None:
         """Deliver nothing more: the connection is being answered and closed."""
 
+    def detach(self) -> None:
+        """The connection is gone: drop the reference back to it. The codec and its connection
+        point at each other; without this the connection, its TLS transport and buffers wait
+        for the cycle collector (a full collection, rare in a busy process) instead of going
+        when the last reference does."""
+
     def response_head(
         self, status: int, reason: bytes, headers: Headers, length: int | None
     ) -> bytes: ...
@@ -54,3 +60,14 @@ class ServerCodec(Protocol):
 
     def take_leftover(self) -> bytes:
         """Bytes received after an upgrade request: the new protocol's, for the tunnel."""
+
+
+class _Detached:
+    """The sink of a codec whose connection is gone: whatever is still delivered goes nowhere."""
+
+    def on_request_head(self, head: RequestHead) -> None: ...
+    def on_request_data(self, data: bytes) -> None: ...
+    def on_request_end(self) -> None: ...
+
+
+DETACHED: RequestSink = _Detached()

@@ -79,6 +79,7 @@ class Http1Connection(ClientConnection):
             self.tunnel = None
             self._tunnel_ended()
         self.forget()
+        self.codec.detach()  # freed by reference counting, not by the cycle collector
 
     def eof_received(self) -> bool | None:
         return False  # TLS has no half-close: the client is gone

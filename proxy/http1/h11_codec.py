@@ -14,7 +14,7 @@ from proxy.core.headers import Headers, reason_phrase
 from proxy.core.links import ResponseSink
 from proxy.core.request import BadRequest, read_head
 from proxy.http1._wire import BARE_LF
-from proxy.http1.codec import RequestSink
+from proxy.http1.codec import DETACHED, RequestSink
 
 _MAX_CHUNK = 0xFFFF_FFFF_FFFF_FFFF  # llhttp's bound; h11 reads up to 20 hex digits
 # h11 merges repeated or listed identical Content-Lengths ("5, 5") before we see them.
@@ -124,6 +124,10 @@ class H11Server:
 
     def stop(self) -> None:
         self._stopped = True
+
+    def detach(self) -> None:
+        self._stopped = True
+        self.sink = DETACHED
 
     def take_leftover(self) -> bytes:
         self._closed_input = True  # from now on the bytes belong to the tunnel

@@ -15,7 +15,7 @@ from httptools.parser.errors import HttpParserCallbackError, HttpParserError, Ht
 from proxy.core.headers import Headers, reason_phrase
 from proxy.core.request import BadRequest, read_head
 from proxy.http1._wire import BARE_LF, Stop, chunk, head_bytes
-from proxy.http1.codec import RequestSink
+from proxy.http1.codec import DETACHED, RequestSink
 
 # The methods llhttp parses itself; for any other token (RFC 9110 §9.1 allows extensions) the
 # httptools codec gives llhttp a stand-in and hands on the real one.
@@ -123,6 +123,10 @@ class HttptoolsServer:
 
     def stop(self) -> None:
         self._stopped = True
+
+    def detach(self) -> None:
+        self._stopped = True
+        self.sink = DETACHED
         self._pending = b""
 
     def _take(self, data: bytes) -> None:
