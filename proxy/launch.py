@@ -27,7 +27,7 @@ from proxy.config import (
 )
 from proxy.identity import AccessPolicy
 from proxy.server import Bound, ProxyServer
-from proxy.tls.context import check_groups, key_exchange_notes
+from proxy.tls.tickets import check_groups, key_exchange_notes
 from proxy.workers import check_workers
 
 log = logging.getLogger("tls_sidecar")

@@ -31,7 +31,7 @@ from proxy.metrics.exposition import render
 from proxy.proxy_protocol import build_local
 from proxy.readiness import check_upstream
 from proxy.sockets import dual_stack
-from proxy.tls.context import TICKET_KEYS_SIZE
+from proxy.tls.tickets import TICKET_KEYS_SIZE
 
 log = logging.getLogger("tls_sidecar.workers")
 
