@@ -190,7 +190,7 @@ async def start_demo_app(host: str, port: int) -> asyncio.Server:
 )
 def demo_command(app_listen: str, listen: str, admin_listen: str, certs_dir: Path) -> None:
     """Run a demo app and the proxy in front of it, with a development certificate."""
-    from proxy.commands.certs import ensure_dev_certificates  # noqa: PLC0415
+    from proxy.commands.devcerts import ensure_dev_certificates  # noqa: PLC0415
 
     note_environment(click.get_current_context())
     app = parse_address(app_listen, option="--app-listen", example="127.0.0.1:8080")
