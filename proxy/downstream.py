@@ -1,5 +1,5 @@
-"""A client's TLS connection: accepting, the handshake, the client identity, one lazy timer,
-reading holds, the registry and drain. Protocol codecs (HTTP/1.1) build on it."""
+"""A client's TLS connection: accepting (a PROXY header first, if trusted), the handshake, the
+client identity, reading holds, the registry and drain. Protocol codecs build on it."""
 
 from __future__ import annotations
 
@@ -14,7 +14,12 @@ from proxy.core.headers import ClientInfo
 from proxy.core.session import Session
 from proxy.core.timer import PhaseTimer
 from proxy.identity import identity_from_der, xfcc_value
-from proxy.tls import context as tls
+from proxy.tls.handshake import (
+    PLAIN_HTTP_ANSWER,
+    HandshakeReader,
+    handshake_failure,
+    refusal_reason,
+)
 
 if TYPE_CHECKING:
     from proxy.core.context import ProxyContext
@@ -37,7 +42,7 @@ class ClientConnection(PhaseTimer, asyncio.Protocol):
         self._handshake: Any = None
         self._handshake_started = 0.0
         self._raw: asyncio.Transport | None = None
-        self._tls_protocol: Any = None  # the TLS layer's protocol, while _HandshakeReader is in
+        self._tls_protocol: Any = None  # the TLS layer's protocol, while HandshakeReader is in
         self._server_name: str | None = None  # SNI of a failed handshake, for its log line
         # A failed handshake is counted once (plain HTTP: before the TLS layer fails too).
         self._failure_counted = False
@@ -115,10 +120,10 @@ class ClientConnection(PhaseTimer, asyncio.Protocol):
         )
         self._step_handshake(None)
         if self.handshaking and not self.closed:
-            # Every read of the handshake goes through _HandshakeReader, so that a failed
+            # Every read of the handshake goes through HandshakeReader, so that a failed
             # handshake's alert reaches the client (tls.AlertingSSLObject); it steps aside after.
             self._tls_protocol = transport.get_protocol()
-            reader = _HandshakeReader(self._tls_protocol, self)
+            reader = HandshakeReader(self._tls_protocol, self)
             if early:
                 assert reader.early is not None
                 reader.early += early
@@ -176,12 +181,7 @@ class ClientConnection(PhaseTimer, asyncio.Protocol):
             self._handshake_failed("timeout" if timed_out else "closed", e)
             return
         except ssl.SSLError as e:
-            about_client_cert = "CERTIFICATE" in str(e.reason or "").upper()
-            mtls = self.ctx.config.client_ca is not None
-            reason = "client_certificate" if mtls and about_client_cert else "protocol"
-            if reason == "client_certificate" and isinstance(e, ssl.SSLCertVerificationError):
-                reason = _CRL_VERDICTS.get(e.verify_code, reason)
-            self._handshake_failed(reason, e)
+            self._handshake_failed(refusal_reason(e, self.ctx.config.client_ca is not None), e)
             return
         except (OSError, EOFError, RuntimeError, asyncio.CancelledError) as e:
             self._handshake_failed("closed", e)
@@ -280,6 +280,11 @@ class ClientConnection(PhaseTimer, asyncio.Protocol):
             raw.write_eof()
         else:
             raw.close()
+
+    def close_raw(self) -> None:
+        """Close the socket itself: the handshake ended before the TLS layer could."""
+        if self._raw is not None:
+            self._raw.close()
 
     def hand_over(self, successor: ClientConnection) -> None:
         """ALPN chose another protocol: `successor` takes this connection's place."""
@@ -390,160 +395,3 @@ class _ProxyHeaderReader(asyncio.Protocol):
     def _finish(self) -> None:
         self.done = True
         self.timer.cancel()
-
-
-class _HandshakeReader(asyncio.BufferedProtocol):
-    """Between the raw transport and the TLS layer during a handshake: marks whose bytes are
-    being processed (tls.handshaking), so a failure's alert goes back on the right socket."""
-
-    def __init__(self, inner: Any, connection: ClientConnection) -> None:
-        self.inner = inner
-        self.connection = connection
-        # uvloop reads as soon as the connection is accepted, possibly before the TLS layer
-        # has started its handshake: what comes that early waits here.
-        self.early: bytearray | None = bytearray()
-        self._buffer: bytearray | None = None
-        self._eof = False
-        self._lost: tuple[Exception | None] | None = None
-        self._first: Any = None  # the buffer the connection's first bytes are read into
-        self._peeked = False
-        self._refused = False  # plain HTTP answered: what else comes is read and dropped
-
-    def start(self) -> None:
-        """The TLS layer has started: hand it what came early, then an early EOF or close."""
-        early, self.early = self.early, None
-        # uvloop keeps this reader's bound methods after the TLS layer is put back: drop the
-        # 16 KiB buffer here, or it lives as long as the connection (S5: 53.5 -> 33.8 KiB).
-        self._buffer = None
-        if early and _plain_http(early[0]):
-            self._refuse()
-            if self._lost is not None:
-                self.inner.connection_lost(self._lost[0])
-            elif self._eof and self.connection._raw is not None:
-                self.connection._raw.close()  # the answer is written: close once it is sent
-            return
-        self._peeked = bool(early)
-        if early:
-            buffer = self.inner.get_buffer(len(early))
-            buffer[: len(early)] = early
-            self.buffer_updated(len(early))
-        if self._lost is not None:
-            self.inner.connection_lost(self._lost[0])
-        elif self._eof and not self.inner.eof_received():
-            raw = self.connection._raw
-            if raw is not None:
-                raw.close()
-
-    def _refuse(self) -> None:
-        self._refused = True
-        self._buffer = bytearray(4096)
-        self.connection.refuse_plain_http()
-
-    def get_buffer(self, sizehint: int) -> Any:
-        if self.early is not None or self._refused:
-            if self._buffer is None:
-                self._buffer = bytearray(16384)
-            return self._buffer
-        buffer = self.inner.get_buffer(sizehint)
-        if not self._peeked:
-            self._first = buffer
-        return buffer
-
-    def buffer_updated(self, nbytes: int) -> None:
-        if self.early is not None:
-            assert self._buffer is not None
-            self.early += self._buffer[:nbytes]
-            return
-        if self._refused:
-            return
-        if not self._peeked:  # once per connection: the first byte says TLS or plain HTTP
-            self._peeked = True
-            first, self._first = self._first, None
-            if nbytes and first is not None and _plain_http(first[0]):
-                self._refuse()
-                return
-        tls.handshaking = self.connection
-        try:
-            self.inner.buffer_updated(nbytes)
-        finally:
-            tls.handshaking = None
-
-    def eof_received(self) -> bool | None:
-        if self._refused:
-            return False  # the client read the 400 and closed: close our side too
-        if self.early is not None:
-            self._eof = True
-            return True  # kept open until the TLS layer has seen what came before the EOF
-        return cast(bool | None, self.inner.eof_received())
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.early is not None:
-            self._lost = (exc,)
-            return
-        self.inner.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        self.inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.inner.resume_writing()
-
-
-# A TLS connection starts with a handshake record (0x16; 0x80 for an SSLv2-style hello); an
-# HTTP request starts with its method, upper-case letters.
-_METHOD_LETTERS = frozenset(range(ord("A"), ord("Z") + 1))
-
-
-def _plain_http(first_byte: int) -> bool:
-    return first_byte in _METHOD_LETTERS
-
-
-PLAIN_HTTP_BODY = (
-    b"400 Bad Request: this port speaks HTTPS, and a plain HTTP request was sent to it; "
-    b"use https:// in the URL.\n"
-)
-PLAIN_HTTP_ANSWER = (
-    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
-    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(PLAIN_HTTP_BODY), PLAIN_HTTP_BODY)
-)
-
-# OpenSSL's reasons for a failed handshake -> the log line's detail.
-_FAILURES = {
-    "UNSUPPORTED_PROTOCOL": "protocol_version",
-    "TLSV1_ALERT_PROTOCOL_VERSION": "protocol_version",
-    "NO_SHARED_CIPHER": "no_shared_cipher",
-    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "no_client_certificate",
-    "HTTP_REQUEST": "plain_http_on_tls_port",
-    "WRONG_VERSION_NUMBER": "not_tls",
-}
-
-
-# OpenSSL's verify codes of --client-crl -> tls_handshake_errors_total's reason
-_CRL_VERDICTS = {
-    23: "client_certificate_revoked",  # X509_V_ERR_CERT_REVOKED
-    12: "client_crl_expired",  # X509_V_ERR_CRL_HAS_EXPIRED: fail closed until a fresh one
-    3: "client_crl_missing",  # X509_V_ERR_UNABLE_TO_GET_CRL: no CRL of the client's CA
-}
-
-
-def handshake_failure(exc: BaseException) -> str:
-    """Why a handshake failed, in words an operator greps for."""
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        if exc.verify_code in _CRL_VERDICTS:
-            return _CRL_VERDICTS[exc.verify_code]
-        message = (exc.verify_message or "").lower()
-        if "expired" in message:
-            return "expired_client_certificate"
-        if "issuer" in message or "self-signed" in message or "self signed" in message:
-            return "unknown_ca"
-        return "bad_client_certificate"
-    if isinstance(exc, ssl.SSLError):
-        reason = str(exc.reason or "").upper()
-        if reason in _FAILURES:
-            return _FAILURES[reason]
-        if reason.startswith(("TLSV1_ALERT_", "SSLV3_ALERT_", "TLSV13_ALERT_")):
-            return "client_alert_" + reason.split("_ALERT_", 1)[1].lower()
-        return reason.lower() or "protocol"
-    if isinstance(exc, TimeoutError) or "taking longer" in str(exc):
-        return "timeout"
-    return "closed"

@@ -12,7 +12,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from proxy import http1
 from proxy.admin import AdminServer
@@ -23,6 +23,7 @@ from proxy.http1.connection import Http1Connection
 from proxy.http1.upstream import UpstreamPool
 from proxy.log import AccessLog
 from proxy.metrics import Metrics
+from proxy.pool import PoolBase
 from proxy.proxy_protocol import build_local
 from proxy.readiness import check_upstream
 from proxy.sockets import bind_dual_stack, dual_stack
@@ -50,7 +51,7 @@ def build_context(
     http = http1.resolve(config.http)
     pool: Pool
     if config.upstream.h2c:
-        from proxy.http2.upstream import H2UpstreamPool  # noqa: PLC0415
+        from proxy.http2.pool import H2UpstreamPool  # noqa: PLC0415
 
         pool = H2UpstreamPool(config, metrics, loop)
     else:
@@ -78,20 +79,20 @@ def build_context(
 def _client_pools(
     loop: asyncio.AbstractEventLoop, config: Config, metrics: Metrics, shared: Pool, http: str
 ) -> ClientPools:
-    """Pools of the upstream kind, one per client connection, adding to the shared one's counts."""
+    """Pools of the upstream kind, one per client connection, members of the shared one's gauge."""
     assert config.upstream_proxy_protocol is not None
-    counts = cast(Any, shared).counts
+    assert isinstance(shared, PoolBase)
     if config.upstream.h2c:
-        from proxy.http2.upstream import H2UpstreamPool  # noqa: PLC0415
+        from proxy.http2.pool import H2UpstreamPool  # noqa: PLC0415
 
         def new_pool(preface: bytes) -> Pool:
-            return H2UpstreamPool(config, metrics, loop, preface=preface, counts=counts)
+            return H2UpstreamPool(config, metrics, loop, preface=preface, shared=shared)
 
     else:
         codec = http1.client_codec_class(http)
 
         def new_pool(preface: bytes) -> Pool:
-            return UpstreamPool(config, metrics, loop, codec, preface=preface, counts=counts)
+            return UpstreamPool(config, metrics, loop, codec, preface=preface, shared=shared)
 
     return ClientPools(config.upstream_proxy_protocol, new_pool)
 

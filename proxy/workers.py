@@ -26,11 +26,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from proxy import __version__
 from proxy.admin import AdminServer
 from proxy.config import Config, ConfigError, bind_error
-from proxy.metrics import PREFIX, UPSTREAM_UP_HELP, render
+from proxy.metrics import PREFIX, UPSTREAM_UP_HELP
+from proxy.metrics.exposition import render
 from proxy.proxy_protocol import build_local
 from proxy.readiness import check_upstream
 from proxy.sockets import dual_stack
-from proxy.tls.context import TICKET_KEYS_SIZE
+from proxy.tls.tickets import TICKET_KEYS_SIZE
 
 log = logging.getLogger("tls_sidecar.workers")
 

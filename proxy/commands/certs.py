@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -14,146 +12,19 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from proxy.commands.devcerts import (
+    dev_files,
+    init_dev_certificates,
+    issue_checked,
+    load_ca,
+    vouchable,
+    write_pair,
+)
 from proxy.config import ConfigError
+from proxy.options import CONTEXT
 from proxy.tls import certcheck, certs
 
 FC = TypeVar("FC", bound=Callable[..., Any])
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-
-
-@dataclass(frozen=True, slots=True)
-class DevFiles:
-    ca_cert: Path
-    ca_key: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-
-
-def dev_files(out: Path) -> DevFiles:
-    return DevFiles(
-        out / "ca.crt",
-        out / "ca.key",
-        out / "server.crt",
-        out / "server.key",
-        out / "client.crt",
-        out / "client.key",
-    )
-
-
-def _load_ca(cert_path: Path, key_path: Path) -> certs.Issued:
-    if not cert_path.exists() and not key_path.exists():
-        raise ConfigError(
-            f"--ca: {cert_path} does not exist; run tls-sidecar certs init --certs-dir "
-            f"{cert_path.parent} first to make the development CA"
-        )
-    chain = certs.load_chain(cert_path, "--ca")
-    key = certs.load_key(key_path, "--ca-key")
-    if not certs.key_matches(chain[0], key):
-        raise ConfigError(f"--ca-key {key_path} does not match {cert_path}")
-    return certs.Issued(chain[0], key)
-
-
-def _write_pair(cert_path: Path, key_path: Path, issued: certs.Issued, chain: bytes = b"") -> None:
-    # The new pair replaces the old one file by file, each atomically: a reader (the proxy
-    # reloading) never sees half a file.
-    tmp = cert_path.with_name(f".{cert_path.name}.tmp")
-    tmp.write_bytes(issued.cert_pem + chain)
-    certs.write_private(key_path, issued.key_pem)
-    tmp.replace(cert_path)
-
-
-def _vouchable(ca: certs.Issued, ca_path: Path, names: tuple[str, ...], option: str) -> None:
-    """Refuse names the CA's name constraints forbid: clients would refuse the certificate
-    ("permitted subtree violation"), so it is never written."""
-    outside = certcheck.outside_constraints(ca.certificate, certs.subject_alt_names(names))
-    if not outside:
-        return
-    name = outside[0]
-    stem = name.rpartition(".")[0] or name
-    such = "such a name" if certs.is_address(name) else f"such a name (e.g. {stem}.test)"
-    raise ConfigError(
-        f"{option} {name}: the development CA {ca_path} can only vouch for "
-        f"{certcheck.constraints_text(ca.certificate)} (its name constraints); use {such}, "
-        f"or make a new CA that includes it, in another folder: tls-sidecar certs init "
-        f"--certs-dir DIR --host {name}"
-    )
-
-
-def _issue_checked(
-    ca: certs.Issued, ca_path: Path, names: list[str], **kwargs: Any
-) -> certs.Issued:
-    """Issue, then verify as a TLS client would before anything is written: a certificate that
-    does not verify never replaces one that does."""
-    issued = certs.issue(ca, names, **kwargs)
-    problem = certcheck.verify_chain([issued.certificate], [ca.certificate])
-    if problem:
-        raise ConfigError(
-            f"the certificate for {', '.join(names) or kwargs.get('common_name')} would not "
-            f"verify against {ca_path} ({problem}); nothing was written"
-        )
-    return issued
-
-
-def init_dev_certificates(
-    out: Path,
-    hosts: tuple[str, ...] = certs.DEFAULT_HOSTS,
-    key_type: certs.KeyType = "ecdsa",
-    *,
-    renew_leaves: bool = True,
-) -> tuple[DevFiles, bool]:
-    """Create (or reuse) the CA; issue server and client certificates. Returns (files, ca_made).
-    A reused CA that cannot vouch for a host stops it (ConfigError) before anything is written."""
-    files = dev_files(out)
-    ca_made = not (files.ca_cert.exists() and files.ca_key.exists())
-    if ca_made:
-        # Limited to development names (and the DNS names asked for): safer than an unlimited
-        # local CA. IP addresses stay unconstrained: see certs.DEV_PERMITTED.
-        permitted = (
-            *certs.DEV_PERMITTED,
-            *(h for h in hosts if not _dev_name(h) and not certs.is_address(h)),
-        )
-        ca = certs.create_ca(key_type=key_type, permitted=permitted)
-    else:
-        ca = _load_ca(files.ca_cert, files.ca_key)
-        _vouchable(ca, files.ca_cert, hosts, "--host")
-    if not ca_made and not renew_leaves and files.server_cert.exists():
-        return files, ca_made
-    server = _issue_checked(ca, files.ca_cert, list(hosts), key_type=key_type)
-    client = _issue_checked(
-        ca, files.ca_cert, [], common_name="tls-sidecar-dev-client", client=True, key_type=key_type
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    if ca_made:
-        _write_pair(files.ca_cert, files.ca_key, ca)
-    _write_pair(files.server_cert, files.server_key, server, chain=ca.cert_pem)
-    _write_pair(files.client_cert, files.client_key, client)
-    return files, ca_made
-
-
-def _dev_name(host: str) -> bool:
-    """Whether the development CA's default constraints already cover this host."""
-    host = host.lower().removeprefix("*.")
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return any(host == d or host.endswith("." + d) for d in ("localhost", "test", "internal"))
-    return address.is_loopback
-
-
-def ensure_dev_certificates(out: Path) -> DevFiles:
-    """For the demo: reuse what exists and is still valid, otherwise make it."""
-    files = dev_files(out)
-    renew = True
-    if files.server_cert.exists() and files.server_key.exists() and files.ca_cert.exists():
-        try:
-            leaf = certs.load_chain(files.server_cert)[0]
-            renew = leaf.not_valid_after_utc < dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
-        except ConfigError:
-            renew = True
-    files, _ = init_dev_certificates(out, renew_leaves=renew)
-    return files
 
 
 class AliasedOption(click.Option):
@@ -319,9 +190,9 @@ def issue_command(
 ) -> None:
     """Issue one more certificate from the development CA."""
     ca_path = ca_path or certs_dir / "ca.crt"
-    ca = _load_ca(ca_path, ca_key or ca_path.with_suffix(".key"))
-    _vouchable(ca, ca_path, names, "--name")
-    issued = _issue_checked(
+    ca = load_ca(ca_path, ca_key or ca_path.with_suffix(".key"))
+    vouchable(ca, ca_path, names, "--name")
+    issued = issue_checked(
         ca,
         ca_path,
         list(names),
@@ -336,7 +207,7 @@ def issue_command(
     )
     certs_dir.mkdir(parents=True, exist_ok=True)
     cert_path, key_path = certs_dir / f"{base}.crt", certs_dir / f"{base}.key"
-    _write_pair(cert_path, key_path, issued, chain=b"" if client else ca.cert_pem)
+    write_pair(cert_path, key_path, issued, chain=b"" if client else ca.cert_pem)
     click.echo(f"certificate {cert_path}\nkey         {key_path}")
 
 
@@ -371,7 +242,7 @@ def revoke_command(
     if not names and not serials:
         raise click.UsageError("give --name or --serial: which certificate to revoke")
     files = dev_files(certs_dir)
-    ca = _load_ca(files.ca_cert, files.ca_key)
+    ca = load_ca(files.ca_cert, files.ca_key)
     crl_path = certs_dir / "ca.crl"
     revoked = (
         {entry.serial_number for old in crl.load_crls(crl_path, "--certs-dir") for entry in old}

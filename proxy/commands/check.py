@@ -9,11 +9,18 @@ from __future__ import annotations
 import asyncio
 import errno
 import socket
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
+import click
+
+from proxy import log as logs
 from proxy.config import Address, Config, ConfigError
+from proxy.launch import build_config
+from proxy.options import CONTEXT, as_set, note_environment, serve_options
 from proxy.proxy_protocol import build_local
 from proxy.readiness import probe_upstream
 from proxy.tls.context import build_bundle
@@ -145,3 +152,19 @@ def _upstream(config: Config) -> Finding:
         return Finding(OK, "upstream", f"{config.upstream} accepts connections{how}")
     # Not fatal: the app may start after the sidecar (it does in a native-sidecar pod).
     return Finding(WARN, "upstream", f"{problem} (readiness stays 503 until it does)")
+
+
+@click.command("check", context_settings=CONTEXT)
+@serve_options
+def check_command(**opts: Any) -> None:
+    """Check a configuration without serving: the same flags and variables as serve.
+
+    Loads and matches every certificate and key, reports days to expiry, checks the client CA
+    and rules and the listen addresses, tries the app once. One line per check; exit 0 (all
+    good), 1 (warnings: expiry within 14 days, the app not up) or 2 (serve would not start)."""
+    logs.configure("text", "error")
+    note_environment(click.get_current_context())
+    found = check(lambda: build_config(opts))
+    for finding in found:
+        click.echo(replace(finding, detail=as_set(finding.detail)).line())
+    sys.exit(exit_code(found))

@@ -7,7 +7,10 @@ are re-serialised. A second run changes nothing.
 from __future__ import annotations
 
 import io
+import sys
 from typing import Any
+
+import click
 
 from proxy.commands.inject_services import (
     Injected,
@@ -20,6 +23,8 @@ from proxy.commands.inject_sidecar import (
     APP_DRAIN_SECONDS,
     CERT_VOLUME,
     DEFAULT_GRACE_SECONDS,
+    DEFAULT_IMAGE,
+    DEFAULT_SECRET,
     DRAIN_TIMEOUT_SECONDS,
     PRESTOP_SECONDS,
     RESERVED_PORTS,
@@ -27,6 +32,8 @@ from proxy.commands.inject_sidecar import (
     TMP_VOLUME,
     InjectError,
     InjectOptions,
+    app_prestop,
+    grace_needed,
     sidecar_container,
 )
 from proxy.commands.inject_yaml import (
@@ -37,6 +44,7 @@ from proxy.commands.inject_yaml import (
     split_documents,
     trailing_comments,
 )
+from proxy.options import CONTEXT
 
 # kind -> path from the document to its pod spec
 POD_SPEC_PATHS: dict[str, tuple[str, ...]] = {
@@ -60,23 +68,6 @@ def _readiness_path(container: dict[str, Any], port: int, port_name: str | None)
     if get.get("port") not in (port, port_name):
         return None
     return path if isinstance(path, str) and path.startswith("/") else None
-
-
-def grace_needed(native: bool) -> int:
-    """terminationGracePeriodSeconds that covers the app's preStop, its drain and the
-    sidecar's --drain-timeout (classic: the preStop is as long as --shutdown-delay)."""
-    return PRESTOP_SECONDS[native] + APP_DRAIN_SECONDS + DRAIN_TIMEOUT_SECONDS
-
-
-def app_prestop(native: bool) -> dict[str, Any]:
-    """Native sidecars need Kubernetes 1.29+, where the `sleep` action exists (beta and on by
-    default from 1.30); the classic layout is for older clusters, which have only `exec`, so it
-    runs `sleep` from the app's image (no shell needed, but a `sleep` binary: an image without
-    one, e.g. distroless, needs its own preStop; the note says so)."""
-    seconds = PRESTOP_SECONDS[native]
-    if native:
-        return {"sleep": {"seconds": seconds}}
-    return {"exec": {"command": ["sleep", str(seconds)]}}
 
 
 def app_container(containers: list[dict[str, Any]], options: InjectOptions) -> dict[str, Any]:
@@ -342,3 +333,54 @@ def inject(text: str, options: InjectOptions, notes: list[str] | None = None) ->
         yaml.dump(doc, stream)
         out.append(stream.getvalue() + trailer)
     return "---\n".join(out)
+
+
+@click.command("inject", context_settings=CONTEXT)
+@click.argument("files", nargs=-1, type=click.File("r"))
+@click.option("--image", default=DEFAULT_IMAGE, show_default=True, help="The sidecar image.")
+@click.option(
+    "--secret",
+    default=DEFAULT_SECRET,
+    show_default=True,
+    help="Secret with tls.crt and tls.key, mounted at /etc/tls.",
+)
+@click.option(
+    "--native/--classic",
+    default=True,
+    show_default=True,
+    help="Native sidecar (an init container with restartPolicy Always, Kubernetes 1.29+) or a regular container.",
+)
+@click.option(
+    "--upstream-port",
+    default=None,
+    type=click.IntRange(1, 65535),
+    help="Port the app listens on at 127.0.0.1. Default: the app container's single port, or "
+    "the one named http (8080 when it declares none).",
+)
+@click.option(
+    "--services/--no-services",
+    default=True,
+    show_default=True,
+    help="Point Services of the input that target the app's port at the sidecar's https port.",
+)
+def inject_command(
+    files: tuple[Any, ...],
+    image: str,
+    secret: str,
+    native: bool,
+    upstream_port: int | None,
+    services: bool,
+) -> None:
+    """Add tls-sidecar to the workloads in Kubernetes YAML (FILES or stdin) and print the result."""
+    options = InjectOptions(
+        image=image,
+        secret=secret,
+        native=native,
+        upstream_port=upstream_port,
+        services=services,
+    )
+    sources: list[Any] = list(files) if files else [sys.stdin]
+    notes: list[str] = []
+    click.echo(inject("---\n".join(f.read() for f in sources), options, notes), nl=False)
+    for note in notes:
+        click.echo(f"tls-sidecar: note: {note}", err=True)

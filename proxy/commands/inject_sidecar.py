@@ -98,3 +98,20 @@ def sidecar_container(options: InjectOptions, port: int = 8080) -> dict[str, Any
         }
     )
     return container
+
+
+def grace_needed(native: bool) -> int:
+    """terminationGracePeriodSeconds that covers the app's preStop, its drain and the
+    sidecar's --drain-timeout (classic: the preStop is as long as --shutdown-delay)."""
+    return PRESTOP_SECONDS[native] + APP_DRAIN_SECONDS + DRAIN_TIMEOUT_SECONDS
+
+
+def app_prestop(native: bool) -> dict[str, Any]:
+    """Native sidecars need Kubernetes 1.29+, where the `sleep` action exists (beta and on by
+    default from 1.30); the classic layout is for older clusters, which have only `exec`, so it
+    runs `sleep` from the app's image (no shell needed, but a `sleep` binary: an image without
+    one, e.g. distroless, needs its own preStop; the note says so)."""
+    seconds = PRESTOP_SECONDS[native]
+    if native:
+        return {"sleep": {"seconds": seconds}}
+    return {"exec": {"command": ["sleep", str(seconds)]}}

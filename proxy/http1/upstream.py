@@ -21,7 +21,7 @@ from proxy.core.links import (
     UpstreamOwner,
 )
 from proxy.metrics import Metrics
-from proxy.pool import open_to_app
+from proxy.pool import PoolBase, open_to_app
 
 log = logging.getLogger("tls_sidecar.upstream")
 
@@ -38,7 +38,6 @@ class UpstreamConnection(asyncio.Protocol):
         "pool",
         "received_any",
         "reused",
-        "state",
         "transport",
         "tunnel",
     )
@@ -52,7 +51,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.reused = False
         self.tunnel: TunnelOwner | None = None
         self.idle_since = 0.0
-        self.state = "new"  # new -> busy <-> idle -> closed
         self.received_any = False
         self.paused = False
 
@@ -165,7 +163,7 @@ class UpstreamConnection(asyncio.Protocol):
         return buffered + int.from_bytes(queued, sys.byteorder, signed=True)
 
 
-class UpstreamPool:
+class UpstreamPool(PoolBase):
     """Idle keep-alive connections to the app: bounded, most recent first, expired when old."""
 
     def __init__(
@@ -176,34 +174,18 @@ class UpstreamPool:
         codec_class: Callable[[], ClientCodec],
         *,
         preface: bytes = b"",
-        counts: dict[str, int] | None = None,
+        shared: PoolBase | None = None,
     ) -> None:
-        self.config = config
-        self.metrics = metrics
-        # Kept, not looked up: get_running_loop() checks the PID (a getpid call) on Python 3.11.
-        self.loop = loop
+        super().__init__(config, metrics, loop, preface=preface, shared=shared)
         self.codec_class = codec_class
-        # --upstream-proxy-protocol: one pool per client connection, each connection opened with
-        # `preface` (the PROXY header); such a pool adds to the main pool's counts, which that
-        # one exports.
-        self.preface = preface
-        if counts is None:
-            counts = {"new": 0, "busy": 0, "idle": 0, "closed": 0}  # connections by state
-            metrics.on_flush(self._export)
-        self.counts = counts
         self._idle: collections.deque[UpstreamConnection] = collections.deque()
-        self._sweeper: asyncio.TimerHandle | None = None
-        self.closing = False
+        self._busy: set[UpstreamConnection] = set()
 
-    def _set_state(self, up: UpstreamConnection, state: str) -> None:
-        counts = self.counts
-        counts[up.state] -= 1
-        counts[state] += 1
-        up.state = state
+    def idle_count(self) -> int:
+        return sum(not up.closed for up in self._idle)
 
-    def _export(self) -> None:
-        self.metrics.upstream_idle.set(self.counts["idle"])
-        self.metrics.upstream_busy.set(self.counts["busy"])
+    def busy_count(self) -> int:
+        return len(self._busy)
 
     def take_idle(self) -> UpstreamLink | None:
         now = self.loop.time()
@@ -216,10 +198,7 @@ class UpstreamPool:
                 continue
             up.reused = True
             up.received_any = False
-            counts = self.counts
-            counts["idle"] -= 1
-            counts["busy"] += 1
-            up.state = "busy"
+            self._busy.add(up)
             return up
         return None
 
@@ -235,7 +214,7 @@ class UpstreamPool:
             self.metrics,
             preface=self.preface,
         )
-        self._set_state(up, "busy")
+        self._busy.add(up)
         return up
 
     def release(self, link: UpstreamLink) -> None:
@@ -254,13 +233,9 @@ class UpstreamPool:
         if up.paused:
             up.resume_reading()  # an idle connection must notice when the app closes it
         up.idle_since = self.loop.time()
-        counts = self.counts
-        counts[up.state] -= 1
-        counts["idle"] += 1
-        up.state = "idle"
+        self._busy.discard(up)
         self._idle.append(up)
-        if self._sweeper is None:
-            self._schedule_sweep()
+        self.schedule_sweep()
 
     def close(self, link: UpstreamLink) -> None:
         up = cast(UpstreamConnection, link)
@@ -270,29 +245,17 @@ class UpstreamPool:
         self.forget(up)
 
     def forget(self, up: UpstreamConnection) -> None:
-        self._set_state(up, "closed")
+        self._busy.discard(up)
         if up.closed:
             with contextlib.suppress(ValueError):
                 self._idle.remove(up)
 
-    def _schedule_sweep(self) -> None:
-        if self._sweeper is None:
-            self._sweeper = self.loop.call_later(
-                self.config.upstream_idle_timeout / 2 + 0.05, self._sweep
-            )
-
-    def _sweep(self) -> None:
-        self._sweeper = None
-        now = self.loop.time()
+    def sweep(self, now: float) -> bool:
         while self._idle and now - self._idle[0].idle_since > self.config.upstream_idle_timeout:
             self._idle.popleft().abort()
-        if self._idle:
-            self._schedule_sweep()
+        return bool(self._idle)
 
     def close_idle(self) -> None:
-        self.closing = True
+        self.stop_sweeping()
         while self._idle:
             self.close(self._idle.pop())
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None

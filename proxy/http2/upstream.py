@@ -1,10 +1,9 @@
 """HTTP/2 cleartext to the app (`--upstream h2c://`, `h2c+unix:`), as gRPC servers speak it.
 
-A few connections carry many requests: a new one is opened only when every open one has as
-many streams as the app's SETTINGS_MAX_CONCURRENT_STREAMS allows. Each request is an
-`H2UpstreamStream`, which is to its exchange what an HTTP/1.1 `UpstreamConnection` is: the
-client codec and the way to the app. Flow control is the backpressure both ways; trailers and
-resets travel in both directions.
+One `H2UpstreamConnection` carries many requests, each an `H2UpstreamStream`
+(`http2/upstream_stream.py`); the pool (`http2/pool.py`) opens a new one only when every open
+one has as many streams as the app's SETTINGS_MAX_CONCURRENT_STREAMS allows. Flow control is
+the backpressure both ways; trailers and resets travel in both directions.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import h2.config
 import h2.connection
@@ -22,19 +21,16 @@ import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
 
-from proxy.config import Config
 from proxy.core.headers import Headers
-from proxy.core.links import ClientCodec, ResponseSink, Tunnel, UpstreamLink, UpstreamOwner
-from proxy.core.request import BadRequest, valid_authority, valid_h2_field, valid_request_line
-from proxy.http2.h2conn import H2Connection, SendQueue
+from proxy.core.links import UpstreamOwner
+from proxy.http2.h2conn import H2Connection
+from proxy.http2.upstream_stream import H2UpstreamStream
 from proxy.metrics import Metrics
-from proxy.pool import open_to_app
 
 log = logging.getLogger("tls_sidecar.upstream")
 
 STREAM_WINDOW = 256 * 1024  # what the app may send on one stream before we pass it on
 CONNECTION_WINDOW = 16 * 1024 * 1024
-REQUEST_BUFFER = 64 * 1024  # a request body waiting for the app's window, past which we pause
 MAX_STREAMS = 1000  # per connection, whatever the app allows
 
 _CLIENT_CONFIG = h2.config.H2Configuration(
@@ -47,18 +43,17 @@ _CLIENT_CONFIG = h2.config.H2Configuration(
     split_outbound_cookies=False,
 )
 
-# Not sent over HTTP/2 (RFC 9113 §8.2.2); Host becomes :authority.
-_NOT_SENT = frozenset(
-    {
-        b"host",
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"transfer-encoding",
-        b"upgrade",
-        b"te",
-    }
-)
+
+class ConnectionPool(Protocol):
+    """What an app connection needs of its pool (`http2/pool.py`, which imports this module)."""
+
+    authority: bytes
+    loop: asyncio.AbstractEventLoop
+    metrics: Metrics
+
+    def went_idle(self, conn: H2UpstreamConnection) -> None: ...
+
+    def forget(self, conn: H2UpstreamConnection) -> None: ...
 
 
 class StreamReset(ConnectionError):
@@ -69,177 +64,10 @@ class StreamReset(ConnectionError):
         self.code = code
 
 
-class H2UpstreamStream:
-    """One request on a shared HTTP/2 connection to the app; its own client codec."""
-
-    __slots__ = (
-        "closed",
-        "codec",
-        "conn",
-        "ended",
-        "owner",
-        "paused",
-        "queue",
-        "received_any",
-        "reused",
-        "sid",
-        "unacked",
-        "waiting_end",
-        "write_paused",
-    )
-
-    def __init__(self, conn: H2UpstreamConnection, sid: int, reused: bool) -> None:
-        self.conn = conn
-        self.sid = sid
-        self.codec: ClientCodec = self
-        self.owner: UpstreamOwner | None = None
-        self.reused = reused
-        self.received_any = False
-        self.paused = False
-        self.closed = False
-        self.ended = False  # our END_STREAM went out
-        self.unacked = 0  # response bytes taken while the client side is slow
-        self.queue = SendQueue()  # request bytes the app's window has no room for
-        self.waiting_end: Headers | bool = False
-        self.write_paused = False
-
-    # --- ClientCodec ------------------------------------------------------------------------------
-    def request_head(
-        self, method: bytes, target: bytes, headers: Headers, *, chunked: bool
-    ) -> bytes:
-        authority = self.conn.pool.authority
-        out: Headers = []
-        grpc = False
-        for name, value in headers:
-            if name in _NOT_SENT:
-                if name == b"host" and value:  # an empty Host (HTTP/1.1 allows it): ours
-                    if not valid_authority(value):
-                        raise BadRequest(400, "bad_request", "Host cannot be an :authority")
-                    authority = value
-                continue
-            if not valid_h2_field(name, value):
-                # h2 sends what it is given (outbound validation is off): an app's h2 stack
-                # would refuse it, maybe for the whole connection. This request alone is 400.
-                raise BadRequest(400, "bad_request", f"field {name!r} cannot go over HTTP/2")
-            if name == b"content-type" and value[:16] == b"application/grpc":
-                grpc = True
-            out.append((name, value))
-        if not valid_request_line(method, target):
-            raise BadRequest(400, "bad_request", "method or target cannot go over HTTP/2")
-        if grpc:
-            out.append((b"te", b"trailers"))  # gRPC servers require it (gRPC over HTTP/2)
-        out[:0] = [
-            (b":method", method),
-            (b":scheme", b"http"),
-            (b":authority", authority),
-            (b":path", target),
-        ]
-        try:
-            self.conn.h2.send_headers(self.sid, out)
-        except h2.exceptions.ProtocolError as e:  # the connection's state, not the request's
-            raise BadRequest(502, "upstream_closed", f"the app's connection: {e}") from None
-        self.conn.flush()
-        return b""  # the connection writes every stream's frames once per loop iteration
-
-    def request_data(self, data: bytes) -> list[bytes]:
-        if self.closed or not data:
-            return []
-        if self.queue.send(self.conn.h2, self.sid, data):
-            self._queued()
-        self.conn.flush()
-        return []
-
-    def _queued(self) -> None:
-        """More of the request waits for the app's window."""
-        if self.queue.size > REQUEST_BUFFER and not self.write_paused and self.owner:
-            self.write_paused = True
-            self.owner.upstream_write_paused(True)
-
-    def request_end(self, trailers: Headers | None = None) -> bytes:
-        if self.closed or self.ended:
-            return b""
-        if self.queue.parts:
-            self.waiting_end = trailers or True
-            return b""
-        self._end(trailers)
-        self.conn.flush()
-        return b""
-
-    def _end(self, trailers: Headers | None) -> None:
-        self.ended = True
-        conn = self.conn.h2
-        if trailers:
-            conn.send_headers(self.sid, trailers, end_stream=True)
-        else:
-            conn.end_stream(self.sid)
-
-    def window_opened(self) -> None:
-        """The app's window grew: send what waited, then the end that waited behind it."""
-        self.queue.drain(self.conn.h2, self.sid)
-        if self.queue.parts:
-            return
-        if self.waiting_end is not False:
-            end, self.waiting_end = self.waiting_end, False
-            self._end(end if isinstance(end, list) else None)
-        if self.write_paused and self.owner is not None:
-            self.write_paused = False
-            if not self.conn.writing_paused:  # else the transport's resume releases it
-                self.owner.upstream_write_paused(False)
-
-    def feed(self, data: bytes, sink: ResponseSink) -> None:
-        raise NotImplementedError  # the connection reads for all its streams
-
-    def feed_eof(self, sink: ResponseSink) -> None:
-        raise NotImplementedError
-
-    def recycle(self) -> bool:
-        return False  # a stream carries one request; the connection is what is reused
-
-    def take_leftover(self) -> bytes:
-        return b""
-
-    # --- the way to the app -----------------------------------------------------------------------
-    def write(self, data: bytes) -> None:
-        if data:
-            self.conn.write(data)
-
-    def writelines(self, parts: list[bytes]) -> None:
-        for part in parts:
-            if part:
-                self.conn.write(part)
-
-    def pause_reading(self) -> None:
-        """The client is slow: stop reopening the app's window for this stream."""
-        self.paused = True
-
-    def resume_reading(self) -> None:
-        self.paused = False
-        if self.unacked and not self.closed:
-            unacked, self.unacked = self.unacked, 0
-            # The connection's share was credited on arrival: this stream's window alone.
-            with contextlib.suppress(h2.exceptions.ProtocolError, KeyError):  # closed there
-                self.conn.h2.increment_flow_control_window(unacked, stream_id=self.sid)
-            self.conn.flush()
-
-    def as_tunnel(self) -> Tunnel | None:
-        return None  # RFC 8441's extended CONNECT is not offered, so no 101 either
-
-    def unread_request_bytes(self) -> int:
-        # HTTP/2 flow control: the app takes DATA as its window allows; what waits for the
-        # window is ours, not the socket's.
-        return 0
-
-    def abort(self) -> None:
-        """The exchange gave up (the client went away, a timeout): RST_STREAM CANCEL."""
-        self.owner = None
-        if not self.closed:
-            self.conn.reset(self, ErrorCodes.CANCEL)
-
-
 class H2UpstreamConnection(asyncio.Protocol):
     """One HTTP/2 connection to the app, carrying many streams."""
 
-    def __init__(self, pool: H2UpstreamPool) -> None:
+    def __init__(self, pool: ConnectionPool) -> None:
         self.pool = pool
         conn = H2Connection(config=_CLIENT_CONFIG)
         conn.local_settings = h2.settings.Settings(
@@ -273,8 +101,6 @@ class H2UpstreamConnection(asyncio.Protocol):
     def open_stream(self) -> H2UpstreamStream:
         stream = H2UpstreamStream(self, self.h2.get_next_available_stream_id(), self.used)
         self.used = True
-        if not self.streams:
-            self.pool.counted(self, busy=True)
         self.streams[stream.sid] = stream
         return stream
 
@@ -283,7 +109,7 @@ class H2UpstreamConnection(asyncio.Protocol):
         stream.owner = None
         if self.streams.pop(stream.sid, None) is not None and not self.streams and not self.closed:
             self.idle_since = self.pool.loop.time()
-            self.pool.counted(self, busy=False)
+            self.pool.went_idle(self)
             if self.going_away:
                 self.close()
 
@@ -562,138 +388,3 @@ _CLIENT_HANDLERS: dict[type[h2.events.Event], Callable[[H2UpstreamConnection, An
     h2.events.RemoteSettingsChanged: H2UpstreamConnection._on_settings,
     h2.events.ConnectionTerminated: H2UpstreamConnection._on_goaway,
 }
-
-
-class H2UpstreamPool:
-    """The connections to an h2c app: streams go on the newest one with room."""
-
-    def __init__(
-        self,
-        config: Config,
-        metrics: Metrics,
-        loop: asyncio.AbstractEventLoop,
-        *,
-        preface: bytes = b"",
-        counts: dict[str, int] | None = None,
-    ) -> None:
-        self.config = config
-        self.metrics = metrics
-        self.loop = loop
-        # --upstream-proxy-protocol: one pool per client connection, each connection opened with
-        # `preface` (the PROXY header); such a pool adds to the main pool's counts, which that
-        # one exports.
-        self.preface = preface
-        self.counts = counts if counts is not None else {"idle": 0, "busy": 0}
-        upstream = config.upstream
-        self.authority = upstream.authority.encode()
-        self.connections: list[H2UpstreamConnection] = []
-        self.closing = False
-        self._opening: asyncio.Task[H2UpstreamConnection] | None = None
-        self._sweeper: asyncio.TimerHandle | None = None
-        if counts is None:
-            metrics.on_flush(self._export)
-
-    def _export(self) -> None:
-        self.metrics.upstream_idle.set(self.counts["idle"])
-        self.metrics.upstream_busy.set(self.counts["busy"])
-
-    def counted(self, conn: H2UpstreamConnection, *, busy: bool) -> None:
-        old, new = ("idle", "busy") if busy else ("busy", "idle")
-        self.counts[old] -= 1
-        self.counts[new] += 1
-        if not busy and self._sweeper is None:
-            self._sweeper = self.loop.call_later(
-                self.config.upstream_idle_timeout / 2 + 0.05, self._sweep
-            )
-
-    def take_idle(self) -> UpstreamLink | None:
-        for conn in reversed(self.connections):
-            if conn.has_room:
-                return conn.open_stream()
-        return None
-
-    async def connect(self) -> UpstreamLink:
-        """A stream on a new connection (one is opened at a time; waiters share it)."""
-        while True:
-            if self._opening is None:
-                self._opening = self.loop.create_task(self._open())
-            opening = self._opening
-            try:
-                conn = await asyncio.shield(opening)
-            finally:
-                if self._opening is opening and opening.done():
-                    self._opening = None
-            if conn.has_room:
-                return conn.open_stream()
-            stream = self.take_idle()
-            if stream is not None:
-                return stream
-
-    async def _open(self) -> H2UpstreamConnection:
-        limit = self.config.upstream_connect_timeout
-
-        async def settle(conn: H2UpstreamConnection) -> None:
-            try:
-                await conn.settled
-            except BaseException:
-                conn.close()
-                raise
-
-        conn = await open_to_app(
-            self.loop,
-            self.config.upstream,
-            lambda: H2UpstreamConnection(self),
-            limit,
-            self.metrics,
-            settle,
-            preface=self.preface,
-        )
-        self.connections.append(conn)
-        self.counts["idle"] += 1
-        conn.idle_since = self.loop.time()
-        return conn
-
-    def release(self, up: UpstreamLink) -> None:
-        """The exchange is complete: the stream is done with (both ends closed)."""
-        stream = cast(H2UpstreamStream, up)
-        if not stream.closed:
-            if stream.ended:
-                stream.conn.stream_closed(stream)
-            else:  # the app answered before the request ended: the rest is not wanted
-                stream.conn.reset(stream, ErrorCodes.NO_ERROR)
-
-    def close(self, up: UpstreamLink) -> None:
-        stream = cast(H2UpstreamStream, up)
-        if not stream.closed:
-            stream.conn.reset(stream, ErrorCodes.CANCEL)
-
-    def forget(self, conn: H2UpstreamConnection) -> None:
-        if conn in self.connections:
-            self.connections.remove(conn)
-            self.counts["busy" if conn.streams else "idle"] -= 1
-
-    def _sweep(self) -> None:
-        self._sweeper = None
-        now = self.loop.time()
-        idle = False
-        for conn in list(self.connections):
-            if not conn.streams:
-                if now - conn.idle_since > self.config.upstream_idle_timeout:
-                    conn.close()
-                else:
-                    idle = True
-        if idle:
-            self._sweeper = self.loop.call_later(
-                self.config.upstream_idle_timeout / 2 + 0.05, self._sweep
-            )
-
-    def close_idle(self) -> None:
-        self.closing = True
-        for conn in list(self.connections):
-            if not conn.streams:
-                conn.close()
-            else:
-                conn.going_away = True
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import hashlib
 import logging
 import os
-import re
 import ssl
 import subprocess
 import sys
@@ -15,9 +13,10 @@ import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING
 
 from proxy.config import CertificateError, Config, ConfigError
+from proxy.tls.handshake import AlertingSSLObject, record_server_name
 from proxy.tls.material import (
     Material,
     ServedCertificate,
@@ -25,6 +24,7 @@ from proxy.tls.material import (
     decode_answer,
     encode_settings,
 )
+from proxy.tls.tickets import set_groups, share_ticket_keys
 
 if TYPE_CHECKING:
     from proxy.tls.crl import LoadedCrls
@@ -36,55 +36,6 @@ TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL"
 # ALPN: HTTP/2 first when it is on (RFC 9113 §3.2); a client without ALPN speaks HTTP/1.1.
 ALPN_H2 = ["h2", "http/1.1"]
 ALPN_H1 = ["http/1.1"]
-
-
-class HandshakeWatch(Protocol):
-    """The connection whose handshake bytes are being processed (see AlertingSSLObject)."""
-
-    def alert_ready(self, alert: bytes, server_name: str | None) -> None: ...
-
-
-# Set by the connection around each read it hands to the TLS layer during its handshake.
-handshaking: HandshakeWatch | None = None
-
-
-class AlertingSSLObject(ssl.SSLObject):
-    """An SSLObject that gets the TLS alert of a failed handshake to the client.
-
-    The event loop's TLS layer (asyncio's sslproto and uvloop's port of it) closes the transport
-    at once when the handshake fails, and the alert OpenSSL wrote stays unsent in its outgoing
-    memory BIO: the client sees EOF. This object keeps a reference to that BIO and, when
-    do_handshake fails, hands its bytes to the connection being read (`handshaking`), which
-    writes them to the socket before the close. It also records the client's SNI."""
-
-    _alert_bio: ssl.MemoryBIO
-    server_name_seen: str | None = None
-
-    @classmethod
-    def _create(
-        cls, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, *args: Any, **kwargs: Any
-    ) -> Any:
-        self = super()._create(incoming, outgoing, *args, **kwargs)  # type: ignore[misc]
-        self._alert_bio = outgoing
-        return self
-
-    def do_handshake(self) -> None:
-        try:
-            super().do_handshake()
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            raise
-        except ssl.SSLError:
-            watch = handshaking
-            if watch is not None:
-                watch.alert_ready(self._alert_bio.read(), self.server_name_seen)
-            raise
-
-
-def _record_server_name(
-    ssl_object: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext
-) -> None:
-    if isinstance(ssl_object, AlertingSSLObject):
-        ssl_object.server_name_seen = server_name
 
 
 def base_context(
@@ -102,198 +53,11 @@ def base_context(
     # TLS12_CIPHERS holds none of RFC 9113 Appendix A's prohibited suites, as HTTP/2 needs.
     ctx.set_alpn_protocols(ALPN_H2 if http2 else ALPN_H1)
     ctx.sslobject_class = AlertingSSLObject
-    ctx.sni_callback = _record_server_name
+    ctx.sni_callback = record_server_name
     if not session_resumption:
         ctx.options |= ssl.OP_NO_TICKET
         ctx.num_tickets = 0  # TLS 1.3: no tickets at all, so every handshake is a full one
     return ctx
-
-
-_SSL_CTRL_SET_TLSEXT_TICKET_KEYS = 59
-TICKET_KEYS_SIZE = 80  # OpenSSL's: a 16-byte key name, a 32-byte HMAC key, a 32-byte AES key
-
-
-def _libssl() -> ctypes.CDLL | None:
-    """The libssl this process's `ssl` module uses (found in /proc/self/maps)."""
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        return None
-    for line in maps.splitlines():
-        path = line.rsplit(" ", 1)[-1]
-        if "/libssl.so" in path:
-            try:
-                return ctypes.CDLL(path)
-            except OSError:
-                return None
-    return None
-
-
-def _ssl_ctx_ctrl(ctx: ssl.SSLContext, command: int, larg: int, parg: Any) -> int | None:
-    """OpenSSL's SSL_CTX_ctrl on a context, for what Python's ssl has no API for. The SSL_CTX
-    pointer is the first field of CPython's SSLContext object; it is checked against the
-    options Python reports before anything is written. None (and nothing done) where that
-    fails; the OpenSSL errors a refused command leaves are cleared, so that no later call of
-    Python's ssl reports them as its own."""
-    if sys.implementation.name != "cpython":
-        return None
-    libssl = _libssl()
-    if libssl is None:
-        return None
-    try:
-        get_options = libssl.SSL_CTX_get_options
-        ctrl = libssl.SSL_CTX_ctrl
-        clear_errors = libssl.ERR_clear_error  # libcrypto's, found through libssl's dependencies
-    except AttributeError:
-        return None
-    get_options.restype = ctypes.c_uint64
-    get_options.argtypes = [ctypes.c_void_p]
-    ctrl.restype = ctypes.c_long
-    ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
-    clear_errors.restype = None
-    clear_errors.argtypes = []
-    # PyObject_HEAD is a reference count and a type pointer; SSL_CTX* follows.
-    pointer = ctypes.c_void_p.from_address(id(ctx) + 2 * ctypes.sizeof(ctypes.c_void_p)).value
-    if not pointer or get_options(pointer) != int(ctx.options):
-        return None
-    result = int(ctrl(pointer, command, larg, parg))
-    if result != 1:
-        clear_errors()
-    return result
-
-
-def share_ticket_keys(ctx: ssl.SSLContext, keys: bytes) -> bool:
-    """Give a context the session ticket keys every worker shares, so a session resumes on any
-    worker (Python's ssl has no API for it). False (and nothing done) where that fails."""
-    if len(keys) != TICKET_KEYS_SIZE:
-        return False
-    buffer = ctypes.create_string_buffer(keys, len(keys))
-    return _ssl_ctx_ctrl(ctx, _SSL_CTRL_SET_TLSEXT_TICKET_KEYS, len(keys), buffer) == 1
-
-
-_SSL_CTRL_SET_GROUPS_LIST = 92  # SSL_CTX_set1_groups_list is a macro over SSL_CTX_ctrl
-# Key exchange groups OpenSSL 3.0 to 3.5 know by these names, for the list an unknown name
-# prints (OpenSSL has no call that lists them; `openssl list -tls-groups` is 3.5's CLI only).
-KNOWN_GROUPS = (
-    "X25519MLKEM768",
-    "SecP256r1MLKEM768",
-    "SecP384r1MLKEM1024",
-    "X25519",
-    "X448",
-    "P-256",
-    "P-384",
-    "P-521",
-    "MLKEM512",
-    "MLKEM768",
-    "MLKEM1024",
-    "brainpoolP256r1tls13",
-    "brainpoolP384r1tls13",
-    "brainpoolP512r1tls13",
-    "ffdhe2048",
-    "ffdhe3072",
-    "ffdhe4096",
-    "ffdhe6144",
-    "ffdhe8192",
-)
-HYBRID_PQ_GROUP = "X25519MLKEM768"
-
-
-def group_names(groups: str) -> list[str]:
-    """The names in a group list, without OpenSSL 3.5's syntax: `/` between groups of equal
-    preference, `?` (skip if unknown), `*` (send a key share), `-` (remove from DEFAULT)."""
-    names = (name.strip().lstrip("?*-") for name in re.split(r"[:/]", groups))
-    return [name for name in names if name]
-
-
-def set_groups(ctx: ssl.SSLContext, groups: str) -> bool | None:
-    """SSL_CTX_set1_groups_list (Python < 3.15 has no API for it): True when OpenSSL took the
-    colon-separated list, False when it refused it, None when the SSL_CTX cannot be reached."""
-    result = _ssl_ctx_ctrl(ctx, _SSL_CTRL_SET_GROUPS_LIST, 0, groups.encode("ascii"))
-    return None if result is None else result == 1
-
-
-def _scratch_takes(groups: str) -> bool | None:
-    return set_groups(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), groups)
-
-
-def offered_groups() -> list[str]:
-    """The known groups this OpenSSL takes, each tried on a scratch context."""
-    return [name for name in KNOWN_GROUPS if _scratch_takes(name)]
-
-
-def hybrid_pq_available() -> bool:
-    return _scratch_takes(HYBRID_PQ_GROUP) is True
-
-
-def check_groups(text: str, option: str = "--tls-groups") -> str:
-    """A --tls-groups value OpenSSL takes, or ConfigError naming the unknown group and the
-    groups this OpenSSL offers."""
-    names = text.strip().split(":")
-    if not text.strip() or any(not name.strip() for name in names):
-        raise ConfigError(
-            f"{option}: {text!r} is not a list of groups; use e.g. X25519MLKEM768:X25519"
-        )
-    if not text.isascii():
-        raise ConfigError(f"{option}: {text!r} is not ASCII; use OpenSSL's group names")
-    value = ":".join(name.strip() for name in names)
-    taken = _scratch_takes(value)
-    if taken is None:
-        raise ConfigError(
-            f"{option}: this Python cannot reach OpenSSL to set key exchange groups; "
-            "leave it unset for OpenSSL's defaults"
-        )
-    if not taken:
-        unknown = [name for name in group_names(value) if not _scratch_takes(name)]
-        raise ConfigError(
-            f"{option}: {', '.join(unknown) or value} not offered by {ssl.OPENSSL_VERSION}; "
-            f"it offers {':'.join(offered_groups())}"
-        )
-    return value
-
-
-def has_cve_2026_2673(version: tuple[int, int, int, int, int]) -> bool:
-    """OpenSSL 3.5.0 to 3.5.5, by ssl.OPENSSL_VERSION_INFO (OpenSSL 3 puts the patch fourth:
-    3.5.4 is (3, 5, 0, 4, 0))."""
-    return version[:3] == (3, 5, 0) and version[3] <= 5
-
-
-def key_exchange_notes(groups: str | None) -> list[tuple[int, str]]:
-    """What the start-up log says about post-quantum key exchange: (level, message)."""
-    version = ssl.OPENSSL_VERSION_INFO
-    notes: list[tuple[int, str]] = []
-    if not hybrid_pq_available():
-        notes.append(
-            (
-                logging.INFO,
-                f"hybrid post-quantum key exchange ({HYBRID_PQ_GROUP}) not available: "
-                f"{ssl.OPENSSL_VERSION} has no ML-KEM (OpenSSL 3.5 or later has it)",
-            )
-        )
-    elif groups is not None and HYBRID_PQ_GROUP not in group_names(groups):
-        notes.append(
-            (
-                logging.INFO,
-                f"hybrid post-quantum key exchange ({HYBRID_PQ_GROUP}) available but not in "
-                f"--tls-groups {groups}",
-            )
-        )
-    else:
-        where = f"--tls-groups {groups}" if groups is not None else "OpenSSL's default groups"
-        notes.append(
-            (
-                logging.INFO,
-                f"hybrid post-quantum key exchange ({HYBRID_PQ_GROUP}) available, in {where}",
-            )
-        )
-    if has_cve_2026_2673(version):
-        notes.append(
-            (
-                logging.WARNING,
-                f"{ssl.OPENSSL_VERSION} has CVE-2026-2673 (key exchange group negotiation, "
-                "fixed in 3.5.6): update OpenSSL, unless your distribution has backported the fix",
-            )
-        )
-    return notes
 
 
 def context_for(
@@ -444,7 +208,7 @@ def _install_sni(
     contexts: tuple[ssl.SSLContext, ...], exact: dict[str, int], wildcard: dict[str, int]
 ) -> None:
     def choose(ssl_object: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> None:
-        _record_server_name(ssl_object, server_name, _ctx)
+        record_server_name(ssl_object, server_name, _ctx)
         index = select_certificate(server_name, exact, wildcard)
         if index:
             ssl_object.context = contexts[index]

@@ -133,6 +133,26 @@ def test_app_connections_are_never_shared_between_clients(
     assert ("127.0.0.1", second_port) in sources
 
 
+def test_the_pool_gauge_sums_every_client_connections_pool(
+    start_proxy: ProxyFactory, front: ProxyProtocolApp, upstream: UpstreamApp, ca: Path
+) -> None:
+    proxy = start_proxy(f"http://127.0.0.1:{front.port}", "--upstream-proxy-protocol", "v2")
+    try:
+        idle = 'state="idle"'
+        first, _ = connect(proxy, ca)
+        second, _ = connect(proxy, ca)
+        with first.sock, second.sock:
+            app_connection(upstream, first, "/echo/pp-gauge-1")
+            app_connection(upstream, second, "/echo/pp-gauge-2")
+            # one idle app connection in each client's own pool, exported as one sum
+            wait_for(lambda: proxy.metric("tls_sidecar_upstream_connections_active", idle) == 2)
+            assert proxy.metric("tls_sidecar_upstream_connections_active", 'state="busy"') == 0
+        # the clients gone, their pools are closed with their app connections
+        wait_for(lambda: proxy.metric("tls_sidecar_upstream_connections_active") == 0)
+    finally:
+        proxy.stop()
+
+
 def test_without_a_client_certificate_the_ssl_tlv_says_so(
     start_proxy: ProxyFactory, front: ProxyProtocolApp, upstream: UpstreamApp, ca: Path
 ) -> None:

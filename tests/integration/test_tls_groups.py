@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from proxy.tls.context import group_names, has_cve_2026_2673
+from proxy.tls.tickets import group_names, has_cve_2026_2673
 from tests.support.proxy import DevCerts, ProxyProcess, serve_args
 from tests.support.upstream import UpstreamApp
 

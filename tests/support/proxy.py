@@ -65,6 +65,8 @@ class ProxyProcess:
 
     args: list[str]
     env: dict[str, str] | None = None
+    # options for the interpreter itself, before `-m proxy` (e.g. `-X importtime`)
+    interpreter: tuple[str, ...] = ()
     proc: subprocess.Popen[str] | None = None
     port: int = 0
     admin_port: int = 0
@@ -76,7 +78,7 @@ class ProxyProcess:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.update(self.env or {})
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy", *self.args],
+            [sys.executable, *self.interpreter, "-m", "proxy", *self.args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -117,7 +117,7 @@ def test_the_development_ca_cannot_vouch_for_a_real_site(tmp_path: Path) -> None
     *.internal (plus DNS names asked for): a certificate it signs for example.com is refused by
     OpenSSL and by Python's ssl. IP addresses are not constrained (grpcio's BoringSSL cannot
     check IP constraints and refuses every IP SAN under them)."""
-    from proxy.commands.certs import dev_files, init_dev_certificates  # noqa: PLC0415
+    from proxy.commands.devcerts import dev_files, init_dev_certificates  # noqa: PLC0415
 
     init_dev_certificates(tmp_path / "dev", ("localhost", "127.0.0.1", "::1", "myapp.lan"))
     files = dev_files(tmp_path / "dev")

@@ -33,7 +33,7 @@ def test_quick_start_has_exactly_two_commands() -> None:
 
 
 def test_the_readme_metrics_table_is_the_generated_one() -> None:
-    from proxy.metrics import reference  # noqa: PLC0415
+    from proxy.metrics.table import reference  # noqa: PLC0415
 
     readme = README.read_text()
     section = readme.split("<!-- metrics:begin -->\n", 1)[1].split("<!-- metrics:end -->", 1)[0]

@@ -8,19 +8,18 @@ from bisect import bisect_left
 from collections.abc import Callable
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
     disable_created_metrics,
-    generate_latest,
 )
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from proxy import __version__
+from proxy.metrics.exposition import render
 
 # No `_created` series next to every counter and histogram: half the series, nothing lost
 # (Prometheus does not use them for rate()).
@@ -396,40 +395,3 @@ class Metrics:
     def exposition(self, accept: bytes = b"") -> tuple[bytes, bytes]:
         self.flush()
         return render(self.registry, accept)
-
-
-def render(registry: CollectorRegistry, accept: bytes) -> tuple[bytes, bytes]:
-    """(content type, body): OpenMetrics when the scraper asks for it (Prometheus does, for
-    exemplars and native formats), else the Prometheus text format."""
-    if b"application/openmetrics-text" in accept:
-        from prometheus_client.openmetrics import exposition as om  # noqa: PLC0415
-
-        return om.CONTENT_TYPE_LATEST.encode(), om.generate_latest(registry)  # type: ignore[no-untyped-call]
-    return CONTENT_TYPE_LATEST.encode(), generate_latest(registry)
-
-
-def reference() -> str:
-    """The README's metrics table, generated from the definitions above."""
-    metrics = Metrics()
-    rows = ["| metric | type | labels | meaning |", "| --- | --- | --- | --- |"]
-    families = [
-        v
-        for v in vars(metrics).values()
-        if isinstance(v, Counter | Gauge | Histogram) and not v._labelvalues  # not a child
-    ]
-    for collector in families:
-        for family in collector.collect():
-            if not family.name.startswith(PREFIX):
-                continue
-            labels = list(getattr(collector, "_labelnames", ()))
-            suffix = "_total" if family.type == "counter" else ""
-            name = family.name.removeprefix(PREFIX + "_") + suffix
-            rows.append(
-                f"| `{name}` | {family.type} | {', '.join(f'`{x}`' for x in labels)} | "
-                f"{family.documentation} |"
-            )
-    return "\n".join(rows) + "\n"
-
-
-if __name__ == "__main__":
-    print(reference(), end="")

@@ -1,0 +1,58 @@
+"""What `serve` must not load: the lazy imports docs/DESIGN.md promises keep its memory small.
+
+import-linter cannot hold these (it counts an import inside a function as any other), so the
+proxy runs as a user starts it and `-X importtime` says what it imported by the time it listens."""
+
+from __future__ import annotations
+
+import re
+import signal
+
+from tests.support.proxy import DevCerts, ProxyProcess, serve_args
+from tests.support.upstream import UpstreamApp
+
+# Never loaded by `serve` without mutual TLS, with the httptools codec and HTTP/2 off (with it
+# on, the ALPN successor is built at start-up, and h2 with it)
+NOT_LOADED = ("cryptography", "h2", "proxy.commands", "ruamel", "wsproto", "proxy.http1.h11_codec")
+
+# `import time:       123 |        456 | package.module`, indented by nesting depth
+IMPORT_LINE = re.compile(r"^import time:\s+\d+ \|\s+\d+ \|\s*(\S+)\s*$")
+
+
+def imported_by_serve(dev: DevCerts, upstream: UpstreamApp, *extra: str) -> set[str]:
+    """The modules a `serve` process imported up to its `listening` line and its SIGTERM."""
+    proxy = ProxyProcess(
+        serve_args(upstream.base, dev, "--http", "httptools", "--no-http2", *extra),
+        interpreter=("-X", "importtime"),
+    ).start()
+    try:
+        proxy.signal(signal.SIGTERM)
+        assert proxy.wait() == 0, proxy.stderr_text()
+    finally:
+        proxy.stop()
+    modules = {m.group(1) for line in proxy.stderr_lines if (m := IMPORT_LINE.match(line))}
+    assert "proxy.server" in modules, "no -X importtime lines read"
+    return modules
+
+
+def loaded(modules: set[str], package: str) -> list[str]:
+    return sorted(m for m in modules if m == package or m.startswith(package + "."))
+
+
+def test_serve_without_mutual_tls_loads_no_crypto_no_h2_no_commands(
+    dev_certs: DevCerts, upstream: UpstreamApp
+) -> None:
+    modules = imported_by_serve(dev_certs, upstream)
+    assert "httptools" in modules
+    for package in NOT_LOADED:
+        assert loaded(modules, package) == [], f"serve imported {package}"
+
+
+def test_serve_with_a_client_ca_loads_cryptography(
+    dev_certs: DevCerts, upstream: UpstreamApp
+) -> None:
+    modules = imported_by_serve(
+        dev_certs, upstream, "--client-ca", str(dev_certs.ca), "--allow-all"
+    )
+    assert loaded(modules, "cryptography") != []
+    assert loaded(modules, "proxy.commands") == []
