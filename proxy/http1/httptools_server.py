@@ -239,7 +239,9 @@ class HttptoolsServer:
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.lower(), value))
+        # llhttp drops the OWS before a value but keeps the OWS after it; h11 (and RFC 9110
+        # §5.5) drop both, so both codecs hand on the same value
+        self._headers.append((name.lower(), value.rstrip(b" \t")))
 
     def on_headers_complete(self) -> None:
         parser = self._parser

@@ -200,6 +200,8 @@ def _valid(method: bytes, path: bytes, extra: bytes = b"", payload: bytes = b"")
     [60, 70],
 )
 @example([b"GET /a HTTP/1.1\r\nHost: h\r\n :: x\r\n\r\n"], [])
+@example([b"GET /a HTTP/1.1\r\nHost: h\r\nConnection: ! \r\n\r\n"], [])  # trailing OWS
+@example([b"GET /a HTTP/1.1\r\nHost: h\r\n*:: \r\n\r\n"], [])
 @example(
     [
         _valid(
