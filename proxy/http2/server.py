@@ -26,7 +26,7 @@ from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
 from proxy.core.exchange import Exchange
-from proxy.core.request import BadRequest, read_h2_head, read_h2_trailers
+from proxy.core.request import BadRequest
 from proxy.downstream import ClientConnection
 from proxy.http2.defences import (
     CONTROL_BURST,
@@ -37,6 +37,7 @@ from proxy.http2.defences import (
     header_list_bound,
 )
 from proxy.http2.h2conn import ServerH2Connection
+from proxy.http2.request import read_h2_head, read_h2_trailers
 from proxy.http2.stream import CONNECTION_BUFFER, STREAM_BUFFER, H2Stream
 
 if TYPE_CHECKING:

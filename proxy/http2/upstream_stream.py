@@ -12,8 +12,9 @@ from h2.errors import ErrorCodes
 
 from proxy.core.headers import Headers
 from proxy.core.links import ClientCodec, ResponseSink, Tunnel, UpstreamOwner
-from proxy.core.request import BadRequest, valid_authority, valid_h2_field, valid_request_line
+from proxy.core.request import BadRequest
 from proxy.http2.h2conn import H2Connection, SendQueue
+from proxy.http2.request import valid_authority, valid_h2_field, valid_request_line
 
 REQUEST_BUFFER = 64 * 1024  # a request body waiting for the app's window, past which we pause
 

@@ -14,9 +14,9 @@ from proxy.core import grpc
 from proxy.core.exchange import HOLD_CONNECT
 from proxy.core.headers import ClientInfo
 from proxy.core.links import UpstreamConnectError
-from proxy.core.request import read_h2_head
 from proxy.core.session import Session
 from proxy.http1 import CODECS
+from proxy.http2.request import read_h2_head
 from tests.support.exchange import Harness, head
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"

@@ -48,7 +48,7 @@ from hpack import Encoder
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.core.request import BadRequest, read_h2_head, read_h2_trailers
+from proxy.core.request import BadRequest
 from proxy.http2 import nghttp2_codec
 from proxy.http2.codec import (
     CodecError,
@@ -63,6 +63,7 @@ from proxy.http2.codec import (
     TrailersReceived,
 )
 from proxy.http2.h2_codec import H2ServerCodec
+from proxy.http2.request import read_h2_head, read_h2_trailers
 from tests.support import tools
 
 EXAMPLES = int(os.environ.get("TLS_SIDECAR_FUZZ_EXAMPLES", "300")) * 2
