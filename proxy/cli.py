@@ -19,7 +19,7 @@ import click
 import uvloop
 from click.core import ParameterSource
 
-from proxy import __version__, proxy_protocol
+from proxy import __version__, http2, proxy_protocol
 from proxy import log as logs
 from proxy.commands.inject import inject
 from proxy.commands.inject_sidecar import DEFAULT_IMAGE, DEFAULT_SECRET, InjectOptions
@@ -254,6 +254,14 @@ def serve_options(func: Callable[..., Any]) -> Callable[..., Any]:
             "Offer HTTP/2 to clients (TLS ALPN h2); without it every client speaks HTTP/1.1.",
         ),
         _option(
+            "--http2-codec",
+            "auto",
+            "HTTP/2 codec for clients: nghttp2 (libnghttp2, fast; built at install when a C "
+            "compiler and libnghttp2's headers are there), h2 (strict, pure Python); auto: "
+            "nghttp2 when built.",
+            type=click.Choice(["auto", "nghttp2", "h2"]),
+        ),
+        _option(
             "--max-concurrent-streams",
             100,
             "Most HTTP/2 streams one client may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS).",
@@ -378,6 +386,7 @@ def build_config(opts: dict[str, Any]) -> Config:
         trust_forwarded_headers=opts["trust_forwarded_headers"],
         http=opts["http"],
         http2=opts["http2"],
+        http2_codec=opts["http2_codec"],
         max_concurrent_streams=opts["max_concurrent_streams"],
         upgrades=tuple(u.lower() for u in opts["upgrade"]),
         log_format=opts["log_format"],
@@ -433,6 +442,8 @@ def _announce(config: Config, server: ProxyServer, bound: Bound) -> None:
         )
     for level, message in key_exchange_notes(config.tls_groups):
         log.log(level, message)
+    if config.http2 and config.http2_codec == "auto" and not http2.available("nghttp2"):
+        log.info(f"HTTP/2 runs on h2 (pure Python): {http2.HOW_TO_BUILD}")
     log.info(
         "listening",
         extra={
@@ -441,6 +452,7 @@ def _announce(config: Config, server: ProxyServer, bound: Bound) -> None:
             "upstream": str(config.upstream),
             "certificates": [c.subject for c in server.tls.served],
             "version": __version__,
+            "http2_codec": http2.resolve(config.http2_codec) if config.http2 else "off",
             **({"worker": config.worker_index} if config.worker_index is not None else {}),
         },
     )

@@ -43,7 +43,7 @@ from proxy.http2.codec import (
     UnknownFrameReceived,
     WindowUpdated,
 )
-from proxy.http2.h2conn import H2Connection
+from proxy.http2.h2conn import ServerH2Connection
 
 _CONFIG = h2.config.H2Configuration(
     client_side=False,
@@ -126,7 +126,7 @@ class H2ServerCodec:
     name = "h2"
 
     def __init__(self, settings: CodecSettings) -> None:
-        conn = H2Connection(config=_CONFIG)
+        conn = ServerH2Connection(config=_CONFIG)
         conn.state_machine = _StaysOpen()
         # The HPACK decoder stops a header list over the limit while decoding (HPACK bombs);
         # h2 would apply the setting only once the client acknowledged it.
@@ -199,6 +199,11 @@ class H2ServerCodec:
                 events.append(RequestReceived(sid, list(event.headers), ended))
             elif kind is h2.events.DataReceived:
                 if event.stream_id in refused:
+                    self.acknowledge(event.stream_id, event.flow_controlled_length)
+                    continue
+                if not event.data and event.stream_ended is not None:
+                    # an empty DATA that only ends the stream: the StreamEnded says it (as
+                    # nghttp2's codec does), so it is not taken for an empty DATA flood
                     self.acknowledge(event.stream_id, event.flow_controlled_length)
                     continue
                 events.append(
@@ -378,6 +383,11 @@ class H2ServerCodec:
     def is_open(self, stream_id: int) -> bool:
         stream: Any = self.h2.streams.get(stream_id)
         return not self._failed and stream is not None and not stream.closed
+
+    def close(self) -> None:
+        self._failed = True
+        self._waiting.clear()
+        self._waiting_total = 0
 
     @property
     def highest_stream_id(self) -> int:
