@@ -165,11 +165,12 @@ class H2ServerCodec:
         conn = self.h2
         try:
             received = conn.receive_data(data)
+        # h2 queued the GOAWAY for these too (they are ProtocolErrors, with their codes)
         except _Bound as e:
-            self._fail(ErrorCodes.ENHANCE_YOUR_CALM)
+            self._failed = True
             raise CodecError(e.reason, ErrorCodes.ENHANCE_YOUR_CALM, str(e)) from None
         except _StreamReused as e:
-            self._fail(ErrorCodes.PROTOCOL_ERROR)
+            self._failed = True
             raise CodecError("stream_reused", ErrorCodes.PROTOCOL_ERROR, str(e)) from None
         except h2.exceptions.ProtocolError as e:  # h2 queued a GOAWAY with the error's code
             self._failed = True
