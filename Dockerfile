@@ -20,6 +20,9 @@ ARG BASE=python:3.13-slim-trixie@sha256:9d2e5553305c7c7b0097999bb17187c69b921ccd
 
 FROM ${BASE} AS build
 WORKDIR /src
+# gcc and libnghttp2's headers build the nghttp2 HTTP/2 codec; they stay in this stage
+RUN --mount=type=bind,source=deploy/image/build-root.sh,target=/usr/local/sbin/build-root.sh \
+    ["/bin/sh", "/usr/local/sbin/build-root.sh", "build-tools"]
 COPY requirements.lock ./
 RUN --mount=type=bind,source=deploy/image/build-root.sh,target=/usr/local/sbin/build-root.sh \
     ["/bin/sh", "/usr/local/sbin/build-root.sh", "deps", "requirements.lock"]
@@ -38,10 +41,11 @@ ENV PATH=/opt/tls-sidecar/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     TMPDIR=/tmp
-# No pip (nothing installs at run time) and no shell (nothing for an attacker to exec into);
-# the script is mounted for this one step, not copied into the image.
+# libnghttp2 (Debian's libnghttp2-14) is what the nghttp2 codec links at run time; then no pip
+# (nothing installs at run time) and no shell (nothing for an attacker to exec into). The
+# script is mounted for these steps, not copied into the image.
 RUN --mount=type=bind,source=deploy/image/build-root.sh,target=/usr/local/sbin/build-root.sh \
-    ["/bin/sh", "/usr/local/sbin/build-root.sh", "harden"]
+    ["/bin/sh", "/usr/local/sbin/build-root.sh", "runtime", "harden"]
 USER 65532:65532
 EXPOSE 8443 9901
 STOPSIGNAL SIGTERM

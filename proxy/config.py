@@ -55,6 +55,23 @@ TlsVersion = Literal["1.2", "1.3"]
 ClientAuth = Literal["none", "optional", "require"]
 LogFormat = Literal["json", "text"]
 HttpCodec = Literal["auto", "httptools", "h11"]
+Http2Codec = Literal["auto", "nghttp2", "h2"]
+NGHTTP2_HOW_TO_BUILD = (
+    "the nghttp2 HTTP/2 codec is not built; install a C compiler and libnghttp2's headers "
+    "(Debian: apt-get install libnghttp2-dev gcc python3-dev) and reinstall tls-sidecar"
+)
+
+
+def nghttp2_built() -> bool:
+    """Whether the nghttp2 codec's extension loads here: built at install, and libnghttp2
+    there at run time. Imported by name: the settings layer knows no protocol module."""
+    try:
+        importlib.import_module("proxy.http2._nghttp2")
+    except ImportError:
+        return False
+    return True
+
+
 LogLevel = Literal["debug", "info", "warning", "error"]
 
 
@@ -95,6 +112,7 @@ class Config:
     trust_forwarded_headers: bool = False
     http: HttpCodec = "auto"
     http2: bool = True
+    http2_codec: Http2Codec = "auto"
     max_concurrent_streams: int = 100
     upgrades: tuple[str, ...] = ("websocket",)
     log_format: LogFormat = "json"
@@ -184,6 +202,10 @@ class Config:
             raise ConfigError(
                 "--http httptools: the httptools package is not installed; "
                 "pip install httptools, or use --http h11"
+            )
+        if self.http2 and self.http2_codec == "nghttp2" and not nghttp2_built():
+            raise ConfigError(
+                f"--http2-codec nghttp2: {NGHTTP2_HOW_TO_BUILD}, or use --http2-codec h2"
             )
         for protocol in self.upgrades:
             if protocol.lower() == "h2c":

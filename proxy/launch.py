@@ -13,7 +13,7 @@ from typing import Any
 
 import uvloop
 
-from proxy import __version__, proxy_protocol
+from proxy import __version__, http2, proxy_protocol
 from proxy.config import (
     Config,
     ConfigError,
@@ -90,6 +90,7 @@ def build_config(opts: dict[str, Any]) -> Config:
         trust_forwarded_headers=opts["trust_forwarded_headers"],
         http=opts["http"],
         http2=opts["http2"],
+        http2_codec=opts["http2_codec"],
         max_concurrent_streams=opts["max_concurrent_streams"],
         upgrades=tuple(u.lower() for u in opts["upgrade"]),
         log_format=opts["log_format"],
@@ -145,6 +146,8 @@ def _announce(config: Config, server: ProxyServer, bound: Bound) -> None:
         )
     for level, message in key_exchange_notes(config.tls_groups):
         log.log(level, message)
+    if config.http2 and config.http2_codec == "auto" and not http2.available("nghttp2"):
+        log.info(f"HTTP/2 runs on h2 (pure Python): {http2.HOW_TO_BUILD}")
     log.info(
         "listening",
         extra={
@@ -153,6 +156,7 @@ def _announce(config: Config, server: ProxyServer, bound: Bound) -> None:
             "upstream": str(config.upstream),
             "certificates": [c.subject for c in server.tls.served],
             "version": __version__,
+            "http2_codec": http2.resolve(config.http2_codec) if config.http2 else "off",
             **({"worker": config.worker_index} if config.worker_index is not None else {}),
         },
     )

@@ -224,6 +224,14 @@ def serve_options(func: Callable[..., Any]) -> Callable[..., Any]:
             "Offer HTTP/2 to clients (TLS ALPN h2); without it every client speaks HTTP/1.1.",
         ),
         _option(
+            "--http2-codec",
+            "auto",
+            "HTTP/2 codec for clients: nghttp2 (libnghttp2, fast; built at install when a C "
+            "compiler and libnghttp2's headers are there), h2 (strict, pure Python); auto: "
+            "nghttp2 when built.",
+            type=click.Choice(["auto", "nghttp2", "h2"]),
+        ),
+        _option(
             "--max-concurrent-streams",
             100,
             "Most HTTP/2 streams one client may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS).",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -12,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from proxy import http1
+from proxy import http1, http2
 from proxy.admin import AdminServer
 from proxy.config import Address, Config, ConfigError, bind_error
 from proxy.core.context import ProxyContext
@@ -46,8 +47,10 @@ def build_context(
 ) -> ProxyContext:
     """The shared context with the codec, the pool and the ALPN successors chosen here, once.
 
-    Imported on demand: a process that serves no HTTP/2 never loads h2."""
+    Imported on demand: a process that serves no HTTP/2 loads no HTTP/2 codec, and one codec
+    never loads the other (nghttp2's process never imports h2)."""
     http = http1.resolve(config.http)
+    http2_codec = "off"
     pool: Pool
     if config.upstream.h2c:
         from proxy.http2.pool import H2UpstreamPool  # noqa: PLC0415
@@ -59,7 +62,10 @@ def build_context(
     if config.http2:
         from proxy.http2.server import Http2Connection  # noqa: PLC0415
 
-        protocols["h2"] = Http2Connection
+        http2_codec = http2.resolve(config.http2_codec)
+        codec = http2.server_codec_class(http2_codec)
+        protocols["h2"] = functools.partial(Http2Connection, codec=codec)
+    metrics.built(http2_codec)
     ctx = ProxyContext(
         loop,
         config,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from proxy import http2
 from proxy.http1 import CODECS
 from proxy.tls import certs
 from tests.support import tools
@@ -52,8 +53,21 @@ def http_codec(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+@pytest.fixture(scope="session", params=http2.CODECS)
+def http2_codec(request: pytest.FixtureRequest) -> str:
+    """HTTP/2 tests run once per HTTP/2 server codec (`--http2-codec`): a module asks for it
+    by overriding `codec_env` (`tests/support/codecs.py`)."""
+    return str(request.param)
+
+
+@pytest.fixture(scope="session")
+def codec_env(http_codec: str) -> dict[str, str]:
+    """The codecs a started proxy runs (the environment of `start_proxy`'s processes)."""
+    return {"TLS_SIDECAR_HTTP": http_codec}
+
+
 @pytest.fixture(scope="module")
-def start_proxy(dev_certs: DevCerts, http_codec: str) -> Iterator[ProxyFactory]:
+def start_proxy(dev_certs: DevCerts, codec_env: dict[str, str]) -> Iterator[ProxyFactory]:
     """Start proxies on ephemeral ports with the test certificate; all stopped at module end."""
     started: list[ProxyProcess] = []
 
@@ -61,7 +75,7 @@ def start_proxy(dev_certs: DevCerts, http_codec: str) -> Iterator[ProxyFactory]:
         upstream: str, *extra: str, with_cert: bool = True, env: dict[str, str] | None = None
     ) -> ProxyProcess:
         args = serve_args(upstream, dev_certs if with_cert else None, *extra)
-        proc = ProxyProcess(args, env={"TLS_SIDECAR_HTTP": http_codec, **(env or {})}).start()
+        proc = ProxyProcess(args, env={**codec_env, **(env or {})}).start()
         started.append(proc)
         return proc
 

@@ -3,9 +3,14 @@
 # and tests/e2e/test_image_root.py runs them on a Debian 13 root filesystem made with
 # debootstrap (there is no container engine in CI), so the two cannot drift.
 #
+#   build-root.sh build-tools     the build stage: what builds the nghttp2 HTTP/2 codec (a C
+#                                 compiler, libnghttp2's and Python's headers)
 #   build-root.sh deps LOCKFILE   the build stage: a virtual environment without pip in
 #                                 /opt/tls-sidecar, and the pinned dependencies (hashes checked)
-#   build-root.sh package SOURCE  the build stage: the package itself, nothing else
+#   build-root.sh package SOURCE  the build stage: the package itself, nothing else; fails when
+#                                 the nghttp2 codec did not build (the image never falls back)
+#   build-root.sh runtime [harden]  the final stage: libnghttp2, the codec's only run-time
+#                                 need (then harden, in the same step)
 #   build-root.sh harden          the final stage: no pip, no shell (run it last: it removes
 #                                 the shell it runs in)
 #
@@ -26,7 +31,29 @@ pip_install() {
     "$BUILD_PIP/bin/python" -m pip --python "$VENV/bin/python" install --quiet "$@"
 }
 
+apt_install() {
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+    rm -rf /var/lib/apt/lists/*
+}
+
 case "${1:-}" in
+build-tools)
+    # Python's headers come with python:3.13-slim's own Python; Debian's python3 needs
+    # python3-dev for them.
+    if "$PYTHON" -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then
+        apt_install gcc libc6-dev libnghttp2-dev
+    else
+        apt_install gcc libc6-dev libnghttp2-dev python3-dev
+    fi
+    ;;
+runtime)
+    apt_install libnghttp2-14
+    # `runtime harden`: both final-stage steps in one layer
+    if [ "${2:-}" = "harden" ]; then
+        exec /bin/sh "$0" harden
+    fi
+    ;;
 deps)
     "$PYTHON" -m venv --without-pip "$VENV"
     pip_install --require-hashes --no-deps -r "$2"
@@ -40,6 +67,10 @@ package)
     rm -f "$build"/proxy/http2/_nghttp2*.so "$build"/proxy/http2/_nghttp2.c
     pip_install --no-deps "$build"
     rm -rf "$build"
+    if ! "$VENV/bin/python" -c 'import proxy.http2._nghttp2'; then
+        echo "build-root.sh: the nghttp2 HTTP/2 codec did not build (run build-tools first)" >&2
+        exit 1
+    fi
     ;;
 harden)
     # No pip (nothing installs at run time) ...
@@ -55,7 +86,7 @@ harden)
     exec /bin/rm -f /bin/sh /bin/bash /bin/dash /usr/bin/sh /usr/bin/bash /usr/bin/dash
     ;;
 *)
-    echo "usage: build-root.sh deps LOCKFILE | package SOURCE | harden" >&2
+    echo "usage: build-root.sh build-tools | deps LOCKFILE | package SOURCE | runtime | harden" >&2
     exit 2
     ;;
 esac

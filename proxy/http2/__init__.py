@@ -1,1 +1,48 @@
-"""HTTP/2: the client connection and its streams, and h2c connections to the app."""
+"""HTTP/2: the server codecs (nghttp2, h2), the client connection, h2c to the app.
+
+The server codec registry lives here: `--http2-codec` names a codec, resolved once per process
+by import string (as `http1` does for `--http`), so a process running one codec never loads
+the other's module: nghttp2's never imports h2, and h2's never loads the C extension."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from proxy.config import NGHTTP2_HOW_TO_BUILD as HOW_TO_BUILD
+from proxy.config import nghttp2_built
+
+__all__ = ["CODECS", "HOW_TO_BUILD", "available", "resolve", "server_codec_class"]
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from proxy.http2.codec import CodecSettings, Http2ServerCodec
+
+CODECS = ("nghttp2", "h2")
+SERVER_CODECS = {
+    "nghttp2": "proxy.http2.nghttp2_codec:Nghttp2ServerCodec",
+    "h2": "proxy.http2.h2_codec:H2ServerCodec",
+}
+
+
+def available(name: str) -> bool:
+    """Whether the codec can run here: h2 always, nghttp2 when its extension loads."""
+    return name == "h2" or (name == "nghttp2" and nghttp2_built())
+
+
+def resolve(name: str) -> str:
+    """`auto` is nghttp2 when its extension is built, as `--http auto` picks httptools."""
+    if name == "auto":
+        return "nghttp2" if available("nghttp2") else "h2"
+    return name
+
+
+def _load(spec: str) -> Any:
+    module, _, attribute = spec.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def server_codec_class(name: str) -> Callable[[CodecSettings], Http2ServerCodec]:
+    """The server codec's class (`name` as `resolve` returns it)."""
+    return _load(SERVER_CODECS[name])  # type: ignore[no-any-return]

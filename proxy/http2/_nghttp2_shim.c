@@ -659,8 +659,10 @@ int64_t shim_submit_data(shim_session *s, int32_t sid, const char *data, size_t 
     int rv;
     provider.source.ptr = st;
     provider.read_callback = read_body;
-    rv = nghttp2_submit_data(s->session, end_stream ? NGHTTP2_FLAG_END_STREAM : NGHTTP2_FLAG_NONE,
-                             sid, &provider);
+    /* END_STREAM whenever read_body says EOF (it says so only once st->eof is set, and holds
+     * the flag back itself for trailers): nghttp2 takes the flag from this call only, so an
+     * end submitted after the body would otherwise never end the stream */
+    rv = nghttp2_submit_data(s->session, NGHTTP2_FLAG_END_STREAM, sid, &provider);
     if (rv != 0) return rv;
     st->provider = 1;
     st->deferred = 0;

@@ -16,9 +16,25 @@ ends the connection with PROTOCOL_ERROR for a stream id used again (RFC 9113 §5
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import Protocol
 
 from proxy.core.headers import Headers
+
+
+class ErrorCode(IntEnum):
+    """RFC 9113 §7: the codes of RST_STREAM and GOAWAY, named without either library."""
+
+    NO_ERROR = 0x0
+    PROTOCOL_ERROR = 0x1
+    INTERNAL_ERROR = 0x2
+    FLOW_CONTROL_ERROR = 0x3
+    STREAM_CLOSED = 0x5
+    FRAME_SIZE_ERROR = 0x6
+    REFUSED_STREAM = 0x7
+    CANCEL = 0x8
+    COMPRESSION_ERROR = 0x9
+    ENHANCE_YOUR_CALM = 0xB
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +220,10 @@ class Http2ServerCodec(Protocol):
 
     def is_open(self, stream_id: int) -> bool:
         """Whether the codec still has the stream (a response can still be sent on it)."""
+
+    def close(self) -> None:
+        """The connection ended: give back what the codec holds (nghttp2: its session) now,
+        not when the codec is collected. Afterwards every call does nothing."""
 
     @property
     def highest_stream_id(self) -> int:

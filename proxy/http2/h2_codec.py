@@ -43,7 +43,7 @@ from proxy.http2.codec import (
     UnknownFrameReceived,
     WindowUpdated,
 )
-from proxy.http2.h2conn import H2Connection
+from proxy.http2.h2conn import ServerH2Connection
 
 _CONFIG = h2.config.H2Configuration(
     client_side=False,
@@ -108,6 +108,18 @@ class _HeaderBlockBudget(FrameBuffer):
         return super()._update_header_buffer(f)
 
 
+def _content_length(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
+    """The one content-length a request declares (None: none, or not one number, which
+    `read_h2_head` refuses)."""
+    declared: int | None = None
+    for name, value in headers:
+        if name == b"content-length":
+            if not value.isdigit() or (declared is not None and int(value) != declared):
+                return None
+            declared = int(value)
+    return declared
+
+
 class _Waiting:
     """A stream's response bytes that wait for the client's window, and what follows them."""
 
@@ -126,7 +138,7 @@ class H2ServerCodec:
     name = "h2"
 
     def __init__(self, settings: CodecSettings) -> None:
-        conn = H2Connection(config=_CONFIG)
+        conn = ServerH2Connection(config=_CONFIG)
         conn.state_machine = _StaysOpen()
         # The HPACK decoder stops a header list over the limit while decoding (HPACK bombs);
         # h2 would apply the setting only once the client acknowledged it.
@@ -143,6 +155,8 @@ class H2ServerCodec:
             conn.increment_flow_control_window(settings.connection_window - 65535)
         self._waiting: dict[int, _Waiting] = {}
         self._waiting_total = 0
+        # a request's declared content-length and the DATA so far, as nghttp2's codec checks it
+        self._lengths: dict[int, list[int]] = {}
         self._out = b""  # frames written past h2 (a graceful GOAWAY) and those before them
         self._failed = False
 
@@ -165,11 +179,12 @@ class H2ServerCodec:
         conn = self.h2
         try:
             received = conn.receive_data(data)
+        # h2 queued the GOAWAY for these too (they are ProtocolErrors, with their codes)
         except _Bound as e:
-            self._fail(ErrorCodes.ENHANCE_YOUR_CALM)
+            self._failed = True
             raise CodecError(e.reason, ErrorCodes.ENHANCE_YOUR_CALM, str(e)) from None
         except _StreamReused as e:
-            self._fail(ErrorCodes.PROTOCOL_ERROR)
+            self._failed = True
             raise CodecError("stream_reused", ErrorCodes.PROTOCOL_ERROR, str(e)) from None
         except h2.exceptions.ProtocolError as e:  # h2 queued a GOAWAY with the error's code
             self._failed = True
@@ -196,22 +211,47 @@ class H2ServerCodec:
                     events.append(StreamRefused(sid, ErrorCodes.REFUSED_STREAM))
                     continue
                 ended = event.stream_ended is not None
+                declared = _content_length(event.headers)
+                if declared is not None and not ended:
+                    self._lengths[sid] = [declared, 0]
+                elif declared and ended:  # declared, and no DATA at all
+                    self._refuse(sid, refused, events)
+                    continue
                 events.append(RequestReceived(sid, list(event.headers), ended))
             elif kind is h2.events.DataReceived:
                 if event.stream_id in refused:
+                    self.acknowledge(event.stream_id, event.flow_controlled_length)
+                    continue
+                length = self._lengths.get(event.stream_id)
+                if length is not None:
+                    length[1] += len(event.data)
+                    if length[1] > length[0] or (
+                        event.stream_ended is not None and length[1] != length[0]
+                    ):
+                        self.acknowledge(event.stream_id, event.flow_controlled_length)
+                        self._refuse(event.stream_id, refused, events)
+                        continue
+                if not event.data and event.stream_ended is not None:
+                    # an empty DATA that only ends the stream: the StreamEnded says it (as
+                    # nghttp2's codec does), so it is not taken for an empty DATA flood
                     self.acknowledge(event.stream_id, event.flow_controlled_length)
                     continue
                 events.append(
                     DataReceived(event.stream_id, event.data, event.flow_controlled_length)
                 )
             elif kind is h2.events.StreamEnded:
+                length = self._lengths.pop(event.stream_id, None)
                 if event.stream_id not in refused:
+                    if length is not None and length[1] != length[0]:
+                        self._refuse(event.stream_id, refused, events)
+                        continue
                     events.append(StreamEnded(event.stream_id))
             elif kind is h2.events.TrailersReceived:
                 if event.stream_id not in refused:
                     events.append(TrailersReceived(event.stream_id, list(event.headers)))
             elif kind is h2.events.StreamReset:
                 self._drop(event.stream_id)
+                self._lengths.pop(event.stream_id, None)
                 if event.stream_id in refused:
                     continue
                 if event.remote_reset:
@@ -234,6 +274,13 @@ class H2ServerCodec:
             elif kind is h2.events.ConnectionTerminated:
                 events.append(GoAwayReceived(int(event.error_code or 0), event.last_stream_id or 0))
         return events
+
+    def _refuse(self, sid: int, refused: set[int], events: list[Event]) -> None:
+        """The body contradicts its content-length (RFC 9113 §8.1.1): a stream error."""
+        self._lengths.pop(sid, None)
+        refused.add(sid)
+        self.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
+        events.append(StreamRefused(sid, ErrorCodes.PROTOCOL_ERROR))
 
     def _open_before(self, sid: int) -> bool:
         """Whether the streams the client opened before this one (those of the same read
@@ -378,6 +425,11 @@ class H2ServerCodec:
     def is_open(self, stream_id: int) -> bool:
         stream: Any = self.h2.streams.get(stream_id)
         return not self._failed and stream is not None and not stream.closed
+
+    def close(self) -> None:
+        self._failed = True
+        self._waiting.clear()
+        self._waiting_total = 0
 
     @property
     def highest_stream_id(self) -> int:

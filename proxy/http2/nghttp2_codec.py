@@ -15,6 +15,7 @@ import struct
 from typing import Any
 
 from proxy.core.headers import Headers
+from proxy.http2 import HOW_TO_BUILD
 from proxy.http2.codec import (
     CodecError,
     CodecSettings,
@@ -39,10 +40,7 @@ except ImportError:  # built without a C compiler or libnghttp2's headers
     ffi = lib = None
 
 AVAILABLE = lib is not None
-HOW_TO_BUILD = (
-    "the nghttp2 HTTP/2 codec is not built; install a C compiler and libnghttp2's headers "
-    "(Debian: apt-get install gcc python3-dev libnghttp2-dev) and reinstall tls-sidecar"
-)
+__all__ = ["AVAILABLE", "HOW_TO_BUILD", "Nghttp2ServerCodec", "version"]
 
 _REQUEST, _TRAILERS, _DATA, _END, _RESET, _SETTINGS, _PING, _PING_ACK = range(1, 9)
 _GOAWAY, _UNKNOWN, _STREAM_ERROR = range(9, 12)

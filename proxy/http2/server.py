@@ -1,42 +1,44 @@
-"""HTTP/2 to one client (RFC 9113) with the `h2` library: each stream is one `Exchange`.
+"""HTTP/2 to one client (RFC 9113) through a server codec (`codec.Http2ServerCodec`: nghttp2
+or h2, `--http2-codec`): each stream is one `Exchange`.
 
-The connection turns frames into exchanges and back; a stream is the exchange's `Downstream`.
-Flow control is the backpressure both ways: a request body is acknowledged (the client's window
-reopened) only once it went on to the app, and a response body waits in the stream when the
-client's window is shut, pausing the app's side past a bound. Defences against the known
-HTTP/2 attacks are here too: header blocks bounded in total (CONTINUATION flood), budgets for
-resets and for frames that make the server work without a request (rapid reset; SETTINGS,
-PING and empty DATA floods), and h2's own checks answer every protocol error with GOAWAY.
+The connection turns the codec's events into exchanges and back; a stream is the exchange's
+`Downstream`. Flow control is the backpressure both ways: a request body is acknowledged (the
+client's window reopened) only once it went on to the app, and a response body waits in the
+codec when the client's window is shut, pausing the app's side past a bound. The defences
+against the known HTTP/2 attacks are ours, the same whichever codec runs: budgets for resets
+and for frames that make the server work without a request (rapid reset; SETTINGS, PING and
+empty DATA floods), the header block bound the codec is given (CONTINUATION flood), the cut of
+a stream the client's window holds shut, the drain and the linger; the codec answers the
+protocol errors it finds with GOAWAY.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import h2.config
-import h2.connection
-import h2.events
-import h2.exceptions
-import h2.settings
-import h2.stream
-from h2.errors import ErrorCodes
-from hyperframe.frame import GoAwayFrame
-
 from proxy.core.exchange import Exchange
 from proxy.core.request import BadRequest
 from proxy.downstream import ClientConnection
-from proxy.http2.defences import (
-    CONTROL_BURST,
-    CONTROL_RATE,
-    Budget,
-    CalmDown,
-    HeaderBlockBudget,
-    header_list_bound,
+from proxy.http2.codec import (
+    CodecError,
+    CodecSettings,
+    DataReceived,
+    ErrorCode,
+    GoAwayReceived,
+    Http2ServerCodec,
+    PingAcknowledged,
+    PingReceived,
+    RequestReceived,
+    SettingsReceived,
+    StreamEnded,
+    StreamRefused,
+    StreamReset,
+    TrailersReceived,
+    UnknownFrameReceived,
 )
-from proxy.http2.h2conn import ServerH2Connection
+from proxy.http2.defences import CONTROL_BURST, CONTROL_RATE, Budget, CalmDown, header_list_bound
 from proxy.http2.request import read_h2_head, read_h2_trailers
 from proxy.http2.stream import CONNECTION_BUFFER, STREAM_BUFFER, H2Stream
 
@@ -49,39 +51,34 @@ log = logging.getLogger("tls_sidecar.http")
 # window bounds what one slow upload buffers here; the connection's bounds them all together.
 STREAM_WINDOW = 256 * 1024
 CONNECTION_WINDOW = 1024 * 1024
-_SERVER_CONFIG = h2.config.H2Configuration(
-    client_side=False,
-    header_encoding=None,
-    # read_h2_head checks requests itself, so that a malformed one resets its stream only
-    # (h2's checks end the whole connection); the proxy builds what it sends.
-    validate_inbound_headers=False,
-    normalize_inbound_headers=False,
-    validate_outbound_headers=False,
-    normalize_outbound_headers=False,
-    split_outbound_cookies=False,
-)
 
 LINGER_SECONDS = 1.0
 _DRAIN_PING = b"drain\x00\x00\x00"
+CodecClass = Callable[[CodecSettings], Http2ServerCodec]
 
 
 class Http2Connection(ClientConnection):
-    """Serves HTTP/2 over TLS to one client; created when ALPN chose h2."""
+    """Serves HTTP/2 over TLS to one client; created when ALPN chose h2, with the codec class
+    the server chose (`server.build_context`)."""
 
-    def __init__(self, ctx: ProxyContext) -> None:
+    def __init__(self, ctx: ProxyContext, codec: CodecClass) -> None:
         super().__init__(ctx)
         config = ctx.config
-        conn = ServerH2Connection(config=_SERVER_CONFIG)
-        # The HPACK decoder stops a header list over the bound while decoding (HPACK bombs);
-        # h2 would apply the setting only once the client acknowledged it. Up to the bound a
-        # head past --max-header-bytes is decoded whole (the HPACK state stays shared) and
-        # answered 431 on its stream, as over HTTP/1.1; past it the connection ends.
-        bound = header_list_bound(config.max_header_bytes)
-        conn.decoder.max_header_list_size = bound
-        conn.incoming_buffer = HeaderBlockBudget(conn, bound)
-        self.h2 = conn
+        # Up to the header block bound a head past --max-header-bytes is decoded whole (the
+        # HPACK state stays shared) and answered 431 on its stream, as over HTTP/1.1; past it
+        # the codec ends the connection.
+        self.codec: Http2ServerCodec = codec(
+            CodecSettings(
+                max_concurrent_streams=config.max_concurrent_streams,
+                max_header_bytes=header_list_bound(config.max_header_bytes),
+                stream_window=STREAM_WINDOW,
+                connection_window=CONNECTION_WINDOW,
+            )
+        )
         self.streams: dict[int, H2Stream] = {}
-        self.buffered = 0  # response bytes waiting for the client's window, all streams
+        # Streams with response bytes waiting in the codec for the client's windows: looked at
+        # after each write, since a window opens as the codec writes.
+        self.waiting: dict[int, H2Stream] = {}
         # Streams whose app side is paused, resumed together once the buffers drained: a stream
         # paused for the connection's buffer may have nothing of its own waiting.
         self.paused: dict[int, H2Stream] = {}
@@ -95,38 +92,24 @@ class Http2Connection(ClientConnection):
         self._control = Budget(CONTROL_BURST, CONTROL_RATE, now)
         streams = config.max_concurrent_streams
         # Rapid reset (CVE-2023-44487): streams the client cancels before their answer, and
-        # those the proxy refuses (past the limit, after a GOAWAY, malformed), which a client
-        # can provoke as fast (the shape of "MadeYouReset", CVE-2025-8671).
+        # those the proxy or the codec refuses (past the limit, after a GOAWAY, malformed),
+        # which a client can provoke as fast (the shape of "MadeYouReset", CVE-2025-8671).
         self._resets = Budget(max(200.0, 2.0 * streams), max(100.0, float(streams)), now)
 
     def start(self, early: bytes | None) -> None:
-        """After the handshake: our SETTINGS, a wide connection window, then the client's."""
-        conn = self.h2
-        conn.local_settings = self._settings(self.ctx.config.max_concurrent_streams)
-        conn.initiate_connection()
-        # h2 ends the whole connection for a stream past the limit; the proxy refuses that
-        # stream alone (REFUSED_STREAM, RFC 9113 §5.1.2), so h2 is held to a looser bound.
-        conn.local_settings = self._settings(2 * self.ctx.config.max_concurrent_streams + 100)
-        conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        """After the handshake: our SETTINGS (the codec's first output), then the client's."""
         self.flush()
         if early:
             self._received(early)
 
-    def _settings(self, streams: int) -> h2.settings.Settings:
-        return h2.settings.Settings(
-            client=False,
-            initial_values={
-                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: streams,
-                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: header_list_bound(
-                    self.ctx.config.max_header_bytes
-                ),
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
-            },
-        )
-
     @property
     def idle(self) -> bool:
         return not self.streams
+
+    @property
+    def buffered(self) -> int:
+        """Response bytes waiting for the client's windows, all streams."""
+        return self.codec.waiting(0)
 
     def begin_drain(self) -> None:
         """GOAWAY with the largest stream id first (streams under way may still arrive), then,
@@ -138,26 +121,21 @@ class Http2Connection(ClientConnection):
             self._final_goaway()
             return
         self._goaway(2**31 - 1)
-        self.h2.ping(_DRAIN_PING)
+        self.codec.ping(_DRAIN_PING)
         self.flush()
 
     def _final_goaway(self) -> None:
         if self._final_sent:
             return
         self._final_sent = True
-        self._goaway(self.h2.highest_inbound_stream_id)
+        self._goaway(self.codec.highest_stream_id)
         if not self.streams:
             self.close()
 
     def _goaway(self, last_stream_id: int) -> None:
-        """A graceful GOAWAY, written past h2: its state machine would refuse to send anything
-        after one, and the streams in flight must still be answered."""
+        """A graceful GOAWAY: the streams in flight are still answered."""
+        self.codec.goaway(ErrorCode.NO_ERROR, last_stream_id)
         self.flush_now()
-        frame = GoAwayFrame(0)
-        frame.last_stream_id = last_stream_id
-        frame.error_code = ErrorCodes.NO_ERROR
-        if self.transport is not None and not self.transport.is_closing():
-            self.write(frame.serialize())
 
     # --- the client's bytes ---------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
@@ -171,19 +149,16 @@ class Http2Connection(ClientConnection):
         if self.closed:
             return
         try:
-            events = self.h2.receive_data(data)
-        except CalmDown as e:
+            events = self.codec.receive(data)
+        except CodecError as e:  # the codec queued a GOAWAY with the error's code
             self._connection_error(e.reason, str(e))
             return
-        except h2.exceptions.ProtocolError as e:  # h2 queued a GOAWAY with the error's code
-            self._connection_error("protocol_error", str(e))
-            return
         except Exception as e:
-            # h2 turns the frame errors it knows into ProtocolError (hyperframe's padding and
-            # frame-size errors among them); anything else h2, hyperframe or hpack raise while
-            # reading is still the client's bytes' doing: a connection error, not a traceback.
+            # A codec turns the frame errors it knows into CodecError; anything else raised
+            # while reading is still the client's bytes' doing: a connection error, not a
+            # traceback.
             detail = f"{type(e).__name__}: {e}"
-            self._connection_error("protocol_error", detail, ErrorCodes.PROTOCOL_ERROR)
+            self._connection_error("protocol_error", detail, ErrorCode.PROTOCOL_ERROR)
             return
         self.corked += 1
         try:
@@ -193,7 +168,7 @@ class Http2Connection(ClientConnection):
                     handler(self, event)
         except CalmDown as e:
             self.corked -= 1
-            self._connection_error(e.reason, str(e), ErrorCodes.ENHANCE_YOUR_CALM)
+            self._connection_error(e.reason, str(e), ErrorCode.ENHANCE_YOUR_CALM)
             return
         except Exception:
             log.exception(
@@ -201,13 +176,13 @@ class Http2Connection(ClientConnection):
                 extra={"client": self.session.client.address},
             )
             self.corked -= 1
-            self._connection_error("internal_error", "", ErrorCodes.INTERNAL_ERROR)
+            self._connection_error("internal_error", "", ErrorCode.INTERNAL_ERROR)
             return
         self.corked -= 1
         self.flush()
 
     def _connection_error(self, reason: str, message: str, code: int | None = None) -> None:
-        """End the connection with GOAWAY (h2 queued it already unless `code` is given)."""
+        """End the connection with GOAWAY (the codec queued it already unless `code` is given)."""
         self.ctx.metrics.http2_connection_errors.labels(reason).inc()
         self.stop_timer()  # the linger ends it; an idle timeout would say GOAWAY once more
         log.info(
@@ -215,8 +190,7 @@ class Http2Connection(ClientConnection):
             extra={"client": self.session.client.address, "reason": reason, "detail": message},
         )
         if code is not None:
-            with contextlib.suppress(h2.exceptions.ProtocolError):  # h2 closed itself already
-                self.h2.close_connection(code, last_stream_id=self.h2.highest_inbound_stream_id)
+            self.codec.goaway(code, self.codec.highest_stream_id, terminate=True)
         self.going_away = self._final_sent = True
         self.flush_now()
         self._linger()
@@ -236,15 +210,16 @@ class Http2Connection(ClientConnection):
             raise CalmDown(reason, f"{reason.replace('_', ' ')} budget spent")
 
     # --- events ---------------------------------------------------------------------------------
-    def _on_request(self, event: h2.events.RequestReceived) -> None:
+    def _on_request(self, event: RequestReceived) -> None:
         sid = event.stream_id
-        # past the last stream id our GOAWAY promised to serve, or past the limit
+        # past the last stream id our GOAWAY promised to serve, or past the limit (exchanges
+        # may outlive the codec's streams: an answer of our own still reading the body)
         if self._final_sent or len(self.streams) >= self.ctx.config.max_concurrent_streams:
             self._calm(self._resets, "rapid_reset")
-            self.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+            self.codec.reset_stream(sid, ErrorCode.REFUSED_STREAM)
             return
         try:
-            head = read_h2_head(event.headers, event.stream_ended is not None)
+            head = read_h2_head(event.headers, event.ended)
         except BadRequest as e:
             self.ctx.metrics.local_responses.labels(str(e.status), e.reason).inc()
             if e.reason == "malformed":
@@ -253,7 +228,7 @@ class Http2Connection(ClientConnection):
                     extra={"client": self.session.client.address, "detail": str(e)},
                 )
                 self._calm(self._resets, "rapid_reset")
-                self.h2.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
+                self.codec.reset_stream(sid, ErrorCode.PROTOCOL_ERROR)
                 return
             head = None
             refusal: BadRequest | None = e
@@ -261,6 +236,7 @@ class Http2Connection(ClientConnection):
             refusal = None
         self.stop_timer()  # the idle timer runs only while no stream is open
         stream = H2Stream(self, sid)
+        stream.client_ended = event.ended
         self.streams[sid] = stream
         if head is None:
             assert refusal is not None
@@ -269,10 +245,10 @@ class Http2Connection(ClientConnection):
         exchange = stream.exchange = Exchange(self.ctx, stream, self.session, head)
         exchange.start()
 
-    def _on_data(self, event: h2.events.DataReceived) -> None:
+    def _on_data(self, event: DataReceived) -> None:
         stream = self.streams.get(event.stream_id)
         size = event.flow_controlled_length
-        if not event.data and event.stream_ended is None:
+        if not event.data:
             self._calm(self._control, "control_flood")  # empty DATA frames: work, no progress
         if stream is None or stream.exchange is None:
             if size:
@@ -287,7 +263,7 @@ class Http2Connection(ClientConnection):
             return
         stream.request_data(event.data, size)
 
-    def _on_stream_ended(self, event: h2.events.StreamEnded) -> None:
+    def _on_stream_ended(self, event: StreamEnded) -> None:
         stream = self.streams.get(event.stream_id)
         if stream is not None:
             exchange = stream.exchange
@@ -304,28 +280,30 @@ class Http2Connection(ClientConnection):
         read as the next request); the stream is reset PROTOCOL_ERROR, the others go on, and
         the app's side is given up: its HTTP/1.1 connection closed (never pooled again), its
         h2c stream reset."""
+        self._malformed(detail)
+        answered = stream.ended
+        stream.lost(ErrorCode.PROTOCOL_ERROR)
+        if answered:
+            self.codec.reset_stream(stream.sid, ErrorCode.PROTOCOL_ERROR)
+        self._calm(self._resets, "rapid_reset")
+
+    def _malformed(self, detail: str) -> None:
         self.ctx.metrics.local_responses.labels("400", "malformed").inc()
         log.debug(
             "malformed http/2 request",
             extra={"client": self.session.client.address, "detail": detail},
         )
-        answered = stream.ended
-        stream.lost(ErrorCodes.PROTOCOL_ERROR)
-        if answered and self.h2.streams.get(stream.sid) is not None:
-            with contextlib.suppress(h2.exceptions.ProtocolError):  # closed there already
-                self.h2.reset_stream(stream.sid, ErrorCodes.PROTOCOL_ERROR)
-        self._calm(self._resets, "rapid_reset")
 
-    def _on_trailers(self, event: h2.events.TrailersReceived) -> None:
+    def _on_trailers(self, event: TrailersReceived) -> None:
         stream = self.streams.get(event.stream_id)
         if stream is None or stream.exchange is None:
             return
         try:
             stream.exchange.request_trailers = read_h2_trailers(event.headers)
         except BadRequest:
-            stream.lost(ErrorCodes.PROTOCOL_ERROR)
+            stream.lost(ErrorCode.PROTOCOL_ERROR)
 
-    def _on_reset(self, event: h2.events.StreamReset) -> None:
+    def _on_reset(self, event: StreamReset) -> None:
         stream = self.streams.get(event.stream_id)
         if stream is None:
             return
@@ -334,38 +312,29 @@ class Http2Connection(ClientConnection):
             self._calm(self._resets, "rapid_reset")
         stream.lost(event.error_code)
 
-    def _on_window(self, event: h2.events.WindowUpdated) -> None:
-        sid = event.stream_id
-        if sid:
-            stream = self.streams.get(sid)
-            if stream is not None and stream.queue.parts:
-                stream.send_waiting()
-        else:
-            self._window_opened()
+    def _on_refused(self, event: StreamRefused) -> None:
+        """The codec reset a stream itself (past the limit, or the client broke the protocol
+        on it, as a body contradicting its Content-Length): the refused-stream budget pays."""
+        stream = self.streams.get(event.stream_id)
+        if stream is not None:
+            if event.error_code == ErrorCode.PROTOCOL_ERROR and stream.exchange is not None:
+                self._malformed("the stream broke the protocol (its body's length)")
+            stream.lost()
+        self._calm(self._resets, "rapid_reset")
 
-    def _window_opened(self) -> None:
-        for stream in list(self.streams.values()):
-            if stream.queue.parts:
-                stream.send_waiting()
-
-    def _on_settings(self, event: h2.events.RemoteSettingsChanged) -> None:
-        self._calm(self._control, "control_flood")
-        if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
-            self._window_opened()
-
-    def _on_control(self, event: h2.events.Event) -> None:
+    def _on_control(self, event: SettingsReceived | PingReceived | UnknownFrameReceived) -> None:
         self._calm(self._control, "control_flood")
 
-    def _on_ping_ack(self, event: h2.events.PingAckReceived) -> None:
-        if event.ping_data == _DRAIN_PING and self.going_away:
+    def _on_ping_ack(self, event: PingAcknowledged) -> None:
+        if event.data == _DRAIN_PING and self.going_away:
             self._final_goaway()  # a round trip after the first GOAWAY: no stream is in flight
 
-    def _on_goaway(self, event: h2.events.ConnectionTerminated) -> None:
+    def _on_goaway(self, event: GoAwayReceived) -> None:
         """The client is going away: it opens no new stream. With NO_ERROR the streams under
         way are still answered (RFC 9113 §6.8; a client may say GOAWAY right after a response's
         head and read its body on), and the last of them closes the connection with our
         GOAWAY; with an error code they end now."""
-        if event.error_code == ErrorCodes.NO_ERROR and not self.closed:
+        if event.error_code == ErrorCode.NO_ERROR and not self.closed:
             # Our GOAWAY goes last: a client on h2 itself would stop reading at it.
             self.going_away = self._final_sent = self._client_left = True
             self._when_idle()
@@ -377,13 +346,14 @@ class Http2Connection(ClientConnection):
         self.close()
 
     def acknowledge(self, size: int, sid: int) -> None:
-        """Reopen the client's windows by what was taken (h2 sends WINDOW_UPDATE in batches)."""
-        self.h2.acknowledge_received_data(size, sid)  # a closed stream's: the connection's only
+        """Reopen the client's windows by what was taken (a closed stream's: the connection's
+        only)."""
+        self.codec.acknowledge(sid, size)
 
     # --- writing ----------------------------------------------------------------------------------
     def flush(self) -> None:
-        """Write what h2 holds at the end of this loop iteration: the frames of every stream
-        answered meanwhile go out in one TLS write."""
+        """Write what the codec holds at the end of this loop iteration: the frames of every
+        stream answered meanwhile go out in one TLS write."""
         if not self._flush_soon:
             self._flush_soon = True
             self.loop.call_soon(self.flush_now)
@@ -393,12 +363,16 @@ class Http2Connection(ClientConnection):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        data = self.h2.data_to_send()
+        data = self.codec.data_to_send()
         if data:
             self.write(data)
+            if self.waiting:  # the windows let some of it through: who still waits, and what
+                for stream in list(self.waiting.values()):
+                    stream.waiting_changed()
+                self.resume_streams()
 
     def close(self) -> None:
-        """What h2 holds goes out first: nothing follows it."""
+        """What the codec holds goes out first: nothing follows it."""
         self.flush_now()
         super().close()
 
@@ -412,15 +386,19 @@ class Http2Connection(ClientConnection):
             return
         if self._final_sent:
             if self._client_left:
-                self._goaway(self.h2.highest_inbound_stream_id)
+                self._goaway(self.codec.highest_stream_id)
             self.close()
-        elif not self.going_away:
+        elif self.going_away:
+            # Draining, and the last stream is done before the PING's answer came (or it never
+            # comes): no stream is in flight that the final GOAWAY could cut, so it goes now.
+            self._final_goaway()
+        else:
             self.arm("idle", self.ctx.config.idle_timeout)
 
     def timed_out(self, phase: str) -> None:
         if phase in ("idle", "header") and not self.streams:
             self.going_away = self._final_sent = True
-            self.h2.close_connection(ErrorCodes.NO_ERROR)
+            self.codec.goaway(ErrorCode.NO_ERROR, self.codec.highest_stream_id, terminate=True)
             self.flush()
             self.close()
         else:
@@ -435,6 +413,8 @@ class Http2Connection(ClientConnection):
         for stream in list(self.streams.values()):
             stream.lost()
         self.streams.clear()
+        self.waiting.clear()
+        self.codec.close()  # nghttp2's session is freed now, on every way a connection ends
         self.forget()
 
     # The stream a pooled upstream connection works for relays the app's backpressure.
@@ -458,21 +438,22 @@ class Http2Connection(ClientConnection):
         if not self.paused or self.writing_paused or self.buffered > CONNECTION_BUFFER // 2:
             return
         for stream in list(self.paused.values()):
-            if stream.queue.size <= STREAM_BUFFER // 2:
+            if stream.waiting_bytes <= STREAM_BUFFER // 2:
                 stream.resume_upstream()
 
 
 # Event type -> handler: one table for every connection (not bound methods per connection).
-_SERVER_HANDLERS: dict[type[h2.events.Event], Callable[[Http2Connection, Any], None]] = {
-    h2.events.RequestReceived: Http2Connection._on_request,
-    h2.events.DataReceived: Http2Connection._on_data,
-    h2.events.StreamEnded: Http2Connection._on_stream_ended,
-    h2.events.TrailersReceived: Http2Connection._on_trailers,
-    h2.events.StreamReset: Http2Connection._on_reset,
-    h2.events.WindowUpdated: Http2Connection._on_window,
-    h2.events.RemoteSettingsChanged: Http2Connection._on_settings,
-    h2.events.PingReceived: Http2Connection._on_control,
-    h2.events.PingAckReceived: Http2Connection._on_ping_ack,
-    h2.events.UnknownFrameReceived: Http2Connection._on_control,
-    h2.events.ConnectionTerminated: Http2Connection._on_goaway,
+# WindowUpdated needs none: what waited goes out at the next write, looked at after it.
+_SERVER_HANDLERS: dict[type[Any], Callable[[Http2Connection, Any], None]] = {
+    RequestReceived: Http2Connection._on_request,
+    DataReceived: Http2Connection._on_data,
+    StreamEnded: Http2Connection._on_stream_ended,
+    TrailersReceived: Http2Connection._on_trailers,
+    StreamReset: Http2Connection._on_reset,
+    StreamRefused: Http2Connection._on_refused,
+    SettingsReceived: Http2Connection._on_control,
+    PingReceived: Http2Connection._on_control,
+    PingAcknowledged: Http2Connection._on_ping_ack,
+    UnknownFrameReceived: Http2Connection._on_control,
+    GoAwayReceived: Http2Connection._on_goaway,
 }

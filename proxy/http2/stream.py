@@ -4,13 +4,8 @@ and the proxy's own answers ending the stream cleanly."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import TYPE_CHECKING, Protocol
-
-import h2.exceptions
-from h2.connection import H2Connection as H2Machine
-from h2.errors import ErrorCodes
 
 from proxy.core.answers import local_body, local_headers
 from proxy.core.exchange import Exchange
@@ -19,7 +14,7 @@ from proxy.core.links import Tunnel
 from proxy.core.request import BadRequest
 from proxy.core.session import Session
 from proxy.core.timer import PhaseTimer
-from proxy.http2.h2conn import SendQueue
+from proxy.http2.codec import ErrorCode, Http2ServerCodec
 
 if TYPE_CHECKING:
     import asyncio
@@ -45,16 +40,18 @@ class StreamHost(Protocol):
     ctx: ProxyContext
     loop: asyncio.AbstractEventLoop
     session: Session
+    codec: Http2ServerCodec
     streams: dict[int, H2Stream]
+    waiting: dict[int, H2Stream]
     paused: dict[int, H2Stream]
-    buffered: int
     corked: int
 
     @property
-    def h2(self) -> H2Machine: ...
+    def buffered(self) -> int: ...
 
     def acknowledge(self, size: int, sid: int) -> None: ...
     def flush(self) -> None: ...
+    def flush_now(self) -> None: ...
     def resume_streams(self) -> None: ...
     def stream_done(self, stream: H2Stream) -> None: ...
 
@@ -63,21 +60,22 @@ class H2Stream(PhaseTimer):
     """One request and its response on an HTTP/2 connection: the exchange's Downstream."""
 
     __slots__ = (
+        "client_ended",
         "conn",
         "ctx",
         "discard_left",
         "ended",
         "exchange",
         "head",
+        "head_sent",
         "holds",
         "local_sent",
         "loop",
-        "queue",
         "session",
         "sid",
-        "trailers_waiting",
         "unacked",
         "upstream_paused",
+        "waiting_bytes",
         "waiting_end",
     )
 
@@ -92,9 +90,12 @@ class H2Stream(PhaseTimer):
         self.head: Headers | None = None  # a response head held until we know if a body follows
         self.holds = 0
         self.unacked = 0  # request bytes taken but not acknowledged (the app is not reading)
-        self.queue = SendQueue()  # response bytes the client's window has no room for
+        self.head_sent = False
+        self.client_ended = False  # the client's END_STREAM came: its side is done
+        # response bytes the client's windows have no room for, held by the codec (as it said
+        # last), and whether our end (END_STREAM or trailers) waits behind them there
+        self.waiting_bytes = 0
         self.waiting_end = False
-        self.trailers_waiting: Headers | None = None
         self.ended = False  # our END_STREAM (or RST_STREAM) went out
         self.local_sent = False
         self.discard_left = 0  # after our own answer: request bytes still to be read and dropped
@@ -155,7 +156,8 @@ class H2Stream(PhaseTimer):
         trailers-only answer must be one HEADERS frame)."""
         head, self.head = self.head, None
         if head is not None:
-            self.conn.h2.send_headers(self.sid, head, end_stream=end)
+            self.head_sent = True
+            self.conn.codec.send_headers(self.sid, head, end_stream=end)
 
     def send_data(self, data: bytes) -> None:
         if not data:
@@ -163,61 +165,68 @@ class H2Stream(PhaseTimer):
         self._phase_since = self.loop.time()
         if self.head is not None:
             self._emit_head(False)
-        queued = self.queue.send(self.conn.h2, self.sid, data)
-        if queued:
-            self._queued(queued)
+        self._submitted(self.conn.codec.send_data(self.sid, data))
         self.conn.flush()
 
-    def _queued(self, size: int) -> None:
-        """`size` more bytes wait for the client's window."""
-        if self.queue.size == size:  # the first: a shut window is cut in time
+    def _submitted(self, waiting: int) -> None:
+        """The codec took a response part; `waiting` bytes of this stream's wait for the
+        client's windows (-1: the codec no longer has the stream)."""
+        if waiting <= 0:
+            return
+        conn = self.conn
+        if not self.waiting_bytes:  # the first: a shut window is cut in time
             self.arm("send", self.ctx.config.idle_timeout)
-        self.conn.buffered += size
+            conn.waiting[self.sid] = self
+        self.waiting_bytes = waiting
         if not self.upstream_paused and (
-            self.queue.size > STREAM_BUFFER or self.conn.buffered > CONNECTION_BUFFER
+            waiting > STREAM_BUFFER or conn.buffered > CONNECTION_BUFFER
         ):
             self.pause_upstream()
 
-    def send_waiting(self) -> None:
-        """The client's window opened: send what waited, and the end that waited behind it."""
-        self.conn.buffered -= self.queue.drain(self.conn.h2, self.sid)
-        if self.queue.parts:
-            self.arm("send", self.ctx.config.idle_timeout)  # it moved: the deadline too
+    def waiting_changed(self) -> None:
+        """After a write: what the codec still holds of this stream's response."""
+        before = self.waiting_bytes
+        now = self.waiting_bytes = self.conn.codec.waiting(self.sid)
+        if now:
+            if now < before:
+                self.arm("send", self.ctx.config.idle_timeout)  # it moved: the deadline too
+            return
+        self.conn.waiting.pop(self.sid, None)
+        exchange = self.exchange
+        if exchange is None or exchange.response_complete:
+            self.stop_timer()
+        elif self.upstream_paused:  # until the other streams' buffers drain: the client's
+            self.arm("send", self.ctx.config.idle_timeout)
         else:
-            exchange = self.exchange
-            if exchange is None or exchange.response_complete:
-                self.stop_timer()
-            elif self.upstream_paused:  # until the other streams' buffers drain: the client's
-                self.arm("send", self.ctx.config.idle_timeout)
-            else:
-                self.arm("upstream", self.ctx.config.upstream_timeout)
-            if self.trailers_waiting is not None:
-                trailers, self.trailers_waiting = self.trailers_waiting, None
-                self.send_trailers(trailers)
-            elif self.waiting_end:
-                self.send_end()
-        self.conn.resume_streams()
-        self.conn.flush()
+            self.arm("upstream", self.ctx.config.upstream_timeout)
+        if self.waiting_end:  # the end went out behind the body
+            self.waiting_end = False
+            self._ended()
 
     def send_trailers(self, headers: Headers) -> None:
+        if self.ended or self.waiting_end:
+            return
         if self.head is not None:
             self._emit_head(False)
-        if self.queue.parts:
-            self.trailers_waiting = headers
-            return
-        self.conn.h2.send_headers(self.sid, headers, end_stream=True)
-        self._ended()
+        self.conn.codec.send_trailers(self.sid, headers)  # after the body that waits
+        self._end_submitted()
 
     def send_end(self) -> None:
-        if self.ended:
-            return
-        if self.queue.parts:
-            self.waiting_end = True
+        if self.ended or self.waiting_end:
             return
         if self.head is not None:
             self._emit_head(True)
         else:
-            self.conn.h2.end_stream(self.sid)
+            self._submitted(self.conn.codec.send_data(self.sid, b"", True))
+        self._end_submitted()
+
+    def _end_submitted(self) -> None:
+        """The end is the codec's to send: done now, or once the body before it went out (the
+        stream stays ours meanwhile, for the cut of a window held shut and for the drain)."""
+        if self.waiting_bytes:
+            self.waiting_end = True
+            self.conn.flush()
+            return
         self._ended()
 
     def _ended(self) -> None:
@@ -225,8 +234,7 @@ class H2Stream(PhaseTimer):
         self.conn.flush()
         exchange = self.exchange
         if self.local_sent:
-            stream = self.conn.h2.streams.get(self.sid)
-            if stream is not None and not stream.closed:  # the client is still sending
+            if not self.client_ended:  # the client is still sending
                 self._start_discarding()
                 return
             self._done()
@@ -256,14 +264,18 @@ class H2Stream(PhaseTimer):
 
     def stop_discarding(self) -> None:
         """Enough was dropped (or the client stalled): ask the client to stop, without error."""
-        if self.conn.h2.streams.get(self.sid) is not None:
-            with contextlib.suppress(h2.exceptions.ProtocolError):  # closed there meanwhile
-                self.conn.h2.reset_stream(self.sid, ErrorCodes.NO_ERROR)
+        codec = self.conn.codec
+        if codec.is_open(self.sid):
+            # the answer goes out first: a codec may send a reset ahead of the frames it
+            # still holds (nghttp2 does), and drop them
+            self.conn.flush_now()
+            codec.reset_stream(self.sid, ErrorCode.NO_ERROR)
             self.conn.flush()
         self._done()
 
     def request_ended(self) -> None:
         """The client's END_STREAM."""
+        self.client_ended = True
         if self.local_sent:
             if self.ended:  # discarding: nothing more will come
                 self._done()
@@ -275,7 +287,7 @@ class H2Stream(PhaseTimer):
     def send_informational(self, status: int, reason: bytes, headers: Headers) -> None:
         if status == 101:
             return
-        self.conn.h2.send_headers(self.sid, [(b":status", _STATUS[status]), *headers])
+        self.conn.codec.send_headers(self.sid, [(b":status", _STATUS[status]), *headers])
         self.conn.flush()
 
     def send_local(self, status: int, headers: Headers, body: bytes) -> None:
@@ -285,23 +297,21 @@ class H2Stream(PhaseTimer):
             return
         self.local_sent = True
         self.discard_left = DISCARD_BYTES
-        conn = self.conn.h2
+        codec = self.conn.codec
         head = [(b":status", _STATUS.get(status) or b"%d" % status), *headers]
-        if conn.streams.get(self.sid) is None or self.queue.parts:
-            self.lost(ErrorCodes.INTERNAL_ERROR)  # a response is under way: reset is all left
+        if self.head_sent or self.waiting_bytes or not codec.is_open(self.sid):
+            self.lost(ErrorCode.INTERNAL_ERROR)  # a response is under way: reset is all left
             return
-        try:
-            if body:
-                head.append((b"content-length", b"%d" % len(body)))
-                conn.send_headers(self.sid, head)
-                self.send_data(body)
-                self.send_end()
-            else:
-                conn.send_headers(self.sid, head, end_stream=True)
-                self._ended()
-        except h2.exceptions.ProtocolError:  # the head went out already
-            self.lost(ErrorCodes.INTERNAL_ERROR)
-            return
+        self.head = None
+        self.head_sent = True
+        if body:
+            head.append((b"content-length", b"%d" % len(body)))
+            codec.send_headers(self.sid, head)
+            self.send_data(body)
+            self.send_end()
+        else:
+            codec.send_headers(self.sid, head, end_stream=True)
+            self._ended()
         self.conn.flush()
 
     def switch_protocols(self, upstream: Tunnel) -> None:
@@ -315,7 +325,7 @@ class H2Stream(PhaseTimer):
     def abort_all(self) -> None:
         """The response cannot be completed: reset this stream, not the connection."""
         exchange = self.exchange
-        code: int = ErrorCodes.INTERNAL_ERROR
+        code: int = ErrorCode.INTERNAL_ERROR
         if exchange is not None:
             code = exchange.reset_code or code
             if exchange.upstream is not None:
@@ -339,7 +349,7 @@ class H2Stream(PhaseTimer):
             return
         if exchange is not None and not exchange.finished:
             exchange.downstream_lost()
-        self._reset(ErrorCodes.CANCEL)
+        self._reset(ErrorCode.CANCEL)
 
     def lost(self, code: int | None = None) -> None:
         """The client reset the stream, or the connection ended: nothing more is sent."""
@@ -356,9 +366,9 @@ class H2Stream(PhaseTimer):
         self.head = None
         if not self.ended:
             self.ended = True
-            if self.conn.h2.streams.get(self.sid) is not None:
-                with contextlib.suppress(h2.exceptions.ProtocolError):  # closed there already
-                    self.conn.h2.reset_stream(self.sid, code)
+            codec = self.conn.codec
+            if codec.is_open(self.sid):
+                codec.reset_stream(self.sid, code)  # what waited there is dropped
                 self.conn.flush()
         self._done()
 
@@ -368,8 +378,10 @@ class H2Stream(PhaseTimer):
         if self.upstream_paused:
             self.upstream_paused = False
             conn.paused.pop(self.sid, None)
-        if self.queue.parts:
-            conn.buffered -= self.queue.clear()
+        if self.waiting_bytes:
+            self.waiting_bytes = 0
+            self.waiting_end = False
+            conn.waiting.pop(self.sid, None)
             conn.resume_streams()  # what this stream held no longer fills the connection's
         if self.unacked:  # the connection's window still counts what this stream held back
             unacked, self.unacked = self.unacked, 0
@@ -392,7 +404,7 @@ class H2Stream(PhaseTimer):
         self.conn.paused.pop(self.sid, None)
         exchange = self.exchange
         if exchange is not None and not exchange.finished:
-            if not self.queue.parts and not exchange.response_complete:
+            if not self.waiting_bytes and not exchange.response_complete:
                 self.arm("upstream", self.ctx.config.upstream_timeout)  # the app's turn again
             if exchange.upstream is not None:
                 exchange.upstream.resume_reading()

@@ -43,6 +43,8 @@ HTTP2_CONNECTION_ERROR_REASONS = (
     "rapid_reset",
     "control_flood",
     "header_block",
+    "header_list",
+    "stream_reused",
     "internal_error",
 )
 TIMEOUT_PHASES = ("handshake", "header", "idle", "request_body", "upstream", "tunnel", "send")
@@ -115,12 +117,13 @@ class Metrics:
         p = PREFIX
         self.build_info = Gauge(
             f"{p}_build_info",
-            "Always 1; labels say which version runs on which Python and OpenSSL.",
-            ["version", "python", "openssl"],
+            "Always 1; labels say which version runs on which Python and OpenSSL, and the "
+            "HTTP/2 codec serving clients (nghttp2, h2, or off with --no-http2).",
+            ["version", "python", "openssl", "http2_codec"],
             registry=r,
             multiprocess_mode="max",
         )
-        self.build_info.labels(__version__, platform.python_version(), ssl.OPENSSL_VERSION).set(1)
+
         self.connections_accepted = Counter(
             f"{p}_connections_accepted",
             "Downstream TCP connections accepted on the TLS port.",
@@ -218,8 +221,8 @@ class Metrics:
         self.http2_connection_errors = Counter(
             f"{p}_http2_connection_errors",
             "HTTP/2 connections ended with GOAWAY for an error, by reason (protocol_error, "
-            "rapid_reset, control_flood, header_block, internal_error; upstream_protocol_error, "
-            "upstream_internal_error: a connection to an h2c app).",
+            "rapid_reset, control_flood, header_block, header_list, stream_reused, internal_error; "
+            "upstream_protocol_error, upstream_internal_error: a connection to an h2c app).",
             ["reason"],
             registry=r,
         )
@@ -328,6 +331,12 @@ class Metrics:
         self._grpc: dict[bytes, Counter] = {}
         self._upstream_observed = _Observed(len(self._buckets))
         self._hooks: list[Callable[[], None]] = []
+
+    def built(self, http2_codec: str) -> None:
+        """The build_info sample, once the server chose its codecs."""
+        self.build_info.labels(
+            __version__, platform.python_version(), ssl.OPENSSL_VERSION, http2_codec
+        ).set(1)
 
     def request_done(self, method: bytes, code: int, seconds: float, version: bytes) -> None:
         entry = self._requests.get((method, code, version))

@@ -45,9 +45,15 @@ def test_dockerfile_runs_as_non_root_without_a_shell_in_exec_form() -> None:
     assert "USER 65532:65532" in final
     assert 'ENTRYPOINT ["tls-sidecar"]' in final and 'CMD ["serve"]' in final
     assert "EXPOSE 8443 9901" in final and "STOPSIGNAL SIGTERM" in final
-    assert '"build-root.sh", "harden"' in final.replace("/usr/local/sbin/", ""), (
-        "the final stage removes pip and the shell"
+    assert '"build-root.sh", "runtime", "harden"' in final.replace("/usr/local/sbin/", ""), (
+        "the final stage installs libnghttp2, then removes pip and the shell"
     )
+    runtime = BUILD_SCRIPT.read_text().split("\nruntime)")[1].split(";;")[0]
+    assert "libnghttp2-14" in runtime and "-dev" not in runtime, "the runtime library only"
+    build = text.split("\nFROM ")[1]
+    assert '"build-root.sh", "build-tools"' in build.replace("/usr/local/sbin/", "")
+    tools = BUILD_SCRIPT.read_text().split("\nbuild-tools)")[1].split(";;")[0]
+    assert "gcc" in tools and "libnghttp2-dev" in tools
     harden = BUILD_SCRIPT.read_text().split("\nharden)")[1].split(";;")[0]
     assert "pip uninstall" in harden and "/bin/sh" in harden and "/usr/bin/sh" in harden
     assert "python:3.13-slim-trixie" in text

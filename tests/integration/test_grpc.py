@@ -21,6 +21,7 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from proxy.tls import certs
+from tests.support.codecs import http2_env
 from tests.support.proxy import DevCerts, ProxyProcess, serve_args, wait_for
 
 MiB = 1024 * 1024
@@ -109,22 +110,32 @@ def app() -> Iterator[EchoApp]:
     echo.stop()
 
 
+class Proxies(list[ProxyProcess]):
+    """The module's proxies, all on one HTTP/2 codec towards the gRPC clients."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        super().__init__()
+        self.env = env
+
+
 @pytest.fixture(scope="module")
-def proxies(dev_certs: DevCerts) -> Iterator[list[ProxyProcess]]:
-    started: list[ProxyProcess] = []
+def proxies(dev_certs: DevCerts, http2_codec: str) -> Iterator[Proxies]:
+    """Every test here runs once per HTTP/2 codec (the clients' side; h2c to the app is the
+    same for both)."""
+    started = Proxies(http2_env(http2_codec))
     yield started
     for proc in started:
         proc.stop()
 
 
-def start(proxies: list[ProxyProcess], upstream: str, dev: DevCerts, *extra: str) -> ProxyProcess:
-    proc = ProxyProcess(serve_args(upstream, dev, *extra)).start()
+def start(proxies: Proxies, upstream: str, dev: DevCerts, *extra: str) -> ProxyProcess:
+    proc = ProxyProcess(serve_args(upstream, dev, *extra), env=proxies.env).start()
     proxies.append(proc)
     return proc
 
 
 @pytest.fixture(scope="module")
-def proxy(proxies: list[ProxyProcess], app: EchoApp, dev_certs: DevCerts) -> ProxyProcess:
+def proxy(proxies: Proxies, app: EchoApp, dev_certs: DevCerts) -> ProxyProcess:
     return start(proxies, f"h2c://127.0.0.1:{app.port}", dev_certs, "--upstream-timeout", "2s")
 
 
@@ -260,7 +271,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_the_app_down_is_unavailable(proxies: list[ProxyProcess], dev_certs: DevCerts) -> None:
+def test_the_app_down_is_unavailable(proxies: Proxies, dev_certs: DevCerts) -> None:
     down = start(proxies, f"h2c://127.0.0.1:{_free_port()}", dev_certs)
     with channel(down, dev_certs.ca) as ch, pytest.raises(grpc.RpcError) as caught:
         ch.unary_unary("/test.Echo/Unary")(b"hello", timeout=10)
@@ -278,7 +289,7 @@ def test_the_app_down_is_unavailable(proxies: list[ProxyProcess], dev_certs: Dev
 
 
 def test_calls_in_flight_finish_when_the_app_stops_gracefully(
-    proxies: list[ProxyProcess], dev_certs: DevCerts
+    proxies: Proxies, dev_certs: DevCerts
 ) -> None:
     """An app that stops with a grace period (a rollout) says GOAWAY and finishes the calls it
     took (RFC 9113 §6.8): they reach the client whole, and the next call gets a new
@@ -301,7 +312,7 @@ def test_calls_in_flight_finish_when_the_app_stops_gracefully(
 
 
 def test_a_body_over_the_limit_is_resource_exhausted(
-    proxies: list[ProxyProcess], app: EchoApp, dev_certs: DevCerts
+    proxies: Proxies, app: EchoApp, dev_certs: DevCerts
 ) -> None:
     small = start(proxies, f"h2c://127.0.0.1:{app.port}", dev_certs, "--max-body-bytes", "1KiB")
     with channel(small, dev_certs.ca) as ch:
@@ -312,7 +323,7 @@ def test_a_body_over_the_limit_is_resource_exhausted(
 
 
 def test_a_refused_client_certificate_is_permission_denied(
-    proxies: list[ProxyProcess], app: EchoApp, dev_certs: DevCerts, tmp_path: Path
+    proxies: Proxies, app: EchoApp, dev_certs: DevCerts, tmp_path: Path
 ) -> None:
     ca = certs.create_ca("clients CA")
     (tmp_path / "clients.crt").write_bytes(ca.cert_pem)
@@ -344,7 +355,7 @@ def test_a_refused_client_certificate_is_permission_denied(
 
 
 def test_grpcio_trusts_what_certs_init_makes(
-    proxies: list[ProxyProcess], app: EchoApp, tmp_path: Path
+    proxies: Proxies, app: EchoApp, tmp_path: Path
 ) -> None:
     """grpcio verifies with BoringSSL, which checks fewer kinds of name constraints than
     OpenSSL: the development CA, server and client certificates of `certs init` pass it, by name

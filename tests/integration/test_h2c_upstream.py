@@ -14,6 +14,7 @@ import h2.errors
 import h11
 import pytest
 
+from tests.support.codecs import http2_env
 from tests.support.h2app import H2App
 from tests.support.h2client import H2Client
 from tests.support.proxy import DevCerts, ProxyProcess, serve_args, tls_socket
@@ -28,15 +29,18 @@ def run(dev_certs: DevCerts) -> Iterator[list[object]]:
         thing.stop()  # type: ignore[attr-defined]
 
 
-def start(run: list[object], app: H2App, dev: DevCerts) -> ProxyProcess:
+def start(run: list[object], app: H2App, dev: DevCerts, http2_codec: str) -> ProxyProcess:
+    """A proxy clients reach over HTTP/2 (the tests that use it run once per HTTP/2 codec)."""
     run.append(app.start())
-    proxy = ProxyProcess(serve_args(app.url, dev)).start()
+    proxy = ProxyProcess(serve_args(app.url, dev), env=http2_env(http2_codec)).start()
     run.append(proxy)
     return proxy
 
 
-def test_trailers_go_both_ways(run: list[object], dev_certs: DevCerts, ca: Path) -> None:
-    proxy = start(run, H2App(), dev_certs)
+def test_trailers_go_both_ways(
+    run: list[object], dev_certs: DevCerts, ca: Path, http2_codec: str
+) -> None:
+    proxy = start(run, H2App(), dev_certs, http2_codec)
     client = H2Client(proxy.port, ca)
     sid = client.request(
         b"/upload",
@@ -60,9 +64,9 @@ def test_trailers_go_both_ways(run: list[object], dev_certs: DevCerts, ca: Path)
 
 
 def test_a_unix_socket_app(
-    run: list[object], dev_certs: DevCerts, ca: Path, tmp_path: Path
+    run: list[object], dev_certs: DevCerts, ca: Path, tmp_path: Path, http2_codec: str
 ) -> None:
-    proxy = start(run, H2App(unix_path=str(tmp_path / "app.sock")), dev_certs)
+    proxy = start(run, H2App(unix_path=str(tmp_path / "app.sock")), dev_certs, http2_codec)
     client = H2Client(proxy.port, ca)
     response = client.response(client.request(b"/hello"))
     client.close()
@@ -71,9 +75,9 @@ def test_a_unix_socket_app(
 
 
 def test_the_apps_reset_reaches_the_client(
-    run: list[object], dev_certs: DevCerts, ca: Path
+    run: list[object], dev_certs: DevCerts, ca: Path, http2_codec: str
 ) -> None:
-    proxy = start(run, H2App(), dev_certs)
+    proxy = start(run, H2App(), dev_certs, http2_codec)
     client = H2Client(proxy.port, ca)
     response = client.response(client.request(b"/reset-mid"))
     assert response.status == 200 and bytes(response.body) == b"partial"
@@ -84,11 +88,11 @@ def test_the_apps_reset_reaches_the_client(
 
 
 def test_streams_spread_over_few_connections_within_the_apps_limit(
-    run: list[object], dev_certs: DevCerts, ca: Path
+    run: list[object], dev_certs: DevCerts, ca: Path, http2_codec: str
 ) -> None:
     """The app allows 5 streams per connection: 20 at once take 4 connections, not 20."""
     app = H2App(max_streams=5)
-    proxy = start(run, app, dev_certs)
+    proxy = start(run, app, dev_certs, http2_codec)
     client = H2Client(proxy.port, ca)
     streams = [client.request(b"/slow") for _ in range(20)]
     statuses = [client.response(sid, timeout=20).status for sid in streams]

@@ -11,6 +11,7 @@ import h2.errors
 import pytest
 
 from tests.conftest import ProxyFactory
+from tests.support.codecs import http2_env
 from tests.support.h2app import H2App
 from tests.support.h2client import H2Client
 from tests.support.proxy import DevCerts, ProxyProcess
@@ -18,6 +19,12 @@ from tests.support.upstream import UpstreamApp, pattern
 
 STREAMS = 12  # the proxy's --max-concurrent-streams in these tests
 SIZE = 1_000_000
+
+
+@pytest.fixture(scope="module")
+def codec_env(http2_codec: str) -> dict[str, str]:
+    """Every test here runs once per HTTP/2 codec (with its HTTP/1.1 pair to the app)."""
+    return http2_env(http2_codec)
 
 
 @pytest.fixture(scope="module", params=["http1", "h2c"])

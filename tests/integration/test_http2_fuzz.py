@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import ProxyFactory
+from tests.support.codecs import http2_env
 from tests.support.h2client import H2Client
 from tests.support.proxy import ProxyProcess
 from tests.support.upstream import UpstreamApp
@@ -56,6 +57,12 @@ OWNED = frozenset(
 nasty = st.sampled_from(
     [b" ", b"\t", b"\r", b"\n", b"\r\n", b"\x00", b"\x01", b"\x7f", b"\xff", b"#", b"@", b":", b"/"]
 )
+
+
+@pytest.fixture(scope="module")
+def codec_env(http2_codec: str) -> dict[str, str]:
+    """Every test here runs once per HTTP/2 codec (with its HTTP/1.1 pair to the app)."""
+    return http2_env(http2_codec)
 
 
 def spliced(base: bytes) -> st.SearchStrategy[bytes]:

@@ -17,11 +17,18 @@ import pytest
 
 from proxy.tls import certs
 from tests.conftest import ProxyFactory
+from tests.support.codecs import http2_env
 from tests.support.h2client import H2Client
 from tests.support.proxy import DevCerts, ProxyProcess, wait_for
 from tests.support.upstream import UpstreamApp
 
 LIMIT = 100 * 1024  # --max-body-bytes
+
+
+@pytest.fixture(scope="module")
+def codec_env(http2_codec: str) -> dict[str, str]:
+    """Every test here runs once per HTTP/2 codec (with its HTTP/1.1 pair to the app)."""
+    return http2_env(http2_codec)
 
 
 @pytest.fixture(scope="module")

@@ -228,7 +228,7 @@ def build_image_root(steps: Steps) -> Path:
         subprocess.run(["cp", "-a", "--reflink=auto", str(base), str(image)], check=True)
         src = image / "src"  # the build stage's WORKDIR
         src.mkdir()
-        for name in ("requirements.lock", "pyproject.toml", "README.md"):
+        for name in ("requirements.lock", "pyproject.toml", "setup.py", "README.md"):
             shutil.copy2(REPO / name, src / name)
         shutil.copytree(REPO / "proxy", src / "proxy", ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copy2(SCRIPT, image / SCRIPT_IN_ROOT.lstrip("/"))
@@ -243,12 +243,18 @@ def build_image_root(steps: Steps) -> Path:
             **{k: v for k, v in os.environ.items() if k in ("PIP_INDEX_URL", "HTTPS_PROXY")},
         },
     }
+    with steps.step("build-root.sh build-tools (gcc, libnghttp2-dev)"):
+        run_in_root(image, ["/bin/sh", SCRIPT_IN_ROOT, "build-tools"], 900, **build)
     with steps.step("build-root.sh deps /src/requirements.lock (--require-hashes)"):
         run_in_root(
             image, ["/bin/sh", SCRIPT_IN_ROOT, "deps", "/src/requirements.lock"], 900, **build
         )
     with steps.step("build-root.sh package /src"):
         run_in_root(image, ["/bin/sh", SCRIPT_IN_ROOT, "package", "/src"], 600, **build)
+    # One root plays both stages here, so the build tools stay in it; the final stage's own
+    # step still runs, in the Dockerfile's order.
+    with steps.step("build-root.sh runtime (libnghttp2-14)"):
+        run_in_root(image, ["/bin/sh", SCRIPT_IN_ROOT, "runtime"], 600, **build)
     with steps.step("build-root.sh harden"):
         shutil.rmtree(src)  # the final stage copies /opt/tls-sidecar only
         run_in_root(image, ["/bin/sh", SCRIPT_IN_ROOT, "harden"], 120, **build)

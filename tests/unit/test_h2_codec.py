@@ -318,3 +318,24 @@ def test_nghttp2_sessions_are_freed() -> None:
     gc.collect()
     grown = _rss_kib() - before
     assert grown < 4096, f"RSS grew {grown} KiB over 90k sessions"
+
+
+@pytest.mark.parametrize("written_between", [False, True])
+def test_an_end_submitted_after_the_body_ends_the_stream(
+    make: Callable[[CodecSettings], Http2ServerCodec], written_between: bool
+) -> None:
+    """A proxied body arrives in parts and its end comes on its own (an empty end, as the
+    connection sends once the app's response is complete): the stream must still end."""
+    client = Client(make(SETTINGS))
+    client.h2.send_headers(1, REQUEST, end_stream=True)
+    client.exchange()
+    codec = client.codec
+    assert codec.send_headers(1, [(b":status", b"200")])
+    assert codec.send_data(1, b"abc") == 0
+    if written_between:
+        client.exchange()
+    assert codec.send_data(1, b"", True) == 0
+    client.exchange()
+    assert b"".join(e.data for e in client.of(h2.events.DataReceived)) == b"abc"
+    assert [e.stream_id for e in client.of(h2.events.StreamEnded)] == [1]
+    assert not codec.is_open(1)
