@@ -189,6 +189,8 @@ class Nghttp2ServerCodec:
     def send_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> int:
         if self._failed:
             return -1
+        if type(data) is not bytes:  # a bytearray or memoryview (h11 hands bytearrays on)
+            data = ffi.from_buffer(data)
         waiting: int = lib.shim_submit_data(self._session, stream_id, data, len(data), end_stream)
         return waiting if waiting >= 0 else -1
 

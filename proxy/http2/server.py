@@ -97,7 +97,9 @@ class Http2Connection(ClientConnection):
         self._resets = Budget(max(200.0, 2.0 * streams), max(100.0, float(streams)), now)
 
     def start(self, early: bytes | None) -> None:
-        """After the handshake: our SETTINGS (the codec's first output), then the client's."""
+        """After the handshake: our SETTINGS (the codec's first output), then the client's. A
+        connection that opens no stream is idle from the start: --idle-timeout closes it."""
+        self.arm("idle", self.ctx.config.idle_timeout)
         self.flush()
         if early:
             self._received(early)

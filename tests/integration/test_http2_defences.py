@@ -326,3 +326,15 @@ def test_websocket_over_http2_is_not_offered(proxy: ProxyProcess, ca: Path) -> N
     assert client.response(sid).reset == h2.errors.ErrorCodes.PROTOCOL_ERROR
     assert client.response(client.request(b"/echo")).status == 200
     client.close()
+
+
+def test_a_connection_that_opens_no_stream_is_closed_after_the_idle_timeout(
+    proxy: ProxyProcess, ca: Path
+) -> None:
+    """Before: only a connection whose streams had ended was timed; one that never opened a
+    stream held its slot (and its memory) until the client left."""
+    client = H2Client(proxy.port, ca)
+    client.pump(lambda: bool(client.remote_settings), 5)
+    assert client.wait_goaway().error_code == h2.errors.ErrorCodes.NO_ERROR
+    assert client.pump(lambda: client.closed, 10), "the connection stayed open"
+    client.close()

@@ -339,3 +339,20 @@ def test_an_end_submitted_after_the_body_ends_the_stream(
     assert b"".join(e.data for e in client.of(h2.events.DataReceived)) == b"abc"
     assert [e.stream_id for e in client.of(h2.events.StreamEnded)] == [1]
     assert not codec.is_open(1)
+
+
+@pytest.mark.parametrize("kind", [bytearray, memoryview])
+def test_a_body_part_may_be_any_bytes_like(
+    make: Callable[[CodecSettings], Http2ServerCodec], kind: Callable[[bytes], Any]
+) -> None:
+    """h11 hands a response body on as bytearrays: before, nghttp2's codec raised TypeError
+    for them and every such response was reset INTERNAL_ERROR."""
+    client = Client(make(SETTINGS))
+    client.h2.send_headers(1, REQUEST, end_stream=True)
+    client.exchange()
+    codec = client.codec
+    assert codec.send_headers(1, [(b":status", b"200")])
+    assert codec.send_data(1, kind(b"hello"), True) == 0
+    client.exchange()
+    assert b"".join(e.data for e in client.of(h2.events.DataReceived)) == b"hello"
+    assert [e.stream_id for e in client.of(h2.events.StreamEnded)] == [1]
