@@ -11,13 +11,14 @@ from collections.abc import Iterator
 import pytest
 
 from proxy.core import grpc
-from proxy.core.exchange import HOLD_CONNECT
+from proxy.core.exchange import HOLD_CONNECT, Exchange
 from proxy.core.headers import ClientInfo
 from proxy.core.links import UpstreamConnectError
+from proxy.core.request import RequestHead
 from proxy.core.session import Session
 from proxy.http1 import CODECS
 from proxy.http2.request import read_h2_head
-from tests.support.exchange import Harness, head
+from tests.support.exchange import FakeDownstream, FakeLink, Harness, head
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
 
@@ -35,6 +36,15 @@ def codec(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+def started(h: Harness, request: RequestHead) -> tuple[FakeLink, Exchange, FakeDownstream]:
+    """An exchange started on an idle pooled link: (the link, the exchange, what the client sees)."""
+    link = h.pool.link()
+    h.pool.idle.append(link)
+    exchange, down = h.exchange(request)
+    exchange.start()
+    return link, exchange, down
+
+
 async def settle() -> None:
     """Let the exchange's connect task (and the access log's flush) run to completion."""
     for _ in range(10):
@@ -45,10 +55,7 @@ async def test_a_request_reaches_the_app_with_forwarding_headers_and_the_answer_
     loop: asyncio.AbstractEventLoop, codec: str
 ) -> None:
     h = Harness(loop, codec)
-    link = h.pool.link()
-    h.pool.idle.append(link)
-    exchange, down = h.exchange(head(target=b"/a?b=1"))
-    exchange.start()
+    link, exchange, down = started(h, head(target=b"/a?b=1"))
     exchange.request_end()
     request = link.request()
     assert (request.method, request.target) == (b"GET", b"/a?b=1")
@@ -173,10 +180,9 @@ async def test_an_early_answer_is_relayed_and_the_rest_of_the_body_is_dropped(
     loop: asyncio.AbstractEventLoop, codec: str
 ) -> None:
     h = Harness(loop, codec)
-    link = h.pool.link()
-    h.pool.idle.append(link)
-    exchange, down = h.exchange(head(b"POST", headers=[(b"host", b"x"), (b"content-length", b"6")]))
-    exchange.start()
+    link, exchange, down = started(
+        h, head(b"POST", headers=[(b"host", b"x"), (b"content-length", b"6")])
+    )
     exchange.request_data(b"abc")
     link.answer(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n")
     assert down.seen.first("head")[0] == 401
@@ -241,10 +247,7 @@ async def test_an_app_that_does_not_answer_in_time_gets_504_and_is_cut_off(
     loop: asyncio.AbstractEventLoop, codec: str
 ) -> None:
     h = Harness(loop, codec)
-    link = h.pool.link()
-    h.pool.idle.append(link)
-    exchange, down = h.exchange(head())
-    exchange.start()
+    link, exchange, down = started(h, head())
     exchange.request_end()
     assert exchange.timed_out()
     assert down.seen.first("local")[0] == 504
@@ -256,10 +259,7 @@ async def test_a_timeout_after_the_answer_started_leaves_the_answer_alone(
     loop: asyncio.AbstractEventLoop, codec: str
 ) -> None:
     h = Harness(loop, codec)
-    link = h.pool.link()
-    h.pool.idle.append(link)
-    exchange, down = h.exchange(head())
-    exchange.start()
+    link, exchange, down = started(h, head())
     exchange.request_end()
     link.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
     assert not exchange.timed_out()
@@ -270,10 +270,7 @@ async def test_a_response_cut_short_by_the_app_closes_the_client_side(
     loop: asyncio.AbstractEventLoop, codec: str
 ) -> None:
     h = Harness(loop, codec)
-    link = h.pool.link()
-    h.pool.idle.append(link)
-    exchange, down = h.exchange(head())
-    exchange.start()
+    link, exchange, down = started(h, head())
     exchange.request_end()
     link.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
     link.lose()
@@ -289,10 +286,7 @@ async def test_a_malformed_answer_from_the_app_is_502_never_relayed(
     loop: asyncio.AbstractEventLoop, codec: str
 ) -> None:
     h = Harness(loop, codec)
-    link = h.pool.link()
-    h.pool.idle.append(link)
-    exchange, down = h.exchange(head())
-    exchange.start()
+    link, exchange, down = started(h, head())
     exchange.request_end()
     link.answer(b"NOT HTTP AT ALL\r\n\r\n")
     assert down.seen.first("local")[0] == 502
@@ -308,10 +302,7 @@ async def test_an_http10_client_gets_no_informational_answer(
     hints = b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n" + OK
     for version, relayed in ((b"1.0", False), (b"1.1", True)):
         h = Harness(loop, codec)
-        link = h.pool.link()
-        h.pool.idle.append(link)
-        exchange, down = h.exchange(head(version=version))
-        exchange.start()
+        link, exchange, down = started(h, head(version=version))
         exchange.request_end()
         link.answer(hints)
         assert ("informational" in down.seen.names()) is relayed, version
@@ -327,10 +318,7 @@ async def test_a_switch_to_a_protocol_the_client_did_not_ask_for_is_502(
     upgrade = [(b"host", b"x"), (b"connection", b"upgrade"), (b"upgrade", b"websocket")]
     for protocol, switched in ((b"h2c", False), (b"WebSocket", True)):
         h = Harness(loop, codec)
-        link = h.pool.link()
-        h.pool.idle.append(link)
-        exchange, down = h.exchange(head(headers=upgrade))
-        exchange.start()
+        link, exchange, down = started(h, head(headers=upgrade))
         exchange.request_end()
         link.answer(
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: %s\r\nConnection: upgrade\r\n\r\n"
