@@ -1,4 +1,5 @@
-/* The server side of one HTTP/2 connection on libnghttp2, batched for a Python caller.
+/* The server side of one HTTP/2 connection on libnghttp2, batched for a Python caller (the
+ * client side, for h2c to the app, is _nghttp2_client.c, compiled after this file).
  *
  * Python crosses into C once per read (shim_feed: every frame in the bytes is decoded, and
  * what happened is appended to one event buffer that Python reads after the call), once per
@@ -95,6 +96,7 @@ typedef struct shim_stream {
   int deferred;      /* the provider said DEFERRED: resume it when data comes */
   int reset;         /* the caller reset it */
   int errored;       /* reset for breaking the protocol: nothing more of it is delivered */
+  int answered;      /* client side: the final response head came (what follows: trailers) */
   int64_t expected;  /* request content-length, -1 when none */
   int64_t received;  /* request DATA bytes */
   int32_t sid;
@@ -124,6 +126,8 @@ typedef struct {
   size_t waiting;          /* response bytes waiting, all streams */
   shim_stream *streams;
 } shim_session;
+
+static long live_sessions; /* sessions not yet freed, both sides: what a leak test counts */
 
 static int event(shim_session *s, uint8_t type, uint8_t flags, int32_t sid, uint32_t a,
                  uint32_t b, const void *payload, uint32_t n) {
@@ -534,11 +538,13 @@ shim_session *shim_new(const shim_config *config) {
     free(s);
     return NULL;
   }
+  live_sessions++;
   return s;
 }
 
 void shim_free(shim_session *s) {
   if (s == NULL) return;
+  live_sessions--;
   nghttp2_session_del(s->session);
   while (s->streams != NULL) stream_free(s, s->streams);
   buf_free(&s->events);
