@@ -135,39 +135,16 @@ shim_session *shimc_new(const shim_config *config) {
  * negative nghttp2 error. The head is framed at once, so that the stream is open for the
  * body submitted before the next shim_send. */
 int32_t shimc_request(shim_session *s, const char *packed, size_t size, int end_stream) {
-  uint32_t n, i;
-  const uint32_t *lens;
-  const uint8_t *p, *base = (const uint8_t *)packed;
-  nghttp2_nv stack[32], *nva = stack;
+  nghttp2_nv stack[32], *nva;
   nghttp2_data_provider provider;
   shim_stream *st;
-  int32_t sid;
-  if (size < 4) return NGHTTP2_ERR_INVALID_ARGUMENT;
-  memcpy(&n, base, 4);
-  if (size < 4 + 8 * (size_t)n) return NGHTTP2_ERR_INVALID_ARGUMENT;
-  lens = (const uint32_t *)(base + 4);
-  p = base + 4 + 8 * (size_t)n;
+  uint32_t n;
+  int32_t sid = unpack_nv((const uint8_t *)packed, size, stack, &nva, &n);
+  if (sid != 0) return sid;
   st = calloc(1, sizeof *st);
-  if (st == NULL) return NGHTTP2_ERR_NOMEM;
-  if (n > 32 && (nva = malloc(sizeof *nva * n)) == NULL) {
-    free(st);
+  if (st == NULL) {
+    if (nva != stack) free(nva);
     return NGHTTP2_ERR_NOMEM;
-  }
-  for (i = 0; i < n; i++) {
-    uint32_t nl, vl;
-    memcpy(&nl, lens + 2 * i, 4);
-    memcpy(&vl, lens + 2 * i + 1, 4);
-    if ((size_t)(p - base) + nl + vl > size) {
-      if (nva != stack) free(nva);
-      free(st);
-      return NGHTTP2_ERR_INVALID_ARGUMENT;
-    }
-    nva[i].name = (uint8_t *)p;
-    nva[i].namelen = nl;
-    nva[i].value = (uint8_t *)p + nl;
-    nva[i].valuelen = vl;
-    nva[i].flags = NGHTTP2_NV_FLAG_NONE;
-    p += nl + vl;
   }
   st->expected = -1;
   st->eof = end_stream != 0;
