@@ -71,6 +71,7 @@ class H2ClientCodec:
         self.h2 = conn
         self._outbound = Outbound(conn)
         self._failed = False
+        self._app_left = False  # the app said GOAWAY: no new stream (RFC 9113 §6.8)
 
     # --- the app's bytes -------------------------------------------------------------------------
     def receive(self, data: bytes) -> list[ClientEvent]:
@@ -123,6 +124,7 @@ class H2ClientCodec:
                     self._outbound.window_opened(0)
                 add(SettingsChanged())
             elif kind is h2.events.ConnectionTerminated:
+                self._app_left = True
                 add(GoAwayReceived(int(event.error_code or 0), event.last_stream_id or 0))
         return events
 
@@ -132,7 +134,9 @@ class H2ClientCodec:
         return data
 
     def send_request(self, headers: Headers, end_stream: bool = False) -> int:
-        if self._failed:
+        # h2 would send it after the app's GOAWAY (the connection stays open, `h2conn`), for
+        # the app to ignore; nghttp2 refuses, and so does this codec
+        if self._failed or self._app_left:
             return -1
         try:
             sid: int = self.h2.get_next_available_stream_id()

@@ -106,3 +106,18 @@ def test_a_cr_lf_in_the_apps_answer_is_never_delivered(
     # nghttp2: the stream is reset, and its client answered 502 (the connection goes on)
     assert not any(isinstance(e, ResponseReceived) for e in app.got)
     assert any(isinstance(e, StreamRefused) and e.stream_id == sid for e in app.got)
+
+
+def test_no_new_stream_after_the_apps_goaway(
+    make: Callable[[ClientSettings], Http2ClientCodec],
+) -> None:
+    """RFC 9113 §6.8: after the app's GOAWAY no stream is opened (the pool opens a new
+    connection); a stream it kept still takes its body. Before: the h2 codec sent the new
+    request, which the app ignores, and its client waited for the timeout."""
+    app = App(make(SETTINGS))
+    kept = app.codec.send_request(REQUEST)
+    app.exchange()
+    app.h2.close_connection(last_stream_id=kept)
+    app.exchange()
+    assert app.codec.send_request(REQUEST, end_stream=True) == -1
+    assert app.codec.send_data(kept, b"rest", end_stream=True) == 0
