@@ -65,7 +65,7 @@ $(CONSTRAINTS): requirements.lock $(BIN)/python
 	@grep -v '^cryptography==' $@ > $(DEV_CONSTRAINTS)
 
 # the C shim is built in place by the editable install: a change to it reinstalls
-$(RUN_STAMP): $(BIN)/python pyproject.toml setup.py proxy/http2/_nghttp2_shim.c proxy/http2/_nghttp2_build.py $(CONSTRAINTS)
+$(RUN_STAMP): $(BIN)/python pyproject.toml setup.py proxy/http2/_nghttp2_shim.c proxy/http2/_nghttp2_client.c proxy/http2/_nghttp2_build.py $(CONSTRAINTS)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c $(CONSTRAINTS) -e .
 	@touch $(RUN_STAMP)

@@ -157,6 +157,11 @@ def _announce(config: Config, server: ProxyServer, bound: Bound) -> None:
             "certificates": [c.subject for c in server.tls.served],
             "version": __version__,
             "http2_codec": http2.resolve(config.http2_codec) if config.http2 else "off",
+            **(
+                {"h2c_codec": http2.client_codec_name(config.http2_codec)}
+                if config.upstream.h2c
+                else {}
+            ),
             **({"worker": config.worker_index} if config.worker_index is not None else {}),
         },
     )

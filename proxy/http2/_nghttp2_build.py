@@ -1,4 +1,5 @@
-"""cffi (API mode) build of `proxy.http2._nghttp2`: the C shim in `_nghttp2_shim.c` on the
+"""cffi (API mode) build of `proxy.http2._nghttp2`: the C shim in `_nghttp2_shim.c` (server
+side) and `_nghttp2_client.c` (h2c client side) on the
 system libnghttp2. setup.py names it in `cffi_modules`; the extension is optional, so an install
 without a C compiler or libnghttp2's headers still succeeds (HTTP/2 then runs on `h2`)."""
 
@@ -35,14 +36,21 @@ int shim_ping(shim_session *s, const char *opaque);
 int shim_consume(shim_session *s, int32_t sid, size_t size);
 int32_t shim_highest(shim_session *s);
 const char *shim_version(void);
+shim_session *shimc_new(const shim_config *config);
+int32_t shimc_request(shim_session *s, const char *packed, size_t size, int end_stream);
+int shimc_consume_part(shim_session *s, int32_t sid, size_t size);
+uint32_t shimc_max_streams(shim_session *s);
+long shim_live_sessions(void);
 const char *nghttp2_strerror(int lib_error_code);
 """
 
+HERE = Path(__file__).parent
 ffi = FFI()
 ffi.cdef(CDEF)
 ffi.set_source(
     "proxy.http2._nghttp2",
-    (Path(__file__).parent / "_nghttp2_shim.c").read_text(),
+    # one unit: the client side shares the server side's session, buffers and submits
+    "\n".join((HERE / name).read_text() for name in ("_nghttp2_shim.c", "_nghttp2_client.c")),
     libraries=["nghttp2"],
     extra_compile_args=["-O2"],
     # a build that fails (no compiler, no nghttp2.h) leaves the extension out, not the install

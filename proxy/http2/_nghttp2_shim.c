@@ -1,4 +1,5 @@
-/* The server side of one HTTP/2 connection on libnghttp2, batched for a Python caller.
+/* The server side of one HTTP/2 connection on libnghttp2, batched for a Python caller (the
+ * client side, for h2c to the app, is _nghttp2_client.c, compiled after this file).
  *
  * Python crosses into C once per read (shim_feed: every frame in the bytes is decoded, and
  * what happened is appended to one event buffer that Python reads after the call), once per
@@ -95,6 +96,8 @@ typedef struct shim_stream {
   int deferred;      /* the provider said DEFERRED: resume it when data comes */
   int reset;         /* the caller reset it */
   int errored;       /* reset for breaking the protocol: nothing more of it is delivered */
+  int answered;      /* client side: the final response head came (what follows: trailers) */
+  int counted;       /* counted among the open streams (not reset, not refused) */
   int64_t expected;  /* request content-length, -1 when none */
   int64_t received;  /* request DATA bytes */
   int32_t sid;
@@ -123,7 +126,21 @@ typedef struct {
   uint32_t ext_len, ext_read, ext_origin; /* an ALTSVC frame's length and origin length */
   size_t waiting;          /* response bytes waiting, all streams */
   shim_stream *streams;
+  uint32_t max_streams;    /* the limit the client was told (SETTINGS_MAX_CONCURRENT_STREAMS) */
+  uint32_t open_streams;   /* request streams open and not reset: what the limit counts */
+  int goaway_sent;         /* our final GOAWAY went out: nghttp2 ignores new streams */
+  int goaway_recv;         /* the peer's GOAWAY came: nghttp2 sends no shutdown notice then */
+  int notice_pending;      /* a shutdown notice (the drain's first GOAWAY) is on its way */
+  int settings_patched;    /* the advertised limit is written into our first SETTINGS */
 } shim_session;
+
+/* What the client was told it may open, where nghttp2 is given a looser bound (as h2 is in
+ * h2_codec.py): nghttp2 1.52 ends the whole connection (GOAWAY PROTOCOL_ERROR) for a stream
+ * past the limit the client acknowledged, h2 refuses that stream; here both refuse the stream
+ * (REFUSED_STREAM, RFC 9113 5.1.2), and the refused-stream budget counts it. */
+#define LOOSE_LIMIT(n) (2 * (n) + 100)
+
+static long live_sessions; /* sessions not yet freed, both sides: what a leak test counts */
 
 static int event(shim_session *s, uint8_t type, uint8_t flags, int32_t sid, uint32_t a,
                  uint32_t b, const void *payload, uint32_t n) {
@@ -147,6 +164,29 @@ static int fail(shim_session *s, int why) {
   return NGHTTP2_ERR_CALLBACK_FAILURE;
 }
 
+/* The stream no longer counts against the limit: reset, refused, or closed. */
+static void uncount(shim_session *s, shim_stream *st) {
+  if (st->counted) {
+    st->counted = 0;
+    s->open_streams--;
+  }
+}
+
+/* A frame of our own beside nghttp2's, on the output in order: an RST_STREAM for a stream
+ * nghttp2 ignores (it has no state for it to reset). */
+static int out_taken_reset(shim_session *s);
+
+static int refuse_raw(shim_session *s, int32_t sid) {
+  uint8_t f[13] = {0, 0, 4, NGHTTP2_RST_STREAM, 0};
+  uint32_t id = (uint32_t)sid & 0x7fffffff;
+  f[5] = (uint8_t)(id >> 24), f[6] = (uint8_t)(id >> 16), f[7] = (uint8_t)(id >> 8);
+  f[8] = (uint8_t)id;
+  f[9] = f[10] = f[11] = 0, f[12] = NGHTTP2_REFUSED_STREAM;
+  out_taken_reset(s);
+  if (buf_add(&s->out, f, sizeof f) != 0) return -1;
+  return event(s, SHIM_STREAM_ERROR, 0, sid, NGHTTP2_REFUSED_STREAM, 0, NULL, 0);
+}
+
 /* --- callbacks --------------------------------------------------------------------------------- */
 
 static int on_begin_frame(nghttp2_session *session, const nghttp2_frame_hd *hd, void *user) {
@@ -156,6 +196,11 @@ static int on_begin_frame(nghttp2_session *session, const nghttp2_frame_hd *hd, 
     s->header_block = hd->length;
     if (hd->stream_id > s->highest) {
       s->highest = hd->stream_id;
+      /* after our final GOAWAY nghttp2 ignores a new stream without a word; h2 (and the
+       * connection) refuse it: so does the shim, the same for both codecs */
+      if (s->goaway_sent && !s->terminating && (hd->stream_id & 1) &&
+          refuse_raw(s, hd->stream_id) != 0)
+        return fail(s, SHIM_FAIL_NOMEM);
     } else if ((hd->stream_id & 1) && hd->stream_id > 0 &&
                nghttp2_session_get_stream_user_data(session, hd->stream_id) == NULL) {
       /* RFC 9113 §5.1.1: a stream id may not be used again */
@@ -210,6 +255,16 @@ static int on_begin_headers(nghttp2_session *session, const nghttp2_frame *frame
     if (s->streams != NULL) s->streams->prev = st;
     s->streams = st;
     nghttp2_session_set_stream_user_data(session, frame->hd.stream_id, st);
+    if (s->open_streams >= s->max_streams) {
+      /* past the limit the client was told: refused, its header block still decoded */
+      st->errored = 1;
+      nghttp2_submit_rst_stream(session, NGHTTP2_FLAG_NONE, st->sid, NGHTTP2_REFUSED_STREAM);
+      if (event(s, SHIM_STREAM_ERROR, 0, st->sid, NGHTTP2_REFUSED_STREAM, 0, NULL, 0) != 0)
+        return fail(s, SHIM_FAIL_NOMEM);
+    } else {
+      st->counted = 1;
+      s->open_streams++;
+    }
   }
   return 0;
 }
@@ -277,7 +332,10 @@ static int emit_headers(shim_session *s, uint8_t type, uint8_t flags, int32_t si
 /* A request that broke the protocol on its stream alone: reset it, and say so. */
 static int stream_error(shim_session *s, int32_t sid, uint32_t code) {
   shim_stream *st = nghttp2_session_get_stream_user_data(s->session, sid);
-  if (st != NULL) st->errored = 1;
+  if (st != NULL) {
+    st->errored = 1;
+    uncount(s, st);
+  }
   nghttp2_submit_rst_stream(s->session, NGHTTP2_FLAG_NONE, sid, code);
   return event(s, SHIM_STREAM_ERROR, 0, sid, code, 0, NULL, 0);
 }
@@ -302,6 +360,9 @@ static int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame, v
         /* a second header block that does not end the stream: not trailers (RFC 9113 §8.1) */
         return stream_error(s, sid, NGHTTP2_PROTOCOL_ERROR) ? fail(s, SHIM_FAIL_NOMEM) : 0;
       }
+      if (st != NULL && st->expected >= 0 && st->received != st->expected)
+        /* trailers end a body shorter than its content-length */
+        return stream_error(s, sid, NGHTTP2_PROTOCOL_ERROR) ? fail(s, SHIM_FAIL_NOMEM) : 0;
       rv = emit_headers(s, SHIM_TRAILERS, end, sid);
     }
     break;
@@ -326,6 +387,7 @@ static int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame, v
                frame->ping.opaque_data, 8);
     break;
   case NGHTTP2_GOAWAY:
+    s->goaway_recv = 1;
     rv = event(s, SHIM_GOAWAY, 0, 0, frame->goaway.error_code,
                (uint32_t)frame->goaway.last_stream_id, NULL, 0);
     break;
@@ -381,6 +443,7 @@ static void stream_free(shim_session *s, shim_stream *st) {
   else
     s->streams = st->next;
   if (st->next != NULL) st->next->prev = st->prev;
+  uncount(s, st);
   s->waiting -= st->body.len - st->body.off;
   buf_free(&st->body);
   free(st->trailers);
@@ -401,6 +464,13 @@ static int on_stream_close(nghttp2_session *session, int32_t sid, uint32_t code,
  * a connection error it found (it reports none otherwise), an RST_STREAM a stream error. */
 static int on_frame_send(nghttp2_session *session, const nghttp2_frame *frame, void *user) {
   shim_session *s = user;
+  /* as nghttp2 counts it: a GOAWAY other than the drain's first (the shutdown notice) */
+  if (frame->hd.type == NGHTTP2_GOAWAY) {
+    if (s->notice_pending && frame->goaway.last_stream_id == INT32_MAX)
+      s->notice_pending = 0;
+    else
+      s->goaway_sent = 1;
+  }
   if (!s->in_feed) return 0;
   if (frame->hd.type == NGHTTP2_GOAWAY && frame->goaway.error_code != NGHTTP2_NO_ERROR &&
       !s->terminating && s->fail == SHIM_FAIL_NONE) {
@@ -410,6 +480,7 @@ static int on_frame_send(nghttp2_session *session, const nghttp2_frame *frame, v
     shim_stream *st = nghttp2_session_get_stream_user_data(session, frame->hd.stream_id);
     if (st != NULL && !st->reset && !st->errored) {
       st->errored = 1;
+      uncount(s, st);
       event(s, SHIM_STREAM_ERROR, 0, frame->hd.stream_id, frame->rst_stream.error_code, 0, NULL,
             0);
     }
@@ -517,12 +588,13 @@ shim_session *shim_new(const shim_config *config) {
   s = calloc(1, sizeof *s);
   if (s == NULL) return NULL;
   s->header_limit = config->header_limit;
+  s->max_streams = config->max_concurrent_streams;
   if (nghttp2_session_server_new2(&s->session, callbacks, s, options) != 0) {
     free(s);
     return NULL;
   }
   iv[0].settings_id = NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS;
-  iv[0].value = config->max_concurrent_streams;
+  iv[0].value = LOOSE_LIMIT(config->max_concurrent_streams); /* told: the strict one */
   iv[1].settings_id = NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE;
   iv[1].value = config->header_limit;
   iv[2].settings_id = NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE;
@@ -534,11 +606,13 @@ shim_session *shim_new(const shim_config *config) {
     free(s);
     return NULL;
   }
+  live_sessions++;
   return s;
 }
 
 void shim_free(shim_session *s) {
   if (s == NULL) return;
+  live_sessions--;
   nghttp2_session_del(s->session);
   while (s->streams != NULL) stream_free(s, s->streams);
   buf_free(&s->events);
@@ -548,19 +622,42 @@ void shim_free(shim_session *s) {
   free(s);
 }
 
-/* Serialize what nghttp2 has ready onto the output. */
-static int drain(shim_session *s) {
+static int out_taken_reset(shim_session *s) {
   if (s->out_taken) {
     s->out.len = 0;
     s->out_taken = 0;
     buf_trim(&s->out);
   }
+  return 0;
+}
+
+/* Our first SETTINGS (a server's first frame) says the strict limit, not nghttp2's loose one. */
+static void patch_limit(shim_session *s, uint8_t *frame, size_t n) {
+  size_t length, at;
+  s->settings_patched = 1;
+  if (n < 9 || frame[3] != NGHTTP2_SETTINGS) return;
+  length = ((size_t)frame[0] << 16) | ((size_t)frame[1] << 8) | frame[2];
+  for (at = 9; at + 6 <= 9 + length && at + 6 <= n; at += 6) {
+    if (frame[at] == 0 && frame[at + 1] == NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS) {
+      uint32_t v = s->max_streams;
+      frame[at + 2] = (uint8_t)(v >> 24), frame[at + 3] = (uint8_t)(v >> 16);
+      frame[at + 4] = (uint8_t)(v >> 8), frame[at + 5] = (uint8_t)v;
+    }
+  }
+}
+
+/* Serialize what nghttp2 has ready onto the output. */
+static int drain(shim_session *s) {
+  out_taken_reset(s);
   for (;;) {
     const uint8_t *p;
+    size_t start = s->out.len;
     ssize_t n = nghttp2_session_mem_send(s->session, &p);
     if (n < 0) return (int)n;
     if (n == 0) return 0;
     if (buf_add(&s->out, p, (size_t)n) != 0) return NGHTTP2_ERR_NOMEM;
+    if (!s->settings_patched && nghttp2_session_check_server_session(s->session))
+      patch_limit(s, s->out.data + start, (size_t)n);
   }
 }
 
@@ -598,34 +695,45 @@ int shim_send(shim_session *s, const char **out, size_t *out_len) {
   return rv;
 }
 
-static int submit_packed(shim_session *s, int32_t sid, const uint8_t *packed, size_t size,
-                         uint8_t flags, int trailer) {
+/* A packed header list as nghttp2's name/value array (pointing into `packed`): in `stack` for
+ * up to 32 fields, else allocated (the caller frees *nva when it is not `stack`). */
+static int unpack_nv(const uint8_t *packed, size_t size, nghttp2_nv *stack, nghttp2_nv **nva,
+                     uint32_t *count) {
   uint32_t n, i;
   const uint32_t *lens;
   const uint8_t *p;
-  nghttp2_nv stack[32], *nva = stack;
-  int rv;
   if (size < 4) return NGHTTP2_ERR_INVALID_ARGUMENT;
   memcpy(&n, packed, 4);
   if (size < 4 + 8 * (size_t)n) return NGHTTP2_ERR_INVALID_ARGUMENT;
   lens = (const uint32_t *)(packed + 4);
   p = packed + 4 + 8 * (size_t)n;
-  if (n > 32 && (nva = malloc(sizeof *nva * n)) == NULL) return NGHTTP2_ERR_NOMEM;
+  *nva = stack;
+  if (n > 32 && (*nva = malloc(sizeof **nva * n)) == NULL) return NGHTTP2_ERR_NOMEM;
   for (i = 0; i < n; i++) {
     uint32_t nl, vl;
     memcpy(&nl, lens + 2 * i, 4);
     memcpy(&vl, lens + 2 * i + 1, 4);
     if ((size_t)(p - packed) + nl + vl > size) {
-      if (nva != stack) free(nva);
+      if (*nva != stack) free(*nva);
       return NGHTTP2_ERR_INVALID_ARGUMENT;
     }
-    nva[i].name = (uint8_t *)p;
-    nva[i].namelen = nl;
-    nva[i].value = (uint8_t *)p + nl;
-    nva[i].valuelen = vl;
-    nva[i].flags = NGHTTP2_NV_FLAG_NONE;
+    (*nva)[i].name = (uint8_t *)p;
+    (*nva)[i].namelen = nl;
+    (*nva)[i].value = (uint8_t *)p + nl;
+    (*nva)[i].valuelen = vl;
+    (*nva)[i].flags = NGHTTP2_NV_FLAG_NONE;
     p += nl + vl;
   }
+  *count = n;
+  return 0;
+}
+
+static int submit_packed(shim_session *s, int32_t sid, const uint8_t *packed, size_t size,
+                         uint8_t flags, int trailer) {
+  nghttp2_nv stack[32], *nva;
+  uint32_t n;
+  int rv = unpack_nv(packed, size, stack, &nva, &n);
+  if (rv != 0) return rv;
   if (trailer)
     rv = nghttp2_submit_trailer(s->session, sid, nva, n);
   else
@@ -721,7 +829,10 @@ int shim_is_open(shim_session *s, int32_t sid) {
 
 int shim_reset(shim_session *s, int32_t sid, uint32_t code) {
   shim_stream *st = nghttp2_session_get_stream_user_data(s->session, sid);
-  if (st != NULL) st->reset = 1;
+  if (st != NULL) {
+    st->reset = 1;
+    uncount(s, st);
+  }
   return nghttp2_submit_rst_stream(s->session, NGHTTP2_FLAG_NONE, sid, code);
 }
 
@@ -732,6 +843,14 @@ int shim_goaway(shim_session *s, uint32_t code, int32_t last_sid, int terminate)
   if (terminate) {
     s->terminating = 1;
     return nghttp2_session_terminate_session2(s->session, last_sid, code);
+  }
+  /* the drain's first GOAWAY: new streams are still taken (nghttp2 would ignore them all
+   * after any other GOAWAY, where h2 serves them); nghttp2 drops a notice silently once the
+   * peer said GOAWAY, so then it is a plain one (the connection refuses new streams anyway) */
+  if (code == NGHTTP2_NO_ERROR && last_sid == INT32_MAX && !s->goaway_recv &&
+      nghttp2_session_check_server_session(s->session)) {
+    s->notice_pending = 1;
+    return nghttp2_submit_shutdown_notice(s->session);
   }
   return nghttp2_submit_goaway(s->session, NGHTTP2_FLAG_NONE, last_sid, code, NULL, 0);
 }

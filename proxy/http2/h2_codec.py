@@ -43,6 +43,7 @@ from proxy.http2.codec import (
     UnknownFrameReceived,
     WindowUpdated,
 )
+from proxy.http2.h2_flow import Outbound
 from proxy.http2.h2conn import ServerH2Connection
 
 _CONFIG = h2.config.H2Configuration(
@@ -120,18 +121,6 @@ def _content_length(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
     return declared
 
 
-class _Waiting:
-    """A stream's response bytes that wait for the client's window, and what follows them."""
-
-    __slots__ = ("chunks", "end", "size", "trailers")
-
-    def __init__(self) -> None:
-        self.chunks: list[bytes] = []
-        self.size = 0
-        self.end = False
-        self.trailers: Headers | None = None
-
-
 class H2ServerCodec:
     """One client connection's HTTP/2 server side on h2."""
 
@@ -153,8 +142,7 @@ class H2ServerCodec:
         conn.local_settings = self._settings(settings, 2 * self._streams + 100)
         if settings.connection_window > 65535:
             conn.increment_flow_control_window(settings.connection_window - 65535)
-        self._waiting: dict[int, _Waiting] = {}
-        self._waiting_total = 0
+        self._outbound = Outbound(conn)
         # a request's declared content-length and the DATA so far, as nghttp2's codec checks it
         self._lengths: dict[int, list[int]] = {}
         self._out = b""  # frames written past h2 (a graceful GOAWAY) and those before them
@@ -250,7 +238,7 @@ class H2ServerCodec:
                 if event.stream_id not in refused:
                     events.append(TrailersReceived(event.stream_id, list(event.headers)))
             elif kind is h2.events.StreamReset:
-                self._drop(event.stream_id)
+                self._outbound.drop(event.stream_id)
                 self._lengths.pop(event.stream_id, None)
                 if event.stream_id in refused:
                     continue
@@ -259,11 +247,11 @@ class H2ServerCodec:
                 else:  # h2 reset it for a frame the stream's state does not allow
                     events.append(StreamRefused(event.stream_id, int(event.error_code)))
             elif kind is h2.events.WindowUpdated:
-                self._window_opened(event.stream_id)
+                self._outbound.window_opened(event.stream_id)
                 events.append(WindowUpdated(event.stream_id))
             elif kind is h2.events.RemoteSettingsChanged:
                 if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
-                    self._window_opened(0)
+                    self._outbound.window_opened(0)
                 events.append(SettingsReceived())
             elif kind is h2.events.PingReceived:
                 events.append(PingReceived(event.ping_data))
@@ -298,7 +286,7 @@ class H2ServerCodec:
         return out + data if out else data
 
     def send_headers(self, stream_id: int, headers: Headers, end_stream: bool = False) -> bool:
-        if self._failed or stream_id in self._waiting:
+        if self._failed or stream_id in self._outbound.streams:
             return False
         try:
             self.h2.send_headers(stream_id, headers, end_stream=end_stream)
@@ -309,87 +297,16 @@ class H2ServerCodec:
     def send_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> int:
         if self._failed or not self.is_open(stream_id):
             return -1
-        waiting = self._waiting.get(stream_id)
-        if waiting is not None:
-            if waiting.end:
-                return -1
-            if data:
-                waiting.chunks.append(data)
-                waiting.size += len(data)
-                self._waiting_total += len(data)
-            waiting.end = end_stream
-            return waiting.size
-        try:
-            rest = self._send(stream_id, data, end_stream)
-        except h2.exceptions.ProtocolError:
-            return -1
-        if rest:
-            waiting = self._waiting[stream_id] = _Waiting()
-            waiting.chunks.append(rest)
-            waiting.size = len(rest)
-            waiting.end = end_stream
-            self._waiting_total += len(rest)
-        return len(rest)
-
-    def _send(self, stream_id: int, data: bytes, end_stream: bool) -> bytes:
-        """As much as the client's windows let through (with the end, if all of it); the
-        rest is returned."""
-        conn = self.h2
-        window = conn.local_flow_control_window(stream_id)
-        frame = conn.max_outbound_frame_size
-        if len(data) <= window and len(data) <= frame:
-            conn.send_data(stream_id, data, end_stream=end_stream)
-            return b""
-        view = memoryview(data)
-        sent = 0
-        end = min(window, len(data))
-        while sent < end:
-            step = min(frame, end - sent)
-            last = end_stream and sent + step == len(data)
-            conn.send_data(stream_id, view[sent : sent + step].tobytes(), end_stream=last)
-            sent += step
-        return data[sent:]
-
-    def _window_opened(self, stream_id: int) -> None:
-        sids = list(self._waiting) if stream_id == 0 else [stream_id]
-        for sid in sids:
-            waiting = self._waiting.get(sid)
-            if waiting is None:
-                continue
-            data = b"".join(waiting.chunks)
-            try:
-                rest = self._send(sid, data, waiting.end and waiting.trailers is None)
-            except h2.exceptions.ProtocolError:
-                self._drop(sid)
-                continue
-            self._waiting_total -= len(data) - len(rest)
-            waiting.chunks = [rest] if rest else []
-            waiting.size = len(rest)
-            if not rest:
-                del self._waiting[sid]
-                if waiting.trailers is not None:
-                    with contextlib.suppress(h2.exceptions.ProtocolError):
-                        self.h2.send_headers(sid, waiting.trailers, end_stream=True)
+        return self._outbound.send_data(stream_id, data, end_stream)
 
     def send_trailers(self, stream_id: int, headers: Headers) -> bool:
         if self._failed:
             return False
-        waiting = self._waiting.get(stream_id)
-        if waiting is not None:
-            if waiting.end:
-                return False
-            waiting.end = True
-            waiting.trailers = headers
-            return True
-        return self.send_headers(stream_id, headers, end_stream=True)
-
-    def _drop(self, stream_id: int) -> None:
-        waiting = self._waiting.pop(stream_id, None)
-        if waiting is not None:
-            self._waiting_total -= waiting.size
+        held = self._outbound.send_trailers(stream_id, headers)
+        return self.send_headers(stream_id, headers, end_stream=True) if held is None else held
 
     def reset_stream(self, stream_id: int, error_code: int) -> None:
-        self._drop(stream_id)
+        self._outbound.drop(stream_id)
         if not self._failed and self.is_open(stream_id):
             with contextlib.suppress(h2.exceptions.ProtocolError):
                 self.h2.reset_stream(stream_id, error_code)
@@ -417,10 +334,7 @@ class H2ServerCodec:
                 self.h2.acknowledge_received_data(size, stream_id)
 
     def waiting(self, stream_id: int) -> int:
-        if stream_id == 0:
-            return self._waiting_total
-        waiting = self._waiting.get(stream_id)
-        return 0 if waiting is None else waiting.size
+        return self._outbound.waiting(stream_id)
 
     def is_open(self, stream_id: int) -> bool:
         stream: Any = self.h2.streams.get(stream_id)
@@ -428,8 +342,7 @@ class H2ServerCodec:
 
     def close(self) -> None:
         self._failed = True
-        self._waiting.clear()
-        self._waiting_total = 0
+        self._outbound.clear()
 
     @property
     def highest_stream_id(self) -> int:

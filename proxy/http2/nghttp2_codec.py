@@ -49,7 +49,7 @@ _END_STREAM = 1
 _RECORD = struct.Struct("<BBHIIII")
 _COUNT = struct.Struct("<I")
 # why a feed failed, beside nghttp2's own protocol errors: reason and GOAWAY code
-_FAILURES = {
+FAILURES = {
     1: ("header_block", 0xB, "header block over the bound"),
     2: ("header_list", 0xB, "header list over SETTINGS_MAX_HEADER_LIST_SIZE"),
     3: ("stream_reused", 0x1, "a stream id used again"),
@@ -58,7 +58,7 @@ _FAILURES = {
     7: ("protocol_error", 0x1, "malformed ALTSVC frame"),
 }
 _PROTOCOL_ERROR = 0x1
-_FLOODED = -904  # NGHTTP2_ERR_FLOODED: the client does not read what its frames make us send
+FLOODED = -904  # NGHTTP2_ERR_FLOODED: the client does not read what its frames make us send
 
 
 def version() -> str | None:
@@ -79,7 +79,7 @@ def pack_headers(headers: Headers) -> bytes:
     )
 
 
-def _unpack_headers(buf: bytes, at: int) -> Headers:
+def unpack_headers(buf: bytes, at: int) -> Headers:
     (count,) = _COUNT.unpack_from(buf, at)
     lengths = struct.unpack_from(f"<{2 * count}I", buf, at + 4)
     at += 4 + 8 * count
@@ -152,10 +152,10 @@ class Nghttp2ServerCodec:
             if rv > 0:  # nghttp2 found a connection error and queued its GOAWAY
                 code = int(self._code[0])
                 raise CodecError("protocol_error", code, f"connection error {code:#x}")
-            if rv == _FLOODED:
+            if rv == FLOODED:
                 reason, code, message = "control_flood", 0xB, "frames answered but never read"
             else:
-                reason, code, message = _FAILURES.get(
+                reason, code, message = FAILURES.get(
                     why,
                     (
                         "protocol_error",
@@ -244,13 +244,13 @@ def _decode(buf: bytes) -> list[Event]:
             add(DataReceived(sid, buf[at : at + size], a))
         elif kind == _REQUEST:
             ended = bool(flags & _END_STREAM)
-            add(RequestReceived(sid, _unpack_headers(buf, at), ended))
+            add(RequestReceived(sid, unpack_headers(buf, at), ended))
             if ended:
                 add(StreamEnded(sid))
         elif kind == _END:
             add(StreamEnded(sid))
         elif kind == _TRAILERS:
-            add(TrailersReceived(sid, _unpack_headers(buf, at)))
+            add(TrailersReceived(sid, unpack_headers(buf, at)))
             add(StreamEnded(sid))
         elif kind == _RESET:
             add(StreamReset(sid, a))

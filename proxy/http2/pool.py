@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 from typing import cast
 
-from h2.errors import ErrorCodes
-
+from proxy import http2
 from proxy.config import Config
 from proxy.core.links import UpstreamLink
+from proxy.http2.codec import ErrorCode
 from proxy.http2.upstream import H2UpstreamConnection
 from proxy.http2.upstream_stream import H2UpstreamStream
 from proxy.metrics import Metrics
@@ -32,9 +32,12 @@ class H2UpstreamPool(PoolBase):
         self.authority = config.upstream.authority.encode()
         self.connections: list[H2UpstreamConnection] = []
         self._opening: asyncio.Task[H2UpstreamConnection] | None = None
+        # the same codec as the clients' side (`--http2-codec`)
+        self.codec_name = http2.client_codec_name(config.http2_codec)
+        self.codec_class = http2.client_codec_class(self.codec_name)
 
     def idle_count(self) -> int:
-        return sum(not conn.streams for conn in self.connections)
+        return sum(not conn.busy for conn in self.connections)
 
     def busy_count(self) -> int:
         return len(self.connections) - self.idle_count()
@@ -95,12 +98,12 @@ class H2UpstreamPool(PoolBase):
             if stream.ended:
                 stream.conn.stream_closed(stream)
             else:  # the app answered before the request ended: the rest is not wanted
-                stream.conn.reset(stream, ErrorCodes.NO_ERROR)
+                stream.conn.reset(stream, ErrorCode.NO_ERROR)
 
     def close(self, up: UpstreamLink) -> None:
         stream = cast(H2UpstreamStream, up)
         if not stream.closed:
-            stream.conn.reset(stream, ErrorCodes.CANCEL)
+            stream.conn.reset(stream, ErrorCode.CANCEL)
 
     def forget(self, conn: H2UpstreamConnection) -> None:
         if conn in self.connections:
@@ -109,7 +112,7 @@ class H2UpstreamPool(PoolBase):
     def sweep(self, now: float) -> bool:
         idle = False
         for conn in list(self.connections):
-            if not conn.streams:
+            if not conn.busy:
                 if now - conn.idle_since > self.config.upstream_idle_timeout:
                     conn.close()
                 else:
@@ -119,7 +122,7 @@ class H2UpstreamPool(PoolBase):
     def close_idle(self) -> None:
         self.stop_sweeping()
         for conn in list(self.connections):
-            if not conn.streams:
+            if not conn.busy:
                 conn.close()
             else:
                 conn.going_away = True

@@ -9,21 +9,27 @@ the backpressure both ways; trailers and resets travel in both directions.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 
-import h2.config
-import h2.connection
-import h2.events
-import h2.exceptions
-import h2.settings
-from h2.errors import ErrorCodes
-
 from proxy.core.headers import Headers
 from proxy.core.links import UpstreamOwner
-from proxy.http2.h2conn import H2Connection
+from proxy.http2.client_codec import (
+    ClientSettings,
+    DataReceived,
+    GoAwayReceived,
+    Http2ClientCodec,
+    InformationalReceived,
+    ResponseReceived,
+    SettingsChanged,
+    StreamEnded,
+    StreamRefused,
+    StreamReset,
+    TrailersReceived,
+    WindowUpdated,
+)
+from proxy.http2.codec import CodecError, ErrorCode
 from proxy.http2.upstream_stream import H2UpstreamStream
 from proxy.metrics import Metrics
 
@@ -33,14 +39,10 @@ STREAM_WINDOW = 256 * 1024  # what the app may send on one stream before we pass
 CONNECTION_WINDOW = 16 * 1024 * 1024
 MAX_STREAMS = 1000  # per connection, whatever the app allows
 
-_CLIENT_CONFIG = h2.config.H2Configuration(
-    client_side=True,
-    header_encoding=None,
-    validate_inbound_headers=True,  # the app's answer is checked before a client sees it
-    normalize_inbound_headers=False,
-    validate_outbound_headers=False,
-    normalize_outbound_headers=False,
-    split_outbound_cookies=False,
+SETTINGS = ClientSettings(
+    max_header_bytes=256 * 1024,
+    stream_window=STREAM_WINDOW,
+    connection_window=CONNECTION_WINDOW,
 )
 
 
@@ -50,17 +52,18 @@ class ConnectionPool(Protocol):
     authority: bytes
     loop: asyncio.AbstractEventLoop
     metrics: Metrics
+    codec_class: Callable[[ClientSettings], Http2ClientCodec]
 
     def went_idle(self, conn: H2UpstreamConnection) -> None: ...
 
     def forget(self, conn: H2UpstreamConnection) -> None: ...
 
 
-class StreamReset(ConnectionError):
+class AppReset(ConnectionError):
     """The app reset a stream; `code` is relayed to the client's stream."""
 
     def __init__(self, code: int) -> None:
-        super().__init__(f"the app reset the stream ({ErrorCodes(code).name})")
+        super().__init__(f"the app reset the stream ({_code_name(code)})")
         self.code = code
 
 
@@ -69,24 +72,17 @@ class H2UpstreamConnection(asyncio.Protocol):
 
     def __init__(self, pool: ConnectionPool) -> None:
         self.pool = pool
-        conn = H2Connection(config=_CLIENT_CONFIG)
-        conn.local_settings = h2.settings.Settings(
-            client=True,
-            initial_values={
-                h2.settings.SettingCodes.ENABLE_PUSH: 0,
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
-                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: 256 * 1024,
-            },
-        )
-        self.h2 = conn
+        self.codec: Http2ClientCodec = pool.codec_class(SETTINGS)
         self.streams: dict[int, H2UpstreamStream] = {}
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.writing_paused = False  # the app's transport is over its high-water mark
         self.going_away = False  # the app sent GOAWAY, or we are closing: no new streams
         self.used = False
+        self.opening = 0  # streams taken whose head has not gone out yet
         self.idle_since = 0.0
         self._flush_soon = False
+        self.write_waiting: set[H2UpstreamStream] = set()  # paused until the app's window opens
         # Streams go on a connection only once the app said how many it takes (its first
         # SETTINGS), as gRPC clients do: until then HTTP/2 would allow unlimited streams.
         self.settled: asyncio.Future[None] = pool.loop.create_future()
@@ -95,38 +91,52 @@ class H2UpstreamConnection(asyncio.Protocol):
     def has_room(self) -> bool:
         if self.closed or self.going_away or not self.settled.done():
             return False
-        limit = min(self.h2.remote_settings.max_concurrent_streams, MAX_STREAMS)
-        return len(self.streams) < limit
+        limit = min(self.codec.max_concurrent_streams, MAX_STREAMS)
+        return len(self.streams) + self.opening < limit
 
     def open_stream(self) -> H2UpstreamStream:
-        stream = H2UpstreamStream(self, self.h2.get_next_available_stream_id(), self.used)
+        """A stream for one request; its id comes with its head (`stream_opened`)."""
+        stream = H2UpstreamStream(self, self.used)
         self.used = True
-        self.streams[stream.sid] = stream
+        self.opening += 1
         return stream
 
+    def stream_opened(self, stream: H2UpstreamStream) -> None:
+        self.opening -= 1
+        self.streams[stream.sid] = stream
+
     def stream_closed(self, stream: H2UpstreamStream) -> None:
+        if stream.closed:
+            return
         stream.closed = True
         stream.owner = None
-        if self.streams.pop(stream.sid, None) is not None and not self.streams and not self.closed:
+        self.write_waiting.discard(stream)
+        if stream.sid:
+            if self.streams.pop(stream.sid, None) is None:
+                return
+        else:  # its head never went out
+            self.opening -= 1
+        if not self.busy and not self.closed:
             self.idle_since = self.pool.loop.time()
             self.pool.went_idle(self)
             if self.going_away:
                 self.close()
 
+    @property
+    def busy(self) -> bool:
+        """Streams are on it, or taken for a request whose head is on its way."""
+        return bool(self.streams) or self.opening > 0
+
     def reset(self, stream: H2UpstreamStream, code: int) -> None:
-        # A stream whose head was never sent (refused by request_head) is unknown to h2, and
-        # resetting it there would close h2's whole connection (an invalid input in IDLE).
-        if not stream.closed and not self.closed and stream.sid in self.h2.streams:
-            with contextlib.suppress(h2.exceptions.ProtocolError):  # ended on h2's side
-                self.h2.reset_stream(stream.sid, code)
+        # a stream whose head never went out (refused by request_head) has nothing to reset
+        if not stream.closed and not self.closed and stream.sid:
+            self.codec.reset_stream(stream.sid, code)
             self.flush()
         self.stream_closed(stream)
 
     # --- asyncio.Protocol -------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        self.h2.initiate_connection()
-        self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self.flush()
 
     def data_received(self, data: bytes) -> None:
@@ -134,36 +144,25 @@ class H2UpstreamConnection(asyncio.Protocol):
         if self.closed:
             return
         try:
-            events = self.h2.receive_data(data)
-        except h2.exceptions.ProtocolError as e:  # h2 queued a GOAWAY with the error's code
-            self._broken("upstream_protocol_error", e)
-            return
-        except Exception as e:
-            # h2 turns the frame errors it knows into ProtocolError; anything else h2,
-            # hyperframe or hpack raise while reading is the app's bytes' doing all the same.
-            with contextlib.suppress(h2.exceptions.ProtocolError):
-                self.h2.close_connection(ErrorCodes.PROTOCOL_ERROR)
+            events = self.codec.receive(data)
+        except CodecError as e:  # the codec queued a GOAWAY with the error's code
             self._broken("upstream_protocol_error", e)
             return
         corked: list[Any] = []
         try:
             for event in events:
-                handler = _CLIENT_HANDLERS.get(type(event))
-                if handler is None:
-                    continue
                 stream = self.streams.get(getattr(event, "stream_id", 0))
                 if stream is not None and stream.owner is not None:
                     down = stream.owner.down
                     if down not in corked:
                         down.cork()
                         corked.append(down)
-                handler(self, event)
+                _CLIENT_HANDLERS[type(event)](self, event)
         except Exception as e:
             # As the HTTP/1.1 connection does: this app connection ends, its streams get 502
             # (or a reset, when their answer had begun); the proxy and other connections go on.
             log.exception("unexpected error relaying responses from an h2c app")
-            with contextlib.suppress(h2.exceptions.ProtocolError):
-                self.h2.close_connection(ErrorCodes.INTERNAL_ERROR)
+            self.codec.goaway(ErrorCode.INTERNAL_ERROR)
             self._broken("upstream_internal_error", e)
             return
         finally:
@@ -195,6 +194,7 @@ class H2UpstreamConnection(asyncio.Protocol):
             self.settled.set_exception(ConnectionResetError("the app closed the connection"))
         self.pool.forget(self)
         self._lose_all(exc)
+        self.codec.close()  # nghttp2's session is freed now, not when the connection is collected
 
     def _lose_all(self, exc: Exception | None, above: int = 0) -> None:
         for sid, stream in list(self.streams.items()):
@@ -213,7 +213,7 @@ class H2UpstreamConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.writing_paused = False
         for stream in list(self.streams.values()):
-            if stream.owner is not None and not stream.write_paused:
+            if stream.owner is not None and stream not in self.write_waiting:
                 stream.owner.upstream_write_paused(False)
 
     # --- events -----------------------------------------------------------------------------------
@@ -224,7 +224,7 @@ class H2UpstreamConnection(asyncio.Protocol):
         stream.received_any = True
         return stream, stream.owner
 
-    def _on_response(self, event: h2.events.ResponseReceived) -> None:
+    def _on_response(self, event: ResponseReceived) -> None:
         found = self._owner(event.stream_id)
         if found is None:
             return
@@ -248,10 +248,10 @@ class H2UpstreamConnection(asyncio.Protocol):
         """A malformed response is a stream error (RFC 9113 §8.1.1): that stream is reset and
         its client answered 502; the connection's other streams go on."""
         stream, owner = found
-        self.reset(stream, ErrorCodes.PROTOCOL_ERROR)
+        self.reset(stream, ErrorCode.PROTOCOL_ERROR)
         owner.response_malformed(message)
 
-    def _on_informational(self, event: h2.events.InformationalResponseReceived) -> None:
+    def _on_informational(self, event: InformationalReceived) -> None:
         found = self._owner(event.stream_id)
         if found is None:
             return
@@ -267,31 +267,31 @@ class H2UpstreamConnection(asyncio.Protocol):
             return
         found[1].response_informational(status, b"", headers)
 
-    def _on_data(self, event: h2.events.DataReceived) -> None:
+    def _on_data(self, event: DataReceived) -> None:
         size = event.flow_controlled_length
         found = self._owner(event.stream_id)
         if found is None:
-            if size:
-                self.h2.acknowledge_received_data(size, event.stream_id)
+            self.codec.acknowledge(event.stream_id, size)
             return
         stream, owner = found
-        owner.response_data(event.data)
+        if event.data:
+            owner.response_data(event.data)
         if not size:
             return
         if stream.paused:
             # Held back from this stream's window only: the connection's is shared with other
             # clients' streams, which a client that does not read must not stop.
             stream.unacked += size
-            self.h2.increment_flow_control_window(size)
+            self.codec.acknowledge_connection(size)
         else:
-            self.h2.acknowledge_received_data(size, event.stream_id)
+            self.codec.acknowledge(event.stream_id, size)
 
-    def _on_trailers(self, event: h2.events.TrailersReceived) -> None:
+    def _on_trailers(self, event: TrailersReceived) -> None:
         found = self._owner(event.stream_id)
         if found is not None:
             found[1].response_trailers(list(event.headers))
 
-    def _on_ended(self, event: h2.events.StreamEnded) -> None:
+    def _on_ended(self, event: StreamEnded) -> None:
         found = self._owner(event.stream_id)
         if found is None:
             return
@@ -300,46 +300,40 @@ class H2UpstreamConnection(asyncio.Protocol):
             self.stream_closed(stream)
         owner.response_end()
 
-    def _on_reset(self, event: h2.events.StreamReset) -> None:
+    def _on_reset(self, event: StreamReset | StreamRefused) -> None:
+        """The app reset the stream, or the codec did for an answer HTTP/2 does not allow."""
         stream = self.streams.get(event.stream_id)
         if stream is None:
             return
         owner = stream.owner
         self.stream_closed(stream)
-        if owner is not None:
-            # REFUSED_STREAM: the app did not process it at all (retried when that is safe).
-            if event.error_code == ErrorCodes.REFUSED_STREAM:
-                stream.received_any = False
-            owner.upstream_lost(stream, StreamReset(event.error_code))
-
-    def _on_window(self, event: h2.events.WindowUpdated) -> None:
-        if event.stream_id:
-            stream = self.streams.get(event.stream_id)
-            if stream is not None and stream.queue.parts:
-                stream.window_opened()
+        if owner is None:
             return
-        for stream in list(self.streams.values()):
-            if stream.queue.parts:
-                stream.window_opened()
+        if isinstance(event, StreamRefused):
+            owner.response_malformed("the app's answer broke HTTP/2")
+            return
+        # REFUSED_STREAM: the app did not process it at all (retried when that is safe).
+        if event.error_code == ErrorCode.REFUSED_STREAM:
+            stream.received_any = False
+        owner.upstream_lost(stream, AppReset(event.error_code))
 
-    def _on_settings(self, event: h2.events.RemoteSettingsChanged) -> None:
+    def _on_window(self, event: WindowUpdated | SettingsChanged) -> None:
+        """The codec sends what waited; `flush_now` resumes the streams it was for."""
+
+    def _on_settings(self, event: SettingsChanged) -> None:
         if not self.settled.done():
             self.settled.set_result(None)
-        if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
-            for stream in list(self.streams.values()):
-                if stream.queue.parts:
-                    stream.window_opened()
 
-    def _on_goaway(self, event: h2.events.ConnectionTerminated) -> None:
+    def _on_goaway(self, event: GoAwayReceived) -> None:
         """The app is going away: no new stream goes on this connection, and streams above its
         last stream id were not processed (retryable). With NO_ERROR the others are still
         answered (an app stopping with a grace period), so they stay, and the connection
         closes with the last of them; with an error code they are lost too."""
         self.going_away = True
-        last = event.last_stream_id if event.last_stream_id is not None else 0
-        graceful = event.error_code == ErrorCodes.NO_ERROR
-        self._lose_all(ConnectionResetError("the app sent GOAWAY"), above=last if graceful else 0)
-        if not self.streams:
+        graceful = event.error_code == ErrorCode.NO_ERROR
+        above = event.last_stream_id if graceful else 0
+        self._lose_all(ConnectionResetError("the app sent GOAWAY"), above=above)
+        if not self.busy:
             self.close()
 
     # --- writing ----------------------------------------------------------------------------------
@@ -350,23 +344,28 @@ class H2UpstreamConnection(asyncio.Protocol):
             transport.write(data)
 
     def flush(self) -> None:
-        """Write what h2 holds at the end of this loop iteration, for all streams at once."""
+        """Write what the codec holds at the end of this loop iteration, for all streams."""
         if not self._flush_soon:
             self._flush_soon = True
             self.pool.loop.call_soon(self.flush_now)
 
     def flush_now(self) -> None:
         self._flush_soon = False
-        data = self.h2.data_to_send()
+        data = self.codec.data_to_send()
         if data:
             self.write(data)
+        if self.write_waiting:
+            # what the windows let go went with these bytes: a stream whose request no longer
+            # waits takes its client's body again
+            for stream in [s for s in self.write_waiting if not self.codec.waiting(s.sid)]:
+                self.write_waiting.discard(stream)
+                stream.window_opened()
 
     def close(self) -> None:
         """GOAWAY, then close once what was written is flushed."""
         self.going_away = True
         if self.transport is not None and not self.closed:
-            with contextlib.suppress(h2.exceptions.ProtocolError):
-                self.h2.close_connection()
+            self.codec.goaway(ErrorCode.NO_ERROR)
             self.flush_now()
             self.transport.close()
 
@@ -376,15 +375,23 @@ def _status(value: bytes) -> int:
     return int(value) if len(value) == 3 and value.isdigit() else 0
 
 
+def _code_name(code: int) -> str:
+    try:
+        return ErrorCode(code).name
+    except ValueError:
+        return hex(code)
+
+
 # Event type -> handler, for every connection.
-_CLIENT_HANDLERS: dict[type[h2.events.Event], Callable[[H2UpstreamConnection, Any], None]] = {
-    h2.events.ResponseReceived: H2UpstreamConnection._on_response,
-    h2.events.InformationalResponseReceived: H2UpstreamConnection._on_informational,
-    h2.events.DataReceived: H2UpstreamConnection._on_data,
-    h2.events.TrailersReceived: H2UpstreamConnection._on_trailers,
-    h2.events.StreamEnded: H2UpstreamConnection._on_ended,
-    h2.events.StreamReset: H2UpstreamConnection._on_reset,
-    h2.events.WindowUpdated: H2UpstreamConnection._on_window,
-    h2.events.RemoteSettingsChanged: H2UpstreamConnection._on_settings,
-    h2.events.ConnectionTerminated: H2UpstreamConnection._on_goaway,
+_CLIENT_HANDLERS: dict[type[Any], Callable[[H2UpstreamConnection, Any], None]] = {
+    ResponseReceived: H2UpstreamConnection._on_response,
+    InformationalReceived: H2UpstreamConnection._on_informational,
+    DataReceived: H2UpstreamConnection._on_data,
+    TrailersReceived: H2UpstreamConnection._on_trailers,
+    StreamEnded: H2UpstreamConnection._on_ended,
+    StreamReset: H2UpstreamConnection._on_reset,
+    StreamRefused: H2UpstreamConnection._on_reset,
+    WindowUpdated: H2UpstreamConnection._on_window,
+    SettingsChanged: H2UpstreamConnection._on_settings,
+    GoAwayReceived: H2UpstreamConnection._on_goaway,
 }

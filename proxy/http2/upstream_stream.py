@@ -1,19 +1,17 @@
 """One request on a shared h2c connection to the app (`http2/upstream.py`): to its exchange what
 an HTTP/1.1 `UpstreamConnection` is, the client codec and the way to the app. Its request body
-waits in a `SendQueue` for the app's window; the connection reads the answers for all streams."""
+waits in the connection's HTTP/2 codec for the app's window (past `REQUEST_BUFFER` the client's
+body is paused); the connection reads the answers for all streams."""
 
 from __future__ import annotations
 
-import contextlib
 from typing import Protocol
-
-import h2.exceptions
-from h2.errors import ErrorCodes
 
 from proxy.core.headers import Headers
 from proxy.core.links import ClientCodec, ResponseSink, Tunnel, UpstreamOwner
 from proxy.core.request import BadRequest
-from proxy.http2.h2conn import H2Connection, SendQueue
+from proxy.http2.client_codec import Http2ClientCodec
+from proxy.http2.codec import ErrorCode
 from proxy.http2.request import valid_authority, valid_h2_field, valid_request_line
 
 REQUEST_BUFFER = 64 * 1024  # a request body waiting for the app's window, past which we pause
@@ -41,7 +39,7 @@ class StreamConnection(Protocol):
     """What a stream needs of its connection (`H2UpstreamConnection`, which imports this module)."""
 
     @property
-    def h2(self) -> H2Connection: ...
+    def codec(self) -> Http2ClientCodec: ...
 
     @property
     def pool(self) -> _Authority: ...
@@ -49,7 +47,12 @@ class StreamConnection(Protocol):
     @property
     def writing_paused(self) -> bool: ...
 
+    @property
+    def write_waiting(self) -> set[H2UpstreamStream]: ...
+
     def flush(self) -> None: ...
+
+    def stream_opened(self, stream: H2UpstreamStream) -> None: ...
 
     def write(self, data: bytes) -> None: ...
 
@@ -68,18 +71,16 @@ class H2UpstreamStream:
         "ended",
         "owner",
         "paused",
-        "queue",
         "received_any",
         "reused",
         "sid",
         "unacked",
-        "waiting_end",
         "write_paused",
     )
 
-    def __init__(self, conn: StreamConnection, sid: int, reused: bool) -> None:
+    def __init__(self, conn: StreamConnection, reused: bool) -> None:
         self.conn = conn
-        self.sid = sid
+        self.sid = 0  # given with the head
         self.codec: ClientCodec = self
         self.owner: UpstreamOwner | None = None
         self.reused = reused
@@ -88,8 +89,6 @@ class H2UpstreamStream:
         self.closed = False
         self.ended = False  # our END_STREAM went out
         self.unacked = 0  # response bytes taken while the client side is slow
-        self.queue = SendQueue()  # request bytes the app's window has no room for
-        self.waiting_end: Headers | bool = False
         self.write_paused = False
 
     # --- ClientCodec ------------------------------------------------------------------------------
@@ -107,7 +106,7 @@ class H2UpstreamStream:
                     authority = value
                 continue
             if not valid_h2_field(name, value):
-                # h2 sends what it is given (outbound validation is off): an app's h2 stack
+                # the codec sends what it is given (neither validates it): an app's HTTP/2 stack
                 # would refuse it, maybe for the whole connection. This request alone is 400.
                 raise BadRequest(400, "bad_request", f"field {name!r} cannot go over HTTP/2")
             if name == b"content-type" and value[:16] == b"application/grpc":
@@ -123,53 +122,43 @@ class H2UpstreamStream:
             (b":authority", authority),
             (b":path", target),
         ]
-        try:
-            self.conn.h2.send_headers(self.sid, out)
-        except h2.exceptions.ProtocolError as e:  # the connection's state, not the request's
-            raise BadRequest(502, "upstream_closed", f"the app's connection: {e}") from None
+        sid = self.conn.codec.send_request(out)
+        if sid < 0:  # the connection's state, not the request's
+            raise BadRequest(502, "upstream_closed", "the app's connection takes no new stream")
+        self.sid = sid
+        self.conn.stream_opened(self)
         self.conn.flush()
         return b""  # the connection writes every stream's frames once per loop iteration
 
     def request_data(self, data: bytes) -> list[bytes]:
         if self.closed or not data:
             return []
-        if self.queue.send(self.conn.h2, self.sid, data):
+        if self.conn.codec.send_data(self.sid, data) > REQUEST_BUFFER:
             self._queued()
         self.conn.flush()
         return []
 
     def _queued(self) -> None:
-        """More of the request waits for the app's window."""
-        if self.queue.size > REQUEST_BUFFER and not self.write_paused and self.owner:
+        """More of the request waits for the app's window than we hold: the client waits."""
+        self.conn.write_waiting.add(self)
+        if not self.write_paused and self.owner:
             self.write_paused = True
             self.owner.upstream_write_paused(True)
 
     def request_end(self, trailers: Headers | None = None) -> bytes:
         if self.closed or self.ended:
             return b""
-        if self.queue.parts:
-            self.waiting_end = trailers or True
-            return b""
-        self._end(trailers)
+        self.ended = True
+        codec = self.conn.codec
+        if trailers:
+            codec.send_trailers(self.sid, trailers)
+        else:
+            codec.send_data(self.sid, b"", end_stream=True)
         self.conn.flush()
         return b""
 
-    def _end(self, trailers: Headers | None) -> None:
-        self.ended = True
-        conn = self.conn.h2
-        if trailers:
-            conn.send_headers(self.sid, trailers, end_stream=True)
-        else:
-            conn.end_stream(self.sid)
-
     def window_opened(self) -> None:
-        """The app's window grew: send what waited, then the end that waited behind it."""
-        self.queue.drain(self.conn.h2, self.sid)
-        if self.queue.parts:
-            return
-        if self.waiting_end is not False:
-            end, self.waiting_end = self.waiting_end, False
-            self._end(end if isinstance(end, list) else None)
+        """What waited for the app's window went: the client's body comes again."""
         if self.write_paused and self.owner is not None:
             self.write_paused = False
             if not self.conn.writing_paused:  # else the transport's resume releases it
@@ -206,8 +195,7 @@ class H2UpstreamStream:
         if self.unacked and not self.closed:
             unacked, self.unacked = self.unacked, 0
             # The connection's share was credited on arrival: this stream's window alone.
-            with contextlib.suppress(h2.exceptions.ProtocolError, KeyError):  # closed there
-                self.conn.h2.increment_flow_control_window(unacked, stream_id=self.sid)
+            self.conn.codec.acknowledge_stream(self.sid, unacked)
             self.conn.flush()
 
     def as_tunnel(self) -> Tunnel | None:
@@ -222,4 +210,4 @@ class H2UpstreamStream:
         """The exchange gave up (the client went away, a timeout): RST_STREAM CANCEL."""
         self.owner = None
         if not self.closed:
-            self.conn.reset(self, ErrorCodes.CANCEL)
+            self.conn.reset(self, ErrorCode.CANCEL)

@@ -616,7 +616,11 @@ def test_serve_and_check_refuse_a_leaf_as_the_client_ca(init_certs: Path) -> Non
 @pytest.mark.needs("make", install="apt-get install make")
 def test_make_run_installs_the_runtime_only_and_the_tests_add_dev(tmp_path: Path) -> None:
     # A fresh clone's plan (make -n): `run` needs neither the test tools nor the [dev] extra.
-    shim = ("proxy/http2/_nghttp2_shim.c", "proxy/http2/_nghttp2_build.py")
+    shim = (
+        "proxy/http2/_nghttp2_shim.c",
+        "proxy/http2/_nghttp2_client.c",
+        "proxy/http2/_nghttp2_build.py",
+    )
     for name in ("Makefile", "pyproject.toml", "requirements.lock", "setup.py", *shim):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / name, tmp_path / name)

@@ -120,8 +120,7 @@ class Proxies(list[ProxyProcess]):
 
 @pytest.fixture(scope="module")
 def proxies(dev_certs: DevCerts, http2_codec: str) -> Iterator[Proxies]:
-    """Every test here runs once per HTTP/2 codec (the clients' side; h2c to the app is the
-    same for both)."""
+    """Every test here runs once per HTTP/2 codec (the clients' side, and h2c to the app)."""
     started = Proxies(http2_env(http2_codec))
     yield started
     for proc in started:

@@ -1,5 +1,6 @@
 """An h2c app that breaks HTTP/2, and requests HTTP/2 cannot carry: the proxy answers the
-streams concerned (502 or 400), logs no traceback, and goes on serving the client."""
+streams concerned (502 or 400), logs no traceback, and goes on serving the client. Every test
+runs once per HTTP/2 codec, which is the client codec to the app too."""
 
 from __future__ import annotations
 
@@ -13,9 +14,15 @@ import pytest
 from hyperframe.frame import DataFrame
 
 from tests.conftest import ProxyFactory
+from tests.support.codecs import http2_env
 from tests.support.h2app import H2App
 from tests.support.h2client import H2Client
 from tests.support.proxy import ProxyProcess, RawClient, request_bytes, tls_socket, wait_for
+
+
+@pytest.fixture(scope="module")
+def codec_env(http2_codec: str) -> dict[str, str]:
+    return http2_env(http2_codec)
 
 
 @pytest.fixture(scope="module")

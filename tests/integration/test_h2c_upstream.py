@@ -41,6 +41,9 @@ def test_trailers_go_both_ways(
     run: list[object], dev_certs: DevCerts, ca: Path, http2_codec: str
 ) -> None:
     proxy = start(run, H2App(), dev_certs, http2_codec)
+    listening = proxy._listening()
+    assert listening is not None
+    assert listening["h2c_codec"] == http2_codec  # the same codec both ways
     client = H2Client(proxy.port, ca)
     sid = client.request(
         b"/upload",

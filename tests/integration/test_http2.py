@@ -16,7 +16,7 @@ import h2.errors
 import h2.settings
 import httpx
 import pytest
-from hyperframe.frame import GoAwayFrame
+from hyperframe.frame import GoAwayFrame, HeadersFrame
 
 from tests.conftest import ProxyFactory
 from tests.support.codecs import http2_env
@@ -265,5 +265,32 @@ def test_drain_says_goaway_twice_and_finishes_the_streams_in_flight(
     upstream.open_gate(gate)
     assert client.pump(lambda: client.raw_body(sid)[1], 10), "the stream in flight did not end"
     assert client.raw_body(sid) == (b"first;last", True)
+    client.close()
+    assert draining.wait(15) == 0
+
+
+def test_a_stream_opened_after_the_final_goaway_is_refused(
+    start_proxy: ProxyFactory, upstream: UpstreamApp, ca: Path
+) -> None:
+    """Past the last stream id our final GOAWAY promised, a new stream gets REFUSED_STREAM (so
+    the client knows at once to retry it elsewhere), the same on both codecs; the stream in
+    flight is still answered. Before: nghttp2 ignored it without a word."""
+    draining = start_proxy(upstream.base, "--drain-timeout", "10s")
+    client = H2Client(draining.port, ca)
+    gate = f"late-h2-{draining.port}"
+    sid = client.request(f"/gate/{gate}".encode())
+    client.pump(lambda: client.responses[sid].status == 200, 10)  # the head came: in flight
+    draining.signal(signal.SIGTERM)
+    assert client.pump(
+        lambda: len([f for f in client.raw_frames() if isinstance(f, GoAwayFrame)]) >= 2, 10
+    ), "no second GOAWAY"
+    late = sid + 2
+    fields = [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"localhost")]
+    block = bytes(client.conn.encoder.encode([*fields, (b":path", b"/echo")]))
+    client.send_frames([HeadersFrame(late, block, flags=["END_HEADERS", "END_STREAM"])])
+    assert client.pump(lambda: late in client.raw_resets(), 10), "the late stream got no answer"
+    assert client.raw_resets()[late] == h2.errors.ErrorCodes.REFUSED_STREAM
+    upstream.open_gate(gate)
+    assert client.pump(lambda: client.raw_body(sid)[1], 10), "the stream in flight did not end"
     client.close()
     assert draining.wait(15) == 0

@@ -67,12 +67,13 @@ def test_without_http2_build_info_says_off(upstream: UpstreamApp, dev_certs: Dev
 
 
 # What `serve` loads for HTTP/2 with one codec: the server, the codec the registry resolves and
-# the client connection, as `server.build_context` loads them.
+# the client connection, as `server.build_context` loads them; and the h2c pool with its codec.
 _LOADED = """
 import json, sys
 from proxy import http2, cli, server
-import proxy.http2.server
+import proxy.http2.server, proxy.http2.pool
 http2.server_codec_class(http2.resolve(sys.argv[1]))
+http2.client_codec_class(http2.client_codec_name(sys.argv[1]))
 print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("h2", "hpack", "hyperframe")
     or m.startswith("proxy.http2."))))
 """
@@ -87,8 +88,12 @@ def test_one_codec_never_loads_the_other(codec: str, never: str) -> None:
     ).stdout
     loaded = json.loads(out)
     assert never not in loaded, loaded
-    other = "proxy.http2.h2_codec" if codec == "nghttp2" else "proxy.http2.nghttp2_codec"
-    assert other not in loaded, loaded
+    others = (
+        ("proxy.http2.h2_codec", "proxy.http2.h2_client")
+        if codec == "nghttp2"
+        else ("proxy.http2.nghttp2_codec", "proxy.http2.nghttp2_client")
+    )
+    assert not set(others) & set(loaded), loaded
 
 
 def test_nghttp2_asked_for_but_not_built_stops_start_up_with_one_line(dev_certs: DevCerts) -> None:

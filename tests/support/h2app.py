@@ -9,6 +9,7 @@ it reports what it received (headers, body, trailers) and can reset a stream mid
   /slow...             the JSON report, 0.3 s late     anything else: the JSON report at once
   /bad-status          answers `:status: abc`
   /bad-padding         a DATA frame padded past its payload
+  /goaway              GOAWAY NO_ERROR naming the stream before it (this one was not processed)
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ class _Conn(asyncio.Protocol):
             self.transport.write(data)
 
     def data_received(self, data: bytes) -> None:
+        if self.conn.state_machine.state is h2.connection.ConnectionState.CLOSED:
+            return  # after our GOAWAY (/goaway): the proxy closes the connection
         for event in self.conn.receive_data(data):
             sid = getattr(event, "stream_id", 0)
             if isinstance(event, h2.events.RequestReceived):
@@ -79,6 +82,9 @@ class _Conn(asyncio.Protocol):
                     asyncio.get_running_loop().call_later(
                         0.05, self._reset, sid, h2.errors.ErrorCodes.CANCEL
                     )
+                elif path.startswith(b"/goaway"):
+                    self.conn.close_connection(last_stream_id=sid - 2 if sid > 2 else 0)
+                    self.flush()
                 elif path.startswith(b"/reset-unanswered"):
                     asyncio.get_running_loop().call_later(
                         0.1, self._reset, sid, h2.errors.ErrorCodes.INTERNAL_ERROR
@@ -144,7 +150,7 @@ class _Conn(asyncio.Protocol):
     def _answer(self, sid: int) -> None:
         request = self.requests.pop(sid)
         path = dict((n, v) for n, v in request["headers"])[":path"]
-        if path.startswith(("/reset-mid", "/reset-unanswered", "/bad-")):
+        if path.startswith(("/reset-mid", "/reset-unanswered", "/bad-", "/goaway")):
             return
         self.app.seen.append(request)
         if path.startswith("/grpc"):

@@ -356,3 +356,25 @@ def test_a_body_part_may_be_any_bytes_like(
     client.exchange()
     assert b"".join(e.data for e in client.of(h2.events.DataReceived)) == b"hello"
     assert [e.stream_id for e in client.of(h2.events.StreamEnded)] == [1]
+
+
+def test_a_stream_between_the_drains_two_goaways_is_delivered(
+    make: Callable[[CodecSettings], Http2ServerCodec],
+) -> None:
+    """The drain's first GOAWAY (last stream id 2^31-1) still takes new streams, as RFC 9113
+    §6.8 means it: a request already on its way is served. Before: nghttp2 took it for a final
+    GOAWAY and dropped every new stream after it without a word (h2 delivered them)."""
+    client = Client(make(SETTINGS))
+    codec = client.codec
+    codec.goaway(0, 2**31 - 1)
+    client.exchange()
+    frames = _after_preface(client, 3)
+    events = codec.receive(frames)
+    assert [type(e) for e in events if not isinstance(e, GoAwayReceived)][:1] == [RequestReceived]
+
+
+def _after_preface(client: Client, sid: int) -> bytes:
+    """A new request's HEADERS from the client, past its own state machine (which stops at a
+    GOAWAY it received), encoded in its HPACK context."""
+    block = bytes(client.h2.encoder.encode(REQUEST))
+    return struct.pack(">I", len(block))[1:] + bytes([1, 5]) + struct.pack(">I", sid) + block
