@@ -18,7 +18,7 @@ from cryptography import x509
 
 from proxy.tls import certs
 from proxy.tls.workload_api import FETCH_X509_SVID, X509SVIDRequest, X509SVIDResponse
-from tests.support.proxy import ProxyProcess, serve_args, wait_for
+from tests.support.proxy import DevCerts, ProxyProcess, serve_args, wait_for
 from tests.support.spiffe_agent import (
     SERVER_ID,
     TRUST_DOMAIN,
@@ -341,5 +341,57 @@ def test_spiffe_id_rule_and_xfcc(
         assert get(proxy, other).status_code == 403
         with pytest.raises((httpx.HTTPError, ssl.SSLError)):
             get(proxy, client_context(trust))  # no client certificate at all
+    finally:
+        proxy.stop()
+
+
+# --- where the endpoint comes from, and workers ------------------------------------------------
+def test_the_standard_variable_is_the_endpoint_when_no_certificate_is_given(
+    tmp_path: Path, agent: FakeAgent, ca: certs.Issued, upstream: UpstreamApp
+) -> None:
+    proxy = ProxyProcess(
+        serve_args(upstream.base), env={"SPIFFE_ENDPOINT_SOCKET": agent.endpoint}
+    ).start()
+    try:
+        trust = write_ca(tmp_path, ca)
+        assert served_serial(proxy, trust) == agent.identity.svid.certificate.serial_number
+        assert "NO CERTIFICATE GIVEN" not in proxy.stderr_text()
+    finally:
+        proxy.stop()
+
+
+def test_with_cert_and_key_too_it_stops_with_one_line(
+    agent: FakeAgent, dev_certs: DevCerts, upstream: UpstreamApp
+) -> None:
+    proxy = ProxyProcess(
+        serve_args(upstream.base, dev_certs, "--spiffe-endpoint", agent.endpoint)
+    ).start(expect_ready=False)
+    try:
+        assert proxy.wait(30) == 2
+    finally:
+        proxy.stop()
+    assert proxy.stderr_lines == [
+        "tls-sidecar: error: --spiffe-endpoint and --cert/--key (or --cert-dir, --pkcs12) are "
+        "both given; the X.509 SVID is the serving certificate: give one source, not both"
+    ]
+
+
+def test_each_worker_takes_the_svid_and_its_rotation(
+    tmp_path: Path, agent: FakeAgent, ca: certs.Issued, upstream: UpstreamApp
+) -> None:
+    proxy = spiffe_proxy(agent.endpoint, upstream, "--workers", "2").start()
+    trust = write_ca(tmp_path, ca)
+    try:
+        wait_for(lambda: agent.streams_opened == 2, 30, "a stream from each worker")
+        wait_for(lambda: proxy.admin_get("/readyz")[0] == 200, 30, "the workers ready")
+        rotated = new_svid(ca)
+        agent.push(Identity(rotated, [ca]))
+        new = rotated.certificate.serial_number
+        # The kernel spreads new connections over the workers: many in a row see both.
+        wait_for(
+            lambda: all(served_serial(proxy, trust) == new for _ in range(20)),
+            30,
+            "every worker serving the rotated SVID",
+        )
     finally:
         proxy.stop()
