@@ -311,7 +311,7 @@ def test_the_prometheusrule_carries_exactly_the_plain_rules(rendered: dict[str, 
     plain = yaml.safe_load((PROMETHEUS / "alerts.yaml").read_text())
     assert rule["spec"]["groups"] == plain["groups"]
     alerts = [r for g in plain["groups"] for r in g["rules"]]
-    assert len(alerts) == 7
+    assert len(alerts) == 8
     runbook = (REPO / "docs" / "runbook.md").read_text()
     for alert in alerts:
         annotations = alert["annotations"]
