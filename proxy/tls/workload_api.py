@@ -106,6 +106,21 @@ def describe(error: grpc.RpcError) -> str:
     return f"the agent answered {name} ({details})"
 
 
+def fetch_once(endpoint: str, timeout: float) -> Any:
+    """The first X509SVIDResponse, for `tls-sidecar check`; grpc.RpcError when none comes."""
+    with grpc.insecure_channel(grpc_target(endpoint)) as channel:
+        fetch = channel.unary_stream(
+            FETCH_X509_SVID,
+            request_serializer=X509SVIDRequest.SerializeToString,
+            response_deserializer=X509SVIDResponse.FromString,
+        )
+        call = fetch(X509SVIDRequest(), timeout=timeout, metadata=(SECURITY_HEADER,))
+        try:
+            return next(iter(call))
+        finally:
+            call.cancel()
+
+
 class X509Watcher:
     """Keeps one FetchX509SVID stream open in a daemon thread; `on_response(response)` and
     `on_lost(reason)` are called in that thread (the caller hops them to its loop)."""

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -395,3 +397,36 @@ def test_each_worker_takes_the_svid_and_its_rotation(
         )
     finally:
         proxy.stop()
+
+
+def test_check_fetches_and_checks_one_svid(agent: FakeAgent, upstream: UpstreamApp) -> None:
+    def run_check(endpoint: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                *(sys.executable, "-m", "proxy", "check", "--upstream", upstream.base),
+                *("--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"),
+                *("--spiffe-endpoint", endpoint),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    good = run_check(agent.endpoint)
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert (
+        f"ok    certificate {SERVER_ID}: X.509 SVID from {agent.endpoint}, expires" in good.stdout
+    )
+    agent.push(
+        Identity(new_svid(agent.identity.bundle[0]), agent.identity.bundle, key=certs.new_key())
+    )
+    bad = run_check(agent.endpoint)
+    assert bad.returncode == 2
+    assert "does not match it" in bad.stdout
+    agent.stop()
+    gone = run_check(agent.endpoint)
+    assert gone.returncode == 2
+    assert (
+        f"fail  certificates: --spiffe-endpoint {agent.endpoint}: the agent cannot be reached"
+        in (gone.stdout)
+    )
