@@ -20,7 +20,14 @@ from cryptography import x509
 
 from proxy.tls import certs
 from proxy.tls.workload_api import FETCH_X509_SVID, X509SVIDRequest, X509SVIDResponse
-from tests.support.proxy import DevCerts, ProxyProcess, serve_args, wait_for
+from tests.support.proxy import (
+    DevCerts,
+    ProxyProcess,
+    RawClient,
+    request_bytes,
+    serve_args,
+    wait_for,
+)
 from tests.support.spiffe_agent import (
     SERVER_ID,
     TRUST_DOMAIN,
@@ -430,3 +437,30 @@ def test_check_fetches_and_checks_one_svid(agent: FakeAgent, upstream: UpstreamA
         f"fail  certificates: --spiffe-endpoint {agent.endpoint}: the agent cannot be reached"
         in (gone.stdout)
     )
+
+
+def test_revalidation_closes_a_connection_whose_ca_left_the_bundle(
+    tmp_path: Path, agent: FakeAgent, ca: certs.Issued, upstream: UpstreamApp
+) -> None:
+    proxy = spiffe_proxy(
+        agent.endpoint, upstream, "--allow-uri-san", CLIENT_ID, "--client-cert-revalidate", "1h"
+    ).start()
+    new_ca = certs.create_ca("example.org SPIFFE CA 2")
+    trust = write_ca(tmp_path, ca, new_ca)
+    old_client = client_context(trust, client_svid(ca, CLIENT_ID), tmp_path)
+    try:
+        raw = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+        with old_client.wrap_socket(raw, server_hostname="localhost") as sock:
+            client = RawClient(sock)
+            client.send(request_bytes("GET", "/echo"))
+            answered = client.read_response()
+            assert answered is not None and answered.status == 200
+            # The open connection outlives its CA only until the reload that drops it.
+            agent.push(Identity(new_svid(new_ca), [new_ca]))
+            assert client.closed_by_peer(), "closed once the bundle no longer has its CA"
+        assert (
+            proxy.metric("tls_sidecar_client_cert_revalidation_closed_total", 'reason="ca_removed"')
+            == 1
+        )
+    finally:
+        proxy.stop()
