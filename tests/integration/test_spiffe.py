@@ -5,6 +5,7 @@ an agent that restarts, a bad SVID refused, SPIFFE-ID rules and X-Forwarded-Clie
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import ssl
 import subprocess
@@ -464,3 +465,18 @@ def test_revalidation_closes_a_connection_whose_ca_left_the_bundle(
         )
     finally:
         proxy.stop()
+
+
+def test_a_stop_signal_while_waiting_for_the_first_svid_exits_cleanly(
+    tmp_path: Path, upstream: UpstreamApp
+) -> None:
+    endpoint = f"unix://{tmp_path}/absent.sock"
+    proxy = spiffe_proxy(endpoint, upstream, "--spiffe-timeout", "10m").start(expect_ready=False)
+    try:
+        waiting_admin_port(proxy)
+        proxy.signal(signal.SIGTERM)
+        assert proxy.wait(30) == 0
+    finally:
+        proxy.stop()
+    assert "Traceback" not in proxy.stderr_text()
+    assert not any(line.startswith("tls-sidecar: error:") for line in proxy.stderr_lines)
