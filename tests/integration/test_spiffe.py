@@ -4,6 +4,7 @@ an agent that restarts, a bad SVID refused, SPIFFE-ID rules and X-Forwarded-Clie
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import signal
 import socket
@@ -480,3 +481,30 @@ def test_a_stop_signal_while_waiting_for_the_first_svid_exits_cleanly(
         proxy.stop()
     assert "Traceback" not in proxy.stderr_text()
     assert not any(line.startswith("tls-sidecar: error:") for line in proxy.stderr_lines)
+
+
+def test_without_the_agent_the_last_svid_serves_until_it_expires_then_readiness_fails(
+    tmp_path: Path, agent: FakeAgent, ca: certs.Issued, upstream: UpstreamApp
+) -> None:
+    proxy = spiffe_proxy(agent.endpoint, upstream).start()
+    trust = write_ca(tmp_path, ca)
+    try:
+        # An SVID with seconds to live, so that its expiry comes within the test.
+        now = dt.datetime.now(dt.UTC)
+        short = certs.issue(
+            ca,
+            [SERVER_ID, "localhost"],
+            common_name="web",
+            days=1,
+            not_before=now - dt.timedelta(days=1) + dt.timedelta(seconds=8),
+        )
+        agent.push(Identity(short, [ca]))
+        new = short.certificate.serial_number
+        wait_for(lambda: served_serial(proxy, trust) == new, 20, "the short-lived SVID")
+        agent.stop()
+        _, body = wait_for(
+            lambda: (r := proxy.admin_get("/readyz"))[0] == 503 and r, 30, "readiness to fail"
+        )
+        assert "the X.509 SVID expired at" in body and agent.endpoint in body
+    finally:
+        proxy.stop()
