@@ -194,8 +194,9 @@ class ProxyServer:
         self.state = "ready"
         if config.worker_index is not None:
             self._flush_metrics_every_second()
-        reloadable = not (self.tls.self_signed and self.config.client_ca is None)
-        if self.config.reload_interval > 0 and reloadable:
+        fixed = self.tls.self_signed and self.config.client_ca is None
+        polled = not (fixed or self.tls.on_change)  # a source that pushes reloads on each push
+        if self.config.reload_interval > 0 and polled:
             self._watcher = loop.create_task(self._watch_certificates())
         if config.client_cert_revalidate > 0:
             from proxy.revalidation import Revalidation  # noqa: PLC0415
@@ -205,8 +206,7 @@ class ProxyServer:
         return Bound(_addresses(self._listener.sockets), _addresses(admin_sockets))
 
     async def _first_certificate(self, admin_sockets: list[socket.socket]) -> bool:
-        """A pushed source (the Workload API) sends its first certificate now, readiness 503
-        meanwhile; then every push reloads as a changed file does."""
+        """A pushed source's first certificate (readiness 503 meanwhile); each push reloads."""
         waiting = self.tls.problem
         if waiting is not None:
             admin = [str(a) for a in _addresses(admin_sockets)]
