@@ -219,7 +219,7 @@ class ProxyServer:
                 await self._admin.close()
             raise
         self._record_certificates()
-        self.tls.on_change = self._on_reload_signal
+        self.tls.subscribe(self._on_reload_signal)
         return True
 
     def _flush_metrics_every_second(self) -> None:

@@ -279,6 +279,10 @@ class TlsState:
     # in; files are read at once and polled, so they need none of them.
     on_change: Callable[[], None] | None = None
 
+    def subscribe(self, on_change: Callable[[], None]) -> None:
+        """Call `on_change` on the loop whenever new material waits to be loaded."""
+        self.on_change = on_change
+
     async def ready(self, stop: asyncio.Event) -> bool:
         """Wait for the first certificate (False: stopped first); files have it already."""
         return True

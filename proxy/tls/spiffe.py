@@ -13,6 +13,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +183,12 @@ class SpiffeTls(TlsState):
         self._arrived.set()
         if self.on_change is not None:
             self.on_change()
+
+    def subscribe(self, on_change: Callable[[], None]) -> None:
+        """As TlsState's; a response that came while the first one loaded is reloaded now."""
+        self.on_change = on_change
+        if self.changed():
+            on_change()
 
     def _lost_agent(self, why: str) -> None:
         if why != self._lost:  # once per outage, not once per retry

@@ -173,6 +173,20 @@ def test_serves_the_svid_once_the_agent_sends_it(
 
 
 # --- rotation -------------------------------------------------------------------------------
+def test_a_rotation_that_comes_while_the_first_svid_loads_is_served(
+    tmp_path: Path, agent: FakeAgent, ca: certs.Issued, upstream: UpstreamApp
+) -> None:
+    rotated = new_svid(ca)
+    agent.rotate_at_once = Identity(rotated, [ca])
+    proxy = spiffe_proxy(agent.endpoint, upstream).start()
+    trust = write_ca(tmp_path, ca)
+    try:
+        new = rotated.certificate.serial_number
+        wait_for(lambda: served_serial(proxy, trust) == new, 20, "the second SVID")
+    finally:
+        proxy.stop()
+
+
 def load_loop(
     call: Callable[[], int], stop: threading.Event, results: list[int], limit: int = 3000
 ) -> threading.Thread:

@@ -105,6 +105,7 @@ class FakeAgent:
         self.denied = False
         self.streams_opened = 0
         self.refused_without_header = 0
+        self.rotate_at_once: Identity | None = None
         self._lock = threading.Lock()
         self._streams: list[queue.Queue[Any]] = []
         self._server: grpc.Server | None = None
@@ -175,6 +176,8 @@ class FakeAgent:
             self._streams.append(stream)
             self.streams_opened += 1
             stream.put(self.identity)
+            if self.rotate_at_once is not None:  # a rotation hard on the heels of the first SVID
+                stream.put(self.rotate_at_once)
         context.add_callback(lambda: stream.put(_END))
         return stream
 
