@@ -171,6 +171,7 @@ class Config:
             other_source=bool(self.cert_files or self.cert_dir or self.pkcs12_file),
             client_ca=self.client_ca is not None,
             client_crl=bool(self.client_crl_files),
+            no_client_auth_with_rules=self.client_auth == "none" and self.policy.has_rules,
         )
         if spiffe is not None:
             raise ConfigError(spiffe)

@@ -53,6 +53,7 @@ def problem(
     other_source: bool,
     client_ca: bool,
     client_crl: bool,
+    no_client_auth_with_rules: bool = False,
 ) -> str | None:
     """What is wrong in --spiffe-endpoint's relations to the other settings, or None."""
     if endpoint is None:
@@ -69,6 +70,11 @@ def problem(
         )
     if client_crl:
         return "--client-crl needs --client-ca; it is not taken with --spiffe-endpoint"
+    if no_client_auth_with_rules:
+        return (
+            "--client-auth none contradicts the --allow-* rules, which turn on mutual TLS with "
+            "the trust bundle; use optional or require, or drop the rules"
+        )
     if timeout <= 0:
         return "--spiffe-timeout must be greater than zero, e.g. 30s"
     return None

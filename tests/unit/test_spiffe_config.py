@@ -63,6 +63,10 @@ def test_a_bad_standard_variable_is_named_as_such() -> None:
             "the trust bundle is the client CA",
         ),
         ({"spiffe_timeout": 0.0}, "--spiffe-timeout must be greater than zero"),
+        (
+            {"client_auth": "none", "policy": AccessPolicy(allow_all=True)},
+            "--client-auth none contradicts the --allow-\\* rules",
+        ),
     ],
 )
 def test_relations_with_other_settings(extra: dict[str, object], fragment: str) -> None:
