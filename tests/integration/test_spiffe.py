@@ -21,7 +21,16 @@ import pytest
 from cryptography import x509
 
 from proxy.tls import certs
-from proxy.tls.workload_api import FETCH_X509_SVID, X509SVIDRequest, X509SVIDResponse
+from proxy.tls.spiffe import split_der
+from proxy.tls.workload_api import (
+    FETCH_X509_BUNDLES,
+    FETCH_X509_SVID,
+    SECURITY_HEADER,
+    X509BundlesRequest,
+    X509BundlesResponse,
+    X509SVIDRequest,
+    X509SVIDResponse,
+)
 from tests.support.proxy import (
     DevCerts,
     ProxyProcess,
@@ -154,6 +163,26 @@ def test_the_agent_refuses_a_call_without_the_security_header(agent: FakeAgent) 
             next(iter(fetch(X509SVIDRequest(), timeout=10)))
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert agent.refused_without_header == 1
+
+
+def test_the_agents_bundle_stream_pushes_a_rotated_bundle(
+    agent: FakeAgent, ca: certs.Issued
+) -> None:
+    new_ca = certs.create_ca("example.org SPIFFE CA 2")
+    with grpc.insecure_channel(f"unix:{agent.socket_path}") as channel:
+        fetch = channel.unary_stream(
+            FETCH_X509_BUNDLES,
+            request_serializer=X509BundlesRequest.SerializeToString,
+            response_deserializer=X509BundlesResponse.FromString,
+        )
+        call = fetch(X509BundlesRequest(), timeout=10, metadata=(SECURITY_HEADER,))
+        stream = iter(call)
+        first = next(stream)
+        agent.push(Identity(agent.identity.svid, [ca, new_ca]))
+        rotated = next(stream)
+        call.cancel()
+    assert split_der(first.bundles[TRUST_DOMAIN]) == [ca.certificate]
+    assert split_der(rotated.bundles[TRUST_DOMAIN]) == [ca.certificate, new_ca.certificate]
 
 
 def test_serves_the_svid_once_the_agent_sends_it(
@@ -319,6 +348,30 @@ def test_agent_restart_serving_goes_on_and_the_next_rotation_is_picked_up(
         new = rotated.certificate.serial_number
         wait_for(lambda: served_serial(proxy, trust) == new, 20, "the SVID after the restart")
         assert "connected to the Workload API again" in proxy.stderr_text()
+    finally:
+        proxy.stop()
+
+
+def test_an_identity_withdrawn_while_serving_keeps_the_last_svid_and_says_why(
+    tmp_path: Path, agent: FakeAgent, ca: certs.Issued, upstream: UpstreamApp
+) -> None:
+    proxy = spiffe_proxy(agent.endpoint, upstream).start()
+    trust = write_ca(tmp_path, ca)
+    try:
+        first = served_serial(proxy, trust)
+        agent.deny()  # the registration entry deleted: PERMISSION_DENIED on the open stream
+        wait_for(
+            lambda: any(
+                "lost the Workload API" in line and "issued no identity" in line
+                for line in proxy.stderr_lines
+            ),
+            20,
+            "the withdrawn identity logged",
+        )
+        assert served_serial(proxy, trust) == first
+        assert get(proxy, client_context(trust)).status_code == 200
+        lost = [line for line in proxy.stderr_lines if "lost the Workload API" in line]
+        assert len(lost) == 1, "logged once, not once per retry"
     finally:
         proxy.stop()
 
