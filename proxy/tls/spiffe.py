@@ -14,7 +14,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from cryptography import x509
@@ -95,23 +94,23 @@ def bundle_from(config: Config, response: Any) -> tuple[TlsBundle, list[str]]:
         raise _refused(
             endpoint,
             f"the key sent with the X.509 SVID for {svid.spiffe_id} does not match it",
-            "refused; the previous SVID is kept",
+            "it is refused; check the agent, which must send the key the SVID was issued for",
         )
     if svid.spiffe_id not in dns_and_uri_sans(chain[0])[1]:
         raise _refused(
             endpoint,
             f"the X.509 SVID does not name {svid.spiffe_id} in its URI SAN",
-            "refused; the previous SVID is kept",
+            "it is refused; check the agent's upstream CA",
         )
     warnings = certs.check_pair(
-        chain, key, Path(name), allow_expired=config.allow_expired, option="--spiffe-endpoint"
+        chain, key, name, allow_expired=config.allow_expired, option="--spiffe-endpoint"
     )
     why = certcheck.verify_chain(chain, roots)
     if why is not None:
         raise _refused(
             endpoint,
             f"the X.509 SVID for {svid.spiffe_id} does not verify against its trust bundle ({why})",
-            "refused; the previous SVID is kept",
+            "it is refused; check the agent's CA and bundle",
         )
     material = as_material(LoadedCertificate(svid.spiffe_id, chain, key))
     client_ca = None
