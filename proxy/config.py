@@ -13,6 +13,7 @@ from typing import Literal
 
 from proxy.identity import AccessPolicy
 from proxy.proxy_protocol import IPNetwork
+from proxy.spiffe_config import DEFAULT_TIMEOUT_SECONDS, problem
 
 
 class ConfigError(Exception):
@@ -131,11 +132,21 @@ class Config:
     client_crl_files: tuple[Path, ...] = ()
     # Re-validation of open connections' client certificates: every this many seconds (0: off)
     client_cert_revalidate: float = 0.0
+    # The SPIFFE Workload API as the certificate source (proxy/spiffe_config.py)
+    spiffe_endpoint: str | None = None
+    spiffe_timeout: float = DEFAULT_TIMEOUT_SECONDS
 
     @property
     def has_certificates(self) -> bool:
         """Certificates were given (else `serve` makes a throwaway one for the run)."""
-        return bool(self.cert_files or self.cert_dir or self.pkcs12_file)
+        return bool(self.cert_files or self.cert_dir or self.pkcs12_file or self.spiffe_endpoint)
+
+    @property
+    def mutual_tls(self) -> bool:
+        """Client certificates are asked for: --client-ca, or the SPIFFE trust bundle with a rule."""
+        return self.client_ca is not None or (
+            self.spiffe_endpoint is not None and self.policy.has_rules
+        )
 
     def validate(self) -> Config:
         """Check the relations between settings; return self so it chains."""
@@ -154,7 +165,17 @@ class Config:
                 "--client-ca needs a rule for who may pass: --allow-all (any certificate the CA "
                 "signed), or --allow-cn / --allow-ou / --allow-dns-san / --allow-uri-san"
             )
-        if self.client_ca is None and self.policy.has_rules:
+        spiffe = problem(
+            endpoint=self.spiffe_endpoint,
+            timeout=self.spiffe_timeout,
+            other_source=bool(self.cert_files or self.cert_dir or self.pkcs12_file),
+            client_ca=self.client_ca is not None,
+            client_crl=bool(self.client_crl_files),
+            no_client_auth_with_rules=self.client_auth == "none" and self.policy.has_rules,
+        )
+        if spiffe is not None:
+            raise ConfigError(spiffe)
+        if not self.mutual_tls and self.policy.has_rules:
             raise ConfigError(
                 "--allow-* rules need --client-ca, the CA that signs client certificates"
             )
@@ -222,7 +243,7 @@ class Config:
             raise ConfigError("--client-crl needs --client-ca, the CA whose revocations it lists")
         if self.client_cert_revalidate < 0:
             raise ConfigError("--client-cert-revalidate must be off or a duration, e.g. 1m")
-        if self.client_cert_revalidate and self.client_ca is None:
+        if self.client_cert_revalidate and not self.mutual_tls:
             raise ConfigError(
                 "--client-cert-revalidate needs --client-ca: without mutual TLS there is no "
                 "client certificate to check again"

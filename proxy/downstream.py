@@ -181,7 +181,7 @@ class ClientConnection(PhaseTimer, asyncio.Protocol):
             self._handshake_failed("timeout" if timed_out else "closed", e)
             return
         except ssl.SSLError as e:
-            self._handshake_failed(refusal_reason(e, self.ctx.config.client_ca is not None), e)
+            self._handshake_failed(refusal_reason(e, self.ctx.config.mutual_tls), e)
             return
         except (OSError, EOFError, RuntimeError, asyncio.CancelledError) as e:
             self._handshake_failed("closed", e)
@@ -217,7 +217,7 @@ class ClientConnection(PhaseTimer, asyncio.Protocol):
         session.cipher = cipher[0] if cipher else None
         session.sni = getattr(ssl_object, "server_name_seen", None)
         ctx.handshake_done(session.tls_version, ssl_object.session_reused)
-        if ctx.config.client_ca is not None:
+        if ctx.config.mutual_tls:
             self._check_client(ssl_object)
         if ctx.client_pools is not None and isinstance(self._peer, tuple):
             session.pool = ctx.client_pools.open(

@@ -13,7 +13,7 @@ from typing import Any
 
 import uvloop
 
-from proxy import __version__, http2, proxy_protocol
+from proxy import __version__, http2, proxy_protocol, spiffe_config
 from proxy.config import (
     Config,
     ConfigError,
@@ -104,7 +104,20 @@ def build_config(opts: dict[str, Any]) -> Config:
         client_cert_revalidate=0.0
         if opts["client_cert_revalidate"].strip().lower() in ("off", "0", "")
         else parse_duration(opts["client_cert_revalidate"], option="--client-cert-revalidate"),
+        **_spiffe_options(opts),
     ).validate()
+
+
+def _spiffe_options(opts: dict[str, Any]) -> dict[str, Any]:
+    other = bool(opts["cert"] or opts["key"] or opts["cert_dir"] or opts["pkcs12"])
+    try:
+        endpoint = spiffe_config.endpoint_from(opts["spiffe_endpoint"], other)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return {
+        "spiffe_endpoint": endpoint,
+        "spiffe_timeout": parse_duration(opts["spiffe_timeout"], option="--spiffe-timeout"),
+    }
 
 
 def _proxy_protocol_options(opts: dict[str, Any]) -> dict[str, Any]:

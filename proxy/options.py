@@ -293,6 +293,19 @@ def serve_options(func: Callable[..., Any]) -> Callable[..., Any]:
             "loaded CRL, the CA still in --client-ca); a failing one is closed after its request. "
             "off, or e.g. 1m.",
         ),
+        # The SPIFFE Workload API as the certificate source
+        _option(
+            "--spiffe-endpoint",
+            None,
+            "SPIFFE Workload API socket, e.g. unix:///run/spire/agent.sock: the X.509 SVID is the "
+            "serving certificate, the trust bundle the client CA (with an --allow-* rule). "
+            "Default: SPIFFE_ENDPOINT_SOCKET when no --cert is given.",
+        ),
+        _option(
+            "--spiffe-timeout",
+            "30s",
+            "With --spiffe-endpoint: the longest wait for the first SVID at start-up.",
+        ),
     ]
     for option in reversed(options):
         func = option(func)

@@ -28,6 +28,7 @@ from proxy.proxy_protocol import build_local
 from proxy.readiness import check_upstream
 from proxy.sockets import bind_dual_stack, dual_stack
 from proxy.tls.context import TlsState, out_of_descriptors
+from proxy.tls.source import tls_state
 from proxy.upstream_proxy import ClientPools
 
 if TYPE_CHECKING:
@@ -131,7 +132,7 @@ class ProxyServer:
     ) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
-        self.tls = tls or TlsState(config)
+        self.tls = tls or tls_state(config)
         self.access_log = access_log or AccessLog(config.log_format, config.access_log)
         self.state = "starting"
         self._ctx: ProxyContext | None = None
@@ -167,6 +168,8 @@ class ProxyServer:
                 admin_sockets = await self._admin.start(config.admin_listen)
             except OSError as e:
                 raise bind_error("--admin-listen", config.admin_listen, e) from None
+        if not await self._first_certificate(admin_sockets):
+            raise SystemExit(0)  # a stop signal came first: nothing was served
         try:
             reuse_port = config.worker_index is not None
             if dual_stack(config.listen.host):
@@ -191,8 +194,9 @@ class ProxyServer:
         self.state = "ready"
         if config.worker_index is not None:
             self._flush_metrics_every_second()
-        reloadable = not (self.tls.self_signed and self.config.client_ca is None)
-        if self.config.reload_interval > 0 and reloadable:
+        fixed = self.tls.self_signed and self.config.client_ca is None
+        polled = not (fixed or self.tls.on_change)  # a source that pushes reloads on each push
+        if self.config.reload_interval > 0 and polled:
             self._watcher = loop.create_task(self._watch_certificates())
         if config.client_cert_revalidate > 0:
             from proxy.revalidation import Revalidation  # noqa: PLC0415
@@ -200,6 +204,23 @@ class ProxyServer:
             self._revalidation = Revalidation(self.ctx, config.client_cert_revalidate)
             self._revalidation.start()
         return Bound(_addresses(self._listener.sockets), _addresses(admin_sockets))
+
+    async def _first_certificate(self, admin_sockets: list[socket.socket]) -> bool:
+        """A pushed source's first certificate (readiness 503 meanwhile); each push reloads."""
+        waiting = self.tls.problem
+        if waiting is not None:
+            admin = [str(a) for a in _addresses(admin_sockets)]
+            log.info("waiting for the certificate", extra={"reason": waiting, "admin": admin})
+        try:
+            if not await self.tls.ready(self._stop):
+                return False
+        except BaseException:
+            if self._admin is not None:
+                await self._admin.close()
+            raise
+        self._record_certificates()
+        self.tls.subscribe(self._on_reload_signal)
+        return True
 
     def _flush_metrics_every_second(self) -> None:
         """A worker's metrics reach the supervisor through files: keep them at most 1 s old."""
@@ -209,9 +230,10 @@ class ProxyServer:
 
     async def readiness(self) -> tuple[bool, str]:
         """Ready only while serving, not draining, and while the app accepts connections."""
-        if self.state != "ready":
+        problem = self.tls.problem
+        if self.state != "ready" or problem is not None:
             self.metrics.ready.set(0)
-            return False, self.state
+            return False, problem or self.state
         async with self._ready_lock:
             now = asyncio.get_running_loop().time()
             if now - self._upstream_checked_at >= READINESS_CACHE_SECONDS:
@@ -347,6 +369,7 @@ class ProxyServer:
         ctx.draining = True
         if self._watcher is not None:
             self._watcher.cancel()
+        self.tls.close()
         if self._revalidation is not None:
             self._revalidation.stop()
         if self._listener is not None:

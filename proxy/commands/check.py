@@ -28,6 +28,7 @@ from proxy.tls.context import build_bundle
 OK, WARN, FAIL = "ok", "warn", "fail"
 EXIT = {OK: 0, WARN: 1, FAIL: 2}
 EXPIRY_WARNING_DAYS = 14
+SVID_FETCH_SECONDS = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +48,7 @@ def check(build: Callable[[], Config]) -> list[Finding]:
     except ConfigError as e:
         return [Finding(FAIL, "flags", str(e))]
     found = [Finding(OK, "flags", f"upstream {config.upstream}, listen {config.listen}")]
-    found += _certificates(config)
+    found += _certificates(config) if config.spiffe_endpoint is None else [_svid(config)]
     if config.client_ca is not None:
         found.append(_client_ca(config))
     found.append(_bindable("listen", config.listen))
@@ -107,6 +108,36 @@ def _certificates(config: Config) -> list[Finding]:
             level = OK
         found.append(Finding(level, f"certificate {served.name}", detail))
     return found
+
+
+def _svid(config: Config) -> Finding:
+    """--spiffe-endpoint: one SVID fetched and checked as `serve` would check it."""
+    import grpc  # noqa: PLC0415
+
+    from proxy.tls.spiffe import bundle_from  # noqa: PLC0415
+    from proxy.tls.workload_api import describe, fetch_once  # noqa: PLC0415
+
+    endpoint = config.spiffe_endpoint
+    try:
+        bundle, _ = bundle_from(config, fetch_once(endpoint or "", SVID_FETCH_SECONDS))
+    except grpc.RpcError as e:
+        return Finding(
+            FAIL,
+            "certificates",
+            f"--spiffe-endpoint {endpoint}: {describe(e)}; check that the SPIRE agent runs, "
+            "that its socket is mounted there, and that a registration entry matches",
+        )
+    except ConfigError as e:
+        return Finding(FAIL, "certificates", str(e))
+    served = bundle.served[0]
+    minutes = (served.not_after - time.time()) / 60
+    expires = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(served.not_after))
+    return Finding(
+        OK,
+        f"certificate {served.name}",
+        f"X.509 SVID from {endpoint}, expires {expires} ({minutes:.0f} minutes; the agent "
+        "rotates it)",
+    )
 
 
 def _rules(config: Config) -> str:

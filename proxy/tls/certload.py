@@ -140,7 +140,7 @@ def _served(loaded: LoadedCertificate) -> ServedCertificate:
     )
 
 
-def _material(loaded: LoadedCertificate) -> Material:
+def as_material(loaded: LoadedCertificate) -> Material:
     key_pem = loaded.key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
@@ -154,7 +154,7 @@ def inspect(config: Config) -> tuple[list[Material], list[str]]:
     if not loaded:
         issued = certs.self_signed()
         loaded = [LoadedCertificate("self-signed", [issued.certificate], issued.key)]
-    return [_material(item) for item in loaded], warnings
+    return [as_material(item) for item in loaded], warnings
 
 
 def check_client_ca(path: Path) -> bytes:

@@ -263,7 +263,7 @@ def key_matches(cert: x509.Certificate, key: PrivateKey) -> bool:
 def check_pair(
     chain: list[x509.Certificate],
     key: PrivateKey,
-    cert_path: Path,
+    cert_path: Path | str,  # named in the messages: a file, or the SVID's endpoint and ID
     *,
     allow_expired: bool = False,
     now: dt.datetime | None = None,

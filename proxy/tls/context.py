@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import hashlib
 import logging
@@ -273,6 +274,26 @@ class TlsState:
         self._failed_digest: str | None = None
         for warning in warnings:
             log.warning(warning)
+
+    # The hooks a certificate source that pushes (the SPIFFE Workload API, tls/spiffe.py) fills
+    # in; files are read at once and polled, so they need none of them.
+    on_change: Callable[[], None] | None = None
+
+    def subscribe(self, on_change: Callable[[], None]) -> None:
+        """Call `on_change` on the loop whenever new material waits to be loaded."""
+        self.on_change = on_change
+
+    async def ready(self, stop: asyncio.Event) -> bool:
+        """Wait for the first certificate (False: stopped first); files have it already."""
+        return True
+
+    @property
+    def problem(self) -> str | None:
+        """Why new handshakes cannot be served now, for readiness; None when they can."""
+        return None
+
+    def close(self) -> None:
+        """Stop whatever feeds this state (nothing, for files)."""
 
     @property
     def context(self) -> ssl.SSLContext:

@@ -115,6 +115,8 @@ def test_every_kustomization_renders_and_validates(rendered: dict[str, str]) -> 
         "deploy/kubernetes/overlays/prometheus",
         "deploy/kubernetes/overlays/classic-sidecar",
         "deploy/kubernetes/overlays/grpc",
+        "deploy/kubernetes/overlays/spiffe",
+        "deploy/kubernetes/overlays/spiffe-hostpath",
     }
     counts = {}
     for name, text in rendered.items():
@@ -141,6 +143,35 @@ def test_the_grpc_example_reaches_its_app_over_h2c(rendered: dict[str, str]) -> 
     assert app["lifecycle"] == base_app["lifecycle"]
     assert app["securityContext"] == base_app["securityContext"]
     assert "args" not in app, "grpcbin takes no flags"
+
+
+@pytest.mark.parametrize(
+    ("overlay", "source"),
+    [
+        (
+            "deploy/kubernetes/overlays/spiffe",
+            {"csi": {"driver": "csi.spiffe.io", "readOnly": True}},
+        ),
+        (
+            "deploy/kubernetes/overlays/spiffe-hostpath",
+            {"hostPath": {"path": "/run/spire/sockets", "type": "Directory"}},
+        ),
+    ],
+)
+def test_the_spiffe_overlays_mount_the_agent_socket_the_sidecar_is_pointed_at(
+    rendered: dict[str, str], overlay: str, source: dict[str, Any]
+) -> None:
+    deployment = next(o for o in objects(rendered[overlay]) if o["kind"] == "Deployment")
+    spec = deployment["spec"]["template"]["spec"]
+    _, sidecar = sidecar_of(deployment)
+    endpoint = next(a for a in sidecar["args"] if a.startswith("--spiffe-endpoint="))
+    socket = endpoint.split("=", 1)[1].removeprefix("unix://")
+    mount = next(m for m in sidecar["volumeMounts"] if socket.startswith(m["mountPath"] + "/"))
+    assert mount.get("readOnly") is True
+    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+    assert {k: v for k, v in volume.items() if k != "name"} == source
+    assert not any(a.startswith(("--cert", "--key")) for a in sidecar["args"])
+    assert all("secret" not in v for v in spec["volumes"]), "no Secret is left to mount"
 
 
 def test_every_image_of_the_manifests_is_pinned(rendered: dict[str, str]) -> None:
@@ -240,6 +271,7 @@ def test_every_metrics_port_reference_resolves_to_a_named_container_port(
         "deploy/kubernetes/base",
         "deploy/kubernetes/overlays/classic-sidecar",
         "deploy/kubernetes/overlays/grpc",
+        "deploy/kubernetes/overlays/spiffe",
     ],
 )
 def test_the_grace_period_covers_prestop_app_drain_and_sidecar_drain(
@@ -279,7 +311,7 @@ def test_the_prometheusrule_carries_exactly_the_plain_rules(rendered: dict[str, 
     plain = yaml.safe_load((PROMETHEUS / "alerts.yaml").read_text())
     assert rule["spec"]["groups"] == plain["groups"]
     alerts = [r for g in plain["groups"] for r in g["rules"]]
-    assert len(alerts) == 7
+    assert len(alerts) == 8
     runbook = (REPO / "docs" / "runbook.md").read_text()
     for alert in alerts:
         annotations = alert["annotations"]

@@ -7,19 +7,24 @@ from __future__ import annotations
 
 import re
 import signal
+from pathlib import Path
 
+from proxy.tls import certs
 from tests.support.proxy import DevCerts, ProxyProcess, serve_args
+from tests.support.spiffe_agent import FakeAgent, Identity, new_svid
 from tests.support.upstream import UpstreamApp
 
 # Never loaded by `serve` without mutual TLS, with the httptools codec and HTTP/2 off (with it
 # on, the ALPN successor is built at start-up, and h2 with it)
 NOT_LOADED = ("cryptography", "h2", "proxy.commands", "ruamel", "wsproto", "proxy.http1.h11_codec")
+# Loaded only with --spiffe-endpoint: the Workload API's client (grpc and protobuf, 10 MiB)
+WORKLOAD_API = ("grpc", "google.protobuf", "proxy.tls.spiffe", "proxy.tls.workload_api")
 
 # `import time:       123 |        456 | package.module`, indented by nesting depth
 IMPORT_LINE = re.compile(r"^import time:\s+\d+ \|\s+\d+ \|\s*(\S+)\s*$")
 
 
-def imported_by_serve(dev: DevCerts, upstream: UpstreamApp, *extra: str) -> set[str]:
+def imported_by_serve(dev: DevCerts | None, upstream: UpstreamApp, *extra: str) -> set[str]:
     """The modules a `serve` process imported up to its `listening` line and its SIGTERM."""
     proxy = ProxyProcess(
         serve_args(upstream.base, dev, "--http", "httptools", "--no-http2", *extra),
@@ -44,7 +49,7 @@ def test_serve_without_mutual_tls_loads_no_crypto_no_h2_no_commands(
 ) -> None:
     modules = imported_by_serve(dev_certs, upstream)
     assert "httptools" in modules
-    for package in NOT_LOADED:
+    for package in (*NOT_LOADED, *WORKLOAD_API):
         assert loaded(modules, package) == [], f"serve imported {package}"
 
 
@@ -55,4 +60,18 @@ def test_serve_with_a_client_ca_loads_cryptography(
         dev_certs, upstream, "--client-ca", str(dev_certs.ca), "--allow-all"
     )
     assert loaded(modules, "cryptography") != []
+    assert loaded(modules, "proxy.commands") == []
+    for package in WORKLOAD_API:
+        assert loaded(modules, package) == [], f"serve imported {package}"
+
+
+def test_serve_with_the_workload_api_loads_grpc(tmp_path: Path, upstream: UpstreamApp) -> None:
+    ca = certs.create_ca("example.org SPIFFE CA")
+    agent = FakeAgent(tmp_path / "agent.sock", Identity(new_svid(ca), [ca])).start()
+    try:
+        modules = imported_by_serve(None, upstream, "--spiffe-endpoint", agent.endpoint)
+    finally:
+        agent.stop()
+    for package in WORKLOAD_API:
+        assert loaded(modules, package) != [], f"serve did not import {package}"
     assert loaded(modules, "proxy.commands") == []
