@@ -229,7 +229,7 @@ class Http1Connection(ClientConnection):
         self.release(HOLD_PIPELINE)
         self.arm("tunnel", self.ctx.config.idle_timeout)
 
-    def exchange_done(self, exchange: Exchange) -> None:
+    def exchange_done(self) -> None:
         self.exchange = None
         # A pooled connection no longer reports to us: its backpressure hold ends with it.
         if self._holds:

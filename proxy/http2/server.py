@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 from proxy.core.exchange import Exchange
 from proxy.core.request import BadRequest
-from proxy.downstream import ClientConnection
 from proxy.http2.codec import (
     CodecError,
     CodecSettings,
@@ -39,8 +38,9 @@ from proxy.http2.codec import (
     UnknownFrameReceived,
 )
 from proxy.http2.defences import CONTROL_BURST, CONTROL_RATE, Budget, CalmDown, header_list_bound
+from proxy.http2.flow import ConnectionWriter, StreamSender
 from proxy.http2.request import read_h2_head, read_h2_trailers
-from proxy.http2.stream import CONNECTION_BUFFER, STREAM_BUFFER, H2Stream
+from proxy.http2.stream import H2Stream
 
 if TYPE_CHECKING:
     from proxy.core.context import ProxyContext
@@ -57,7 +57,7 @@ _DRAIN_PING = b"drain\x00\x00\x00"
 CodecClass = Callable[[CodecSettings], Http2ServerCodec]
 
 
-class Http2Connection(ClientConnection):
+class Http2Connection(ConnectionWriter):
     """Serves HTTP/2 over TLS to one client; created when ALPN chose h2, with the codec class
     the server chose (`server.build_context`)."""
 
@@ -76,14 +76,10 @@ class Http2Connection(ClientConnection):
             )
         )
         self.streams: dict[int, H2Stream] = {}
-        # Streams with response bytes waiting in the codec for the client's windows: looked at
-        # after each write, since a window opens as the codec writes.
-        self.waiting: dict[int, H2Stream] = {}
-        # Streams whose app side is paused, resumed together once the buffers drained: a stream
-        # paused for the connection's buffer may have nothing of its own waiting.
-        self.paused: dict[int, H2Stream] = {}
-        self.writing_paused = False  # the client's transport is over its high-water mark
-        self.corked = 0  # a response head waits while corked (it may end with its stream)
+        self.waiting = {}
+        self.paused = {}
+        self.writing_paused = False
+        self.corked = 0
         self._flush_soon = False
         self.going_away = False  # a GOAWAY went out (or came in): no new streams
         self._final_sent = False
@@ -107,11 +103,6 @@ class Http2Connection(ClientConnection):
     @property
     def idle(self) -> bool:
         return not self.streams
-
-    @property
-    def buffered(self) -> int:
-        """Response bytes waiting for the client's windows, all streams."""
-        return self.codec.waiting(0)
 
     def begin_drain(self) -> None:
         """GOAWAY with the largest stream id first (streams under way may still arrive), then,
@@ -347,38 +338,8 @@ class Http2Connection(ClientConnection):
             stream.lost()
         self.close()
 
-    def acknowledge(self, size: int, sid: int) -> None:
-        """Reopen the client's windows by what was taken (a closed stream's: the connection's
-        only)."""
-        self.codec.acknowledge(sid, size)
-
     # --- writing ----------------------------------------------------------------------------------
-    def flush(self) -> None:
-        """Write what the codec holds at the end of this loop iteration: the frames of every
-        stream answered meanwhile go out in one TLS write."""
-        if not self._flush_soon:
-            self._flush_soon = True
-            self.loop.call_soon(self.flush_now)
-
-    def flush_now(self) -> None:
-        self._flush_soon = False
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return
-        data = self.codec.data_to_send()
-        if data:
-            self.write(data)
-            if self.waiting:  # the windows let some of it through: who still waits, and what
-                for stream in list(self.waiting.values()):
-                    stream.waiting_changed()
-                self.resume_streams()
-
-    def close(self) -> None:
-        """What the codec holds goes out first: nothing follows it."""
-        self.flush_now()
-        super().close()
-
-    def stream_done(self, stream: H2Stream) -> None:
+    def stream_done(self, stream: StreamSender) -> None:
         if self.streams.pop(stream.sid, None) is not None:
             self._when_idle()
 
@@ -418,30 +379,6 @@ class Http2Connection(ClientConnection):
         self.waiting.clear()
         self.codec.close()  # nghttp2's session is freed now, on every way a connection ends
         self.forget()
-
-    # The stream a pooled upstream connection works for relays the app's backpressure.
-    def pause_writing(self) -> None:
-        self.writing_paused = True
-        idle_timeout = self.ctx.config.idle_timeout
-        for stream in self.streams.values():
-            exchange = stream.exchange
-            if stream._phase == "upstream" and exchange is not None and exchange.response_started:
-                stream.arm("send", idle_timeout)  # the client is not reading: its time
-            if not stream.upstream_paused:
-                stream.pause_upstream()
-
-    def resume_writing(self) -> None:
-        self.writing_paused = False
-        self.resume_streams()
-
-    def resume_streams(self) -> None:
-        """Every paused stream whose own buffer is low goes on, once the connection's buffer
-        and transport have room again."""
-        if not self.paused or self.writing_paused or self.buffered > CONNECTION_BUFFER // 2:
-            return
-        for stream in list(self.paused.values()):
-            if stream.waiting_bytes <= STREAM_BUFFER // 2:
-                stream.resume_upstream()
 
 
 # Event type -> handler: one table for every connection (not bound methods per connection).
