@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from proxy.core import grpc
 from proxy.core.answers import local_body, local_headers
+from proxy.core.errors import kind
 from proxy.core.headers import Headers
 from proxy.core.links import Pool, UpstreamLink
 from proxy.core.request import RequestHead, UpstreamRequest
@@ -107,7 +108,7 @@ class ExchangeEnds:
         if self.response_started:
             if not self.head.grpc:
                 return False
-            self._cut(grpc.DEADLINE_EXCEEDED, "upstream_timeout", "the app stalled mid-response")
+            self._cut("upstream_timeout", "the app stalled mid-response")
             return True
         self.local(504, "upstream_timeout", "the app did not answer in time")
         return True
@@ -121,7 +122,7 @@ class ExchangeEnds:
 
     def local(self, status: int, reason: str, message: str) -> None:
         """Answer the client ourselves instead of the app (for gRPC, in gRPC's terms)."""
-        self.ctx.metrics.local_responses.labels(str(status), reason).inc()
+        self.ctx.metrics.local.add(str(status), reason)
         upstream = self.upstream
         if upstream is not None:
             self.upstream = None
@@ -140,7 +141,7 @@ class ExchangeEnds:
                 },
             )
         if self.head.grpc:
-            code = grpc.status_for(status)
+            code = kind(reason).grpc
             self.grpc_status = grpc.STATUS_BYTES[code]
             text = local_body(status, message, self.request_id).decode().strip()
             self.down.send_local(200, grpc.trailers_only(code, text, self.request_id), b"")
@@ -161,7 +162,7 @@ class ExchangeEnds:
             self.connect_task.cancel()
         self._finish(self.status if self.response_started else 499)
 
-    def _cut(self, code: int, reason: str, message: str) -> None:
+    def _cut(self, reason: str, message: str) -> None:
         """A response under way cannot be completed. A gRPC call ends with trailers carrying
         `code` (UNAVAILABLE for an app that failed, DEADLINE_EXCEEDED for one that stalled, as
         Envoy answers), which a client reads as the call's status; a reset would say INTERNAL
@@ -175,6 +176,7 @@ class ExchangeEnds:
         if upstream is not None:
             self.upstream = None
             upstream.abort()
+        code = kind(reason).grpc
         self.grpc_status = grpc.STATUS_BYTES[code]
         self.local_reason = (reason, message)
         self._finish(self.status)

@@ -14,7 +14,6 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from proxy.core import grpc
 from proxy.core import headers as hdr
 from proxy.core.ending import ExchangeEnds
 from proxy.core.headers import Headers
@@ -95,7 +94,7 @@ class Exchange(ExchangeEnds):
         config = ctx.config
         session = self.session
         if session.denied is not None:
-            ctx.metrics.client_auth_denied.labels(session.denied).inc()
+            ctx.metrics.denied.add(session.denied)
             who = session.identity.subject if session.identity else ""
             message = (
                 f"client certificate {who} is not allowed"
@@ -315,7 +314,7 @@ class Exchange(ExchangeEnds):
         if self.response_complete or self.finished:
             return  # answered already; the rest of the request body is read and dropped
         if self.response_started:
-            self._cut(grpc.UNAVAILABLE, "upstream_closed", "the app closed the stream mid-response")
+            self._cut("upstream_closed", "the app closed the stream mid-response")
             return
         # The app closed a pooled connection just as we reused it: safe to send again only
         # when it saw no body and we saw no answer.
@@ -336,7 +335,7 @@ class Exchange(ExchangeEnds):
         if upstream is not None:
             upstream.abort()
         if self.response_started:
-            self._cut(grpc.UNAVAILABLE, reason, message)
+            self._cut(reason, message)
             return
         self.local(502, reason, message)
 

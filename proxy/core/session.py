@@ -27,6 +27,9 @@ class Session:
     cipher: str | None = None
     # --upstream-proxy-protocol: this connection's own pool of app connections (else the shared)
     pool: Pool | None = None
+    # the access line's per-connection fields, encoded at the connection's first line
+    access_facts: str | None = None
+    access_identity: str | None = None
 
 
 # Why a downstream stops reading; it reads again only when no reason is left.

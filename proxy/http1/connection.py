@@ -121,7 +121,7 @@ class Http1Connection(ClientConnection):
                 "unexpected error on a client connection",
                 extra={"client": self.session.client.address},
             )
-            self.ctx.metrics.local_responses.labels("500", "internal_error").inc()
+            self.ctx.metrics.local.add("500", "internal_error")
             self.abort_all()
 
     # RequestSink: what the codec parsed
@@ -252,7 +252,7 @@ class Http1Connection(ClientConnection):
                 "unexpected error on a client connection",
                 extra={"client": self.session.client.address},
             )
-            self.ctx.metrics.local_responses.labels("500", "internal_error").inc()
+            self.ctx.metrics.local.add("500", "internal_error")
             self.abort_all()
             return
         if not going_on:

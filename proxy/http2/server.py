@@ -2,9 +2,8 @@
 or h2, `--http2-codec`): each stream is one `Exchange`.
 
 The connection turns the codec's events into exchanges and back; a stream is the exchange's
-`Downstream`. Flow control is the backpressure both ways: a request body is acknowledged (the
-client's window reopened) only once it went on to the app, and a response body waits in the
-codec when the client's window is shut, pausing the app's side past a bound. The defences
+`Downstream`. Flow control is the backpressure both ways (`flow`): a request body is
+acknowledged only once it went on to the app; a response body waits in the codec. The defences
 against the known HTTP/2 attacks are ours, the same whichever codec runs: budgets for resets
 and for frames that make the server work without a request (rapid reset; SETTINGS, PING and
 empty DATA floods), the header block bound the codec is given (CONTINUATION flood), the cut of
@@ -18,6 +17,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from proxy.core.answers import refuse_stream
 from proxy.core.exchange import Exchange
 from proxy.core.request import BadRequest
 from proxy.http2.codec import (
@@ -54,6 +54,7 @@ CONNECTION_WINDOW = 1024 * 1024
 
 LINGER_SECONDS = 1.0
 _DRAIN_PING = b"drain\x00\x00\x00"
+MALFORMED, REFUSED = "malformed", "refused_stream"  # errors.KINDS: how such a stream is reset
 CodecClass = Callable[[CodecSettings], Http2ServerCodec]
 
 
@@ -176,7 +177,7 @@ class Http2Connection(ConnectionWriter):
 
     def _connection_error(self, reason: str, message: str, code: int | None = None) -> None:
         """End the connection with GOAWAY (the codec queued it already unless `code` is given)."""
-        self.ctx.metrics.http2_connection_errors.labels(reason).inc()
+        self.ctx.metrics.h2_errors.add(reason)
         self.stop_timer()  # the linger ends it; an idle timeout would say GOAWAY once more
         log.info(
             "http/2 connection error",
@@ -209,19 +210,17 @@ class Http2Connection(ConnectionWriter):
         # may outlive the codec's streams: an answer of our own still reading the body)
         if self._final_sent or len(self.streams) >= self.ctx.config.max_concurrent_streams:
             self._calm(self._resets, "rapid_reset")
-            self.codec.reset_stream(sid, ErrorCode.REFUSED_STREAM)
+            why = "after GOAWAY" if self._final_sent else "past --max-concurrent-streams"
+            self.codec.reset_stream(sid, refuse_stream(self.ctx, self.session, REFUSED, why))
             return
         try:
             head = read_h2_head(event.headers, event.ended)
         except BadRequest as e:
-            self.ctx.metrics.local_responses.labels(str(e.status), e.reason).inc()
-            if e.reason == "malformed":
-                log.debug(
-                    "malformed http/2 request",
-                    extra={"client": self.session.client.address, "detail": str(e)},
-                )
+            if e.reason == MALFORMED:  # a reset, not an answer
                 self._calm(self._resets, "rapid_reset")
-                self.codec.reset_stream(sid, ErrorCode.PROTOCOL_ERROR)
+                self.codec.reset_stream(
+                    sid, refuse_stream(self.ctx, self.session, MALFORMED, str(e))
+                )
                 return
             head = None
             refusal: BadRequest | None = e
@@ -281,7 +280,8 @@ class Http2Connection(ConnectionWriter):
         self._calm(self._resets, "rapid_reset")
 
     def _malformed(self, detail: str) -> None:
-        self.ctx.metrics.local_responses.labels("400", "malformed").inc()
+        """Reset for breaking the protocol under way: counted (its exchange logs the line)."""
+        self.ctx.metrics.resets.add(MALFORMED)
         log.debug(
             "malformed http/2 request",
             extra={"client": self.session.client.address, "detail": detail},
@@ -313,6 +313,8 @@ class Http2Connection(ConnectionWriter):
             if event.error_code == ErrorCode.PROTOCOL_ERROR and stream.exchange is not None:
                 self._malformed("the stream broke the protocol (its body's length)")
             stream.lost()
+        else:  # refused before the proxy saw it (the codec's own stream limit)
+            refuse_stream(self.ctx, self.session, REFUSED, "refused by the codec")
         self._calm(self._resets, "rapid_reset")
 
     def _on_control(self, event: SettingsReceived | PingReceived | UnknownFrameReceived) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from proxy.core.answers import local_body, local_headers
+from proxy.core.answers import refuse
 from proxy.core.exchange import Exchange
 from proxy.core.headers import Headers
 from proxy.core.links import Tunnel
@@ -70,8 +70,9 @@ class H2Stream(StreamSender):
             self.conn.acknowledge(size, self.sid)
 
     def refuse(self, error: BadRequest) -> None:
-        """A request refused before it had an exchange (431 for an oversized head)."""
-        self.send_local(error.status, local_headers(None), local_body(error.status, str(error)))
+        """A request refused before it had an exchange (431 for an oversized head, 405 for
+        CONNECT): answered, counted and access-logged as over HTTP/1.1."""
+        refuse(self.ctx, self, self.session, error, b"2")
 
     # --- Downstream -------------------------------------------------------------------------------
     def cork(self) -> None:

@@ -26,6 +26,7 @@ from proxy.metrics.labels import (
     HANDSHAKE_BUCKETS,
     HANDSHAKE_ERROR_REASONS,
     HTTP2_CONNECTION_ERROR_REASONS,
+    HTTP2_STREAM_RESET_REASONS,
     LATENCY_BUCKETS,
     METHODS,
     PREFIX,
@@ -35,7 +36,7 @@ from proxy.metrics.labels import (
     UPSTREAM_CONNECT_ERROR_REASONS,
     UPSTREAM_UP_HELP,
 )
-from proxy.metrics.tallies import Observed
+from proxy.metrics.tallies import Observed, Tally
 
 __all__ = [
     "PREFIX",
@@ -176,6 +177,15 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.http2_stream_resets = Counter(
+            f"{p}_http2_stream_resets",
+            "HTTP/2 streams the proxy reset before they had an answer, by reason (malformed: a "
+            "head HTTP/1.1 cannot carry, or a body its Content-Length contradicts, reset "
+            "PROTOCOL_ERROR; refused_stream: past --max-concurrent-streams or after GOAWAY, "
+            "REFUSED_STREAM). Not answers: local_responses_total does not count them.",
+            ["reason"],
+            registry=r,
+        )
         self.local_responses = Counter(
             f"{p}_local_responses",
             "Responses the proxy made itself instead of the app, by code and reason.",
@@ -259,6 +269,7 @@ class Metrics:
             (self.tls_handshake_errors, HANDSHAKE_ERROR_REASONS),
             (self.upstream_connect_errors, UPSTREAM_CONNECT_ERROR_REASONS),
             (self.http2_connection_errors, HTTP2_CONNECTION_ERROR_REASONS),
+            (self.http2_stream_resets, HTTP2_STREAM_RESET_REASONS),
             (self.timeouts, TIMEOUT_PHASES),
             (self.certificate_reloads, RELOAD_RESULTS),
             (self.client_auth_denied, CLIENT_AUTH_DENIED_REASONS),
@@ -267,7 +278,23 @@ class Metrics:
                 counter.labels(value)
         self.upstream_idle = self.upstream_connections_active.labels("idle")
         self.upstream_busy = self.upstream_connections_active.labels("busy")
-        # The data path's accumulators (see flush).
+        # The data path's accumulators (see flush); the error and abuse paths' too.
+        self.local = Tally(self.local_responses)  # .add(code, reason)
+        self.resets = Tally(self.http2_stream_resets)  # .add(reason)
+        self.denied = Tally(self.client_auth_denied)  # .add(reason)
+        self.timed_out = Tally(self.timeouts)  # .add(phase)
+        self.h2_errors = Tally(self.http2_connection_errors)  # .add(reason)
+        self.rejected = Tally(self.connections_rejected)  # .add(reason)
+        self.handshake_failed = Tally(self.tls_handshake_errors)  # .add(reason)
+        self._tallies = (
+            self.local,
+            self.resets,
+            self.denied,
+            self.timed_out,
+            self.h2_errors,
+            self.rejected,
+            self.handshake_failed,
+        )
         self.down_in = self.down_out = self.up_in = self.up_out = 0
         self.in_flight = 0
         self._bytes_children = [
@@ -347,6 +374,8 @@ class Metrics:
                 observed.flush_into(histogram)
         if self._upstream_observed.count:
             self._upstream_observed.flush_into(self.upstream_response_duration)
+        for tally in self._tallies:
+            tally.flush()
         self.http_requests_in_flight.set(self.in_flight)
         for hook in self._hooks:
             hook()

@@ -24,6 +24,7 @@ HTTP2_CONNECTION_ERROR_REASONS = (
     "stream_reused",
     "internal_error",
 )
+HTTP2_STREAM_RESET_REASONS = ("malformed", "refused_stream")
 TIMEOUT_PHASES = ("handshake", "header", "idle", "request_body", "upstream", "tunnel", "send")
 RELOAD_RESULTS = ("success", "failure")
 CLIENT_AUTH_DENIED_REASONS = ("no_certificate", "not_allowed")
