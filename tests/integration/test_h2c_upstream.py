@@ -17,7 +17,7 @@ import pytest
 from tests.support.codecs import http2_env
 from tests.support.h2app import H2App
 from tests.support.h2client import H2Client
-from tests.support.proxy import DevCerts, ProxyProcess, serve_args, tls_socket
+from tests.support.proxy import DevCerts, ProxyProcess, serve_args, tls_socket, wait_for
 
 
 @pytest.fixture
@@ -90,11 +90,14 @@ def test_the_apps_reset_reaches_the_client(
 def test_streams_spread_over_few_connections_within_the_apps_limit(
     run: list[object], dev_certs: DevCerts, ca: Path, http2_codec: str
 ) -> None:
-    """The app allows 5 streams per connection: 20 at once take 4 connections, not 20."""
+    """The app allows 5 streams per connection: 20 at once take 4 connections, not 20. The
+    app holds every answer until all 20 are with it, so they are all in flight together."""
     app = H2App(max_streams=5)
     proxy = start(run, app, dev_certs, http2_codec)
     client = H2Client(proxy.port, ca)
-    streams = [client.request(b"/slow") for _ in range(20)]
+    streams = [client.request(b"/hold/pool") for _ in range(20)]
+    wait_for(lambda: app.held.get("pool") == 20, timeout=20, what="20 streams at the app")
+    app.open_gate("pool")
     statuses = [client.response(sid, timeout=20).status for sid in streams]
     client.close()
     assert statuses == [200] * 20
