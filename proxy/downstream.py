@@ -88,7 +88,7 @@ class ClientConnection(PhaseTimer, asyncio.Protocol):
         )
         if len(ctx.connections) >= ctx.config.max_connections or ctx.draining:
             reason = "draining" if ctx.draining else "max_connections"
-            ctx.metrics.connections_rejected.labels(reason).inc()
+            ctx.metrics.rejected.add(reason)
             self.closed = True
             transport.close()
             return
@@ -151,7 +151,7 @@ class ClientConnection(PhaseTimer, asyncio.Protocol):
 
     def proxy_header_refused(self, reason: str, detail: str) -> None:
         """Missing, malformed, untrusted or too slow: closed at once and counted, nothing sent."""
-        self.ctx.metrics.connections_rejected.labels("proxy_protocol_" + reason).inc()
+        self.ctx.metrics.rejected.add("proxy_protocol_" + reason)
         suppressed = self.ctx.handshake_log.allow("proxy_protocol_" + reason)
         if suppressed is not None:
             log.info(
@@ -177,7 +177,7 @@ class ClientConnection(PhaseTimer, asyncio.Protocol):
         except (TimeoutError, ConnectionAbortedError) as e:
             timed_out = isinstance(e, TimeoutError) or "taking longer" in str(e)
             if timed_out and not self._failure_counted:
-                self.ctx.metrics.timeouts.labels("handshake").inc()
+                self.ctx.metrics.timed_out.add("handshake")
             self._handshake_failed("timeout" if timed_out else "closed", e)
             return
         except ssl.SSLError as e:
@@ -252,7 +252,7 @@ class ClientConnection(PhaseTimer, asyncio.Protocol):
         """Count and log (rate-limited) a failed handshake. The log's `reason` is the metric's
         label, so one word finds both; `detail` is the finer cause (OpenSSL's reason)."""
         self._failure_counted = True
-        self.ctx.metrics.tls_handshake_errors.labels(reason).inc()
+        self.ctx.metrics.handshake_failed.add(reason)
         suppressed = self.ctx.handshake_log.allow(detail)
         if suppressed is not None:
             log.info(
@@ -389,7 +389,7 @@ class _ProxyHeaderReader(asyncio.Protocol):
     def _timed_out(self) -> None:
         if not self.done:
             self._finish()
-            self.connection.ctx.metrics.timeouts.labels("proxy_protocol").inc()
+            self.connection.ctx.metrics.timed_out.add("proxy_protocol")
             self.connection.proxy_header_refused("timeout", "no whole PROXY header in time")
 
     def _finish(self) -> None:

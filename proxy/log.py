@@ -107,6 +107,23 @@ def configure(log_format: str, level: str, stream: IO[str] | None = None) -> Non
         held.release()  # through logging now
 
 
+def connection_facts(
+    client: str,
+    tls_version: str,
+    cipher: str | None,
+    sni: str | None,
+    identity: str | None,
+    denied: str | None,
+) -> str:
+    """The access line's fields that are the same for every request of a connection, as JSON
+    members: encoded once per connection, not on every line."""
+    facts: dict[str, object] = {"client": client, "tls": tls_version, "cipher": cipher, "sni": sni}
+    if identity is not None or denied is not None:
+        facts["identity"] = identity
+        facts["denied"] = denied
+    return json.dumps(facts)[1:-1]
+
+
 @dataclass(slots=True)
 class AccessRecord:
     """One answered request, as the access log writes it."""
@@ -136,6 +153,9 @@ class AccessRecord:
     denied: str | None = None  # mutual TLS: why the client certificate was refused
     trace_id: str | None = None  # from a W3C traceparent, passed to the app untouched
     event: str | None = None  # "websocket_end": the line of a WebSocket session that ended
+    # the per-connection fields (client, tls, cipher, sni, identity), JSON-encoded once per
+    # connection by `connection_facts`
+    facts: str | None = None
 
     def as_json(self) -> str:
         extra: dict[str, object] = {} if self.worker is None else {"worker": self.worker}
@@ -144,17 +164,13 @@ class AccessRecord:
             extra["detail"] = self.detail
         if self.grpc_status is not None:
             extra["grpc_status"] = self.grpc_status
-        if self.identity is not None or self.denied is not None:
-            extra["identity"] = self.identity
-            extra["denied"] = self.denied
         if self.trace_id is not None:
             extra["trace_id"] = self.trace_id
         if self.event is not None:
             extra["event"] = self.event
-        return json.dumps(
+        line = json.dumps(
             {
                 "time": _timestamp(self.time),
-                "client": self.client,
                 "method": self.method,
                 "path": self.path,
                 "status": self.status,
@@ -168,13 +184,16 @@ class AccessRecord:
                 "host": self.host,
                 "user_agent": self.user_agent,
                 "protocol": self.protocol,
-                "tls": self.tls_version,
-                "cipher": self.cipher,
-                "sni": self.sni,
                 "request_id": self.request_id,
                 **extra,
             }
         )
+        facts = self.facts
+        if facts is None:
+            facts = connection_facts(
+                self.client, self.tls_version, self.cipher, self.sni, self.identity, self.denied
+            )
+        return f"{line[:-1]}, {facts}}}"
 
     def as_text(self) -> str:
         upstream = "-" if self.upstream_duration is None else f"{self.upstream_duration * 1000:.1f}"

@@ -1,5 +1,6 @@
 """The proxy's own answers: their body and headers, and the one way a request refused before it
 had an exchange (a head that cannot be read, over either protocol) is answered, counted and
+access-logged; over HTTP/2, the one way a stream reset instead of answered is counted and
 access-logged."""
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 from proxy.core import headers as hdr
+from proxy.core.errors import kind
 from proxy.core.headers import Headers
 from proxy.core.request import BadRequest
 from proxy.core.session import Session
@@ -43,14 +45,16 @@ def refuse(
 ) -> None:
     """A request refused before it had an exchange: the same answer, count and access line for
     HTTP/1.1 (`protocol` b"1.1") and HTTP/2 (b"2") as the exchange gives its own answers."""
-    ctx.metrics.local_responses.labels(str(error.status), error.reason).inc()
-    body = local_body(error.status, str(error))
-    down.send_local(error.status, local_headers(None), body)
-    ctx.metrics.request_done(b"OTHER", error.status, 0.0, protocol)
+    status = error.status
+    metrics = ctx.metrics
+    metrics.local.add(str(status), error.reason)
+    body = local_body(status, str(error))
+    down.send_local(status, local_headers(None), body)
+    metrics.request_done(b"OTHER", status, 0.0, protocol)
     ctx.access(
         session,
         None,
-        status=error.status,
+        status=status,
         bytes_in=0,
         bytes_out=len(body),
         duration=0.0,
@@ -60,3 +64,25 @@ def refuse(
         detail=str(error),
         protocol=protocol,
     )
+
+
+def refuse_stream(ctx: ProxyContext, session: Session, reason: str, detail: str) -> int:
+    """An HTTP/2 stream reset before it had an exchange (a malformed head, a stream refused):
+    no answer, so no `local_responses_total` sample; counted as a reset with its reason, and
+    access-logged as one (status 0, event `stream_reset`). Returns the code to reset it with."""
+    ctx.metrics.resets.add(reason)
+    ctx.access(
+        session,
+        None,
+        status=0,
+        bytes_in=0,
+        bytes_out=0,
+        duration=0.0,
+        upstream_duration=None,
+        request_id=b"-",
+        local=reason,
+        detail=detail,
+        event="stream_reset",
+        protocol=b"2",
+    )
+    return kind(reason).reset

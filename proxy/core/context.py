@@ -19,7 +19,7 @@ from proxy.core.request import RequestHead
 from proxy.core.session import Session
 from proxy.descriptors import DescriptorReserve
 from proxy.identity import identity_name
-from proxy.log import AccessLog, AccessRecord, FailureLog
+from proxy.log import AccessLog, AccessRecord, FailureLog, connection_facts
 from proxy.metrics import PROTOCOLS, Metrics
 from proxy.tls.context import TlsState
 
@@ -110,7 +110,7 @@ class ProxyContext:
 
     def refuse_for_descriptors(self, client: str) -> None:
         """A connection closed on accept: taking it would leave too few descriptors spare."""
-        self.metrics.connections_rejected.labels("no_file_descriptors").inc()
+        self.metrics.rejected.add("no_file_descriptors")
         suppressed = self._refusal_log.allow("no_file_descriptors")
         if suppressed is not None:
             log.warning(
@@ -165,7 +165,18 @@ class ProxyContext:
                     user_agent = value[:512].decode("latin-1")
                 elif name == b"traceparent" and trace_id is None:
                     trace_id = hdr.trace_id(value)
-        identity = session.identity
+        facts = session.access_facts
+        if facts is None:  # the first line of this connection
+            identity = session.identity
+            session.access_identity = identity_name(identity) if identity is not None else None
+            facts = session.access_facts = connection_facts(
+                session.client.address,
+                session.tls_version,
+                session.cipher,
+                session.sni,
+                session.access_identity,
+                session.denied,
+            )
         self.access_log.write(
             AccessRecord(
                 time=time.time(),
@@ -189,9 +200,10 @@ class ProxyContext:
                 sni=session.sni,
                 cipher=session.cipher,
                 upstream_status=upstream_status,
-                identity=identity_name(identity) if identity is not None else None,
+                identity=session.access_identity,
                 denied=session.denied,
                 trace_id=trace_id,
                 event=event,
+                facts=facts,
             )
         )

@@ -3,7 +3,8 @@
 A downstream (an HTTP/1.1 connection; an HTTP/2 stream) hands over a checked `RequestHead`, body
 chunks and an end; the exchange decides what the app gets (or answers itself), holds the upstream
 connection, relays the response back through the downstream's `send_*`, retries what is safe to
-retry, moves the timeout phases, and records metrics and the access log once.
+retry and moves the timeout phases; how it ends (its own answers, timeouts, the one record in
+metrics and the access log) is `ending.ExchangeEnds`, its base.
 """
 
 from __future__ import annotations
@@ -11,13 +12,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
-from proxy.core import grpc
 from proxy.core import headers as hdr
-from proxy.core.answers import local_body, local_headers
+from proxy.core.ending import ExchangeEnds
 from proxy.core.headers import Headers
-from proxy.core.links import Tunnel, UpstreamConnectError, UpstreamLink
+from proxy.core.links import UpstreamConnectError, UpstreamLink
 from proxy.core.request import (
     BadRequest,
     RequestHead,
@@ -25,78 +25,31 @@ from proxy.core.request import (
     upgrade_protocol,
     upstream_request,
 )
-from proxy.core.session import Session
+from proxy.core.session import HOLD_CONNECT, HOLD_PIPELINE, HOLD_UPSTREAM_FULL, Downstream, Session
 
 if TYPE_CHECKING:
     from proxy.core.context import ProxyContext
 
 log = logging.getLogger("tls_sidecar.http")
 
+__all__ = [
+    "HOLD_CONNECT",
+    "HOLD_PIPELINE",
+    "HOLD_UPSTREAM_FULL",
+    "Downstream",
+    "Exchange",
+]
 
-# Why a downstream stops reading; it reads again only when no reason is left.
-HOLD_CONNECT = 1  # waiting for an upstream connection
-HOLD_PIPELINE = 2  # a pipelined request waits until the current response is done
-HOLD_UPSTREAM_FULL = 4  # the app is not reading the request body fast enough
+
 _UNKNOWN = 1 << 62
 # A body this large may still sit in buffers when the request ends (see app_still_reading).
 _LARGE_BODY = 65536
 
 
-class Downstream(Protocol):
-    """The client side of one exchange: an HTTP/1.1 connection, or an HTTP/2 stream."""
-
-    session: Session
-
-    def cork(self) -> None: ...
-    def uncork(self) -> None: ...
-    def send_head(
-        self, status: int, reason: bytes, headers: Headers, length: int | None
-    ) -> None: ...
-    def send_data(self, data: bytes) -> None: ...
-    def send_trailers(self, headers: Headers) -> None: ...
-    def send_end(self) -> None: ...
-    def send_informational(self, status: int, reason: bytes, headers: Headers) -> None: ...
-    def send_local(self, status: int, headers: Headers, body: bytes) -> None: ...
-    def switch_protocols(self, tunnel: Tunnel) -> None: ...
-    def hold(self, reason: int) -> None: ...
-    def release(self, reason: int) -> None: ...
-    def arm(self, phase: str, timeout: float) -> None: ...
-    def exchange_done(self, exchange: Exchange) -> None: ...
-    def abort_all(self) -> None: ...
-
-
-class Exchange:
+class Exchange(ExchangeEnds):
     """One request and its response."""
 
-    __slots__ = (
-        "_pending",
-        "_unread",
-        "bytes_in",
-        "bytes_out",
-        "connect_task",
-        "ctx",
-        "down",
-        "finished",
-        "grpc_status",
-        "head",
-        "local_reason",
-        "pool",
-        "request",
-        "request_complete",
-        "request_id",
-        "request_trailers",
-        "reset_code",
-        "response_complete",
-        "response_started",
-        "retried",
-        "sent_at",
-        "session",
-        "started",
-        "status",
-        "upstream",
-        "upstream_duration",
-        "upstream_status",
-    )
+    __slots__ = ()
 
     def __init__(
         self, ctx: ProxyContext, down: Downstream, session: Session, head: RequestHead
@@ -141,7 +94,7 @@ class Exchange:
         config = ctx.config
         session = self.session
         if session.denied is not None:
-            ctx.metrics.client_auth_denied.labels(session.denied).inc()
+            ctx.metrics.denied.add(session.denied)
             who = session.identity.subject if session.identity else ""
             message = (
                 f"client certificate {who} is not allowed"
@@ -361,7 +314,7 @@ class Exchange:
         if self.response_complete or self.finished:
             return  # answered already; the rest of the request body is read and dropped
         if self.response_started:
-            self._cut(grpc.UNAVAILABLE, "upstream_closed", "the app closed the stream mid-response")
+            self._cut("upstream_closed", "the app closed the stream mid-response")
             return
         # The app closed a pooled connection just as we reused it: safe to send again only
         # when it saw no body and we saw no answer.
@@ -382,104 +335,9 @@ class Exchange:
         if upstream is not None:
             upstream.abort()
         if self.response_started:
-            self._cut(grpc.UNAVAILABLE, reason, message)
+            self._cut(reason, message)
             return
         self.local(502, reason, message)
-
-    def _cut(self, code: int, reason: str, message: str) -> None:
-        """A response under way cannot be completed. A gRPC call ends with trailers carrying
-        `code` (UNAVAILABLE for an app that failed, DEADLINE_EXCEEDED for one that stalled, as
-        Envoy answers), which a client reads as the call's status; a reset would say INTERNAL
-        or CANCELLED. Anything else is cut (truncated: closing is the only honest signal left),
-        and so is a stream the app reset itself: its code is relayed."""
-        if not self.head.grpc or self.reset_code is not None:
-            self.down.abort_all()
-            self._finish(self.status)
-            return
-        upstream = self.upstream
-        if upstream is not None:
-            self.upstream = None
-            upstream.abort()
-        self.grpc_status = grpc.STATUS_BYTES[code]
-        self.local_reason = (reason, message)
-        self._finish(self.status)
-        self.down.send_trailers(grpc.status_trailers(code, message))
-
-    # --- ends -----------------------------------------------------------------------------------
-    def app_still_reading(self) -> bool:
-        """--upstream-timeout counts from the end of the request: from when the app has it,
-        not from when the proxy read its last byte while megabytes of it still waited in
-        buffers. True while the app has request bytes unread and took some since last asked;
-        an app that takes nothing for a whole timeout gets its 504."""
-        upstream = self.upstream
-        if upstream is None or self.response_started or not self.request_complete:
-            return False
-        unread = upstream.unread_request_bytes()
-        progress = 0 < unread < self._unread
-        self._unread = unread
-        return progress
-
-    def timed_out(self) -> bool:
-        """The upstream phase ran out: 504 when nothing was answered yet; a gRPC response under
-        way ends with DEADLINE_EXCEEDED."""
-        if self.finished:
-            return False
-        if self.response_started:
-            if not self.head.grpc:
-                return False
-            self._cut(grpc.DEADLINE_EXCEEDED, "upstream_timeout", "the app stalled mid-response")
-            return True
-        self.local(504, "upstream_timeout", "the app did not answer in time")
-        return True
-
-    def body_timed_out(self) -> bool:
-        """The request body stalled past --idle-timeout: 408 when nothing was answered yet."""
-        if self.response_started or self.finished:
-            return False
-        self.local(408, "request_timeout", "request body not received in time")
-        return True
-
-    def local(self, status: int, reason: str, message: str) -> None:
-        """Answer the client ourselves instead of the app (for gRPC, in gRPC's terms)."""
-        self.ctx.metrics.local_responses.labels(str(status), reason).inc()
-        upstream = self.upstream
-        if upstream is not None:
-            self.upstream = None
-            upstream.abort()
-        self.status = status
-        self.local_reason = (reason, message)
-        if status >= 500:
-            log.warning(
-                "answered for the app",
-                extra={
-                    "status": status,
-                    "reason": reason,
-                    "detail": message,
-                    "request_id": self.request_id.decode("latin-1"),
-                    "client": self.session.client.address,
-                },
-            )
-        if self.head.grpc:
-            code = grpc.status_for(status)
-            self.grpc_status = grpc.STATUS_BYTES[code]
-            text = local_body(status, message, self.request_id).decode().strip()
-            self.down.send_local(200, grpc.trailers_only(code, text, self.request_id), b"")
-            self._finish(200)
-            return
-        body = local_body(status, message, self.request_id)
-        self.bytes_out = len(body)  # the access log's bytes_out: the body the client got
-        self.down.send_local(status, local_headers(self.request_id), body)
-        self._finish(status)
-
-    def downstream_lost(self) -> None:
-        """The client went away before the exchange ended."""
-        upstream = self.upstream
-        if upstream is not None:
-            self.upstream = None
-            upstream.abort()
-        if self.connect_task is not None:
-            self.connect_task.cancel()
-        self._finish(self.status if self.response_started else 499)
 
     def _complete(self) -> None:
         upstream = self.upstream
@@ -487,32 +345,4 @@ class Exchange:
         self._finish(self.status)
         if upstream is not None:
             self.pool.release(upstream)
-        self.down.exchange_done(self)
-
-    def _finish(self, status: int) -> None:
-        if self.finished:
-            return
-        self.finished = True
-        ctx = self.ctx
-        duration = time.perf_counter() - self.started
-        head = self.head
-        ctx.metrics.in_flight -= 1
-        ctx.metrics.request_done(head.method, status, duration, head.version)
-        if self.grpc_status is not None:
-            ctx.metrics.grpc_done(self.grpc_status)
-        if ctx.access_log.enabled:
-            local = self.local_reason
-            ctx.access(
-                self.session,
-                head,
-                status=status,
-                bytes_in=self.bytes_in,
-                bytes_out=self.bytes_out,
-                duration=duration,
-                upstream_duration=self.upstream_duration,
-                request_id=self.request_id,
-                local=local[0] if local else None,
-                detail=local[1] if local else None,
-                grpc_status=self.grpc_status,
-                upstream_status=self.upstream_status,
-            )
+        self.down.exchange_done()

@@ -1,4 +1,5 @@
-"""gRPC's view of the proxy's own answers: status codes and trailers-only responses (pure).
+"""gRPC's view of the proxy's own answers: status codes and trailers-only responses (pure);
+which status each of the proxy's errors gets is `errors.KINDS`.
 
 A gRPC client reads the outcome from `grpc-status`, not from the HTTP status, so an error of the
 proxy's own for a gRPC request is HTTP 200 with the status in a trailers-only response, as Envoy
@@ -19,29 +20,7 @@ INTERNAL = 13
 UNAVAILABLE = 14
 UNAUTHENTICATED = 16
 
-_BY_HTTP = {
-    400: INTERNAL,
-    401: UNAUTHENTICATED,
-    403: PERMISSION_DENIED,
-    404: UNIMPLEMENTED,
-    405: UNIMPLEMENTED,
-    408: DEADLINE_EXCEEDED,
-    413: RESOURCE_EXHAUSTED,
-    429: RESOURCE_EXHAUSTED,
-    431: RESOURCE_EXHAUSTED,
-    502: UNAVAILABLE,
-    503: UNAVAILABLE,
-    504: DEADLINE_EXCEEDED,
-}
-
 STATUS_BYTES = {code: b"%d" % code for code in range(17)}
-
-
-def status_for(http_status: int) -> int:
-    """The gRPC status of an answer the proxy gives itself: UNAVAILABLE when the app is down
-    or refused, DEADLINE_EXCEEDED when it did not answer in time, PERMISSION_DENIED for a
-    refused client certificate, RESOURCE_EXHAUSTED for a limit."""
-    return _BY_HTTP.get(http_status, UNKNOWN)
 
 
 def _percent_encode(message: str) -> bytes:

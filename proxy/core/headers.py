@@ -12,20 +12,18 @@ from dataclasses import dataclass, field
 Headers = list[tuple[bytes, bytes]]
 HeaderSeq = Sequence[tuple[bytes, bytes]]
 
-# RFC 9110 §7.6.1 hop-by-hop fields, plus the legacy ones proxies have always dropped.
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-    }
+# The one set of connection-specific fields: RFC 9113 §8.2.2's, which make an HTTP/2 message
+# malformed (`te` is allowed there as "trailers" only, so it is not among them).
+CONNECTION_SPECIFIC = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
 )
+# RFC 9110 §7.6.1 hop-by-hop fields, plus the legacy ones proxies have always dropped.
+HOP_BY_HOP = CONNECTION_SPECIFIC | {
+    b"te",
+    b"trailer",
+    b"proxy-authenticate",
+    b"proxy-authorization",
+}
 
 # A client naming these in `Connection` must not make us drop them.
 _NEVER_DROPPED = frozenset({b"host", b"content-length"})

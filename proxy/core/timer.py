@@ -65,5 +65,5 @@ class PhaseTimer:
             self.arm(self._phase, self._phase_timeout)
             return
         phase, self._phase = self._phase, None
-        self.ctx.metrics.timeouts.labels(phase).inc()
+        self.ctx.metrics.timed_out.add(phase)
         self.timed_out(phase)

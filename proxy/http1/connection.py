@@ -121,7 +121,7 @@ class Http1Connection(ClientConnection):
                 "unexpected error on a client connection",
                 extra={"client": self.session.client.address},
             )
-            self.ctx.metrics.local_responses.labels("500", "internal_error").inc()
+            self.ctx.metrics.local.add("500", "internal_error")
             self.abort_all()
 
     # RequestSink: what the codec parsed
@@ -229,7 +229,7 @@ class Http1Connection(ClientConnection):
         self.release(HOLD_PIPELINE)
         self.arm("tunnel", self.ctx.config.idle_timeout)
 
-    def exchange_done(self, exchange: Exchange) -> None:
+    def exchange_done(self) -> None:
         self.exchange = None
         # A pooled connection no longer reports to us: its backpressure hold ends with it.
         if self._holds:
@@ -252,7 +252,7 @@ class Http1Connection(ClientConnection):
                 "unexpected error on a client connection",
                 extra={"client": self.session.client.address},
             )
-            self.ctx.metrics.local_responses.labels("500", "internal_error").inc()
+            self.ctx.metrics.local.add("500", "internal_error")
             self.abort_all()
             return
         if not going_on:

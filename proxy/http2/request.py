@@ -5,13 +5,9 @@ from __future__ import annotations
 
 import re
 
-from proxy.core.headers import Headers, HeaderSeq
+from proxy.core.headers import CONNECTION_SPECIFIC, Headers, HeaderSeq
 from proxy.core.request import BadRequest, RequestHead
 
-# RFC 9113 §8.2.2: connection-specific fields make an HTTP/2 request malformed.
-_H2_CONNECTION_SPECIFIC = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
-)
 _H2_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path"})
 # RFC 9113 §8.2.1: a field name has no upper case, no controls, no separators that are not
 # token characters. A value has no NUL, CR or LF and no leading or trailing whitespace there;
@@ -94,7 +90,7 @@ def read_h2_head(fields: HeaderSeq, ended: bool) -> RequestHead:
             continue
         if _H2_BAD_NAME.search(name) is not None or not name:
             raise BadRequest(400, "malformed", f"invalid field name {name!r}")
-        if name in _H2_CONNECTION_SPECIFIC:
+        if name in CONNECTION_SPECIFIC:
             raise BadRequest(400, "malformed", f"connection-specific field {name.decode()!r}")
         if name == b"cookie":
             cookies.append(value)
@@ -170,7 +166,7 @@ def read_h2_trailers(fields: HeaderSeq) -> Headers:
     values, nothing connection-specific (RFC 9113 §8.1)."""
     out: Headers = []
     for name, value in fields:
-        if name[:1] == b":" or not valid_h2_field(name, value) or name in _H2_CONNECTION_SPECIFIC:
+        if name[:1] == b":" or not valid_h2_field(name, value) or name in CONNECTION_SPECIFIC:
             raise BadRequest(400, "malformed", f"invalid trailer field {name!r}")
         out.append((name, value))
     return out

@@ -2,9 +2,8 @@
 or h2, `--http2-codec`): each stream is one `Exchange`.
 
 The connection turns the codec's events into exchanges and back; a stream is the exchange's
-`Downstream`. Flow control is the backpressure both ways: a request body is acknowledged (the
-client's window reopened) only once it went on to the app, and a response body waits in the
-codec when the client's window is shut, pausing the app's side past a bound. The defences
+`Downstream`. Flow control is the backpressure both ways (`flow`): a request body is
+acknowledged only once it went on to the app; a response body waits in the codec. The defences
 against the known HTTP/2 attacks are ours, the same whichever codec runs: budgets for resets
 and for frames that make the server work without a request (rapid reset; SETTINGS, PING and
 empty DATA floods), the header block bound the codec is given (CONTINUATION flood), the cut of
@@ -18,9 +17,9 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from proxy.core.answers import refuse_stream
 from proxy.core.exchange import Exchange
 from proxy.core.request import BadRequest
-from proxy.downstream import ClientConnection
 from proxy.http2.codec import (
     CodecError,
     CodecSettings,
@@ -39,8 +38,9 @@ from proxy.http2.codec import (
     UnknownFrameReceived,
 )
 from proxy.http2.defences import CONTROL_BURST, CONTROL_RATE, Budget, CalmDown, header_list_bound
+from proxy.http2.flow import ConnectionWriter, StreamSender
 from proxy.http2.request import read_h2_head, read_h2_trailers
-from proxy.http2.stream import CONNECTION_BUFFER, STREAM_BUFFER, H2Stream
+from proxy.http2.stream import H2Stream
 
 if TYPE_CHECKING:
     from proxy.core.context import ProxyContext
@@ -54,10 +54,11 @@ CONNECTION_WINDOW = 1024 * 1024
 
 LINGER_SECONDS = 1.0
 _DRAIN_PING = b"drain\x00\x00\x00"
+MALFORMED, REFUSED = "malformed", "refused_stream"  # errors.KINDS: how such a stream is reset
 CodecClass = Callable[[CodecSettings], Http2ServerCodec]
 
 
-class Http2Connection(ClientConnection):
+class Http2Connection(ConnectionWriter):
     """Serves HTTP/2 over TLS to one client; created when ALPN chose h2, with the codec class
     the server chose (`server.build_context`)."""
 
@@ -76,14 +77,10 @@ class Http2Connection(ClientConnection):
             )
         )
         self.streams: dict[int, H2Stream] = {}
-        # Streams with response bytes waiting in the codec for the client's windows: looked at
-        # after each write, since a window opens as the codec writes.
-        self.waiting: dict[int, H2Stream] = {}
-        # Streams whose app side is paused, resumed together once the buffers drained: a stream
-        # paused for the connection's buffer may have nothing of its own waiting.
-        self.paused: dict[int, H2Stream] = {}
-        self.writing_paused = False  # the client's transport is over its high-water mark
-        self.corked = 0  # a response head waits while corked (it may end with its stream)
+        self.waiting = {}
+        self.paused = {}
+        self.writing_paused = False
+        self.corked = 0
         self._flush_soon = False
         self.going_away = False  # a GOAWAY went out (or came in): no new streams
         self._final_sent = False
@@ -107,11 +104,6 @@ class Http2Connection(ClientConnection):
     @property
     def idle(self) -> bool:
         return not self.streams
-
-    @property
-    def buffered(self) -> int:
-        """Response bytes waiting for the client's windows, all streams."""
-        return self.codec.waiting(0)
 
     def begin_drain(self) -> None:
         """GOAWAY with the largest stream id first (streams under way may still arrive), then,
@@ -185,7 +177,7 @@ class Http2Connection(ClientConnection):
 
     def _connection_error(self, reason: str, message: str, code: int | None = None) -> None:
         """End the connection with GOAWAY (the codec queued it already unless `code` is given)."""
-        self.ctx.metrics.http2_connection_errors.labels(reason).inc()
+        self.ctx.metrics.h2_errors.add(reason)
         self.stop_timer()  # the linger ends it; an idle timeout would say GOAWAY once more
         log.info(
             "http/2 connection error",
@@ -218,19 +210,17 @@ class Http2Connection(ClientConnection):
         # may outlive the codec's streams: an answer of our own still reading the body)
         if self._final_sent or len(self.streams) >= self.ctx.config.max_concurrent_streams:
             self._calm(self._resets, "rapid_reset")
-            self.codec.reset_stream(sid, ErrorCode.REFUSED_STREAM)
+            why = "after GOAWAY" if self._final_sent else "past --max-concurrent-streams"
+            self.codec.reset_stream(sid, refuse_stream(self.ctx, self.session, REFUSED, why))
             return
         try:
             head = read_h2_head(event.headers, event.ended)
         except BadRequest as e:
-            self.ctx.metrics.local_responses.labels(str(e.status), e.reason).inc()
-            if e.reason == "malformed":
-                log.debug(
-                    "malformed http/2 request",
-                    extra={"client": self.session.client.address, "detail": str(e)},
-                )
+            if e.reason == MALFORMED:  # a reset, not an answer
                 self._calm(self._resets, "rapid_reset")
-                self.codec.reset_stream(sid, ErrorCode.PROTOCOL_ERROR)
+                self.codec.reset_stream(
+                    sid, refuse_stream(self.ctx, self.session, MALFORMED, str(e))
+                )
                 return
             head = None
             refusal: BadRequest | None = e
@@ -290,7 +280,8 @@ class Http2Connection(ClientConnection):
         self._calm(self._resets, "rapid_reset")
 
     def _malformed(self, detail: str) -> None:
-        self.ctx.metrics.local_responses.labels("400", "malformed").inc()
+        """Reset for breaking the protocol under way: counted (its exchange logs the line)."""
+        self.ctx.metrics.resets.add(MALFORMED)
         log.debug(
             "malformed http/2 request",
             extra={"client": self.session.client.address, "detail": detail},
@@ -322,6 +313,8 @@ class Http2Connection(ClientConnection):
             if event.error_code == ErrorCode.PROTOCOL_ERROR and stream.exchange is not None:
                 self._malformed("the stream broke the protocol (its body's length)")
             stream.lost()
+        else:  # refused before the proxy saw it (the codec's own stream limit)
+            refuse_stream(self.ctx, self.session, REFUSED, "refused by the codec")
         self._calm(self._resets, "rapid_reset")
 
     def _on_control(self, event: SettingsReceived | PingReceived | UnknownFrameReceived) -> None:
@@ -347,38 +340,8 @@ class Http2Connection(ClientConnection):
             stream.lost()
         self.close()
 
-    def acknowledge(self, size: int, sid: int) -> None:
-        """Reopen the client's windows by what was taken (a closed stream's: the connection's
-        only)."""
-        self.codec.acknowledge(sid, size)
-
     # --- writing ----------------------------------------------------------------------------------
-    def flush(self) -> None:
-        """Write what the codec holds at the end of this loop iteration: the frames of every
-        stream answered meanwhile go out in one TLS write."""
-        if not self._flush_soon:
-            self._flush_soon = True
-            self.loop.call_soon(self.flush_now)
-
-    def flush_now(self) -> None:
-        self._flush_soon = False
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return
-        data = self.codec.data_to_send()
-        if data:
-            self.write(data)
-            if self.waiting:  # the windows let some of it through: who still waits, and what
-                for stream in list(self.waiting.values()):
-                    stream.waiting_changed()
-                self.resume_streams()
-
-    def close(self) -> None:
-        """What the codec holds goes out first: nothing follows it."""
-        self.flush_now()
-        super().close()
-
-    def stream_done(self, stream: H2Stream) -> None:
+    def stream_done(self, stream: StreamSender) -> None:
         if self.streams.pop(stream.sid, None) is not None:
             self._when_idle()
 
@@ -418,30 +381,6 @@ class Http2Connection(ClientConnection):
         self.waiting.clear()
         self.codec.close()  # nghttp2's session is freed now, on every way a connection ends
         self.forget()
-
-    # The stream a pooled upstream connection works for relays the app's backpressure.
-    def pause_writing(self) -> None:
-        self.writing_paused = True
-        idle_timeout = self.ctx.config.idle_timeout
-        for stream in self.streams.values():
-            exchange = stream.exchange
-            if stream._phase == "upstream" and exchange is not None and exchange.response_started:
-                stream.arm("send", idle_timeout)  # the client is not reading: its time
-            if not stream.upstream_paused:
-                stream.pause_upstream()
-
-    def resume_writing(self) -> None:
-        self.writing_paused = False
-        self.resume_streams()
-
-    def resume_streams(self) -> None:
-        """Every paused stream whose own buffer is low goes on, once the connection's buffer
-        and transport have room again."""
-        if not self.paused or self.writing_paused or self.buffered > CONNECTION_BUFFER // 2:
-            return
-        for stream in list(self.paused.values()):
-            if stream.waiting_bytes <= STREAM_BUFFER // 2:
-                stream.resume_upstream()
 
 
 # Event type -> handler: one table for every connection (not bound methods per connection).

@@ -5,79 +5,32 @@ and the proxy's own answers ending the stream cleanly."""
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
-from proxy.core.answers import local_body, local_headers
+from proxy.core.answers import refuse
 from proxy.core.exchange import Exchange
 from proxy.core.headers import Headers
 from proxy.core.links import Tunnel
 from proxy.core.request import BadRequest
 from proxy.core.session import Session
-from proxy.core.timer import PhaseTimer
-from proxy.http2.codec import ErrorCode, Http2ServerCodec
+from proxy.http2.codec import ErrorCode
+from proxy.http2.flow import STATUS, StreamHost, StreamSender
 
 if TYPE_CHECKING:
-    import asyncio
-
-    from proxy.core.context import ProxyContext
+    pass
 
 log = logging.getLogger("tls_sidecar.http")
 
-# A response body waiting for the client's window: past this much per stream (or all streams
-# together) the app's side is paused until the client reads.
-STREAM_BUFFER = 64 * 1024
-CONNECTION_BUFFER = 1024 * 1024
 # After an answer of the proxy's own while the client is still sending its body: read and drop
 # up to this much (crediting the windows) before RST_STREAM NO_ERROR. Clients such as curl and
 # httpx read the answer only once their body is sent, and treat the reset as an error.
 DISCARD_BYTES = 4 * 1024 * 1024
-_STATUS = {code: b"%d" % code for code in range(100, 600)}
 
 
-class StreamHost(Protocol):
-    """What a stream needs of its connection (http2.server.Http2Connection)."""
-
-    ctx: ProxyContext
-    loop: asyncio.AbstractEventLoop
-    session: Session
-    codec: Http2ServerCodec
-    streams: dict[int, H2Stream]
-    waiting: dict[int, H2Stream]
-    paused: dict[int, H2Stream]
-    corked: int
-
-    @property
-    def buffered(self) -> int: ...
-
-    def acknowledge(self, size: int, sid: int) -> None: ...
-    def flush(self) -> None: ...
-    def flush_now(self) -> None: ...
-    def resume_streams(self) -> None: ...
-    def stream_done(self, stream: H2Stream) -> None: ...
-
-
-class H2Stream(PhaseTimer):
+class H2Stream(StreamSender):
     """One request and its response on an HTTP/2 connection: the exchange's Downstream."""
 
-    __slots__ = (
-        "client_ended",
-        "conn",
-        "ctx",
-        "discard_left",
-        "ended",
-        "exchange",
-        "head",
-        "head_sent",
-        "holds",
-        "local_sent",
-        "loop",
-        "session",
-        "sid",
-        "unacked",
-        "upstream_paused",
-        "waiting_bytes",
-        "waiting_end",
-    )
+    __slots__ = ()
 
     def __init__(self, conn: StreamHost, sid: int) -> None:
         super().__init__()
@@ -117,8 +70,9 @@ class H2Stream(PhaseTimer):
             self.conn.acknowledge(size, self.sid)
 
     def refuse(self, error: BadRequest) -> None:
-        """A request refused before it had an exchange (431 for an oversized head)."""
-        self.send_local(error.status, local_headers(None), local_body(error.status, str(error)))
+        """A request refused before it had an exchange (431 for an oversized head, 405 for
+        CONNECT): answered, counted and access-logged as over HTTP/1.1."""
+        refuse(self.ctx, self, self.session, error, b"2")
 
     # --- Downstream -------------------------------------------------------------------------------
     def cork(self) -> None:
@@ -142,92 +96,6 @@ class H2Stream(PhaseTimer):
                 unacked, self.unacked = self.unacked, 0
                 self.conn.acknowledge(unacked, self.sid)
                 self.conn.flush()
-
-    def send_head(self, status: int, reason: bytes, headers: Headers, length: int | None) -> None:
-        self._phase_since = self.loop.time()
-        headers.insert(0, (b":status", _STATUS.get(status) or b"%d" % status))
-        self.head = headers
-        if not self.conn.corked:
-            self._emit_head(False)
-            self.conn.flush()
-
-    def _emit_head(self, end: bool) -> None:
-        """The held head goes out; with END_STREAM when nothing follows it (a gRPC
-        trailers-only answer must be one HEADERS frame)."""
-        head, self.head = self.head, None
-        if head is not None:
-            self.head_sent = True
-            self.conn.codec.send_headers(self.sid, head, end_stream=end)
-
-    def send_data(self, data: bytes) -> None:
-        if not data:
-            return
-        self._phase_since = self.loop.time()
-        if self.head is not None:
-            self._emit_head(False)
-        self._submitted(self.conn.codec.send_data(self.sid, data))
-        self.conn.flush()
-
-    def _submitted(self, waiting: int) -> None:
-        """The codec took a response part; `waiting` bytes of this stream's wait for the
-        client's windows (-1: the codec no longer has the stream)."""
-        if waiting <= 0:
-            return
-        conn = self.conn
-        if not self.waiting_bytes:  # the first: a shut window is cut in time
-            self.arm("send", self.ctx.config.idle_timeout)
-            conn.waiting[self.sid] = self
-        self.waiting_bytes = waiting
-        if not self.upstream_paused and (
-            waiting > STREAM_BUFFER or conn.buffered > CONNECTION_BUFFER
-        ):
-            self.pause_upstream()
-
-    def waiting_changed(self) -> None:
-        """After a write: what the codec still holds of this stream's response."""
-        before = self.waiting_bytes
-        now = self.waiting_bytes = self.conn.codec.waiting(self.sid)
-        if now:
-            if now < before:
-                self.arm("send", self.ctx.config.idle_timeout)  # it moved: the deadline too
-            return
-        self.conn.waiting.pop(self.sid, None)
-        exchange = self.exchange
-        if exchange is None or exchange.response_complete:
-            self.stop_timer()
-        elif self.upstream_paused:  # until the other streams' buffers drain: the client's
-            self.arm("send", self.ctx.config.idle_timeout)
-        else:
-            self.arm("upstream", self.ctx.config.upstream_timeout)
-        if self.waiting_end:  # the end went out behind the body
-            self.waiting_end = False
-            self._ended()
-
-    def send_trailers(self, headers: Headers) -> None:
-        if self.ended or self.waiting_end:
-            return
-        if self.head is not None:
-            self._emit_head(False)
-        self.conn.codec.send_trailers(self.sid, headers)  # after the body that waits
-        self._end_submitted()
-
-    def send_end(self) -> None:
-        if self.ended or self.waiting_end:
-            return
-        if self.head is not None:
-            self._emit_head(True)
-        else:
-            self._submitted(self.conn.codec.send_data(self.sid, b"", True))
-        self._end_submitted()
-
-    def _end_submitted(self) -> None:
-        """The end is the codec's to send: done now, or once the body before it went out (the
-        stream stays ours meanwhile, for the cut of a window held shut and for the drain)."""
-        if self.waiting_bytes:
-            self.waiting_end = True
-            self.conn.flush()
-            return
-        self._ended()
 
     def _ended(self) -> None:
         self.ended = True
@@ -287,7 +155,7 @@ class H2Stream(PhaseTimer):
     def send_informational(self, status: int, reason: bytes, headers: Headers) -> None:
         if status == 101:
             return
-        self.conn.codec.send_headers(self.sid, [(b":status", _STATUS[status]), *headers])
+        self.conn.codec.send_headers(self.sid, [(b":status", STATUS[status]), *headers])
         self.conn.flush()
 
     def send_local(self, status: int, headers: Headers, body: bytes) -> None:
@@ -298,7 +166,7 @@ class H2Stream(PhaseTimer):
         self.local_sent = True
         self.discard_left = DISCARD_BYTES
         codec = self.conn.codec
-        head = [(b":status", _STATUS.get(status) or b"%d" % status), *headers]
+        head = [(b":status", STATUS.get(status) or b"%d" % status), *headers]
         if self.head_sent or self.waiting_bytes or not codec.is_open(self.sid):
             self.lost(ErrorCode.INTERNAL_ERROR)  # a response is under way: reset is all left
             return
@@ -318,7 +186,7 @@ class H2Stream(PhaseTimer):
         upstream.abort()  # never asked for: an HTTP/2 request carries no Upgrade
         self.abort_all()
 
-    def exchange_done(self, exchange: Exchange) -> None:
+    def exchange_done(self) -> None:
         if self.ended:
             self._done()
 
@@ -389,22 +257,3 @@ class H2Stream(PhaseTimer):
         self.conn.stream_done(self)
 
     # --- backpressure on the app's side -----------------------------------------------------------
-    def pause_upstream(self) -> None:
-        self.upstream_paused = True
-        self.conn.paused[self.sid] = self
-        exchange = self.exchange
-        if exchange is not None and exchange.upstream is not None:
-            exchange.upstream.pause_reading()
-
-    def resume_upstream(self) -> None:
-        """Read from the app again (the connection decided there is room)."""
-        if not self.upstream_paused:
-            return
-        self.upstream_paused = False
-        self.conn.paused.pop(self.sid, None)
-        exchange = self.exchange
-        if exchange is not None and not exchange.finished:
-            if not self.waiting_bytes and not exchange.response_complete:
-                self.arm("upstream", self.ctx.config.upstream_timeout)  # the app's turn again
-            if exchange.upstream is not None:
-                exchange.upstream.resume_reading()

@@ -20,83 +20,34 @@ from prometheus_client.process_collector import ProcessCollector
 
 from proxy import __version__
 from proxy.metrics.exposition import render
+from proxy.metrics.labels import (
+    CLIENT_AUTH_DENIED_REASONS,
+    CONNECTION_REJECT_REASONS,
+    HANDSHAKE_BUCKETS,
+    HANDSHAKE_ERROR_REASONS,
+    HTTP2_CONNECTION_ERROR_REASONS,
+    HTTP2_STREAM_RESET_REASONS,
+    LATENCY_BUCKETS,
+    METHODS,
+    PREFIX,
+    PROTOCOLS,
+    RELOAD_RESULTS,
+    TIMEOUT_PHASES,
+    UPSTREAM_CONNECT_ERROR_REASONS,
+    UPSTREAM_UP_HELP,
+)
+from proxy.metrics.tallies import Observed, Tally
+
+__all__ = [
+    "PREFIX",
+    "PROTOCOLS",
+    "UPSTREAM_UP_HELP",
+    "Metrics",
+]
 
 # No `_created` series next to every counter and histogram: half the series, nothing lost
 # (Prometheus does not use them for rate()).
 disable_created_metrics()  # type: ignore[no-untyped-call]
-
-PREFIX = "tls_sidecar"
-# The protocol label of a request, from the version its head carries.
-PROTOCOLS = {b"1.1": "http/1.1", b"1.0": "http/1.0", b"2": "h2"}
-
-# Closed set: anything else is counted as OTHER so a client cannot grow our label space.
-METHODS = frozenset(
-    {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"}
-)
-
-# The closed label sets, created at 0 at start-up (see Metrics.__init__).
-CONNECTION_REJECT_REASONS = ("max_connections", "draining")
-HANDSHAKE_ERROR_REASONS = ("timeout", "protocol", "client_certificate", "closed", "plain_http")
-UPSTREAM_CONNECT_ERROR_REASONS = ("refused", "timeout", "error")
-HTTP2_CONNECTION_ERROR_REASONS = (
-    "protocol_error",
-    "rapid_reset",
-    "control_flood",
-    "header_block",
-    "header_list",
-    "stream_reused",
-    "internal_error",
-)
-TIMEOUT_PHASES = ("handshake", "header", "idle", "request_body", "upstream", "tunnel", "send")
-RELOAD_RESULTS = ("success", "failure")
-CLIENT_AUTH_DENIED_REASONS = ("no_certificate", "not_allowed")
-
-UPSTREAM_UP_HELP = (
-    "1 when the app accepted the last readiness check's connection, else 0 (a failing "
-    "--upstream-health-path leaves it 1 and makes ready 0)."
-)
-
-LATENCY_BUCKETS = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-    60.0,
-)
-HANDSHAKE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
-
-
-class _Observed:
-    """Observations of one histogram child since the last flush: plain numbers, no locks."""
-
-    __slots__ = ("buckets", "count", "sum")
-
-    def __init__(self, buckets: int) -> None:
-        self.count = 0
-        self.sum = 0.0
-        self.buckets = [0] * buckets
-
-    def flush_into(self, child: Histogram) -> None:
-        # prometheus-client has no public "observe N values at once": add to the child's
-        # bucket and sum values directly (le buckets: bisect_left finds the first bound >= v).
-        for i, n in enumerate(self.buckets):
-            if n:
-                child._buckets[i].inc(n)
-                self.buckets[i] = 0
-        child._sum.inc(self.sum)
-        self.count = 0
-        self.sum = 0.0
 
 
 class Metrics:
@@ -226,6 +177,15 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.http2_stream_resets = Counter(
+            f"{p}_http2_stream_resets",
+            "HTTP/2 streams the proxy reset before they had an answer, by reason (malformed: a "
+            "head HTTP/1.1 cannot carry, or a body its Content-Length contradicts, reset "
+            "PROTOCOL_ERROR; refused_stream: past --max-concurrent-streams or after GOAWAY, "
+            "REFUSED_STREAM). Not answers: local_responses_total does not count them.",
+            ["reason"],
+            registry=r,
+        )
         self.local_responses = Counter(
             f"{p}_local_responses",
             "Responses the proxy made itself instead of the app, by code and reason.",
@@ -309,6 +269,7 @@ class Metrics:
             (self.tls_handshake_errors, HANDSHAKE_ERROR_REASONS),
             (self.upstream_connect_errors, UPSTREAM_CONNECT_ERROR_REASONS),
             (self.http2_connection_errors, HTTP2_CONNECTION_ERROR_REASONS),
+            (self.http2_stream_resets, HTTP2_STREAM_RESET_REASONS),
             (self.timeouts, TIMEOUT_PHASES),
             (self.certificate_reloads, RELOAD_RESULTS),
             (self.client_auth_denied, CLIENT_AUTH_DENIED_REASONS),
@@ -317,7 +278,23 @@ class Metrics:
                 counter.labels(value)
         self.upstream_idle = self.upstream_connections_active.labels("idle")
         self.upstream_busy = self.upstream_connections_active.labels("busy")
-        # The data path's accumulators (see flush).
+        # The data path's accumulators (see flush); the error and abuse paths' too.
+        self.local = Tally(self.local_responses)  # .add(code, reason)
+        self.resets = Tally(self.http2_stream_resets)  # .add(reason)
+        self.denied = Tally(self.client_auth_denied)  # .add(reason)
+        self.timed_out = Tally(self.timeouts)  # .add(phase)
+        self.h2_errors = Tally(self.http2_connection_errors)  # .add(reason)
+        self.rejected = Tally(self.connections_rejected)  # .add(reason)
+        self.handshake_failed = Tally(self.tls_handshake_errors)  # .add(reason)
+        self._tallies = (
+            self.local,
+            self.resets,
+            self.denied,
+            self.timed_out,
+            self.h2_errors,
+            self.rejected,
+            self.handshake_failed,
+        )
         self.down_in = self.down_out = self.up_in = self.up_out = 0
         self.in_flight = 0
         self._bytes_children = [
@@ -327,9 +304,9 @@ class Metrics:
             self.transferred_bytes.labels("upstream", "out"),
         ]
         self._buckets = (*LATENCY_BUCKETS, float("inf"))
-        self._requests: dict[tuple[bytes, int, bytes], tuple[Counter, Histogram, _Observed]] = {}
+        self._requests: dict[tuple[bytes, int, bytes], tuple[Counter, Histogram, Observed]] = {}
         self._grpc: dict[bytes, Counter] = {}
-        self._upstream_observed = _Observed(len(self._buckets))
+        self._upstream_observed = Observed(len(self._buckets))
         self._hooks: list[Callable[[], None]] = []
 
     def built(self, http2_codec: str) -> None:
@@ -349,7 +326,7 @@ class Metrics:
 
     def _request_entry(
         self, method: bytes, code: int, version: bytes
-    ) -> tuple[Counter, Histogram, _Observed]:
+    ) -> tuple[Counter, Histogram, Observed]:
         name = method.decode("ascii", "replace")
         label = name if name in METHODS else "OTHER"
         if label == "OTHER":
@@ -360,7 +337,7 @@ class Metrics:
             entry = (
                 self.http_requests.labels(label, str(code), PROTOCOLS.get(version, "other")),
                 self.http_request_duration.labels(f"{code // 100}xx"),
-                _Observed(len(self._buckets)),
+                Observed(len(self._buckets)),
             )
             self._requests[key] = entry
         return entry
@@ -397,6 +374,8 @@ class Metrics:
                 observed.flush_into(histogram)
         if self._upstream_observed.count:
             self._upstream_observed.flush_into(self.upstream_response_duration)
+        for tally in self._tallies:
+            tally.flush()
         self.http_requests_in_flight.set(self.in_flight)
         for hook in self._hooks:
             hook()

@@ -14,6 +14,7 @@ import pytest
 from cryptography import x509
 
 from proxy.tls import certs
+from tests.conftest import ProxyFactory
 from tests.support.proxy import DevCerts, ProxyProcess, client_context, serve_args, wait_for
 from tests.support.upstream import UpstreamApp
 
@@ -25,13 +26,10 @@ def app() -> Iterator[UpstreamApp]:
     application.stop()
 
 
-def start(dev_certs: DevCerts, app: UpstreamApp, *extra: str) -> ProxyProcess:
-    return ProxyProcess(
-        [
-            *serve_args(app.base, dev_certs),
-            *extra,
-        ]
-    ).start()
+@pytest.fixture(scope="module")
+def codec_env() -> dict[str, str]:
+    """The lifecycle is the codecs' common part: the default codecs only."""
+    return {}
 
 
 def slow_requests(
@@ -58,8 +56,10 @@ def slow_requests(
     return threads, results
 
 
-def test_sigterm_lets_20_in_flight_requests_finish(dev_certs: DevCerts, app: UpstreamApp) -> None:
-    proxy = start(dev_certs, app, "--drain-timeout", "20s")
+def test_sigterm_lets_20_in_flight_requests_finish(
+    dev_certs: DevCerts, app: UpstreamApp, start_proxy: ProxyFactory
+) -> None:
+    proxy = start_proxy(app.base, "--drain-timeout", "20s")
     threads, results = slow_requests(proxy, dev_certs.ca, 20, "/hold/drain")
     wait_for(lambda: app.count("/hold/") == 20, what="20 requests to reach the app")
     proxy.signal(signal.SIGTERM)
@@ -75,9 +75,9 @@ def test_sigterm_lets_20_in_flight_requests_finish(dev_certs: DevCerts, app: Ups
 
 
 def test_shutdown_delay_keeps_serving_while_readiness_is_503(
-    dev_certs: DevCerts, app: UpstreamApp
+    dev_certs: DevCerts, app: UpstreamApp, start_proxy: ProxyFactory
 ) -> None:
-    proxy = start(dev_certs, app, "--shutdown-delay", "3s")
+    proxy = start_proxy(app.base, "--shutdown-delay", "3s")
     proxy.signal(signal.SIGTERM)
     wait_for(lambda: proxy.admin_get("/readyz")[0] == 503, what="readiness to turn 503")
     conn = http.client.HTTPSConnection(
@@ -89,8 +89,10 @@ def test_shutdown_delay_keeps_serving_while_readiness_is_503(
     assert proxy.wait(30) == 0
 
 
-def test_second_signal_exits_at_once(dev_certs: DevCerts, app: UpstreamApp) -> None:
-    proxy = start(dev_certs, app, "--drain-timeout", "60s", "--upstream-timeout", "60s")
+def test_second_signal_exits_at_once(
+    dev_certs: DevCerts, app: UpstreamApp, start_proxy: ProxyFactory
+) -> None:
+    proxy = start_proxy(app.base, "--drain-timeout", "60s", "--upstream-timeout", "60s")
     threads, results = slow_requests(proxy, dev_certs.ca, 1, "/stall")
     wait_for(lambda: app.count("/stall") == 1, what="the request to reach the app")
     proxy.signal(signal.SIGTERM)
@@ -102,8 +104,10 @@ def test_second_signal_exits_at_once(dev_certs: DevCerts, app: UpstreamApp) -> N
     assert isinstance(results[0], Exception), "the stalled request was cut"
 
 
-def test_drain_timeout_bounds_the_shutdown(dev_certs: DevCerts, app: UpstreamApp) -> None:
-    proxy = start(dev_certs, app, "--drain-timeout", "1s", "--upstream-timeout", "60s")
+def test_drain_timeout_bounds_the_shutdown(
+    dev_certs: DevCerts, app: UpstreamApp, start_proxy: ProxyFactory
+) -> None:
+    proxy = start_proxy(app.base, "--drain-timeout", "1s", "--upstream-timeout", "60s")
     threads, _ = slow_requests(proxy, dev_certs.ca, 1, "/stall")
     wait_for(lambda: app.count("/stall") == 1, what="the request to reach the app")
     proxy.signal(signal.SIGTERM)

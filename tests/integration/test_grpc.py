@@ -5,8 +5,6 @@ proxy's own errors answered in gRPC's terms."""
 
 from __future__ import annotations
 
-import contextlib
-import socket
 import subprocess
 import sys
 import threading
@@ -21,8 +19,9 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from proxy.tls import certs
+from tests.conftest import ProxyFactory
 from tests.support.codecs import http2_env
-from tests.support.proxy import DevCerts, ProxyProcess, serve_args, wait_for
+from tests.support.proxy import DevCerts, ProxyProcess, wait_for
 
 MiB = 1024 * 1024
 BIG = [("grpc.max_receive_message_length", 8 * MiB), ("grpc.max_send_message_length", 8 * MiB)]
@@ -110,32 +109,15 @@ def app() -> Iterator[EchoApp]:
     echo.stop()
 
 
-class Proxies(list[ProxyProcess]):
-    """The module's proxies, all on one HTTP/2 codec towards the gRPC clients."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        super().__init__()
-        self.env = env
-
-
 @pytest.fixture(scope="module")
-def proxies(dev_certs: DevCerts, http2_codec: str) -> Iterator[Proxies]:
+def codec_env(http2_codec: str) -> dict[str, str]:
     """Every test here runs once per HTTP/2 codec (the clients' side, and h2c to the app)."""
-    started = Proxies(http2_env(http2_codec))
-    yield started
-    for proc in started:
-        proc.stop()
-
-
-def start(proxies: Proxies, upstream: str, dev: DevCerts, *extra: str) -> ProxyProcess:
-    proc = ProxyProcess(serve_args(upstream, dev, *extra), env=proxies.env).start()
-    proxies.append(proc)
-    return proc
+    return http2_env(http2_codec)
 
 
 @pytest.fixture(scope="module")
-def proxy(proxies: Proxies, app: EchoApp, dev_certs: DevCerts) -> ProxyProcess:
-    return start(proxies, f"h2c://127.0.0.1:{app.port}", dev_certs, "--upstream-timeout", "2s")
+def proxy(start_proxy: ProxyFactory, app: EchoApp) -> ProxyProcess:
+    return start_proxy(f"h2c://127.0.0.1:{app.port}", "--upstream-timeout", "2s")
 
 
 def channel(proxy: ProxyProcess, ca: Path, **keys: Any) -> grpc.Channel:
@@ -264,14 +246,10 @@ def test_the_health_checking_protocol_works_through_the_proxy(chan: grpc.Channel
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def _free_port() -> int:
-    with contextlib.closing(socket.socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def test_the_app_down_is_unavailable(proxies: Proxies, dev_certs: DevCerts) -> None:
-    down = start(proxies, f"h2c://127.0.0.1:{_free_port()}", dev_certs)
+def test_the_app_down_is_unavailable(
+    start_proxy: ProxyFactory, dev_certs: DevCerts, refused_port: int
+) -> None:
+    down = start_proxy(f"h2c://127.0.0.1:{refused_port}")
     with channel(down, dev_certs.ca) as ch, pytest.raises(grpc.RpcError) as caught:
         ch.unary_unary("/test.Echo/Unary")(b"hello", timeout=10)
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -288,13 +266,13 @@ def test_the_app_down_is_unavailable(proxies: Proxies, dev_certs: DevCerts) -> N
 
 
 def test_calls_in_flight_finish_when_the_app_stops_gracefully(
-    proxies: Proxies, dev_certs: DevCerts
+    start_proxy: ProxyFactory, dev_certs: DevCerts
 ) -> None:
     """An app that stops with a grace period (a rollout) says GOAWAY and finishes the calls it
     took (RFC 9113 §6.8): they reach the client whole, and the next call gets a new
     connection to a new app."""
     first = EchoApp()
-    proxy = start(proxies, f"h2c://127.0.0.1:{first.port}", dev_certs)
+    proxy = start_proxy(f"h2c://127.0.0.1:{first.port}")
     with channel(proxy, dev_certs.ca) as ch:
         assert ch.unary_unary("/test.Echo/Unary")(b"warm", timeout=10) == b"warm"
         slow = ch.unary_unary("/test.Echo/Slow").future(b"1.5", timeout=20)
@@ -311,9 +289,9 @@ def test_calls_in_flight_finish_when_the_app_stops_gracefully(
 
 
 def test_a_body_over_the_limit_is_resource_exhausted(
-    proxies: Proxies, app: EchoApp, dev_certs: DevCerts
+    start_proxy: ProxyFactory, app: EchoApp, dev_certs: DevCerts
 ) -> None:
-    small = start(proxies, f"h2c://127.0.0.1:{app.port}", dev_certs, "--max-body-bytes", "1KiB")
+    small = start_proxy(f"h2c://127.0.0.1:{app.port}", "--max-body-bytes", "1KiB")
     with channel(small, dev_certs.ca) as ch:
         assert ch.unary_unary("/test.Echo/Unary")(b"small", timeout=10) == b"small"
         with pytest.raises(grpc.RpcError) as caught:
@@ -322,14 +300,12 @@ def test_a_body_over_the_limit_is_resource_exhausted(
 
 
 def test_a_refused_client_certificate_is_permission_denied(
-    proxies: Proxies, app: EchoApp, dev_certs: DevCerts, tmp_path: Path
+    start_proxy: ProxyFactory, app: EchoApp, dev_certs: DevCerts, tmp_path: Path
 ) -> None:
     ca = certs.create_ca("clients CA")
     (tmp_path / "clients.crt").write_bytes(ca.cert_pem)
-    mtls = start(
-        proxies,
+    mtls = start_proxy(
         f"h2c://127.0.0.1:{app.port}",
-        dev_certs,
         "--client-ca",
         str(tmp_path / "clients.crt"),
         "--client-auth",
@@ -354,7 +330,7 @@ def test_a_refused_client_certificate_is_permission_denied(
 
 
 def test_grpcio_trusts_what_certs_init_makes(
-    proxies: Proxies, app: EchoApp, tmp_path: Path
+    start_proxy: ProxyFactory, app: EchoApp, tmp_path: Path
 ) -> None:
     """grpcio verifies with BoringSSL, which checks fewer kinds of name constraints than
     OpenSSL: the development CA, server and client certificates of `certs init` pass it, by name
@@ -368,14 +344,17 @@ def test_grpcio_trusts_what_certs_init_makes(
     assert made.returncode == 0, made.stderr
     files = tmp_path / "certs"
     dev = DevCerts(files / "ca.crt", files / "server.crt", files / "server.key", files)
-    mtls = start(
-        proxies,
+    mtls = start_proxy(
         f"h2c://127.0.0.1:{app.port}",
-        dev,
+        "--cert",
+        str(dev.cert),
+        "--key",
+        str(dev.key),
         "--client-ca",
         str(dev.ca),
         "--allow-cn",
         "tls-sidecar-dev-client",
+        with_cert=False,
     )
     keys = {
         "private_key": (files / "client.key").read_bytes(),

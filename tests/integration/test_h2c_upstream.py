@@ -14,10 +14,11 @@ import h2.errors
 import h11
 import pytest
 
+from tests.conftest import ProxyFactory
 from tests.support.codecs import http2_env
 from tests.support.h2app import H2App
 from tests.support.h2client import H2Client
-from tests.support.proxy import DevCerts, ProxyProcess, serve_args, tls_socket
+from tests.support.proxy import DevCerts, ProxyProcess, serve_args, tls_socket, wait_for
 
 
 @pytest.fixture
@@ -29,18 +30,22 @@ def run(dev_certs: DevCerts) -> Iterator[list[object]]:
         thing.stop()  # type: ignore[attr-defined]
 
 
-def start(run: list[object], app: H2App, dev: DevCerts, http2_codec: str) -> ProxyProcess:
-    """A proxy clients reach over HTTP/2 (the tests that use it run once per HTTP/2 codec)."""
+@pytest.fixture(scope="module")
+def codec_env(http2_codec: str) -> dict[str, str]:
+    """The tests that start their proxy with `start_proxy` run once per HTTP/2 codec."""
+    return http2_env(http2_codec)
+
+
+def start(run: list[object], app: H2App, start_proxy: ProxyFactory) -> ProxyProcess:
+    """`app` for this test, and a proxy in front of it that clients reach over HTTP/2."""
     run.append(app.start())
-    proxy = ProxyProcess(serve_args(app.url, dev), env=http2_env(http2_codec)).start()
-    run.append(proxy)
-    return proxy
+    return start_proxy(app.url)
 
 
 def test_trailers_go_both_ways(
-    run: list[object], dev_certs: DevCerts, ca: Path, http2_codec: str
+    run: list[object], ca: Path, start_proxy: ProxyFactory, http2_codec: str
 ) -> None:
-    proxy = start(run, H2App(), dev_certs, http2_codec)
+    proxy = start(run, H2App(), start_proxy)
     listening = proxy._listening()
     assert listening is not None
     assert listening["h2c_codec"] == http2_codec  # the same codec both ways
@@ -67,9 +72,9 @@ def test_trailers_go_both_ways(
 
 
 def test_a_unix_socket_app(
-    run: list[object], dev_certs: DevCerts, ca: Path, tmp_path: Path, http2_codec: str
+    run: list[object], ca: Path, tmp_path: Path, start_proxy: ProxyFactory
 ) -> None:
-    proxy = start(run, H2App(unix_path=str(tmp_path / "app.sock")), dev_certs, http2_codec)
+    proxy = start(run, H2App(unix_path=str(tmp_path / "app.sock")), start_proxy)
     client = H2Client(proxy.port, ca)
     response = client.response(client.request(b"/hello"))
     client.close()
@@ -78,9 +83,9 @@ def test_a_unix_socket_app(
 
 
 def test_the_apps_reset_reaches_the_client(
-    run: list[object], dev_certs: DevCerts, ca: Path, http2_codec: str
+    run: list[object], ca: Path, start_proxy: ProxyFactory
 ) -> None:
-    proxy = start(run, H2App(), dev_certs, http2_codec)
+    proxy = start(run, H2App(), start_proxy)
     client = H2Client(proxy.port, ca)
     response = client.response(client.request(b"/reset-mid"))
     assert response.status == 200 and bytes(response.body) == b"partial"
@@ -91,13 +96,16 @@ def test_the_apps_reset_reaches_the_client(
 
 
 def test_streams_spread_over_few_connections_within_the_apps_limit(
-    run: list[object], dev_certs: DevCerts, ca: Path, http2_codec: str
+    run: list[object], ca: Path, start_proxy: ProxyFactory
 ) -> None:
-    """The app allows 5 streams per connection: 20 at once take 4 connections, not 20."""
+    """The app allows 5 streams per connection: 20 at once take 4 connections, not 20. The
+    app holds every answer until all 20 are with it, so they are all in flight together."""
     app = H2App(max_streams=5)
-    proxy = start(run, app, dev_certs, http2_codec)
+    proxy = start(run, app, start_proxy)
     client = H2Client(proxy.port, ca)
-    streams = [client.request(b"/slow") for _ in range(20)]
+    streams = [client.request(b"/hold/pool") for _ in range(20)]
+    wait_for(lambda: app.held.get("pool") == 20, timeout=20, what="20 streams at the app")
+    app.open_gate("pool")
     statuses = [client.response(sid, timeout=20).status for sid in streams]
     client.close()
     assert statuses == [200] * 20

@@ -21,9 +21,10 @@ from hyperframe.frame import (
     SettingsFrame,
 )
 
+from tests.conftest import ProxyFactory
 from tests.support.codecs import http2_env
 from tests.support.h2client import H2Client, get
-from tests.support.proxy import DevCerts, ProxyProcess, serve_args, wait_for
+from tests.support.proxy import ProxyProcess, wait_for
 from tests.support.upstream import UpstreamApp
 
 CALM = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
@@ -31,21 +32,14 @@ PROTOCOL_ERROR = h2.errors.ErrorCodes.PROTOCOL_ERROR
 
 
 @pytest.fixture(scope="module")
-def proxy(upstream: UpstreamApp, dev_certs: DevCerts, http2_codec: str) -> Iterator[ProxyProcess]:
+def codec_env(http2_codec: str) -> dict[str, str]:
     """Every defence is the connection's own: each test runs once per HTTP/2 codec."""
-    proc = ProxyProcess(
-        serve_args(
-            upstream.base,
-            dev_certs,
-            "--idle-timeout",
-            "1s",
-            "--max-concurrent-streams",
-            "20",
-        ),
-        env=http2_env(http2_codec),
-    ).start()
-    yield proc
-    proc.stop()
+    return http2_env(http2_codec)
+
+
+@pytest.fixture(scope="module")
+def proxy(start_proxy: ProxyFactory, upstream: UpstreamApp) -> ProxyProcess:
+    return start_proxy(upstream.base, "--idle-timeout", "1s", "--max-concurrent-streams", "20")
 
 
 @pytest.fixture(autouse=True)

@@ -7,6 +7,8 @@ it reports what it received (headers, body, trailers) and can reset a stream mid
   /reset-unanswered    no answer: RST_STREAM 0.1 s after the request
   /grpc...             as a gRPC server answers: no content-length, the status in trailers
   /slow...             the JSON report, 0.3 s late     anything else: the JSON report at once
+  /hold/NAME           the JSON report once the test calls open_gate(NAME); `held[NAME]`
+                       counts the requests waiting there
   /bad-status          answers `:status: abc`
   /bad-padding         a DATA frame padded past its payload
   /goaway              GOAWAY NO_ERROR naming the stream before it (this one was not processed)
@@ -15,6 +17,7 @@ it reports what it received (headers, body, trailers) and can reset a stream mid
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import struct
 import threading
@@ -104,6 +107,11 @@ class _Conn(asyncio.Protocol):
                 target = dict(self.requests[sid]["headers"])[":path"]
                 if target.startswith(("/bytes/", "/reset-mid/")):
                     del self.requests[sid]  # answered as the request came
+                elif target.startswith("/hold/"):
+                    name = target.split("/")[2]
+                    self.app.held[name] = self.app.held.get(name, 0) + 1
+                    gate = self.app.gate(name)
+                    gate.add_done_callback(functools.partial(self._answer_held, sid))
                 elif target.startswith("/slow"):
                     asyncio.get_running_loop().call_later(0.3, self._answer, sid)
                 else:
@@ -111,6 +119,10 @@ class _Conn(asyncio.Protocol):
             elif isinstance(event, h2.events.StreamReset):
                 self.app.resets.append(event.error_code)
                 self.sending.pop(sid, None)
+        self.flush()
+
+    def _answer_held(self, sid: int, _: asyncio.Future[None]) -> None:
+        self._answer(sid)
         self.flush()
 
     def _send_more(self, sid: int) -> None:
@@ -194,6 +206,8 @@ class H2App:
         self.seen: list[dict[str, Any]] = []
         self.resets: list[int] = []
         self.connections = 0
+        self.held: dict[str, int] = {}  # requests waiting at each /hold/ gate
+        self._gates: dict[str, asyncio.Future[None]] = {}
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -220,6 +234,23 @@ class H2App:
 
         self._loop.run_until_complete(listen())
         self._loop.run_forever()
+
+    def gate(self, name: str) -> asyncio.Future[None]:
+        """The gate /hold/NAME waits at (on the app's loop)."""
+        gate = self._gates.get(name)
+        if gate is None:
+            gate = self._gates[name] = self._loop.create_future()
+        return gate
+
+    def open_gate(self, name: str) -> None:
+        """Let every request held at /hold/NAME be answered (from the test's thread)."""
+
+        def release() -> None:
+            gate = self.gate(name)
+            if not gate.done():
+                gate.set_result(None)
+
+        self._loop.call_soon_threadsafe(release)
 
     def stop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
