@@ -64,8 +64,10 @@ $(CONSTRAINTS): requirements.lock $(BIN)/python
 	@sed -n 's/^\([A-Za-z0-9_.-]*==[^ ]*\).*/\1/p' requirements.lock > $@
 	@grep -v '^cryptography==' $@ > $(DEV_CONSTRAINTS)
 
-# the C shim is built in place by the editable install: a change to it reinstalls
-$(RUN_STAMP): $(BIN)/python pyproject.toml setup.py proxy/http2/_nghttp2_shim.c proxy/http2/_nghttp2_build.py $(CONSTRAINTS)
+# the C shim and the compiled core are built in place by the editable install: a change to
+# either reinstalls
+COMPILED_SOURCES := $(shell sed -n 's/^    "\(proxy\.[a-z0-9_.]*\)",$$/\1/p' proxy/compiled.py | tr . / | sed 's/$$/.py/')
+$(RUN_STAMP): $(BIN)/python pyproject.toml setup.py proxy/http2/_nghttp2_shim.c proxy/http2/_nghttp2_build.py proxy/compiled.py $(COMPILED_SOURCES) $(CONSTRAINTS)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c $(CONSTRAINTS) -e .
 	@touch $(RUN_STAMP)
@@ -76,4 +78,5 @@ $(STAMP): $(RUN_STAMP)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache \
-	  proxy/http2/_nghttp2*.so proxy/http2/_nghttp2.c
+	  proxy/http2/_nghttp2*.so proxy/http2/_nghttp2.c proxy_core__mypyc*.so
+	find proxy -name '*.so' -delete

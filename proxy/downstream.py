@@ -10,6 +10,7 @@ import time
 from typing import TYPE_CHECKING, Any, cast
 
 from proxy import proxy_protocol
+from proxy.compiled import mypyc_attr
 from proxy.core.headers import ClientInfo
 from proxy.core.session import Session
 from proxy.core.timer import PhaseTimer
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("tls_sidecar.http")
 
 
+# the HTTP/2 connection subclasses it interpreted
+@mypyc_attr(allow_interpreted_subclasses=True)
 class ClientConnection(PhaseTimer, asyncio.Protocol):
     """Owns the TLS side of one client connection; subclasses speak the protocol over it."""
 

@@ -11,6 +11,7 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from proxy.compiled import mypyc_attr
 from proxy.config import Config, Upstream
 from proxy.core.links import UpstreamConnectError
 from proxy.metrics import Metrics
@@ -18,6 +19,8 @@ from proxy.metrics import Metrics
 P = TypeVar("P", bound=asyncio.BaseProtocol)
 
 
+# the HTTP/2 pool subclasses it interpreted
+@mypyc_attr(allow_interpreted_subclasses=True)
 class PoolBase:
     """What the pools of both upstream kinds share (Envoy's conn_pool_base): the sweeper that
     closes connections idle past --upstream-idle-timeout, on one timer while any is idle, and

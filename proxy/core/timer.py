@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
+from proxy.compiled import mypyc_attr
+
 if TYPE_CHECKING:
     from proxy.core.context import ProxyContext
 
 
+# HTTP/2 streams and the tests subclass it interpreted
+@mypyc_attr(allow_interpreted_subclasses=True)
 class PhaseTimer:
     """One lazy timer for what is being waited for (a phase) and how long it may take.
 

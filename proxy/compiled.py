@@ -1,0 +1,89 @@
+"""The compiled core: which modules mypyc compiles, and whether this process runs them.
+
+`MODULES` is the one list: setup.py compiles it (when a C compiler is there, unless
+`TLS_SIDECAR_NO_COMPILE=1`), `in_use()` checks it, and `TLS_SIDECAR_COMPILED=0` runs the same
+modules from their `.py` sources instead (proxy/__init__.py installs the finder). They are the
+modules every request runs through; cold code (start-up, commands, admin) stays interpreted.
+This module is read by setup.py before the package is installed: it imports only the standard
+library."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import sys
+from importlib.abc import MetaPathFinder
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from importlib.machinery import ModuleSpec
+    from types import ModuleType
+
+    # mypyc reads the decorator at compile time (and drops it); at run time, interpreted,
+    # it does nothing, so the package needs no mypy_extensions installed.
+    from mypy_extensions import mypyc_attr as mypyc_attr  # noqa: PLC0414 (re-exported)
+else:
+
+    def mypyc_attr(*names: str, **values: Any) -> Any:
+        return lambda cls: cls
+
+
+MODULES: tuple[str, ...] = (
+    "proxy.core.timer",
+    "proxy.core.headers",
+    "proxy.core.request",
+    "proxy.core.session",
+    "proxy.core.exchange",
+    "proxy.http1._wire",
+    "proxy.http1.httptools_server",
+    "proxy.http1.httptools_client",
+    "proxy.http1.connection",
+    "proxy.http1.upstream",
+    "proxy.downstream",
+    "proxy.pool",
+)
+
+HOW_TO_BUILD = (
+    "the compiled core is not built; install a C compiler and Python's headers "
+    "(Debian: apt-get install gcc python3-dev) and reinstall tls-sidecar"
+)
+
+
+def in_use() -> bool:
+    """Whether this process runs the compiled modules (every one of them: they build together)."""
+    for name in MODULES:
+        module = sys.modules.get(name)
+        spec = module.__spec__ if module is not None else importlib.util.find_spec(name)
+        if spec is None or not isinstance(spec.loader, importlib.machinery.ExtensionFileLoader):
+            return False
+    return True
+
+
+class SourceFinder(MetaPathFinder):
+    """Finds the compiled modules' `.py` sources, ahead of the extension modules beside them
+    (which the import system would otherwise prefer): `TLS_SIDECAR_COMPILED=0`."""
+
+    def find_spec(
+        self,
+        fullname: str,
+        path: Sequence[str] | None,
+        target: ModuleType | None = None,
+    ) -> ModuleSpec | None:
+        if fullname not in MODULES or not path:
+            return None
+        for folder in path:
+            finder = importlib.machinery.FileFinder(
+                folder,
+                (importlib.machinery.SourceFileLoader, importlib.machinery.SOURCE_SUFFIXES),
+            )
+            spec = finder.find_spec(fullname)
+            if spec is not None:
+                return spec
+        return None
+
+
+def run_interpreted() -> None:
+    """Run the compiled modules from their sources in this process (before they are imported)."""
+    if not any(isinstance(f, SourceFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, SourceFinder())
