@@ -14,13 +14,18 @@ DEV_CONSTRAINTS := $(VENV)/constraints-dev.txt
 # the package itself.
 PIP := PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip
 
-.PHONY: run test test-slow fuzz lint typecheck loadtest lock clean
+.PHONY: run test test-interpreted test-slow fuzz lint typecheck loadtest lock clean
 
 run: $(RUN_STAMP)
 	$(BIN)/tls-sidecar demo
 
 test: lint typecheck
 	$(BIN)/pytest -m "not slow" -q
+
+# the compiled core's modules from their .py sources (mypyc changes semantics at the edges:
+# both builds must pass)
+test-interpreted: $(STAMP)
+	TLS_SIDECAR_COMPILED=0 $(BIN)/pytest -m "not slow" -q tests/unit tests/integration
 
 test-slow: $(STAMP)
 	$(BIN)/pytest -m slow -q -s

@@ -46,7 +46,8 @@ MODULES: tuple[str, ...] = (
 
 HOW_TO_BUILD = (
     "the compiled core is not built; install a C compiler and Python's headers "
-    "(Debian: apt-get install gcc python3-dev) and reinstall tls-sidecar"
+    "(Debian: apt-get install gcc python3-dev) and reinstall tls-sidecar "
+    "without TLS_SIDECAR_NO_COMPILE"
 )
 
 
@@ -58,6 +59,21 @@ def in_use() -> bool:
         if spec is None or not isinstance(spec.loader, importlib.machinery.ExtensionFileLoader):
             return False
     return True
+
+
+def built() -> bool:
+    """Whether the install has the compiled modules (whether or not this process runs them)."""
+    for name in MODULES:
+        package, _, _ = name.rpartition(".")
+        spec = importlib.machinery.PathFinder.find_spec(name, sys.modules[package].__path__)
+        if spec is None or not isinstance(spec.loader, importlib.machinery.ExtensionFileLoader):
+            return False
+    return True
+
+
+def switched_off() -> bool:
+    """Whether TLS_SIDECAR_COMPILED=0 asked for the sources (proxy/__init__.py)."""
+    return any(isinstance(finder, SourceFinder) for finder in sys.meta_path)
 
 
 class SourceFinder(MetaPathFinder):
@@ -85,5 +101,5 @@ class SourceFinder(MetaPathFinder):
 
 def run_interpreted() -> None:
     """Run the compiled modules from their sources in this process (before they are imported)."""
-    if not any(isinstance(f, SourceFinder) for f in sys.meta_path):
+    if not switched_off():
         sys.meta_path.insert(0, SourceFinder())

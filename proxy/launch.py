@@ -13,7 +13,7 @@ from typing import Any
 
 import uvloop
 
-from proxy import __version__, http2, proxy_protocol
+from proxy import __version__, compiled, http2, proxy_protocol
 from proxy.config import (
     Config,
     ConfigError,
@@ -148,6 +148,9 @@ def _announce(config: Config, server: ProxyServer, bound: Bound) -> None:
         log.log(level, message)
     if config.http2 and config.http2_codec == "auto" and not http2.available("nghttp2"):
         log.info(f"HTTP/2 runs on h2 (pure Python): {http2.HOW_TO_BUILD}")
+    core_compiled = compiled.in_use()
+    if not core_compiled and not compiled.switched_off():
+        log.info(f"the core runs as plain Python: {compiled.HOW_TO_BUILD}")
     log.info(
         "listening",
         extra={
@@ -157,6 +160,7 @@ def _announce(config: Config, server: ProxyServer, bound: Bound) -> None:
             "certificates": [c.subject for c in server.tls.served],
             "version": __version__,
             "http2_codec": http2.resolve(config.http2_codec) if config.http2 else "off",
+            "compiled": core_compiled,
             **({"worker": config.worker_index} if config.worker_index is not None else {}),
         },
     )

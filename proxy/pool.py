@@ -19,8 +19,8 @@ from proxy.metrics import Metrics
 P = TypeVar("P", bound=asyncio.BaseProtocol)
 
 
-# the HTTP/2 pool subclasses it interpreted
-@mypyc_attr(allow_interpreted_subclasses=True)
+# a Python class, compiled methods: the pools are weakly referenced (native classes cannot be)
+@mypyc_attr(native_class=False)
 class PoolBase:
     """What the pools of both upstream kinds share (Envoy's conn_pool_base): the sweeper that
     closes connections idle past --upstream-idle-timeout, on one timer while any is idle, and

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from proxy import http1, http2
+from proxy import compiled, http1, http2
 from proxy.admin import AdminServer
 from proxy.config import Address, Config, ConfigError, bind_error
 from proxy.core.context import ProxyContext
@@ -65,7 +65,7 @@ def build_context(
         http2_codec = http2.resolve(config.http2_codec)
         codec = http2.server_codec_class(http2_codec)
         protocols["h2"] = functools.partial(Http2Connection, codec=codec)
-    metrics.built(http2_codec)
+    metrics.built(http2_codec, compiled.in_use())
     ctx = ProxyContext(
         loop,
         config,

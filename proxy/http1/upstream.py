@@ -12,6 +12,7 @@ import termios
 from collections.abc import Callable
 from typing import cast
 
+from proxy.compiled import mypyc_attr
 from proxy.config import Config
 from proxy.core.links import (
     ClientCodec,
@@ -163,6 +164,7 @@ class UpstreamConnection(asyncio.Protocol):
         return buffered + int.from_bytes(queued, sys.byteorder, signed=True)
 
 
+@mypyc_attr(native_class=False)  # as PoolBase
 class UpstreamPool(PoolBase):
     """Idle keep-alive connections to the app: bounded, most recent first, expired when old."""
 
