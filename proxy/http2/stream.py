@@ -59,10 +59,10 @@ class StreamHost(Protocol):
 class H2Stream(PhaseTimer):
     """One request and its response on an HTTP/2 connection: the exchange's Downstream."""
 
+    # ctx and loop are PhaseTimer's slots
     __slots__ = (
         "client_ended",
         "conn",
-        "ctx",
         "discard_left",
         "ended",
         "exchange",
@@ -70,7 +70,6 @@ class H2Stream(PhaseTimer):
         "head_sent",
         "holds",
         "local_sent",
-        "loop",
         "session",
         "sid",
         "unacked",
