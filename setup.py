@@ -83,6 +83,21 @@ class BuildExtensions(build_ext):
             ]
         super().finalize_options()
 
+    def run(self) -> None:
+        super().run()
+        if self.inplace:
+            self._remove_stale()
+
+    def _remove_stale(self) -> None:
+        """An in-place build's extension of a module no longer compiled would still load
+        ahead of the module's source: it goes."""
+        current = {x.name for x in self.extensions}
+        for built in (HERE / "proxy").rglob("*.so"):
+            module = ".".join(built.relative_to(HERE).with_suffix("").with_suffix("").parts)
+            if module not in current:
+                _warn(f"removing {built.relative_to(HERE)}: {module} is no longer compiled")
+                built.unlink()
+
     def build_extensions(self) -> None:
         super().build_extensions()
         core = [x for x in self.extensions if getattr(x, "mypyc", False)]

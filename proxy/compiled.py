@@ -5,7 +5,11 @@
 modules from their `.py` sources instead (proxy/__init__.py installs the finder). They are the
 modules every request runs through; cold code (start-up, commands, admin) stays interpreted.
 This module is read by setup.py before the package is installed: it imports only the standard
-library."""
+library.
+
+Left out on purpose: proxy.pool (its PoolBase is weakly referenced, which a native class cannot
+be, and an interpreted subclass of a compiled Python class fails mypyc's type check of `self`),
+and what another module subclasses interpreted unless marked `allow_interpreted_subclasses`."""
 
 from __future__ import annotations
 
@@ -41,7 +45,6 @@ MODULES: tuple[str, ...] = (
     "proxy.http1.connection",
     "proxy.http1.upstream",
     "proxy.downstream",
-    "proxy.pool",
 )
 
 HOW_TO_BUILD = (
@@ -65,7 +68,9 @@ def built() -> bool:
     """Whether the install has the compiled modules (whether or not this process runs them)."""
     for name in MODULES:
         package, _, _ = name.rpartition(".")
-        spec = importlib.machinery.PathFinder.find_spec(name, sys.modules[package].__path__)
+        spec = importlib.machinery.PathFinder.find_spec(
+            name, importlib.import_module(package).__path__
+        )
         if spec is None or not isinstance(spec.loader, importlib.machinery.ExtensionFileLoader):
             return False
     return True

@@ -11,7 +11,6 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from proxy.compiled import mypyc_attr
 from proxy.config import Config, Upstream
 from proxy.core.links import UpstreamConnectError
 from proxy.metrics import Metrics
@@ -19,8 +18,6 @@ from proxy.metrics import Metrics
 P = TypeVar("P", bound=asyncio.BaseProtocol)
 
 
-# a Python class, compiled methods: the pools are weakly referenced (native classes cannot be)
-@mypyc_attr(native_class=False)
 class PoolBase:
     """What the pools of both upstream kinds share (Envoy's conn_pool_base): the sweeper that
     closes connections idle past --upstream-idle-timeout, on one timer while any is idle, and

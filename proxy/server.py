@@ -11,7 +11,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from proxy import compiled, http1, http2
 from proxy.admin import AdminServer
@@ -154,6 +154,10 @@ class ProxyServer:
         assert self._ctx is not None
         return self._ctx
 
+    def _accepted(self) -> asyncio.BaseProtocol:
+        # a connection is an asyncio protocol by its methods, not its class (downstream.py)
+        return cast(asyncio.BaseProtocol, Http1Connection(self.ctx))
+
     async def start(self) -> Bound:
         loop = asyncio.get_running_loop()
         config = self.config
@@ -171,13 +175,13 @@ class ProxyServer:
             reuse_port = config.worker_index is not None
             if dual_stack(config.listen.host):
                 self._listener = await loop.create_server(
-                    lambda: Http1Connection(self.ctx),
+                    self._accepted,
                     sock=bind_dual_stack(config.listen, reuse_port=reuse_port),
                     backlog=1024,
                 )
             else:
                 self._listener = await loop.create_server(
-                    lambda: Http1Connection(self.ctx),
+                    self._accepted,
                     config.listen.host,
                     config.listen.port,
                     backlog=1024,
