@@ -16,11 +16,12 @@ from __future__ import annotations
 import importlib.machinery
 import importlib.util
 import sys
+from collections.abc import Sequence
 from importlib.abc import MetaPathFinder
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
     from importlib.machinery import ModuleSpec
     from types import ModuleType
 
@@ -64,16 +65,32 @@ def in_use() -> bool:
     return True
 
 
+def _extension(name: str) -> str | None:
+    """The compiled module's file, if the install has it."""
+    package, _, _ = name.rpartition(".")
+    spec = importlib.machinery.PathFinder.find_spec(name, importlib.import_module(package).__path__)
+    if spec is None or not isinstance(spec.loader, importlib.machinery.ExtensionFileLoader):
+        return None
+    return spec.origin
+
+
 def built() -> bool:
     """Whether the install has the compiled modules (whether or not this process runs them)."""
-    for name in MODULES:
-        package, _, _ = name.rpartition(".")
-        spec = importlib.machinery.PathFinder.find_spec(
-            name, importlib.import_module(package).__path__
-        )
-        if spec is None or not isinstance(spec.loader, importlib.machinery.ExtensionFileLoader):
-            return False
-    return True
+    return all(_extension(name) is not None for name in MODULES)
+
+
+def stale(modules: Sequence[str] = MODULES) -> list[str]:
+    """The compiled modules whose source was edited after they were compiled: in an editable
+    install the compiled one still runs, not the edit."""
+    edited = []
+    for name in modules:
+        extension = _extension(name)
+        if extension is None:
+            continue
+        source = Path(extension).parent / (name.rpartition(".")[2] + ".py")
+        if source.exists() and source.stat().st_mtime > Path(extension).stat().st_mtime:
+            edited.append(name)
+    return edited
 
 
 def switched_off() -> bool:

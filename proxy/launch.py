@@ -151,6 +151,12 @@ def _announce(config: Config, server: ProxyServer, bound: Bound) -> None:
     core_compiled = compiled.in_use()
     if not core_compiled and not compiled.switched_off():
         log.info(f"the core runs as plain Python: {compiled.HOW_TO_BUILD}")
+    if core_compiled and (edited := compiled.stale()):
+        log.warning(
+            f"{', '.join(edited)}: the source is newer than the compiled module, which is what "
+            "runs; rebuild (make .venv/.installed, or pip install -e .) or set "
+            "TLS_SIDECAR_COMPILED=0"
+        )
     log.info(
         "listening",
         extra={
