@@ -20,7 +20,8 @@ ARG BASE=python:3.13-slim-trixie@sha256:9d2e5553305c7c7b0097999bb17187c69b921ccd
 
 FROM ${BASE} AS build
 WORKDIR /src
-# gcc and libnghttp2's headers build the nghttp2 HTTP/2 codec; they stay in this stage
+# gcc and libnghttp2's headers build the nghttp2 HTTP/2 codec and the compiled core (mypyc,
+# fetched as a build requirement); they stay in this stage
 RUN --mount=type=bind,source=deploy/image/build-root.sh,target=/usr/local/sbin/build-root.sh \
     ["/bin/sh", "/usr/local/sbin/build-root.sh", "build-tools"]
 COPY requirements.lock ./

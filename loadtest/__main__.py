@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from .harness import Bench, MissingTool, Target
+from .harness import Bench, MissingTool, Target, cpu_seconds
 from .report import markdown_table, plot
 from .scenarios import FULL, SCENARIOS, SMOKE, Budget
 
@@ -21,10 +21,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 ANCHORS = ("nginx", "haproxy", "caddy")
 OURS = ("tls-sidecar h11", "tls-sidecar")
+# the same proxy with its compiled core's modules run from their sources (TLS_SIDECAR_COMPILED=0)
+INTERPRETED = "tls-sidecar interpreted"
 # Who runs in each scenario. Floors: `pipe` (TLS and byte relay only), `parse` (plus httptools
 # both ways); the parse floor does not close on Connection: close, so it sits out S2.
 PLAN = {
-    "S1": (*ANCHORS, "pipe floor", "parse floor", *OURS, "direct"),
+    "S1": (*ANCHORS, "pipe floor", "parse floor", *OURS, INTERPRETED, "direct"),
     "S2": (*ANCHORS, "pipe floor", *OURS),
     "S2full": (*ANCHORS, "pipe floor", *OURS),
     "S3": (*ANCHORS, "pipe floor", "parse floor", *OURS, "direct"),
@@ -34,7 +36,7 @@ PLAN = {
     # HTTP/2: nginx with http2 on (S8: grpc_pass), and the h2 floor: the h2 library answering
     # every stream itself in one process, the ceiling of anything built on it; the nghttp2
     # floor is the same on the nghttp2 codec (left out when it is not built).
-    "S7": ("nginx", "h2 floor", "nghttp2 floor", "tls-sidecar"),
+    "S7": ("nginx", "h2 floor", "nghttp2 floor", "tls-sidecar", INTERPRETED),
     "S8": ("nginx", "h2 floor", "nghttp2 floor", "h2relay floor", "tls-sidecar"),
     "S5h2": ("nginx", "tls-sidecar"),
 }
@@ -62,7 +64,8 @@ def start(
     if who.endswith("floor"):
         return bench.start_baseline(who.split(maxsplit=1)[0], upstream)
     http = "h11" if who.endswith("h11") else "httptools"
-    return bench.start_proxy(upstream, resumption=resumption, http=http)
+    compiled = who != INTERPRETED
+    return bench.start_proxy(upstream, resumption=resumption, http=http, compiled=compiled)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -122,11 +125,18 @@ def main(
                 if target is None:
                     continue
                 click.echo(f"[{name}] {title}: {target.name} ...", nl=False)
+                pid = target.pid
+                cpu_before = cpu_seconds(pid) if pid is not None else 0.0
                 row[target.name] = run(bench, target, budget)
+                if pid is not None and row[target.name].get("succeeded"):
+                    # over the whole run, h2load's warm-up second included (a few % more)
+                    spent = cpu_seconds(pid) - cpu_before
+                    per_request = spent / row[target.name]["succeeded"] * 1e6
+                    row[target.name]["cpu_us_per_req"] = round(per_request, 1)
                 click.echo(f" {_brief(row[target.name])}")
                 if target is not app and target.proc is not None:
                     code = bench.stop(target.proc)
-                    if who in OURS:
+                    if who in (*OURS, INTERPRETED):
                         # a clean drain after load: exit 0 at once, nothing left behind
                         results["proxy_exit_codes"].append(code)
             results["scenarios"][name] = row
@@ -145,7 +155,8 @@ def main(
 
 def _brief(row: dict[str, Any]) -> str:
     if "req_s" in row:
-        return f"{row['req_s']} req/s, {row['mb_s']} MB/s, p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms, failed {row['failed']}"
+        cpu = f", {row['cpu_us_per_req']} us CPU/req" if "cpu_us_per_req" in row else ""
+        return f"{row['req_s']} req/s, {row['mb_s']} MB/s, p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms, failed {row['failed']}{cpu}"
     return ", ".join(f"{k}={v}" for k, v in row.items())
 
 

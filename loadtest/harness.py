@@ -74,6 +74,21 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU of the process and its children now alive (nginx's workers), all
+    threads included: what a target spent, which moves far less than throughput on a shared
+    machine."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for each in (pid, *children(pid)):
+        try:
+            fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return total
+
+
 def children(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(p) for p in path.read_text().split()] if path.exists() else []
@@ -252,7 +267,12 @@ http {{
         return Target("direct", f"http://127.0.0.1:{port}", proc.pid, proc)
 
     def start_proxy(
-        self, upstream: Target, *, resumption: bool = True, http: str = "httptools"
+        self,
+        upstream: Target,
+        *,
+        resumption: bool = True,
+        http: str = "httptools",
+        compiled: bool = True,
     ) -> Target:
         port, admin = free_port(), free_port()
         argv = [
@@ -278,9 +298,13 @@ http {{
         ]
         if not resumption:
             argv.append("--no-tls-session-resumption")
-        proc = self._spawn(argv, 0, f"proxy-{http}.log")
+        # TLS_SIDECAR_COMPILED=0: the compiled core's modules from their sources
+        env = None if compiled else {"TLS_SIDECAR_COMPILED": "0"}
+        proc = self._spawn(argv, 0, f"proxy-{http}-{compiled}.log", env)
         wait_port(port, proc)
         name = "tls-sidecar" if http == "httptools" else f"tls-sidecar {http}"
+        if not compiled:
+            name += " interpreted"
         return Target(name, f"https://127.0.0.1:{port}", proc.pid, proc)
 
     def start_haproxy(self, upstream: Target, *, resumption: bool = True) -> Target:

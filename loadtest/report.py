@@ -30,6 +30,7 @@ COLUMNS = (
     "nghttp2 floor",
     "h2relay floor",
     "tls-sidecar h11",
+    "tls-sidecar interpreted",
     "tls-sidecar",
 )
 S5_REST_MIB = 40.0
@@ -117,6 +118,8 @@ def markdown_table(results: dict[str, Any]) -> str:
         metrics = [("req/s", "req_s"), ("MB/s", "mb_s"), ("p50 ms", "p50_ms"), ("p99 ms", "p99_ms")]
         if name == "S4":
             metrics = [("p50 ms", "p50_ms"), ("p99 ms", "p99_ms"), ("max ms", "max_ms")]
+        # CPU per request: user + system time of each target over its run / requests served
+        metrics.append(("CPU µs/req", "cpu_us_per_req"))
         for label, key in metrics:
             ratio = ours[key] / nginx[key] if nginx.get(key) else float("nan")
             target, met = "", ""

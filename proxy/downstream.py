@@ -10,6 +10,7 @@ import time
 from typing import TYPE_CHECKING, Any, cast
 
 from proxy import proxy_protocol
+from proxy.compiled import mypyc_attr
 from proxy.core.headers import ClientInfo
 from proxy.core.session import Session
 from proxy.core.timer import PhaseTimer
@@ -27,7 +28,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("tls_sidecar.http")
 
 
-class ClientConnection(PhaseTimer, asyncio.Protocol):
+# The HTTP/2 connection subclasses it interpreted. Not an asyncio.Protocol subclass, which would
+# make it (and the HTTP/1.1 connection) a Python class when compiled, with every attribute in a
+# dict: uvloop needs only the methods.
+@mypyc_attr(allow_interpreted_subclasses=True)
+class ClientConnection(PhaseTimer):
     """Owns the TLS side of one client connection; subclasses speak the protocol over it."""
 
     def __init__(self, ctx: ProxyContext) -> None:
@@ -113,7 +118,7 @@ class ClientConnection(PhaseTimer, asyncio.Protocol):
         # first step would run a loop turn later and could let the ClientHello reach the codec.
         self._handshake = self.loop.start_tls(
             transport,
-            self,
+            cast(asyncio.BaseProtocol, self),
             self.ctx.tls.context,
             server_side=True,
             ssl_handshake_timeout=timeout,
@@ -298,7 +303,7 @@ class ClientConnection(PhaseTimer, asyncio.Protocol):
         connections.discard(self)
         connections.add(successor)
         self.closed = True
-        self.transport.set_protocol(successor)
+        self.transport.set_protocol(cast(asyncio.BaseProtocol, successor))
 
     # --- closing --------------------------------------------------------------------------------
     def forget(self) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import uvloop
 
-from proxy import __version__, http2, proxy_protocol, spiffe_config
+from proxy import __version__, compiled, http2, proxy_protocol, spiffe_config
 from proxy.config import (
     Config,
     ConfigError,
@@ -161,6 +161,15 @@ def _announce(config: Config, server: ProxyServer, bound: Bound) -> None:
         log.log(level, message)
     if config.http2 and config.http2_codec == "auto" and not http2.available("nghttp2"):
         log.info(f"HTTP/2 runs on h2 (pure Python): {http2.HOW_TO_BUILD}")
+    core_compiled = compiled.in_use()
+    if not core_compiled and not compiled.switched_off():
+        log.info(f"the core runs as plain Python: {compiled.HOW_TO_BUILD}")
+    if core_compiled and (edited := compiled.stale()):
+        log.warning(
+            f"{', '.join(edited)}: the source is newer than the compiled module, which is what "
+            "runs; rebuild (make .venv/.installed, or pip install -e .) or set "
+            "TLS_SIDECAR_COMPILED=0"
+        )
     log.info(
         "listening",
         extra={
@@ -175,6 +184,7 @@ def _announce(config: Config, server: ProxyServer, bound: Bound) -> None:
                 if config.upstream.h2c
                 else {}
             ),
+            "compiled": core_compiled,
             **({"worker": config.worker_index} if config.worker_index is not None else {}),
         },
     )

@@ -11,9 +11,9 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from proxy import http1, http2
+from proxy import compiled, http1, http2
 from proxy.admin import AdminServer
 from proxy.config import Address, Config, ConfigError, bind_error
 from proxy.core.context import ProxyContext
@@ -66,7 +66,7 @@ def build_context(
         http2_codec = http2.resolve(config.http2_codec)
         codec = http2.server_codec_class(http2_codec)
         protocols["h2"] = functools.partial(Http2Connection, codec=codec)
-    metrics.built(http2_codec)
+    metrics.built(http2_codec, compiled.in_use())
     ctx = ProxyContext(
         loop,
         config,
@@ -155,6 +155,10 @@ class ProxyServer:
         assert self._ctx is not None
         return self._ctx
 
+    def _accepted(self) -> asyncio.BaseProtocol:
+        # a connection is an asyncio protocol by its methods, not its class (downstream.py)
+        return cast(asyncio.BaseProtocol, Http1Connection(self.ctx))
+
     async def start(self) -> Bound:
         loop = asyncio.get_running_loop()
         config = self.config
@@ -174,13 +178,13 @@ class ProxyServer:
             reuse_port = config.worker_index is not None
             if dual_stack(config.listen.host):
                 self._listener = await loop.create_server(
-                    lambda: Http1Connection(self.ctx),
+                    self._accepted,
                     sock=bind_dual_stack(config.listen, reuse_port=reuse_port),
                     backlog=1024,
                 )
             else:
                 self._listener = await loop.create_server(
-                    lambda: Http1Connection(self.ctx),
+                    self._accepted,
                     config.listen.host,
                     config.listen.port,
                     backlog=1024,

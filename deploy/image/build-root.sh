@@ -3,12 +3,13 @@
 # and tests/e2e/test_image_root.py runs them on a Debian 13 root filesystem made with
 # debootstrap (there is no container engine in CI), so the two cannot drift.
 #
-#   build-root.sh build-tools     the build stage: what builds the nghttp2 HTTP/2 codec (a C
-#                                 compiler, libnghttp2's and Python's headers)
+#   build-root.sh build-tools     the build stage: what builds the nghttp2 HTTP/2 codec and the
+#                                 compiled core (a C compiler, libnghttp2's and Python's headers)
 #   build-root.sh deps LOCKFILE   the build stage: a virtual environment without pip in
 #                                 /opt/tls-sidecar, and the pinned dependencies (hashes checked)
 #   build-root.sh package SOURCE  the build stage: the package itself, nothing else; fails when
-#                                 the nghttp2 codec did not build (the image never falls back)
+#                                 the nghttp2 codec or the compiled core did not build (the
+#                                 image never falls back)
 #   build-root.sh runtime [harden]  the final stage: libnghttp2, the codec's only run-time
 #                                 need (then harden, in the same step)
 #   build-root.sh harden          the final stage: no pip, no shell (run it last: it removes
@@ -60,15 +61,20 @@ deps)
     ;;
 package)
     # a wheel built in a scratch folder: the source may be read-only. setup.py builds the
-    # optional nghttp2 codec where a compiler and libnghttp2's headers are; an in-place build
-    # from a developer's editable install is not shipped.
+    # optional nghttp2 codec and the compiled core (mypyc) where a compiler and the headers
+    # are; an in-place build from a developer's editable install is not shipped.
     build=$(mktemp -d)
     cp -R "$2/pyproject.toml" "$2/setup.py" "$2/README.md" "$2/proxy" "$build/"
-    rm -f "$build"/proxy/http2/_nghttp2*.so "$build"/proxy/http2/_nghttp2.c
+    rm -f "$build"/proxy/http2/_nghttp2.c
+    find "$build/proxy" -name '*.so' -delete
     pip_install --no-deps "$build"
     rm -rf "$build"
     if ! "$VENV/bin/python" -c 'import proxy.http2._nghttp2'; then
         echo "build-root.sh: the nghttp2 HTTP/2 codec did not build (run build-tools first)" >&2
+        exit 1
+    fi
+    if ! "$VENV/bin/python" -c 'import sys, proxy.compiled as c; sys.exit(not c.built())'; then
+        echo "build-root.sh: the compiled core did not build (run build-tools first)" >&2
         exit 1
     fi
     ;;

@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
+from proxy.compiled import mypyc_attr
+
 if TYPE_CHECKING:
     from proxy.core.context import ProxyContext
 
 
+# HTTP/2 streams and the tests subclass it interpreted
+@mypyc_attr(allow_interpreted_subclasses=True)
 class PhaseTimer:
     """One lazy timer for what is being waited for (a phase) and how long it may take.
 
@@ -16,7 +20,9 @@ class PhaseTimer:
     the phase was pushed back, and sleeps again. One timer handle per connection (or HTTP/2
     stream), not one per read."""
 
-    __slots__ = ("_phase", "_phase_since", "_phase_timeout", "_timer", "_timer_at")
+    # ctx and loop are the subclass's to set, but slots of this class: compiled, a subclass's
+    # slot of the same name would hide them from the timer's own code
+    __slots__ = ("_phase", "_phase_since", "_phase_timeout", "_timer", "_timer_at", "ctx", "loop")
 
     ctx: ProxyContext
     loop: asyncio.AbstractEventLoop

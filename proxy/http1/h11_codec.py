@@ -85,7 +85,8 @@ class H11Server:
             if kind is h11.Data:
                 if event.chunk_start:
                     self._check_chunk_size(len(event.data))
-                sink.on_request_data(event.data)
+                # h11 hands out bytearray slices; the compiled core takes bytes (mypyc checks)
+                sink.on_request_data(bytes(event.data))
             elif event is h11.NEED_DATA or event is h11.PAUSED:
                 return
             elif kind is h11.Request:
@@ -229,7 +230,7 @@ class H11Client:
                 return
             kind = type(event)
             if kind is h11.Data:
-                sink.response_data(event.data)
+                sink.response_data(bytes(event.data))
             elif event is h11.NEED_DATA:
                 return
             elif kind is h11.Response:

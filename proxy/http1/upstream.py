@@ -12,6 +12,7 @@ import termios
 from collections.abc import Callable
 from typing import cast
 
+from proxy.compiled import mypyc_attr
 from proxy.config import Config
 from proxy.core.links import (
     ClientCodec,
@@ -26,7 +27,9 @@ from proxy.pool import PoolBase, open_to_app
 log = logging.getLogger("tls_sidecar.upstream")
 
 
-class UpstreamConnection(asyncio.Protocol):
+# An asyncio protocol by its methods, not its class: a subclass of asyncio.Protocol would be a
+# Python class when compiled, with its attributes in a dict.
+class UpstreamConnection:
     """One connection to the app; its client codec frames what we send and parses replies."""
 
     __slots__ = (
@@ -163,6 +166,9 @@ class UpstreamConnection(asyncio.Protocol):
         return buffered + int.from_bytes(queued, sys.byteorder, signed=True)
 
 
+# a Python class with compiled methods: PoolBase is (the pools are weakly referenced, which
+# native classes cannot be, and the HTTP/2 pool subclasses it)
+@mypyc_attr(native_class=False)
 class UpstreamPool(PoolBase):
     """Idle keep-alive connections to the app: bounded, most recent first, expired when old."""
 
@@ -206,14 +212,15 @@ class UpstreamPool(PoolBase):
         loop = self.loop
         target = self.config.upstream
         limit = self.config.upstream_connect_timeout
-        up = await open_to_app(
+        protocol = await open_to_app(
             loop,
             target,
-            lambda: UpstreamConnection(self),
+            lambda: cast(asyncio.BaseProtocol, UpstreamConnection(self)),
             limit,
             self.metrics,
             preface=self.preface,
         )
+        up = cast(UpstreamConnection, protocol)
         self._busy.add(up)
         return up
 

@@ -55,10 +55,11 @@ class StreamSender(PhaseTimer):
     """A stream's state, and its response on its way within the client's windows (the base of
     `stream.H2Stream`)."""
 
+    # ctx and loop are PhaseTimer's slots (a subclass that declares them again hides them
+    # from the compiled PhaseTimer)
     __slots__ = (
         "client_ended",
         "conn",
-        "ctx",
         "discard_left",
         "ended",
         "exchange",
@@ -66,7 +67,6 @@ class StreamSender(PhaseTimer):
         "head_sent",
         "holds",
         "local_sent",
-        "loop",
         "session",
         "sid",
         "unacked",

@@ -69,8 +69,9 @@ class Metrics:
         self.build_info = Gauge(
             f"{p}_build_info",
             "Always 1; labels say which version runs on which Python and OpenSSL, and the "
-            "HTTP/2 codec serving clients (nghttp2, h2, or off with --no-http2).",
-            ["version", "python", "openssl", "http2_codec"],
+            "HTTP/2 codec serving clients (nghttp2, h2, or off with --no-http2), and whether the "
+            "compiled core runs (true) or its modules run as plain Python (false).",
+            ["version", "python", "openssl", "http2_codec", "compiled"],
             registry=r,
             multiprocess_mode="max",
         )
@@ -309,10 +310,14 @@ class Metrics:
         self._upstream_observed = Observed(len(self._buckets))
         self._hooks: list[Callable[[], None]] = []
 
-    def built(self, http2_codec: str) -> None:
+    def built(self, http2_codec: str, compiled: bool) -> None:
         """The build_info sample, once the server chose its codecs."""
         self.build_info.labels(
-            __version__, platform.python_version(), ssl.OPENSSL_VERSION, http2_codec
+            __version__,
+            platform.python_version(),
+            ssl.OPENSSL_VERSION,
+            http2_codec,
+            "true" if compiled else "false",
         ).set(1)
 
     def request_done(self, method: bytes, code: int, seconds: float, version: bytes) -> None:

@@ -239,6 +239,8 @@ def test_the_image_root_serves_as_user_65532_read_only_and_drains_on_sigterm(
                 assert 'openssl="OpenSSL 3.5' in metrics, "build_info carries the OpenSSL version"
                 # the image's HTTP/2 is nghttp2's: built in the build stage, libnghttp2-14 here
                 assert 'http2_codec="nghttp2"' in metrics, "HTTP/2 on the nghttp2 codec"
+                # and the core is the compiled one, built in the same stage
+                assert 'compiled="true"' in metrics, "the compiled core"
             with steps.step("openssl s_client -groups X25519MLKEM768 from the root"):
                 out = s_client(root, port, "X25519MLKEM768")
             print("\ns_client -groups X25519MLKEM768:\n" + "\n".join(group_lines(out)))

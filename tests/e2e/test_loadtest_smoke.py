@@ -45,11 +45,14 @@ def test_smoke_run_writes_results_table_and_plots(tmp_path: Path) -> None:
             else:
                 assert figures["failed"] == 0, (name, who, figures)
                 assert figures["succeeded"] > 0, (name, who, figures)
+                assert figures["cpu_us_per_req"] > 0, (name, who, figures)
     runs = sum(1 for row in data["scenarios"].values() for who in row if who.startswith("tls-"))
     assert "tls-sidecar h11" in data["scenarios"]["S1"], "both codecs are measured"
+    assert "tls-sidecar interpreted" in data["scenarios"]["S1"], "and the core interpreted"
     assert data["proxy_exit_codes"] == [0] * runs, "the proxy drained and exited 0 after every run"
     table = (tmp_path / "results.md").read_text()
     assert "| S1 keep-alive" in table and "tls-sidecar / nginx" in table
+    assert "| CPU µs/req |" in table
     assert "the h2 floor (measured" in table  # S7 and S8 are judged against it
     assert "h2 floor" in data["scenarios"]["S8"]
     assert (tmp_path / "throughput.png").stat().st_size > 1000
