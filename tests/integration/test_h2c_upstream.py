@@ -112,6 +112,40 @@ def test_streams_spread_over_few_connections_within_the_apps_limit(
     assert 4 <= app.connections <= 6
 
 
+def test_a_chunked_http11_request_reaches_the_h2c_app_without_its_framing(
+    run: list[object], ca: Path, start_proxy: ProxyFactory
+) -> None:
+    """HTTP/1.1's framing (Transfer-Encoding, Connection, Keep-Alive, Host) is connection-specific:
+    an HTTP/2 app must never see it (RFC 9113 §8.2.2); the body arrives whole, its length known
+    only from the stream."""
+    app = H2App()
+    proxy = start(run, app, start_proxy)
+    request = (
+        b"POST /upload HTTP/1.1\r\nHost: localhost\r\nConnection: keep-alive, x-hop\r\n"
+        b"Keep-Alive: timeout=5\r\nX-Hop: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+    )
+    conn = h11.Connection(h11.CLIENT)
+    conn.send(h11.Request(method="POST", target="/", headers=[("host", "x")]))
+    with tls_socket(proxy.port, ca) as sock:
+        sock.sendall(request)
+        response: h11.Response | None = None
+        body = b""
+        while not isinstance(event := conn.next_event(), h11.EndOfMessage):
+            if event is h11.NEED_DATA:
+                conn.receive_data(sock.recv(65536))
+            elif isinstance(event, h11.Response):
+                response = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+    assert response is not None and response.status_code == 200, (response, body)
+    seen = json.loads(body)
+    assert seen["body_length"] == 11
+    names = {name for name, _ in seen["headers"]}
+    assert not names & {"transfer-encoding", "connection", "keep-alive", "x-hop", "host"}, names
+    assert dict(seen["headers"])[":authority"] == "localhost"
+
+
 def test_readiness_asks_an_h2c_app_over_http2(run: list[object], dev_certs: DevCerts) -> None:
     app = H2App().start()
     run.append(app)
