@@ -147,8 +147,11 @@ async def _health_h2c(
                     if len(status) != 3 or not status.isdigit():
                         return f"health check GET {path}: not an HTTP answer"
                     return _verdict(path, int(status), "")
+                # the codec reset the stream for an answer HTTP/2 does not allow
+                if isinstance(event, StreamRefused) and event.stream_id == sid:
+                    return f"health check GET {path}: not an HTTP answer"
                 # Said at once: waiting on would only end in "did not answer" at the timeout.
-                if isinstance(event, StreamReset | StreamRefused) and event.stream_id == sid:
+                if isinstance(event, StreamReset) and event.stream_id == sid:
                     why = f"the app reset the stream ({_code(event.error_code)})"
                     return f"health check GET {path}: {why}"
                 # a graceful GOAWAY that covers our stream still answers it
