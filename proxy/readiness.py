@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from proxy.config import Upstream
+from proxy.config import Config, Upstream
 from proxy.core.headers import reason_phrase
+from proxy.proxy_protocol import build_local
 
 
 @dataclass(frozen=True)
@@ -19,19 +20,30 @@ class UpstreamCheck:
     connected: bool
 
 
-async def probe_upstream(
-    target: Upstream, timeout: float, health_path: str | None = None, *, preface: bytes = b""
-) -> str | None:
-    """Is the app ready? None when it is, else why not (see check_upstream)."""
-    return (await check_upstream(target, timeout, health_path, preface=preface)).problem
+async def check_app(config: Config, timeout: float) -> UpstreamCheck:
+    """`check_upstream` as the configuration asks it: the health path, the PROXY LOCAL header
+    an app may expect on every connection, and `--http2-codec` for an h2c app."""
+    return await check_upstream(
+        config.upstream,
+        timeout,
+        config.upstream_health_path,
+        preface=build_local(config.upstream_proxy_protocol),
+        http2_codec=config.http2_codec,
+    )
 
 
 async def check_upstream(
-    target: Upstream, timeout: float, health_path: str | None = None, *, preface: bytes = b""
+    target: Upstream,
+    timeout: float,
+    health_path: str | None = None,
+    *,
+    preface: bytes = b"",
+    http2_codec: str = "auto",
 ) -> UpstreamCheck:
     """The app is ready when it accepts a connection and, with `health_path`, answers a GET
     there with 2xx or 3xx (over HTTP/2 for an h2c app). `preface` goes first (a PROXY LOCAL
-    header, for an app that expects one on every connection).
+    header, for an app that expects one on every connection); `http2_codec` is `--http2-codec`,
+    whose client codec asks an h2c app.
 
     Readiness checks use their own connection, not the pool: they never count as requests."""
     connected = False
@@ -52,7 +64,7 @@ async def check_upstream(
                     await writer.drain()
                     return UpstreamCheck(None, connected)
                 if target.h2c:
-                    problem = await _health_h2c(reader, writer, target, health_path)
+                    problem = await _health_h2c(reader, writer, target, health_path, http2_codec)
                 else:
                     problem = await _health_http1(reader, writer, target, health_path)
                 return UpstreamCheck(problem, connected)
@@ -87,47 +99,79 @@ async def _health_http1(
 
 
 async def _health_h2c(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, target: Upstream, path: str
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    target: Upstream,
+    path: str,
+    http2_codec: str,
 ) -> str | None:
-    import h2.config  # noqa: PLC0415
-    import h2.connection  # noqa: PLC0415
-    import h2.events  # noqa: PLC0415
-
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(header_encoding=None))
-    conn.initiate_connection()
-    conn.send_headers(
-        1,
-        [
-            (b":method", b"GET"),
-            (b":scheme", b"http"),
-            (b":authority", target.authority.encode()),
-            (b":path", path.encode()),
-            (b"user-agent", b"tls-sidecar-readiness"),
-        ],
-        end_stream=True,
+    # Only an h2c app's health check loads HTTP/2, and only the codec `--http2-codec` names
+    # (the one the h2c pool uses): a process on nghttp2 never imports h2 for readiness.
+    from proxy import http2  # noqa: PLC0415
+    from proxy.http2.client_codec import (  # noqa: PLC0415
+        ClientSettings,
+        GoAwayReceived,
+        ResponseReceived,
+        StreamRefused,
+        StreamReset,
     )
-    writer.write(conn.data_to_send())
-    while True:
-        data = await reader.read(65536)
-        if not data:
-            return f"health check GET {path}: the app closed the connection"
-        for event in conn.receive_data(data):
-            if isinstance(event, h2.events.ResponseReceived):
-                status = int(dict(event.headers)[b":status"])
-                return _verdict(path, status, "")
-            # Said at once: waiting on would only end in "did not answer" at the timeout.
-            if isinstance(event, h2.events.StreamReset):
-                why = f"the app reset the stream ({_code(event.error_code)})"
-                return f"health check GET {path}: {why}"
-            if isinstance(event, h2.events.ConnectionTerminated) and (
-                event.error_code or not event.last_stream_id  # a graceful GOAWAY still answers
-            ):
-                why = f"the app ended the connection ({_code(event.error_code)})"
-                return f"health check GET {path}: {why}"
-        writer.write(conn.data_to_send())
+    from proxy.http2.codec import CodecError  # noqa: PLC0415
+
+    settings = ClientSettings(
+        max_header_bytes=_H2C_HEAD_BYTES, stream_window=65535, connection_window=65535
+    )
+    codec = http2.client_codec_class(http2.client_codec_name(http2_codec))(settings)
+    try:
+        sid = codec.send_request(
+            [
+                (b":method", b"GET"),
+                (b":scheme", b"http"),
+                (b":authority", target.authority.encode()),
+                (b":path", path.encode()),
+                (b"user-agent", b"tls-sidecar-readiness"),
+            ],
+            end_stream=True,
+        )
+        writer.write(codec.data_to_send())
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                return f"health check GET {path}: the app closed the connection"
+            try:
+                events = codec.receive(data)
+            except CodecError as e:
+                return f"health check GET {path}: the app broke HTTP/2 ({e})"
+            for event in events:
+                if isinstance(event, ResponseReceived) and event.stream_id == sid:
+                    status = dict(event.headers).get(b":status", b"")
+                    if len(status) != 3 or not status.isdigit():
+                        return f"health check GET {path}: not an HTTP answer"
+                    return _verdict(path, int(status), "")
+                # the codec reset the stream for an answer HTTP/2 does not allow
+                if isinstance(event, StreamRefused) and event.stream_id == sid:
+                    return f"health check GET {path}: not an HTTP answer"
+                # Said at once: waiting on would only end in "did not answer" at the timeout.
+                if isinstance(event, StreamReset) and event.stream_id == sid:
+                    why = f"the app reset the stream ({_code(event.error_code)})"
+                    return f"health check GET {path}: {why}"
+                # a graceful GOAWAY that covers our stream still answers it
+                if isinstance(event, GoAwayReceived) and (
+                    event.error_code or event.last_stream_id < sid
+                ):
+                    why = f"the app ended the connection ({_code(event.error_code)})"
+                    return f"health check GET {path}: {why}"
+            writer.write(codec.data_to_send())
+    finally:
+        codec.close()
 
 
-def _code(code: int | None) -> str:
-    """h2 gives a known code as an ErrorCodes member (CANCEL), an unknown one as an int."""
-    name: str | None = getattr(code, "name", None)
-    return name or f"error code {code}"
+_H2C_HEAD_BYTES = 64 * 1024  # a health check's answer head; its body is never read
+
+
+def _code(code: int) -> str:
+    from proxy.http2.codec import ErrorCode  # noqa: PLC0415
+
+    try:
+        return ErrorCode(code).name
+    except ValueError:
+        return f"error code {code}"

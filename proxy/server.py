@@ -24,8 +24,7 @@ from proxy.log import AccessLog
 from proxy.metrics import Metrics
 from proxy.pool import PoolBase
 from proxy.process import raise_open_file_limit, tune_malloc
-from proxy.proxy_protocol import build_local
-from proxy.readiness import check_upstream
+from proxy.readiness import check_app
 from proxy.sockets import bind_dual_stack, dual_stack
 from proxy.tls.context import TlsState, out_of_descriptors
 from proxy.tls.source import tls_state
@@ -241,13 +240,7 @@ class ProxyServer:
         async with self._ready_lock:
             now = asyncio.get_running_loop().time()
             if now - self._upstream_checked_at >= READINESS_CACHE_SECONDS:
-                timeout = min(1.0, self.config.upstream_connect_timeout)
-                check = await check_upstream(
-                    self.config.upstream,
-                    timeout,
-                    self.config.upstream_health_path,
-                    preface=build_local(self.config.upstream_proxy_protocol),
-                )
+                check = await check_app(self.config, min(1.0, self.config.upstream_connect_timeout))
                 self._upstream_problem = check.problem
                 self._upstream_checked_at = asyncio.get_running_loop().time()
                 self.metrics.upstream_up.set(1 if check.connected else 0)

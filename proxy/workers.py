@@ -28,8 +28,7 @@ from proxy.admin import AdminServer
 from proxy.config import Config, ConfigError, bind_error
 from proxy.metrics import PREFIX, UPSTREAM_UP_HELP
 from proxy.metrics.exposition import render
-from proxy.proxy_protocol import build_local
-from proxy.readiness import check_upstream
+from proxy.readiness import check_app
 from proxy.sockets import dual_stack
 from proxy.tls.tickets import TICKET_KEYS_SIZE
 
@@ -187,13 +186,7 @@ class Supervisor:
             return False, f"{len(self.workers) - alive} of {len(self.workers)} workers are down"
         now = time.monotonic()
         if now - self._ready_checked >= 1.0:
-            timeout = min(1.0, self.config.upstream_connect_timeout)
-            check = await check_upstream(
-                self.config.upstream,
-                timeout,
-                self.config.upstream_health_path,
-                preface=build_local(self.config.upstream_proxy_protocol),
-            )
+            check = await check_app(self.config, min(1.0, self.config.upstream_connect_timeout))
             self._ready_problem = check.problem
             self._ready_checked = time.monotonic()
             self.metrics.upstream_up.set(1 if check.connected else 0)

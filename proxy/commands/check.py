@@ -21,8 +21,7 @@ from proxy import log as logs
 from proxy.config import Address, Config, ConfigError
 from proxy.launch import build_config
 from proxy.options import CONTEXT, as_set, note_environment, serve_options
-from proxy.proxy_protocol import build_local
-from proxy.readiness import probe_upstream
+from proxy.readiness import check_app
 from proxy.tls.context import build_bundle
 
 OK, WARN, FAIL = "ok", "warn", "fail"
@@ -174,10 +173,7 @@ def _bindable(option: str, address: Address) -> Finding:
 
 def _upstream(config: Config) -> Finding:
     timeout = config.upstream_connect_timeout
-    preface = build_local(config.upstream_proxy_protocol)  # an app that expects PROXY headers
-    problem = asyncio.run(
-        probe_upstream(config.upstream, timeout, config.upstream_health_path, preface=preface)
-    )
+    problem = asyncio.run(check_app(config, timeout)).problem
     if problem is None:
         how = f", GET {config.upstream_health_path} answered" if config.upstream_health_path else ""
         return Finding(OK, "upstream", f"{config.upstream} accepts connections{how}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from proxy.core import headers as hdr
+from proxy.core.errors import KINDS
 from proxy.core.headers import ClientInfo, Headers
 
 # Upgrade protocols that are never tunnelled over TLS, whatever --upgrade says: h2c skips every
@@ -25,12 +26,14 @@ _FRAMING = frozenset(
 
 
 class BadRequest(Exception):
-    """The request cannot be trusted or served; `status` and `reason` say how it is answered."""
+    """The request cannot be trusted or served. `reason` names its kind in `errors.KINDS`, which
+    gives the HTTP status it is answered with (looked up here, on the error path only), the gRPC
+    status and the HTTP/2 reset code, the same table for every protocol."""
 
-    def __init__(self, status: int, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
-        self.status = status
         self.reason = reason
+        self.status = KINDS[reason].status  # a reason outside the table is a bug: fail loudly
 
 
 @dataclass(slots=True)
@@ -64,7 +67,7 @@ def read_head(
     chunked, a missing or repeated Host on HTTP/1.1, and a chunked upgrade request (llhttp would
     take its body for the new protocol's bytes)."""
     if version not in _VERSIONS:
-        raise BadRequest(505, "version_not_supported", "only HTTP/1.0, HTTP/1.1 and HTTP/2")
+        raise BadRequest("version_not_supported", "only HTTP/1.0, HTTP/1.1 and HTTP/2")
     length: bytes | None = None
     te: bytes | None = None
     hosts = 0
@@ -82,11 +85,11 @@ def read_head(
             continue
         if name == b"content-length":
             if length is not None:
-                raise BadRequest(400, "bad_request", "more than one Content-Length")
+                raise BadRequest("bad_request", "more than one Content-Length")
             length = value
         elif name == b"transfer-encoding":
             if te is not None:
-                raise BadRequest(400, "bad_request", "more than one Transfer-Encoding")
+                raise BadRequest("bad_request", "more than one Transfer-Encoding")
             te = value
         elif name == b"host":
             hosts += 1
@@ -110,22 +113,22 @@ def read_head(
         if version == b"1.0":
             # RFC 9112 §6.1: HTTP/1.0 has no transfer codings; such a request's framing is
             # faulty (a smuggling vector between an HTTP/1.0-minded parser and ours). nginx: 400.
-            raise BadRequest(400, "bad_request", "Transfer-Encoding in an HTTP/1.0 request")
+            raise BadRequest("bad_request", "Transfer-Encoding in an HTTP/1.0 request")
         if te.strip().lower() != b"chunked":
-            raise BadRequest(400, "bad_request", "the only transfer coding accepted is chunked")
+            raise BadRequest("bad_request", "the only transfer coding accepted is chunked")
         if length is not None:
-            raise BadRequest(400, "bad_request", "both Content-Length and Transfer-Encoding")
+            raise BadRequest("bad_request", "both Content-Length and Transfer-Encoding")
     content_length: int | None = None
     if length is not None:
         if not length.isdigit() or len(length) > 18:
-            raise BadRequest(400, "bad_request", "Content-Length is not a number")
+            raise BadRequest("bad_request", "Content-Length is not a number")
         content_length = int(length)
     if hosts > 1 or (hosts == 0 and version == b"1.1"):
-        raise BadRequest(400, "bad_request", "HTTP/1.1 needs exactly one Host header")
+        raise BadRequest("bad_request", "HTTP/1.1 needs exactly one Host header")
     if not connection_upgrade or version == b"1.0":
         upgrade = None  # RFC 9110 §7.8: Upgrade is HTTP/1.1's; an HTTP/1.0 request's is ignored
     elif upgrade is not None and te is not None:
-        raise BadRequest(400, "bad_request", "an upgrade request cannot have a chunked body")
+        raise BadRequest("bad_request", "an upgrade request cannot have a chunked body")
     if size < 0:
         size = len(method) + len(target) + sum(len(n) + len(v) + 4 for n, v in headers)
     return RequestHead(
@@ -220,15 +223,15 @@ def upstream_request(
         out.insert(0, (b"host", upstream_host))
     # The parsers cap a head that arrives in pieces; one that arrived whole is measured here.
     if head.size + 12 > max_header_bytes:
-        return BadRequest(431, "header_too_large", f"request head over {max_header_bytes} bytes")
+        return BadRequest("header_too_large", f"request head over {max_header_bytes} bytes")
     if head.method == b"CONNECT":
-        return BadRequest(405, "method_not_allowed", "CONNECT is not supported")
+        return BadRequest("method_not_allowed", "CONNECT is not supported")
     if not target:
-        return BadRequest(400, "bad_request", f"bad request target: {bad_target}")
+        return BadRequest("bad_request", f"bad request target: {bad_target}")
     if (
         max_body_bytes is not None
         and head.content_length is not None
         and head.content_length > max_body_bytes
     ):
-        return BadRequest(413, "body_too_large", f"request body over {max_body_bytes} bytes")
+        return BadRequest("body_too_large", f"request body over {max_body_bytes} bytes")
     return UpstreamRequest(target, out, upgrade)

@@ -265,7 +265,7 @@ class Http1Connection(ClientConnection):
     def timed_out(self, phase: str) -> None:
         exchange = self.exchange
         if phase == "header" and self._received_since_idle and exchange is None:
-            self._refuse(BadRequest(408, "header_timeout", "request head not received in time"))
+            self._refuse(BadRequest("header_timeout", "request head not received in time"))
         elif exchange is not None and (
             (phase == "upstream" and exchange.timed_out())
             or (phase == "request_body" and exchange.body_timed_out())

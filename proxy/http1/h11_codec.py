@@ -34,9 +34,8 @@ def _head_part(raw: bytes) -> bytes:
 def _bad(error: h11.RemoteProtocolError) -> BadRequest:
     # h11 suggests 501 for transfer codings other than chunked; as a smuggling defence they are
     # malformed framing like any other: 400 and close.
-    status = 400 if error.error_status_hint >= 500 else error.error_status_hint
-    reason = "header_too_large" if status == 431 else "bad_request"
-    return BadRequest(status, reason, str(error) or "malformed request")
+    reason = "header_too_large" if error.error_status_hint == 431 else "bad_request"
+    return BadRequest(reason, str(error) or "malformed request")
 
 
 class H11Server:
@@ -94,15 +93,15 @@ class H11Server:
                 if BARE_LF.search(raw_head):
                     # RFC 9112 §2.2 lets a recipient accept a bare LF; llhttp does not, and
                     # where the codecs would differ the proxy refuses.
-                    raise BadRequest(400, "bad_request", "line ending without CR in the head")
+                    raise BadRequest("bad_request", "line ending without CR in the head")
                 if _CTL.search(raw_head):
-                    raise BadRequest(400, "bad_request", "control character in the head")
+                    raise BadRequest("bad_request", "control character in the head")
                 lengths = _RAW_LENGTH.findall(raw_head)
                 if len(lengths) > 1 or (lengths and not lengths[0].isdigit()):
-                    raise BadRequest(400, "bad_request", "Content-Length is not one number")
+                    raise BadRequest("bad_request", "Content-Length is not one number")
                 if b"\n " in raw_head or b"\n\t" in raw_head:
                     # obs-fold: RFC 9112 §5.2 lets a server refuse it; llhttp does, h11 unfolds.
-                    raise BadRequest(400, "bad_request", "obsolete line folding in the head")
+                    raise BadRequest("bad_request", "obsolete line folding in the head")
                 head = read_head(
                     event.method, event.target, event.http_version, list(event.headers)
                 )
@@ -121,7 +120,7 @@ class H11Server:
         # The declared size is what arrived plus what h11 still expects of this chunk.
         reader = getattr(self._conn, "_reader", None)
         if received + getattr(reader, "_bytes_in_chunk", 0) > _MAX_CHUNK:
-            raise BadRequest(400, "bad_request", "Chunk size overflow")
+            raise BadRequest("bad_request", "Chunk size overflow")
 
     def stop(self) -> None:
         self._stopped = True
@@ -208,7 +207,7 @@ class H11Client:
                 h11.Request(method=method, target=target, headers=headers, _parsed=True)
             )
         except h11.LocalProtocolError as e:  # what HTTP/1.1 cannot carry: this request only
-            raise BadRequest(400, "bad_request", str(e)) from None
+            raise BadRequest("bad_request", str(e)) from None
         assert data is not None
         return data
 

@@ -41,8 +41,8 @@ _HEAD, _LENGTH_BODY, _CHUNKED_BODY = range(3)
 def _parse_error(error: HttpParserError) -> BadRequest:
     message = str(error) or "malformed request"
     if message == "Invalid HTTP version":
-        return BadRequest(505, "version_not_supported", f"{message}: only HTTP/1.0 and HTTP/1.1")
-    return BadRequest(400, "bad_request", message)
+        return BadRequest("version_not_supported", f"{message}: only HTTP/1.0 and HTTP/1.1")
+    return BadRequest("bad_request", message)
 
 
 class HttptoolsServer:
@@ -163,28 +163,26 @@ class HttptoolsServer:
         blank = data.find(b"\r\n\r\n", max(pos, pos + scanned - 3))
         if blank < 0:
             if len(data) - pos > self._max_head:
-                raise BadRequest(
-                    431, "header_too_large", f"request head over {self._max_head} bytes"
-                )
+                raise BadRequest("header_too_large", f"request head over {self._max_head} bytes")
             if BARE_LF.search(data, pos + scanned):
-                raise BadRequest(400, "bad_request", "line ending without CR in the head")
+                raise BadRequest("bad_request", "line ending without CR in the head")
             self._pending = data[pos:]  # the rest of the head is still to come
             self._scanned = len(data) - pos
             return len(data)
         head = data[pos : blank + 4]
         if len(head) > self._max_head:
-            raise BadRequest(431, "header_too_large", f"request head over {self._max_head} bytes")
+            raise BadRequest("header_too_large", f"request head over {self._max_head} bytes")
         if head.count(b"\n") != head.count(b"\r\n"):
-            raise BadRequest(400, "bad_request", "line ending without CR in the head")
+            raise BadRequest("bad_request", "line ending without CR in the head")
         line = head[: head.find(b"\r\n")]
         if line.count(b" ") != 2:
-            raise BadRequest(400, "bad_request", "malformed request line")
+            raise BadRequest("bad_request", "malformed request line")
         method = line[: line.find(b" ")]
         if method not in LLHTTP_METHODS:
             # llhttp knows a fixed list of methods; RFC 9110 §9.1 allows any token (h11, nginx
             # and Envoy take them): llhttp parses a stand-in, and the real one is handed on.
             if not _TOKEN.fullmatch(method):
-                raise BadRequest(400, "bad_request", "malformed method")
+                raise BadRequest("bad_request", "malformed method")
             self._method_override = method
             head = b"GET" + head[len(method) :]
         self._size = len(head)
@@ -215,7 +213,7 @@ class HttptoolsServer:
         data, start, stop = self._line
         size = (self._carry + data[start:stop]).split(b";", 1)[0].strip()
         if len(size) > _MAX_CHUNK_DIGITS:
-            raise BadRequest(400, "bad_request", "chunk size longer than 20 hex digits")
+            raise BadRequest("bad_request", "chunk size longer than 20 hex digits")
 
     def _execute(self, data: bytes | memoryview) -> None:
         try:
@@ -247,7 +245,7 @@ class HttptoolsServer:
         parser = self._parser
         version = _VERSIONS.get(parser.get_http_version())
         if version is None:
-            raise BadRequest(505, "version_not_supported", "only HTTP/1.0 and HTTP/1.1")
+            raise BadRequest("version_not_supported", "only HTTP/1.0 and HTTP/1.1")
         method, self._method_override = self._method_override or parser.get_method(), None
         # the size as read_head measures it (method, target, names and values + 4 each)
         head = read_head(method, self._url, version, self._headers, self._size - 15)

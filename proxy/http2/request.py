@@ -80,32 +80,32 @@ def read_h2_head(fields: HeaderSeq, ended: bool) -> RequestHead:
         if _H2_CONTROL.search(value) is not None or (
             value and (value[0] in _WHITESPACE or value[-1] in _WHITESPACE)
         ):
-            raise BadRequest(400, "malformed", f"invalid value of {name!r}")
+            raise BadRequest("malformed", f"invalid value of {name!r}")
         if name[:1] == b":":
             if headers or cookies or host is not None:
-                raise BadRequest(400, "malformed", f"pseudo-header {name!r} after a field")
+                raise BadRequest("malformed", f"pseudo-header {name!r} after a field")
             if name not in _H2_PSEUDO or name in pseudo:
-                raise BadRequest(400, "malformed", f"unknown or repeated pseudo-header {name!r}")
+                raise BadRequest("malformed", f"unknown or repeated pseudo-header {name!r}")
             pseudo[name] = value
             continue
         if _H2_BAD_NAME.search(name) is not None or not name:
-            raise BadRequest(400, "malformed", f"invalid field name {name!r}")
+            raise BadRequest("malformed", f"invalid field name {name!r}")
         if name in CONNECTION_SPECIFIC:
-            raise BadRequest(400, "malformed", f"connection-specific field {name.decode()!r}")
+            raise BadRequest("malformed", f"connection-specific field {name.decode()!r}")
         if name == b"cookie":
             cookies.append(value)
             continue
         if name == b"host":
             if host is not None:
-                raise BadRequest(400, "malformed", "more than one Host")
+                raise BadRequest("malformed", "more than one Host")
             host = value
             continue
         if name == b"te":
             if value.lower() != b"trailers":
-                raise BadRequest(400, "malformed", "te other than trailers")
+                raise BadRequest("malformed", "te other than trailers")
         elif name == b"content-length":
             if length is not None and value != length:
-                raise BadRequest(400, "malformed", "more than one Content-Length")
+                raise BadRequest("malformed", "more than one Content-Length")
             if length is not None:
                 continue
             length = value
@@ -119,29 +119,29 @@ def read_h2_head(fields: HeaderSeq, ended: bool) -> RequestHead:
     authority = pseudo.get(b":authority")
     if method is None or path is None or b":scheme" not in pseudo:
         if method == b"CONNECT":
-            raise BadRequest(405, "method_not_allowed", "CONNECT is not supported")
-        raise BadRequest(400, "malformed", "a request needs :method, :scheme and :path")
+            raise BadRequest("method_not_allowed", "CONNECT is not supported")
+        raise BadRequest("malformed", "a request needs :method, :scheme and :path")
     if not valid_request_line(method, path):
-        raise BadRequest(400, "malformed", "invalid :method or :path")
+        raise BadRequest("malformed", "invalid :method or :path")
     if _SCHEME.fullmatch(pseudo[b":scheme"]) is None:
-        raise BadRequest(400, "malformed", "invalid :scheme")
+        raise BadRequest("malformed", "invalid :scheme")
     if authority is not None:
         if host is not None and host != authority:
-            raise BadRequest(400, "malformed", "Host and :authority differ")
+            raise BadRequest("malformed", "Host and :authority differ")
         host = authority
     if host is not None:
         if not valid_authority(host):
-            raise BadRequest(400, "malformed", "invalid :authority or Host")
+            raise BadRequest("malformed", "invalid :authority or Host")
         headers.insert(0, (b"host", host))
     if cookies:
         headers.append((b"cookie", b"; ".join(cookies)))
     content_length: int | None = None
     if length is not None:
         if not length.isdigit() or len(length) > 18:
-            raise BadRequest(400, "malformed", "Content-Length is not a number")
+            raise BadRequest("malformed", "Content-Length is not a number")
         content_length = int(length)
         if ended and content_length:  # H2.CL: no DATA can follow (RFC 9113 §8.1.1)
-            raise BadRequest(400, "malformed", "Content-Length on a request without a body")
+            raise BadRequest("malformed", "Content-Length on a request without a body")
     has_body = not ended and content_length != 0
     return RequestHead(
         method,
@@ -167,6 +167,6 @@ def read_h2_trailers(fields: HeaderSeq) -> Headers:
     out: Headers = []
     for name, value in fields:
         if name[:1] == b":" or not valid_h2_field(name, value) or name in CONNECTION_SPECIFIC:
-            raise BadRequest(400, "malformed", f"invalid trailer field {name!r}")
+            raise BadRequest("malformed", f"invalid trailer field {name!r}")
         out.append((name, value))
     return out

@@ -173,7 +173,7 @@ class H2UpstreamConnection(asyncio.Protocol):
     def _broken(self, reason: str, exc: Exception) -> None:
         """The app's connection can no longer be trusted: GOAWAY, counted; every stream on it
         is lost (a 502 for those not answered yet)."""
-        self.pool.metrics.http2_connection_errors.labels(reason).inc()
+        self.pool.metrics.h2_errors.add(reason)
         if reason == "upstream_protocol_error":
             log.warning(
                 "the app broke HTTP/2; closing its connection",

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from proxy.core.headers import Headers
+from proxy.core.headers import CONNECTION_SPECIFIC, Headers
 from proxy.core.links import ClientCodec, ResponseSink, Tunnel, UpstreamOwner
 from proxy.core.request import BadRequest
 from proxy.http2.client_codec import Http2ClientCodec
@@ -16,18 +16,10 @@ from proxy.http2.request import valid_authority, valid_h2_field, valid_request_l
 
 REQUEST_BUFFER = 64 * 1024  # a request body waiting for the app's window, past which we pause
 
-# Not sent over HTTP/2 (RFC 9113 §8.2.2); Host becomes :authority.
-_NOT_SENT = frozenset(
-    {
-        b"host",
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"transfer-encoding",
-        b"upgrade",
-        b"te",
-    }
-)
+# Not sent over HTTP/2 (RFC 9113 §8.2.2): the connection-specific fields (the chunked framing
+# `upstream_request` adds for an HTTP/1.1 app among them), Host, which becomes :authority, and
+# TE, which HTTP/2 allows only as "trailers" and is added back for gRPC.
+_NOT_SENT = CONNECTION_SPECIFIC | {b"host", b"te"}
 
 
 class _Authority(Protocol):
@@ -102,18 +94,18 @@ class H2UpstreamStream:
             if name in _NOT_SENT:
                 if name == b"host" and value:  # an empty Host (HTTP/1.1 allows it): ours
                     if not valid_authority(value):
-                        raise BadRequest(400, "bad_request", "Host cannot be an :authority")
+                        raise BadRequest("bad_request", "Host cannot be an :authority")
                     authority = value
                 continue
             if not valid_h2_field(name, value):
                 # the codec sends what it is given (neither validates it): an app's HTTP/2 stack
                 # would refuse it, maybe for the whole connection. This request alone is 400.
-                raise BadRequest(400, "bad_request", f"field {name!r} cannot go over HTTP/2")
+                raise BadRequest("bad_request", f"field {name!r} cannot go over HTTP/2")
             if name == b"content-type" and value[:16] == b"application/grpc":
                 grpc = True
             out.append((name, value))
         if not valid_request_line(method, target):
-            raise BadRequest(400, "bad_request", "method or target cannot go over HTTP/2")
+            raise BadRequest("bad_request", "method or target cannot go over HTTP/2")
         if grpc:
             out.append((b"te", b"trailers"))  # gRPC servers require it (gRPC over HTTP/2)
         out[:0] = [
@@ -124,7 +116,7 @@ class H2UpstreamStream:
         ]
         sid = self.conn.codec.send_request(out)
         if sid < 0:  # the connection's state, not the request's
-            raise BadRequest(502, "upstream_closed", "the app's connection takes no new stream")
+            raise BadRequest("upstream_closed", "the app's connection takes no new stream")
         self.sid = sid
         self.conn.stream_opened(self)
         self.conn.flush()

@@ -9,7 +9,13 @@ import re
 import signal
 from pathlib import Path
 
+import pytest
+
+from proxy import http2
 from proxy.tls import certs
+from tests.support import tools
+from tests.support.codecs import http2_env
+from tests.support.h2app import H2App
 from tests.support.proxy import DevCerts, ProxyProcess, serve_args
 from tests.support.spiffe_agent import FakeAgent, Identity, new_svid
 from tests.support.upstream import UpstreamApp
@@ -75,3 +81,30 @@ def test_serve_with_the_workload_api_loads_grpc(tmp_path: Path, upstream: Upstre
     for package in WORKLOAD_API:
         assert loaded(modules, package) != [], f"serve did not import {package}"
     assert loaded(modules, "proxy.commands") == []
+
+
+@pytest.mark.parametrize(("codec", "never"), [("nghttp2", "h2"), ("h2", "proxy.http2._nghttp2")])
+def test_an_h2c_apps_health_check_loads_only_the_codec_serving(
+    dev_certs: DevCerts, codec: str, never: str
+) -> None:
+    """`--upstream-health-path` to an h2c app asks it through the `--http2-codec` client codec,
+    the one the h2c pool uses: readiness answers, and the other codec was never imported."""
+    if not http2.available(codec):
+        tools.missing(http2.HOW_TO_BUILD)
+    app = H2App().start()
+    proxy = ProxyProcess(
+        serve_args(app.url, dev_certs, "--upstream-health-path", "/health"),
+        env=http2_env(codec),
+        interpreter=("-X", "importtime"),
+    ).start()
+    try:
+        assert proxy.admin_get("/readyz") == (200, "ready\n")
+        assert app.seen and dict(app.seen[-1]["headers"])[":path"] == "/health"
+        proxy.signal(signal.SIGTERM)
+        assert proxy.wait() == 0, proxy.stderr_text()
+    finally:
+        proxy.stop()
+        app.stop()
+    modules = {m.group(1) for line in proxy.stderr_lines if (m := IMPORT_LINE.match(line))}
+    assert "proxy.readiness" in modules, "no -X importtime lines read"
+    assert loaded(modules, never) == [], f"readiness on {codec} imported {never}"

@@ -5,6 +5,7 @@ connections."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -36,10 +37,10 @@ def codec_env(http2_codec: str) -> dict[str, str]:
     return http2_env(http2_codec)
 
 
-def start(run: list[object], app: H2App, start_proxy: ProxyFactory) -> ProxyProcess:
+def start(run: list[object], app: H2App, start_proxy: ProxyFactory, *extra: str) -> ProxyProcess:
     """`app` for this test, and a proxy in front of it that clients reach over HTTP/2."""
     run.append(app.start())
-    return start_proxy(app.url)
+    return start_proxy(app.url, *extra)
 
 
 def test_trailers_go_both_ways(
@@ -112,15 +113,56 @@ def test_streams_spread_over_few_connections_within_the_apps_limit(
     assert 4 <= app.connections <= 6
 
 
-def test_readiness_asks_an_h2c_app_over_http2(run: list[object], dev_certs: DevCerts) -> None:
-    app = H2App().start()
-    run.append(app)
-    proxy = ProxyProcess(
-        serve_args(app.url, dev_certs, "--upstream-health-path", "/health")
-    ).start()
-    run.append(proxy)
+def test_a_chunked_http11_request_reaches_the_h2c_app_without_its_framing(
+    run: list[object], ca: Path, start_proxy: ProxyFactory
+) -> None:
+    """HTTP/1.1's framing (Transfer-Encoding, Connection, Keep-Alive, Host) is connection-specific:
+    an HTTP/2 app must never see it (RFC 9113 §8.2.2); the body arrives whole, its length known
+    only from the stream."""
+    app = H2App()
+    proxy = start(run, app, start_proxy)
+    request = (
+        b"POST /upload HTTP/1.1\r\nHost: localhost\r\nConnection: keep-alive, x-hop\r\n"
+        b"Keep-Alive: timeout=5\r\nX-Hop: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+    )
+    conn = h11.Connection(h11.CLIENT)
+    conn.send(h11.Request(method="POST", target="/", headers=[("host", "x")]))
+    with tls_socket(proxy.port, ca) as sock:
+        sock.sendall(request)
+        response: h11.Response | None = None
+        body = b""
+        while not isinstance(event := conn.next_event(), h11.EndOfMessage):
+            if event is h11.NEED_DATA:
+                conn.receive_data(sock.recv(65536))
+            elif isinstance(event, h11.Response):
+                response = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+    assert response is not None and response.status_code == 200, (response, body)
+    seen = json.loads(body)
+    assert seen["body_length"] == 11
+    names = {name for name, _ in seen["headers"]}
+    assert not names & {"transfer-encoding", "connection", "keep-alive", "x-hop", "host"}, names
+    assert dict(seen["headers"])[":authority"] == "localhost"
+
+
+def test_readiness_asks_an_h2c_app_over_http2(run: list[object], start_proxy: ProxyFactory) -> None:
+    app = H2App()
+    proxy = start(run, app, start_proxy, "--upstream-health-path", "/health")
     assert proxy.admin_get("/readyz") == (200, "ready\n")
     assert app.seen and dict(app.seen[-1]["headers"])[":path"] == "/health"
+
+
+def test_an_h2c_apps_health_answer_without_a_valid_status_is_not_ready(
+    run: list[object], start_proxy: ProxyFactory
+) -> None:
+    """`:status: abc` reaches readiness as it reaches a client (h2 checks only that there is
+    one): said in one line, not an exception out of the probe."""
+    proxy = start(run, H2App(), start_proxy, "--upstream-health-path", "/bad-status")
+    status, body = proxy.admin_get("/readyz")
+    assert (status, body) == (503, "not ready: health check GET /bad-status: not an HTTP answer\n")
+    assert "Traceback" not in proxy.stderr_text()
 
 
 def grpc_over_http11(
@@ -159,16 +201,12 @@ def grpc_over_http11(
 
 
 def test_grpc_trailers_reach_an_http11_client_that_accepts_them(
-    run: list[object], dev_certs: DevCerts, ca: Path, http_codec: str
+    run: list[object], ca: Path, start_proxy: ProxyFactory
 ) -> None:
     """An HTTP/1.1 client sending `TE: trailers` gets the app's trailers (grpc-status) at the
-    end of a chunked body, as nginx and HAProxy relay them; one that did not gets none."""
-    run.append(app := H2App().start())
-    run.append(
-        proxy := ProxyProcess(
-            serve_args(app.url, dev_certs), env={"TLS_SIDECAR_HTTP": http_codec}
-        ).start()
-    )
+    end of a chunked body, as nginx and HAProxy relay them; one that did not gets none. (Each
+    HTTP/1.1 codec answers it: `codec_env` pairs one with each HTTP/2 codec.)"""
+    proxy = start(run, H2App(), start_proxy)
     response, body, trailers = grpc_over_http11(proxy.port, ca, te=True)
     assert response.status_code == 200
     assert (b"transfer-encoding", b"chunked") in response.headers
@@ -180,15 +218,13 @@ def test_grpc_trailers_reach_an_http11_client_that_accepts_them(
 
 
 def test_an_h2c_app_resetting_the_health_check_is_reported_at_once(
-    run: list[object], dev_certs: DevCerts
+    run: list[object], dev_certs: DevCerts, start_proxy: ProxyFactory, codec_env: dict[str, str]
 ) -> None:
     """The app resets the health check's stream 0.1 s after it: readiness and `check` say so,
     rather than waiting out their timeout to report an app that "did not answer"."""
-    app = H2App().start()
-    run.append(app)
+    app = H2App()
     health = ("--upstream-health-path", "/reset-unanswered")
-    proxy = ProxyProcess(serve_args(app.url, dev_certs, *health)).start()
-    run.append(proxy)
+    proxy = start(run, app, start_proxy, *health)
     reset = "health check GET /reset-unanswered: the app reset the stream (INTERNAL_ERROR)"
     assert proxy.admin_get("/readyz") == (503, f"not ready: {reset}\n")
     # A timeout far longer than the test may take: only a reset seen at once ends the check.
@@ -198,5 +234,6 @@ def test_an_h2c_app_resetting_the_health_check_is_reported_at_once(
         capture_output=True,
         text=True,
         timeout=60,
+        env={**os.environ, **codec_env},  # `check` asks through the same codec
     )
     assert f"warn  upstream: {reset}" in checked.stdout, checked.stdout + checked.stderr

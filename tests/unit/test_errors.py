@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
+import pytest
 from prometheus_client import CollectorRegistry, Counter
 
+import proxy
 from proxy.core import errors, grpc
+from proxy.core.request import BadRequest
 from proxy.metrics.tallies import Tally
 
 # What a gRPC client read for each HTTP status of the proxy's own answer before the table
@@ -37,6 +43,42 @@ def test_a_malformed_or_refused_stream_is_reset_with_the_rfc_code() -> None:
 def test_an_unknown_reason_is_grpc_unknown_and_an_internal_error_reset() -> None:
     kind = errors.kind("not_a_reason")
     assert (kind.grpc, kind.reset) == (grpc.UNKNOWN, errors.INTERNAL_ERROR)
+
+
+def _raise_site_reasons() -> list[tuple[str, object]]:
+    """Every `BadRequest("<reason>", ...)` written in the package, with where it is."""
+    sites: list[tuple[str, object]] = []
+    for path in sorted(Path(proxy.__file__).parent.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id == "BadRequest"
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+            ):
+                sites.append((f"{path.name}:{node.lineno}", node.args[0].value))
+    return sites
+
+
+def test_every_refusal_names_a_kind_of_the_table_and_no_status_of_its_own() -> None:
+    sites = _raise_site_reasons()
+    assert len(sites) > 40  # the walk found the raise sites of both protocols
+    for where, reason in sites:
+        assert isinstance(reason, str), f"{where}: a status instead of a kind"
+        assert reason in errors.KINDS, f"{where}: {reason!r} is not in errors.KINDS"
+
+
+def test_a_refusal_is_answered_with_its_kinds_status() -> None:
+    for reason in ("bad_request", "header_too_large", "method_not_allowed", "upstream_closed"):
+        refusal = BadRequest(reason, "why")
+        assert (refusal.status, refusal.reason, str(refusal)) == (
+            errors.KINDS[reason].status,
+            reason,
+            "why",
+        )
+    with pytest.raises(KeyError):
+        BadRequest("not_a_reason", "a typo fails where it is written")
 
 
 def test_a_tally_reaches_its_counter_at_flush_only() -> None:
