@@ -198,7 +198,7 @@ class ProxyServer:
         if config.worker_index is not None:
             self._flush_metrics_every_second()
         fixed = self.tls.self_signed and self.config.client_ca is None
-        polled = not (fixed or self.tls.on_change)  # a source that pushes reloads on each push
+        polled = not (fixed or self.tls.pushes)  # a source that pushes reloads on each push
         if self.config.reload_interval > 0 and polled:
             self._watcher = loop.create_task(self._watch_certificates())
         if config.client_cert_revalidate > 0:

@@ -277,11 +277,12 @@ class TlsState:
 
     # The hooks a certificate source that pushes (the SPIFFE Workload API, tls/spiffe.py) fills
     # in; files are read at once and polled, so they need none of them.
+    pushes = False  # True: the source says when to reload, so nothing polls it
     on_change: Callable[[], None] | None = None
 
     def subscribe(self, on_change: Callable[[], None]) -> None:
-        """Call `on_change` on the loop whenever new material waits to be loaded."""
-        self.on_change = on_change
+        """Call `on_change` on the loop whenever new material waits to be loaded (a source
+        that pushes; files are polled instead)."""
 
     async def ready(self, stop: asyncio.Event) -> bool:
         """Wait for the first certificate (False: stopped first); files have it already."""

@@ -131,6 +131,8 @@ class SpiffeTls(TlsState):
     """TlsState fed by the Workload API: the latest response waits in `_pending` until the
     server's reload (off the loop) takes it; files are never read."""
 
+    pushes = True
+
     def __init__(self, config: Config) -> None:  # no super(): there are no files to read
         assert config.spiffe_endpoint is not None
         self._config = config
