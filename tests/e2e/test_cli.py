@@ -23,6 +23,7 @@ from wsproto.connection import ConnectionType
 from wsproto.events import AcceptConnection, TextMessage
 from wsproto.events import Request as WsRequest
 
+from proxy import compiled
 from proxy.tls import certs
 from tests.support.proxy import DevCerts, ProxyProcess, https, serve_args, wait_for
 from tests.support.upstream import UpstreamApp
@@ -621,7 +622,9 @@ def test_make_run_installs_the_runtime_only_and_the_tests_add_dev(tmp_path: Path
         "proxy/http2/_nghttp2_client.c",
         "proxy/http2/_nghttp2_build.py",
     )
-    for name in ("Makefile", "pyproject.toml", "requirements.lock", "setup.py", *shim):
+    # the compiled core's list and its sources: a change to any of them reinstalls
+    core = ("proxy/compiled.py", *(m.replace(".", "/") + ".py" for m in compiled.MODULES))
+    for name in ("Makefile", "pyproject.toml", "requirements.lock", "setup.py", *shim, *core):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / name, tmp_path / name)
 
