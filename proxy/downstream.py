@@ -200,11 +200,9 @@ class ClientConnection(PhaseTimer, asyncio.Protocol):
     def _handshake_done(self, tls: asyncio.BaseTransport) -> None:
         ctx = self.ctx
         if self._tls_protocol is not None and self._raw is not None:
-            reader = self._raw.get_protocol()
+            cast(HandshakeReader, self._raw.get_protocol()).step_aside()
             self._raw.set_protocol(self._tls_protocol)  # the hot path reads without the hook
             self._tls_protocol = None
-            if isinstance(reader, HandshakeReader):
-                reader.step_aside()
         tls = cast(asyncio.Transport, tls)
         ssl_object = tls.get_extra_info("ssl_object")
         self.handshaking = False
