@@ -205,6 +205,7 @@ class ClientConnection(PhaseTimer):
     def _handshake_done(self, tls: asyncio.BaseTransport) -> None:
         ctx = self.ctx
         if self._tls_protocol is not None and self._raw is not None:
+            cast(HandshakeReader, self._raw.get_protocol()).step_aside()
             self._raw.set_protocol(self._tls_protocol)  # the hot path reads without the hook
             self._tls_protocol = None
         tls = cast(asyncio.Transport, tls)

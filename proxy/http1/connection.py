@@ -17,6 +17,7 @@ from proxy.downstream import ClientConnection
 
 if TYPE_CHECKING:
     from proxy.core.context import ProxyContext
+    from proxy.http1.codec import ServerCodec
 
 log = logging.getLogger("tls_sidecar.http")
 
@@ -26,7 +27,8 @@ class Http1Connection(ClientConnection):
 
     def __init__(self, ctx: ProxyContext) -> None:
         super().__init__(ctx)
-        self.codec = ctx.server_codec(self, ctx.config.max_header_bytes)
+        # Made once the handshake is done and ALPN did not choose HTTP/2 (see handshake_complete).
+        self.codec: ServerCodec
         self.exchange: Exchange | None = None
         self.tunnel: Tunnel | None = None
         self._early: list[bytes] | None = None  # bytes that came with the handshake's last flight
@@ -54,6 +56,7 @@ class Http1Connection(ClientConnection):
             self.hand_over(successor)
             successor.start(b"".join(early) if early else None)
             return
+        self.codec = self.ctx.server_codec(self, self.ctx.config.max_header_bytes)
         if early:
             self._received(b"".join(early))  # counted when it arrived
 
@@ -79,7 +82,9 @@ class Http1Connection(ClientConnection):
             self.tunnel = None
             self._tunnel_ended()
         self.forget()
-        self.codec.detach()  # freed by reference counting, not by the cycle collector
+        codec = getattr(self, "codec", None)  # none when the handshake failed
+        if codec is not None:
+            codec.detach()  # freed by reference counting, not by the cycle collector
 
     def eof_received(self) -> bool | None:
         return False  # TLS has no half-close: the client is gone

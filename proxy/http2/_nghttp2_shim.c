@@ -17,9 +17,11 @@
  */
 
 #include <nghttp2/nghttp2.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #define SHIM_REQUEST 1
 #define SHIM_TRAILERS 2
@@ -581,6 +583,80 @@ static int setup(void) {
   return 0;
 }
 
+/* nghttp2's allocator for a server session. nghttp2 allocates its 16 KiB outbound frame buffer
+ * with the session and writes it only as far as frames go; from malloc it would take memory a
+ * TLS handshake just freed, resident in full for the connection's life (an idle connection's
+ * frames fill a page of it). Blocks that large get pages of their own, which stay untouched,
+ * and not resident, until written; smaller ones (streams, HPACK entries) come from malloc.
+ * Each block starts with its size and where it came from, for free and realloc. */
+#define PAGED_FROM 16384
+typedef struct {
+  size_t size;
+  size_t paged;
+} block_head;
+#define HEAD_SIZE ((sizeof(block_head) + 15) & ~(size_t)15) /* malloc's alignment kept */
+
+static void *block_alloc(size_t size, int zeroed) {
+  block_head *head;
+  if (size > SIZE_MAX - HEAD_SIZE) return NULL;
+  if (size >= PAGED_FROM) {
+    void *pages = mmap(NULL, HEAD_SIZE + size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                       -1, 0); /* zeroed by the kernel */
+    if (pages == MAP_FAILED) return NULL;
+    head = pages;
+    head->paged = 1;
+  } else {
+    head = zeroed ? calloc(1, HEAD_SIZE + size) : malloc(HEAD_SIZE + size);
+    if (head == NULL) return NULL;
+    head->paged = 0;
+  }
+  head->size = size;
+  return (char *)head + HEAD_SIZE;
+}
+
+static void block_free(void *ptr, void *user_data) {
+  block_head *head;
+  (void)user_data;
+  if (ptr == NULL) return;
+  head = (block_head *)((char *)ptr - HEAD_SIZE);
+  if (head->paged)
+    munmap(head, HEAD_SIZE + head->size);
+  else
+    free(head);
+}
+
+static void *block_malloc(size_t size, void *user_data) {
+  (void)user_data;
+  return block_alloc(size, 0);
+}
+
+static void *block_calloc(size_t count, size_t size, void *user_data) {
+  (void)user_data;
+  if (size != 0 && count > SIZE_MAX / size) return NULL;
+  return block_alloc(count * size, 1);
+}
+
+static void *block_realloc(void *ptr, size_t size, void *user_data) {
+  block_head *head;
+  void *moved;
+  if (ptr == NULL) return block_alloc(size, 0);
+  head = (block_head *)((char *)ptr - HEAD_SIZE);
+  if (!head->paged && size < PAGED_FROM) {
+    if (size > SIZE_MAX - HEAD_SIZE) return NULL;
+    head = realloc(head, HEAD_SIZE + size);
+    if (head == NULL) return NULL;
+    head->size = size;
+    return (char *)head + HEAD_SIZE;
+  }
+  moved = block_alloc(size, 0);
+  if (moved == NULL) return NULL;
+  memcpy(moved, ptr, head->size < size ? head->size : size);
+  block_free(ptr, user_data);
+  return moved;
+}
+
+static nghttp2_mem paged_mem = {NULL, block_malloc, block_free, block_calloc, block_realloc};
+
 shim_session *shim_new(const shim_config *config) {
   shim_session *s;
   nghttp2_settings_entry iv[3];
@@ -589,7 +665,7 @@ shim_session *shim_new(const shim_config *config) {
   if (s == NULL) return NULL;
   s->header_limit = config->header_limit;
   s->max_streams = config->max_concurrent_streams;
-  if (nghttp2_session_server_new2(&s->session, callbacks, s, options) != 0) {
+  if (nghttp2_session_server_new3(&s->session, callbacks, s, options, &paged_mem) != 0) {
     free(s);
     return NULL;
   }

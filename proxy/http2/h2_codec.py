@@ -44,7 +44,7 @@ from proxy.http2.codec import (
     WindowUpdated,
 )
 from proxy.http2.h2_flow import Outbound
-from proxy.http2.h2conn import ServerH2Connection
+from proxy.http2.h2conn import CompactSettings, ServerH2Connection
 
 _CONFIG = h2.config.H2Configuration(
     client_side=False,
@@ -151,7 +151,7 @@ class H2ServerCodec:
     @staticmethod
     def _settings(settings: CodecSettings, streams: int) -> h2.settings.Settings:
         codes = h2.settings.SettingCodes
-        return h2.settings.Settings(
+        return CompactSettings(
             client=False,
             initial_values={
                 codes.MAX_CONCURRENT_STREAMS: streams,

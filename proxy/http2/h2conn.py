@@ -9,7 +9,8 @@ had queued (python-hyper/h2#1181, open since 2019). Here the connection stays op
 gets the ConnectionTerminated event opens no new stream, refuses the peer's, and closes the
 connection when its streams are done (at once for an error code). It also remembers fewer
 closed streams than h2 does (`MAX_CLOSED_STREAMS`), so a long-lived connection's memory stays
-flat.
+flat, and keeps its settings in lists rather than deques (`CompactSettings`), which an idle
+connection notices.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import h2.connection
+import h2.settings
 import h2.stream
 from h2.connection import ConnectionInputs, ConnectionState
 
@@ -30,6 +32,31 @@ class _StaysOpen(h2.connection.H2ConnectionStateMachine):
         return super().process_input(input_)
 
 
+class _Values(list[Any]):
+    """One setting's values: the current one first, then those awaiting acknowledgement."""
+
+    __slots__ = ()
+
+    def popleft(self) -> Any:
+        return self.pop(0)
+
+
+class CompactSettings(h2.settings.Settings):
+    """h2's settings, each setting's values in a list: h2 gives every setting a deque, 760
+    bytes for what is nearly always one value, twelve or more per connection (~9 KiB, an
+    eighth of an idle connection). Only h2's `append`, `popleft` and `[0]` are used on them."""
+
+    def __init__(self, client: bool = True, initial_values: dict[Any, int] | None = None) -> None:
+        super().__init__(client, initial_values)
+        compact = {key: _Values(values) for key, values in self._settings.items()}
+        self._settings = compact  # type: ignore[assignment]  # the deque's API, as h2 uses it
+
+    def __setitem__(self, key: Any, value: int) -> None:
+        if key not in self._settings:  # a setting first heard of: h2 would make a deque
+            self._settings[key] = _Values([None])  # type: ignore[assignment]
+        super().__setitem__(key, value)
+
+
 class H2Connection(h2.connection.H2Connection):
     # h2 remembers how each closed stream ended, for frames still in flight after a reset (a
     # stream error then, not a connection error): 65,536 records by default, 8-12 MiB that a
@@ -40,6 +67,9 @@ class H2Connection(h2.connection.H2Connection):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.state_machine = _StaysOpen()
+        local, client_side = self.local_settings, self.config.client_side
+        self.local_settings = CompactSettings(client_side, {key: local[key] for key in local})
+        self.remote_settings = CompactSettings(not client_side)  # h2's defaults, as before
 
     def clear_outbound_data_buffer(self) -> None:
         """Frames queued before the peer's GOAWAY still go out: they answer streams it keeps."""

@@ -112,6 +112,13 @@ class HandshakeReader(asyncio.BufferedProtocol):
         elif self._eof and not self.inner.eof_received():
             self.connection.close_raw()
 
+    def step_aside(self) -> None:
+        """The handshake is done and the TLS layer reads for itself again. uvloop keeps this
+        reader's bound methods for the connection's life, so it lets go of the connection: an
+        HTTP/2 connection's HTTP/1.1 predecessor (ALPN's choice) is freed at once, not kept
+        as long as the connection is open."""
+        del self.inner, self.connection
+
     def _refuse(self) -> None:
         self._refused = True
         self._buffer = bytearray(4096)
