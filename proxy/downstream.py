@@ -28,9 +28,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("tls_sidecar.http")
 
 
-# The HTTP/2 connection subclasses it interpreted. Not an asyncio.Protocol subclass, which would
-# make it (and the HTTP/1.1 connection) a Python class when compiled, with every attribute in a
-# dict: uvloop needs only the methods.
+# Subclassed by the interpreted HTTP/2 connection. No asyncio.Protocol base: compiled, that would
+# make it a Python class with its attributes in a dict, and uvloop needs only the methods.
 @mypyc_attr(allow_interpreted_subclasses=True)
 class ClientConnection(PhaseTimer):
     """Owns the TLS side of one client connection; subclasses speak the protocol over it."""
@@ -111,8 +110,7 @@ class ClientConnection(PhaseTimer):
         self._start_tls(transport, ctx.config.handshake_timeout)
 
     def _start_tls(self, transport: asyncio.Transport, timeout: float, early: bytes = b"") -> None:
-        """The TLS handshake on `transport`; `early` are bytes read already (after a PROXY
-        header), handed to the TLS layer first."""
+        """The TLS handshake on `transport`; `early`, read already after a PROXY header, first."""
         # uvloop starts reading as soon as connection_made returns, so the TLS protocol must be
         # in place before then: step start_tls's coroutine here instead of in a Task, whose
         # first step would run a loop turn later and could let the ClientHello reach the codec.
@@ -354,8 +352,7 @@ class ClientConnection(PhaseTimer):
 
 
 class _ProxyHeaderReader(asyncio.Protocol):
-    """The raw transport's protocol until the PROXY header is whole: bounded in time (the
-    handshake timeout) and in size (proxy_protocol's bounds); only then does TLS start."""
+    """The raw transport's protocol until the PROXY header is whole (bounded), then TLS."""
 
     def __init__(self, connection: ClientConnection, timeout: float) -> None:
         self.connection = connection

@@ -384,7 +384,12 @@ def compare(ours: Outcome, reference: Outcome) -> None:
         elif both_alive:
             assert a.outcome == b.outcome, (sid, a, b)
             assert a.head == b.head, (sid, a, b)
-            assert bytes(a.body) == bytes(b.body), (sid, a, b)
+            # A stream that ends refused or reset never reaches the app whole: the exchange is
+            # cut with it, so how much of its body one codec handed on first does not matter
+            # (nghttp2 hands on a last DATA byte before refusing a body shorter than its
+            # content-length; h2 refuses first).
+            if a.outcome not in ("refused", "reset"):
+                assert bytes(a.body) == bytes(b.body), (sid, a, b)
         else:
             # a request one codec let through whole is never refused by the other alone
             assert "complete" not in (a.outcome, b.outcome) or "refused" not in (
@@ -413,6 +418,15 @@ PREFACE_FOR_EXAMPLE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00
     + b"\x00\x00\x10\x01\x04\x00\x00\x00\x01\x82\x87D\x82`\x7fA\x88/\x91\xd3]\x05\\\x87\xa7"
     + b"\x00\x00\x07\x01\x04\x00\x00\x00\x03\x82\x87\xbf\xbe\\\x81o"
     + b"\x00\x00\x0c\x01\x05\x00\x00\x00\x03@\x88\x9a\xca\xc8\xb2\x124\xda\x8f\x81\x07",
+    cuts=[],
+)
+# found by this test: END_STREAM on a body shorter than its content-length (nghttp2 hands on
+# the byte, then both refuse)
+@example(
+    data=PREFACE_FOR_EXAMPLE
+    + b"\x00\x00\x13\x01\x04\x00\x00\x00\x01\x82\x87D\x82`\x7fA\x88/\x91\xd3]\x05\\\x87\xa7\\\x81o"
+    + b"\x00\x00\x04\x01\x04\x00\x00\x00\x03\x82\x87\xc0\xbf"
+    + b"\x00\x00\x01\x00\x01\x00\x00\x00\x01\x00",
     cuts=[],
 )
 def test_both_codecs_deliver_the_same_requests_or_refuse(data: bytes, cuts: list[int]) -> None:
