@@ -203,7 +203,8 @@ class ClientConnection(PhaseTimer):
     def _handshake_done(self, tls: asyncio.BaseTransport) -> None:
         ctx = self.ctx
         if self._tls_protocol is not None and self._raw is not None:
-            cast(HandshakeReader, self._raw.get_protocol()).step_aside()
+            if isinstance(reader := self._raw.get_protocol(), HandshakeReader):  # None: closed
+                reader.step_aside()
             self._raw.set_protocol(self._tls_protocol)  # the hot path reads without the hook
             self._tls_protocol = None
         tls = cast(asyncio.Transport, tls)
@@ -253,8 +254,8 @@ class ClientConnection(PhaseTimer):
         self.forget()
 
     def _count_failure(self, reason: str, detail: str, error: str) -> None:
-        """Count and log (rate-limited) a failed handshake. The log's `reason` is the metric's
-        label, so one word finds both; `detail` is the finer cause (OpenSSL's reason)."""
+        """Count and log (rate-limited) a failed handshake: `reason` is the metric's label too,
+        `detail` the finer cause (OpenSSL's reason)."""
         self._failure_counted = True
         self.ctx.metrics.handshake_failed.add(reason)
         suppressed = self.ctx.handshake_log.allow(detail)
@@ -272,9 +273,8 @@ class ClientConnection(PhaseTimer):
             )
 
     def refuse_plain_http(self) -> None:
-        """The client spoke plain HTTP to the TLS port: answer 400 in plain HTTP (nginx's
-        "The plain HTTP request was sent to HTTPS port") instead of an empty reply, then close
-        once the client has read it. The handshake timeout bounds the wait."""
+        """Plain HTTP to the TLS port: a 400 in plain HTTP (as nginx answers) instead of an
+        empty reply, closed once the client has read it (the handshake timeout bounds that)."""
         raw = self._raw
         if raw is None or raw.is_closing():
             return
