@@ -211,8 +211,6 @@ def upstream_request(
     if head.expect_continue:
         # The proxy answers 100 Continue itself (see Exchange.start): the app is not asked.
         out = [(n, v) for n, v in out if n != b"expect"]
-    if head.chunked:
-        out.append((b"transfer-encoding", b"chunked"))
     if xfcc is not None:
         out.append((b"x-forwarded-client-cert", xfcc))
     if head.version == b"2":

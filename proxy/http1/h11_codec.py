@@ -13,7 +13,7 @@ import h11
 from proxy.core.headers import Headers, reason_phrase
 from proxy.core.links import ResponseSink
 from proxy.core.request import BadRequest, read_head
-from proxy.http1._wire import BARE_LF
+from proxy.http1._wire import BARE_LF, CHUNKED
 from proxy.http1.codec import DETACHED, RequestSink
 
 _MAX_CHUNK = 0xFFFF_FFFF_FFFF_FFFF  # llhttp's bound; h11 reads up to 20 hex digits
@@ -203,6 +203,8 @@ class H11Client:
         self, method: bytes, target: bytes, headers: Headers, *, chunked: bool
     ) -> bytes:
         try:
+            if chunked:  # the framing is HTTP/1.1's, so it is decided here, not in the core
+                headers = [*headers, CHUNKED]
             data = self._conn.send(
                 h11.Request(method=method, target=target, headers=headers, _parsed=True)
             )

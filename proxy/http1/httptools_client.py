@@ -17,7 +17,7 @@ from httptools.parser.errors import HttpParserCallbackError, HttpParserError, Ht
 
 from proxy.core.headers import Headers
 from proxy.core.links import ResponseSink
-from proxy.http1._wire import Stop, chunk, head_bytes
+from proxy.http1._wire import CHUNKED, Stop, chunk, head_bytes
 
 
 class HttptoolsClient:
@@ -78,6 +78,8 @@ class HttptoolsClient:
         self._head_request = method == b"HEAD"
         self._chunked = chunked
         self._request_done = False
+        if chunked:  # the framing is HTTP/1.1's, so it is decided here, not in the core
+            headers = [*headers, CHUNKED]
         return head_bytes(method + b" " + target + b" HTTP/1.1\r\n", headers)
 
     def request_data(self, data: bytes) -> list[bytes]:

@@ -16,9 +16,8 @@ from proxy.http2.request import valid_authority, valid_h2_field, valid_request_l
 
 REQUEST_BUFFER = 64 * 1024  # a request body waiting for the app's window, past which we pause
 
-# Not sent over HTTP/2 (RFC 9113 §8.2.2): the connection-specific fields (the chunked framing
-# `upstream_request` adds for an HTTP/1.1 app among them), Host, which becomes :authority, and
-# TE, which HTTP/2 allows only as "trailers" and is added back for gRPC.
+# Not sent over HTTP/2 (RFC 9113 §8.2.2): the connection-specific fields, Host, which becomes
+# :authority, and TE, which HTTP/2 allows only as "trailers" and is added back for gRPC.
 _NOT_SENT = CONNECTION_SPECIFIC | {b"host", b"te"}
 
 

@@ -372,3 +372,19 @@ def test_a_line_end_after_a_response_is_the_known_difference() -> None:
     pieces = [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok\r\n"]
     assert run_client(HttptoolsClient, b"GET", pieces) == (1, 200, b"ok", 1, False, True)
     assert run_client(H11Client, b"GET", pieces) == (1, 200, b"ok", 1, False, False)
+
+
+def test_both_client_codecs_frame_a_body_of_unknown_length_as_chunked_themselves() -> None:
+    """The core hands on no framing: a request without a Content-Length reaches an HTTP/1.1
+    app chunked because the client codec decides so, and one with a length is sent as is."""
+    headers = [(b"host", b"app")]
+    for codec in (H11Client(), HttptoolsClient()):
+        head = codec.request_head(b"POST", b"/up", headers, chunked=True)
+        wire = head + b"".join(codec.request_data(b"abc")) + codec.request_end()
+        assert wire.lower().startswith(b"post /up http/1.1\r\nhost: app\r\n"), (codec, wire)
+        assert b"transfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n" in wire.lower(), codec
+    for codec in (H11Client(), HttptoolsClient()):
+        sized = [*headers, (b"content-length", b"3")]
+        head = codec.request_head(b"POST", b"/up", sized, chunked=False)
+        wire = head + b"".join(codec.request_data(b"abc")) + codec.request_end()
+        assert b"transfer-encoding" not in wire.lower() and wire.endswith(b"\r\n\r\nabc"), codec
