@@ -189,7 +189,7 @@ def test_the_upstream_timeout_waits_while_the_app_is_still_reading_the_body(
     # what the app has not read.
     app = SlowReaderApp(str(tmp_path / "slow.sock"))
     try:
-        proxy = start_proxy(f"unix:{app.path}", "--upstream-timeout", "400ms")
+        proxy = start_proxy(f"unix:{app.path}", "--upstream-timeout", "1s")  # the read takes 2.6 s
         data = pattern(MiB)
         status, _, body = https(proxy, ca, "POST", "/upload", body=data, timeout=60)
         assert (status, body) == (200, hashlib.sha256(data).hexdigest().encode())
