@@ -26,7 +26,8 @@ test: lint typecheck
 # both builds must pass): the unit tests and the HTTP/1.1 integration modules, about 2.5 minutes
 # where the whole unit and integration layers take 8.5 (2 shared cores).
 INTERPRETED_TESTS := tests/unit $(addprefix tests/integration/test_,proxying.py errors.py \
-  protocol_edges.py smuggling.py faults.py proxy_protocol_in.py proxy_protocol_out.py compiled.py)
+  protocol_edges.py smuggling.py faults.py proxy_protocol_in.py proxy_protocol_out.py compiled.py \
+  http2.py http2_downgrade.py http2_defences.py)
 test-interpreted: $(STAMP)
 	TLS_SIDECAR_COMPILED=0 $(BIN)/pytest -m "not slow" -q $(INTERPRETED_TESTS)
 
@@ -80,8 +81,10 @@ $(RUN_STAMP): $(BIN)/python pyproject.toml setup.py proxy/http2/_nghttp2_shim.c 
 	$(PIP) install -q -c $(CONSTRAINTS) -e .
 	@touch $(RUN_STAMP)
 
+# the dev extra's requirements alone: installing '.[dev]' would build the package a second time
 $(STAMP): $(RUN_STAMP)
-	$(PIP) install -q -c $(DEV_CONSTRAINTS) -e '.[dev]'
+	$(BIN)/python -c "import tomllib; print('\\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['dev']))" > $(VENV)/requirements-dev.txt
+	$(PIP) install -q -c $(DEV_CONSTRAINTS) -r $(VENV)/requirements-dev.txt
 	@touch $(STAMP)
 
 clean:

@@ -47,6 +47,13 @@ MODULES: tuple[str, ...] = (
     "proxy.http1.connection",
     "proxy.http1.upstream",
     "proxy.downstream",
+    "proxy.http2.codec",
+    "proxy.http2.defences",
+    "proxy.http2.request",
+    "proxy.http2.nghttp2_codec",
+    "proxy.http2.flow",
+    "proxy.http2.stream",
+    "proxy.http2.server",
 )
 
 HOW_TO_BUILD = (

@@ -10,7 +10,6 @@ import time
 from typing import TYPE_CHECKING, Any, cast
 
 from proxy import proxy_protocol
-from proxy.compiled import mypyc_attr
 from proxy.core.headers import ClientInfo
 from proxy.core.session import Session
 from proxy.core.timer import PhaseTimer
@@ -28,9 +27,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("tls_sidecar.http")
 
 
-# Subclassed by the interpreted HTTP/2 connection. No asyncio.Protocol base: compiled, that would
-# make it a Python class with its attributes in a dict, and uvloop needs only the methods.
-@mypyc_attr(allow_interpreted_subclasses=True)
+# No asyncio.Protocol base: compiled, that would make it a Python class with its attributes in a
+# dict, and uvloop needs only the methods.
 class ClientConnection(PhaseTimer):
     """Owns the TLS side of one client connection; subclasses speak the protocol over it."""
 
@@ -177,17 +175,17 @@ class ClientConnection(PhaseTimer):
         except StopIteration as finished:
             self._handshake_done(finished.value)
             return
-        except (TimeoutError, ConnectionAbortedError) as e:
-            timed_out = isinstance(e, TimeoutError) or "taking longer" in str(e)
+        except (TimeoutError, ConnectionAbortedError) as e:  # compiled, `e` has one type:
+            timed_out = isinstance(e, TimeoutError) or "taking longer" in str(e)  # one name each
             if timed_out and not self._failure_counted:
                 self.ctx.metrics.timed_out.add("handshake")
             self._handshake_failed("timeout" if timed_out else "closed", e)
             return
-        except ssl.SSLError as e:
-            self._handshake_failed(refusal_reason(e, self.ctx.config.mutual_tls), e)
+        except ssl.SSLError as refused:
+            self._handshake_failed(refusal_reason(refused, self.ctx.config.mutual_tls), refused)
             return
-        except (OSError, EOFError, RuntimeError, asyncio.CancelledError) as e:
-            self._handshake_failed("closed", e)
+        except (OSError, EOFError, RuntimeError, asyncio.CancelledError) as closed:
+            self._handshake_failed("closed", closed)
             return
         if isinstance(waiting, asyncio.Future):
             waiting.add_done_callback(self._step_handshake)

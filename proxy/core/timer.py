@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from proxy.core.context import ProxyContext
 
 
-# HTTP/2 streams and the tests subclass it interpreted
+# the tests subclass it interpreted
 @mypyc_attr(allow_interpreted_subclasses=True)
 class PhaseTimer:
     """One lazy timer for what is being waited for (a phase) and how long it may take.

@@ -116,18 +116,18 @@ class HttptoolsClient:
             return
         try:
             self._parser.feed_data(data)
-        except HttpParserUpgrade as e:
+        except HttpParserUpgrade as upgrade:
             self._stale = True
-            self._leftover = data[e.args[0] :]
+            self._leftover = data[upgrade.args[0] :]
             if self._switching is not None:
                 sink.response_informational(*self._switching)
             return
-        except HttpParserCallbackError as e:
-            context = e.__context__
+        except HttpParserCallbackError as raised:
+            context = raised.__context__
             if not isinstance(context, Stop):
                 if context is not None:
                     raise context from None
-                sink.response_malformed(str(e))
+                sink.response_malformed(str(raised))
                 return
             if self._head_request and self._ending and not _ends_read(data):
                 self._keep_alive = False

@@ -222,13 +222,13 @@ class HttptoolsServer:
             # llhttp stops after an upgrade request's head, and skips a body it declares;
             # the body (Content-Length) is taken as any other, and what follows waits.
             self._parser = HttpRequestParser(self)
-        except HttpParserCallbackError as e:
-            context = e.__context__
+        except HttpParserCallbackError as raised:
+            context = raised.__context__
             if isinstance(context, Stop):
                 return
             if context is not None:
                 raise context from None
-            raise _parse_error(e) from None
+            raise _parse_error(raised) from None
         except HttpParserError as e:
             raise _parse_error(e) from None
 

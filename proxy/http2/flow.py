@@ -6,7 +6,7 @@ after which every waiting stream is looked at again. `stream.H2Stream` and
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
 from proxy.core.exchange import Exchange
@@ -219,7 +219,6 @@ class ConnectionWriter(ClientConnection):
     # Streams whose app side is paused, resumed together once the buffers drained: a stream
     # paused for the connection's buffer may have nothing of its own waiting.
     paused: dict[int, StreamSender]
-    streams: Mapping[int, StreamSender]
     writing_paused: bool  # the client's transport is over its high-water mark
     corked: int  # a response head waits while corked (it may end with its stream)
     _flush_soon: bool
@@ -259,11 +258,15 @@ class ConnectionWriter(ClientConnection):
         self.flush_now()
         super().close()
 
+    def open_streams(self) -> Iterable[StreamSender]:
+        """The streams under way (the connection's own table)."""
+        return ()
+
     # The stream a pooled upstream connection works for relays the app's backpressure.
     def pause_writing(self) -> None:
         self.writing_paused = True
         idle_timeout = self.ctx.config.idle_timeout
-        for stream in self.streams.values():
+        for stream in self.open_streams():
             exchange = stream.exchange
             if stream._phase == "upstream" and exchange is not None and exchange.response_started:
                 stream.arm("send", idle_timeout)  # the client is not reading: its time

@@ -58,6 +58,9 @@ FAILURES = {
     7: ("protocol_error", 0x1, "malformed ALTSVC frame"),
 }
 _PROTOCOL_ERROR = 0x1
+# a body part may be any bytes-like object (h11 hands on bytearrays); compiled, the annotation
+# is checked, so it says so
+BodyBytes = bytes | bytearray | memoryview
 FLOODED = -904  # NGHTTP2_ERR_FLOODED: the client does not read what its frames make us send
 
 
@@ -186,12 +189,12 @@ class Nghttp2ServerCodec:
         rv: int = lib.shim_submit_headers(self._session, stream_id, packed, len(packed), end_stream)
         return rv == 0
 
-    def send_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> int:
+    def send_data(self, stream_id: int, data: BodyBytes, end_stream: bool = False) -> int:
         if self._failed:
             return -1
-        if type(data) is not bytes:  # a bytearray or memoryview (h11 hands bytearrays on)
-            data = ffi.from_buffer(data)
-        waiting: int = lib.shim_submit_data(self._session, stream_id, data, len(data), end_stream)
+        # a bytearray or memoryview goes to C as a buffer (h11 hands bytearrays on)
+        part: Any = data if type(data) is bytes else ffi.from_buffer(data)
+        waiting: int = lib.shim_submit_data(self._session, stream_id, part, len(data), end_stream)
         return waiting if waiting >= 0 else -1
 
     def send_trailers(self, stream_id: int, headers: Headers) -> bool:

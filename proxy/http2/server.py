@@ -14,7 +14,7 @@ protocol errors it finds with GOAWAY.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from proxy.core.answers import refuse_stream
@@ -105,6 +105,13 @@ class Http2Connection(ConnectionWriter):
     def idle(self) -> bool:
         return not self.streams
 
+    def open_streams(self) -> Iterable[H2Stream]:
+        return list(self.streams.values())
+
+    def _lose_streams(self) -> None:
+        for stream in self.open_streams():
+            stream.lost()
+
     def begin_drain(self) -> None:
         """GOAWAY with the largest stream id first (streams under way may still arrive), then,
         a round trip later (a PING's answer), with the last stream actually taken."""
@@ -144,10 +151,10 @@ class Http2Connection(ConnectionWriter):
             return
         try:
             events = self.codec.receive(data)
-        except CodecError as e:  # the codec queued a GOAWAY with the error's code
-            self._connection_error(e.reason, str(e))
+        except CodecError as refused:  # the codec queued a GOAWAY with the error's code
+            self._connection_error(refused.reason, str(refused))
             return
-        except Exception as e:
+        except Exception as e:  # each handler its own name: compiled, `e` has one type
             # A codec turns the frame errors it knows into CodecError; anything else raised
             # while reading is still the client's bytes' doing: a connection error, not a
             # traceback.
@@ -160,9 +167,9 @@ class Http2Connection(ConnectionWriter):
                 handler = _SERVER_HANDLERS.get(type(event))
                 if handler is not None:
                     handler(self, event)
-        except CalmDown as e:
+        except CalmDown as spent:
             self.corked -= 1
-            self._connection_error(e.reason, str(e), ErrorCode.ENHANCE_YOUR_CALM)
+            self._connection_error(spent.reason, str(spent), ErrorCode.ENHANCE_YOUR_CALM)
             return
         except Exception:
             log.exception(
@@ -188,13 +195,11 @@ class Http2Connection(ConnectionWriter):
         self.going_away = self._final_sent = True
         self.flush_now()
         self._linger()
-        for stream in list(self.streams.values()):
-            stream.lost()
+        self._lose_streams()
 
     def _linger(self) -> None:
-        """Close a little later, reading and dropping what still comes: closing a socket with
-        unread bytes sends a TCP reset, which destroys the GOAWAY before a client that is still
-        sending (a flood) reads it (nginx's lingering close)."""
+        """Close a little later, reading and dropping what still comes (nginx's lingering close):
+        unread bytes at close mean a TCP reset, which destroys the GOAWAY before a flood reads it"""
         self.closed = True
         if self.transport is not None:
             self.loop.call_later(LINGER_SECONDS, self.abort)
@@ -267,11 +272,9 @@ class Http2Connection(ConnectionWriter):
             stream.request_ended()
 
     def _body_length_wrong(self, stream: H2Stream, detail: str) -> None:
-        """H2.CL: the DATA frames contradict the request's Content-Length, a malformed request
-        (RFC 9113 §8.1.1). The bytes past it never reach the app (over HTTP/1.1 they would be
-        read as the next request); the stream is reset PROTOCOL_ERROR, the others go on, and
-        the app's side is given up: its HTTP/1.1 connection closed (never pooled again), its
-        h2c stream reset."""
+        """H2.CL: DATA contradicting the Content-Length, a malformed request (RFC 9113 §8.1.1).
+        The bytes past it never reach the app (HTTP/1.1 would read them as the next request);
+        the stream is reset PROTOCOL_ERROR, the others go on, the app's side is given up."""
         self._malformed(detail)
         answered = stream.ended
         stream.lost(ErrorCode.PROTOCOL_ERROR)
@@ -336,8 +339,7 @@ class Http2Connection(ConnectionWriter):
             return
         self.going_away = self._final_sent = True
         self.closed = True
-        for stream in list(self.streams.values()):
-            stream.lost()
+        self._lose_streams()
         self.close()
 
     # --- writing ----------------------------------------------------------------------------------
@@ -370,13 +372,11 @@ class Http2Connection(ConnectionWriter):
             self.abort_all()
 
     def abort_all(self) -> None:
-        for stream in list(self.streams.values()):
-            stream.lost()
+        self._lose_streams()
         self.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        for stream in list(self.streams.values()):
-            stream.lost()
+        self._lose_streams()
         self.streams.clear()
         self.waiting.clear()
         self.codec.close()  # nghttp2's session is freed now, on every way a connection ends

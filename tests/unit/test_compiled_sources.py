@@ -1,0 +1,46 @@
+"""What mypyc compiles differently from the interpreter, checked in the sources of the compiled
+modules so that an edit cannot bring it back unseen."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from proxy import compiled
+
+ROOT = Path(compiled.__file__).resolve().parent.parent
+
+
+def _rebound_except_names(tree: ast.AST) -> list[str]:
+    found = []
+    for function in ast.walk(tree):
+        if not isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        caught: dict[str, set[str]] = {}
+        for node in ast.walk(function):
+            if isinstance(node, ast.ExceptHandler) and node.name and node.type is not None:
+                caught.setdefault(node.name, set()).add(ast.unparse(node.type))
+        found += [
+            f"{function.name}:{function.lineno} `{name}` for {sorted(types)}"
+            for name, types in caught.items()
+            if len(types) > 1
+        ]
+    return found
+
+
+def test_no_compiled_function_reuses_an_except_name_for_another_type() -> None:
+    """Compiled, `except A as e` gives `e` the type A for the whole function: a later
+    `except B as e` then raises TypeError where it should handle B (an HTTP/2 client that spent
+    its rapid-reset budget got a torn connection instead of GOAWAY ENHANCE_YOUR_CALM)."""
+    found = []
+    for name in compiled.MODULES:
+        path = ROOT / (name.replace(".", "/") + ".py")
+        found += [f"{name} {where}" for where in _rebound_except_names(ast.parse(path.read_text()))]
+    assert found == []
+
+
+def test_the_check_sees_a_rebound_name() -> None:
+    tree = ast.parse(
+        "def f():\n try: pass\n except KeyError as e: pass\n except ValueError as e: pass\n"
+    )
+    assert _rebound_except_names(tree) == ["f:1 `e` for ['KeyError', 'ValueError']"]
