@@ -69,8 +69,8 @@ def clean_tls_read_buffer() -> None:
     uvloop gives each TLS connection a 256 KiB read buffer (`PyMem_RawMalloc`) that reads
     write only as far as they go: one page for an idle connection. Under tune_malloc's
     thresholds it comes from the heap, from memory the last handshakes wrote and freed, and
-    every page they wrote stays resident in it for the connection's life (~21 KiB, a third of
-    an idle connection). Called just before the TLS layer is made: the block glibc would give
+    every page they wrote stays resident in it for the connection's life (8-21 KiB of an idle
+    connection's 34-64). Called just before the TLS layer is made: the block glibc would give
     it is taken here, its pages given back (MADV_DONTNEED: zero-filled on the next touch), and
     freed, so that the buffer's allocation gets the same block back clean. Trimming the whole
     heap at rest (`malloc_trim`) cannot reach those pages: they are in use. Costs ~5 us per

@@ -23,7 +23,7 @@ from proxy.http1.upstream import UpstreamPool
 from proxy.log import AccessLog
 from proxy.metrics import Metrics
 from proxy.pool import PoolBase
-from proxy.process import clean_tls_read_buffer, raise_open_file_limit, tune_malloc
+from proxy.process import raise_open_file_limit, tune_malloc
 from proxy.readiness import check_app
 from proxy.sockets import bind_dual_stack, dual_stack
 from proxy.tls.context import TlsState, out_of_descriptors
@@ -155,7 +155,6 @@ class ProxyServer:
         return self._ctx
 
     def _accepted(self) -> asyncio.BaseProtocol:
-        clean_tls_read_buffer()  # uvloop allocates it next, as the connection starts its TLS
         # a connection is an asyncio protocol by its methods, not its class (downstream.py)
         return cast(asyncio.BaseProtocol, Http1Connection(self.ctx))
 
