@@ -9,7 +9,7 @@ import ssl
 import time
 from typing import TYPE_CHECKING, Any, cast
 
-from proxy import proxy_protocol
+from proxy import process, proxy_protocol
 from proxy.core.headers import ClientInfo
 from proxy.core.session import Session
 from proxy.core.timer import PhaseTimer
@@ -109,9 +109,9 @@ class ClientConnection(PhaseTimer):
 
     def _start_tls(self, transport: asyncio.Transport, timeout: float, early: bytes = b"") -> None:
         """The TLS handshake on `transport`; `early`, read already after a PROXY header, first."""
-        # uvloop starts reading as soon as connection_made returns, so the TLS protocol must be
-        # in place before then: step start_tls's coroutine here instead of in a Task, whose
-        # first step would run a loop turn later and could let the ClientHello reach the codec.
+        # uvloop reads once connection_made returns: start_tls's coroutine is stepped here, not
+        # in a Task a loop turn later, which could let the ClientHello reach the codec.
+        process.clean_tls_read_buffer()  # for the read buffer that first step allocates
         self._handshake = self.loop.start_tls(
             transport,
             cast(asyncio.BaseProtocol, self),

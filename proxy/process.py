@@ -1,9 +1,11 @@
-"""Process tuning at start-up: glibc's allocator thresholds and the open-file limit."""
+"""Process tuning: glibc's allocator thresholds, clean pages for each TLS connection's read
+buffer, and the open-file limit."""
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import mmap
 import resource
 
 log = logging.getLogger("tls_sidecar.server")
@@ -11,6 +13,36 @@ log = logging.getLogger("tls_sidecar.server")
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+# uvloop's SSL_READ_MAX_SIZE: the read buffer each TLS connection holds for its whole life
+_TLS_READ_BUFFER = 256 * 1024
+_PAGE = mmap.PAGESIZE
+
+
+class _Glibc:
+    """glibc's allocator calls, bound once."""
+
+    def __init__(self, libc: ctypes.CDLL) -> None:
+        self.mallopt = libc.mallopt
+        self.malloc = libc.malloc
+        self.malloc.restype = ctypes.c_void_p
+        self.malloc.argtypes = [ctypes.c_size_t]
+        self.free = libc.free
+        self.free.restype = None
+        self.free.argtypes = [ctypes.c_void_p]
+        self.madvise = libc.madvise
+        self.madvise.restype = ctypes.c_int
+        self.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        self.tuned = False
+
+
+def _glibc() -> _Glibc | None:
+    try:
+        return _Glibc(ctypes.CDLL("libc.so.6", use_errno=True))
+    except (OSError, AttributeError):
+        return None  # another C library: its allocator is left as it is
+
+
+_GLIBC = _glibc()
 
 
 def tune_malloc() -> bool:
@@ -21,14 +53,38 @@ def tune_malloc() -> bool:
     threshold adapts, which can take a whole first load: measured, 2 page faults per request
     and half the throughput. Fixed thresholds above that size end it for the process's life.
     Only on glibc; elsewhere nothing happens. Returns whether the thresholds were set."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    glibc = _GLIBC
+    if glibc is None:
         return False
-    return bool(
-        mallopt(_M_MMAP_THRESHOLD, 1024 * 1024) and mallopt(_M_TRIM_THRESHOLD, 2 * 1024 * 1024)
+    glibc.tuned = bool(
+        glibc.mallopt(_M_MMAP_THRESHOLD, 1024 * 1024)
+        and glibc.mallopt(_M_TRIM_THRESHOLD, 2 * 1024 * 1024)
     )
+    return glibc.tuned
+
+
+def clean_tls_read_buffer() -> None:
+    """Make the heap block the next TLS connection's read buffer will take clean pages.
+
+    uvloop gives each TLS connection a 256 KiB read buffer (`PyMem_RawMalloc`) that reads
+    write only as far as they go: one page for an idle connection. Under tune_malloc's
+    thresholds it comes from the heap, from memory the last handshakes wrote and freed, and
+    every page they wrote stays resident in it for the connection's life (8-21 KiB of an idle
+    connection's 34-64). Called just before the TLS layer is made: the block glibc would give
+    it is taken here, its pages given back (MADV_DONTNEED: zero-filled on the next touch), and
+    freed, so that the buffer's allocation gets the same block back clean. Trimming the whole
+    heap at rest (`malloc_trim`) cannot reach those pages: they are in use. Costs ~5 us per
+    connection; does nothing where tune_malloc did not tune."""
+    glibc = _GLIBC
+    if glibc is None or not glibc.tuned:
+        return
+    block = glibc.malloc(_TLS_READ_BUFFER)
+    if not block:
+        return
+    first = -(-block // _PAGE) * _PAGE
+    length = (block + _TLS_READ_BUFFER - first) // _PAGE * _PAGE
+    glibc.madvise(first, length, mmap.MADV_DONTNEED)
+    glibc.free(block)
 
 
 def raise_open_file_limit(wanted: int) -> int:

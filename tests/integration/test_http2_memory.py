@@ -9,6 +9,7 @@ import socket
 import ssl
 import subprocess
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -95,9 +96,11 @@ def test_memory_of_one_connection_stays_flat_over_100k_streams(refusing: ProxyPr
 
 IDLE = 500
 # Per idle HTTP/2 connection, all of it (the TLS connection, ours, the codec's session), as
-# measured here with 500: h2 ~61 KiB, nghttp2 ~65 KiB (an idle HTTP/1.1 one: ~51 KiB,
-# test_idle_memory). A per-connection table or buffer of 8 KiB kept would pass the bound.
-IDLE_BUDGET = 72 * 1024
+# measured here with 500 from 10 clients: h2 ~35 KiB, nghttp2 ~43 KiB (an idle HTTP/1.1 one:
+# ~29 KiB, test_idle_memory); 42-43 and 52-54 KiB while each connection's TLS read buffer took
+# pages earlier handshakes had written (process.clean_tls_read_buffer). A per-connection
+# buffer of 5 KiB kept would fail the bound.
+IDLE_BUDGET = {"h2": 39 * 1024, "nghttp2": 47 * 1024}
 _PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
 _SETTINGS_ACK = b"\x00\x00\x00\x04\x01\x00\x00\x00\x00"
@@ -129,7 +132,9 @@ def test_an_idle_http2_connection_costs_little_memory(
         assert proxy.proc is not None
 
         def open_and_settle(count: int) -> int:
-            held.extend(_idle_h2(proxy.port, context) for _ in range(count))
+            # from 10 clients at once, as real ones come: handshakes interleave in the proxy
+            with ThreadPoolExecutor(10) as clients:
+                held.extend(clients.map(lambda _: _idle_h2(proxy.port, context), range(count)))
             wait_for(
                 lambda: proxy.metric("tls_sidecar_connections_active") >= len(held),
                 what=f"{len(held)} connections open",
@@ -141,7 +146,7 @@ def test_an_idle_http2_connection_costs_little_memory(
         after = open_and_settle(IDLE)
         per = (after - before) / IDLE
         print(f"\n{http2_codec}: {per / 1024:.1f} KiB per idle HTTP/2 connection")
-        assert per < IDLE_BUDGET, f"{per / 1024:.1f} KiB per idle HTTP/2 connection"
+        assert per < IDLE_BUDGET[http2_codec], f"{per / 1024:.1f} KiB per idle HTTP/2 connection"
     finally:
         for sock in held:
             sock.close()
