@@ -9,7 +9,6 @@ metrics and the access log) is `ending.ExchangeEnds`, its base.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -21,7 +20,6 @@ from proxy.core.links import UpstreamConnectError, UpstreamLink
 from proxy.core.request import (
     BadRequest,
     RequestHead,
-    UpstreamRequest,
     upgrade_protocol,
     upstream_request,
 )
@@ -51,6 +49,8 @@ class Exchange(ExchangeEnds):
 
     __slots__ = ()
 
+    # Every attribute is declared once, in ExchangeEnds: compiled, one declared again is
+    # visited twice by the garbage collector, which then never frees a cycle through it.
     def __init__(
         self, ctx: ProxyContext, down: Downstream, session: Session, head: RequestHead
     ) -> None:
@@ -66,9 +66,9 @@ class Exchange(ExchangeEnds):
             if client_id is not None and hdr.valid_request_id(client_id)
             else ctx.new_request_id()
         )
-        self.request: UpstreamRequest | None = None
-        self.upstream: UpstreamLink | None = None
-        self.connect_task: asyncio.Task[None] | None = None
+        self.request = None
+        self.upstream = None
+        self.connect_task = None
         self.request_complete = False
         self.response_started = False
         self.response_complete = False
@@ -78,14 +78,14 @@ class Exchange(ExchangeEnds):
         self.bytes_in = 0
         self.bytes_out = 0
         self.sent_at = 0.0
-        self.upstream_duration: float | None = None
-        self.upstream_status: int | None = None  # what the app answered, if it did
-        self.local_reason: tuple[str, str] | None = None  # (reason, detail) of our own answer
-        self.request_trailers: Headers | None = None  # the client's, sent on with the end
-        self.reset_code: int | None = None  # how the app's HTTP/2 stream was reset
-        self.grpc_status: bytes | None = None
+        self.upstream_duration = None
+        self.upstream_status = None  # what the app answered, if it did
+        self.local_reason = None  # (reason, detail) of our own answer
+        self.request_trailers = None  # the client's, sent on with the end
+        self.reset_code = None  # how the app's HTTP/2 stream was reset
+        self.grpc_status = None
         self._unread = _UNKNOWN  # request bytes the app had not read when last asked
-        self._pending: list[bytes] | None = None  # body that arrived while connecting
+        self._pending = None  # body that arrived while connecting
         ctx.metrics.in_flight += 1
 
     # --- the request ----------------------------------------------------------------------------

@@ -40,6 +40,12 @@ except ImportError:  # built without a C compiler or libnghttp2's headers
     ffi = lib = None
 
 AVAILABLE = lib is not None
+# What a C call hands back, read at once after it: one set of cells for every session (one
+# thread), not six small allocations per connection.
+if lib is not None:
+    _EVENTS, _EVENTS_LEN = ffi.new("const char **"), ffi.new("size_t *")
+    _WHY, _CODE = ffi.new("int *"), ffi.new("uint32_t *")
+    _OUT, _OUT_LEN = ffi.new("const char **"), ffi.new("size_t *")
 __all__ = ["AVAILABLE", "HOW_TO_BUILD", "Nghttp2ServerCodec", "version"]
 
 _REQUEST, _TRAILERS, _DATA, _END, _RESET, _SETTINGS, _PING, _PING_ACK = range(1, 9)
@@ -99,16 +105,7 @@ class Nghttp2ServerCodec:
     """One client connection's HTTP/2 server side on one nghttp2 session."""
 
     name = "nghttp2"
-    __slots__ = (
-        "_code",
-        "_events",
-        "_events_len",
-        "_failed",
-        "_out",
-        "_out_len",
-        "_session",
-        "_why",
-    )
+    __slots__ = ("_failed", "_session")
 
     def __init__(self, settings: CodecSettings) -> None:
         if lib is None:
@@ -127,12 +124,6 @@ class Nghttp2ServerCodec:
             raise MemoryError("nghttp2 session")
         # freed with the codec, on every path the connection ends by
         self._session: Any = ffi.gc(session, lib.shim_free)
-        self._events: Any = ffi.new("const char **")
-        self._events_len: Any = ffi.new("size_t *")
-        self._why: Any = ffi.new("int *")
-        self._code: Any = ffi.new("uint32_t *")
-        self._out: Any = ffi.new("const char **")
-        self._out_len: Any = ffi.new("size_t *")
         self._failed = False
 
     def close(self) -> None:
@@ -146,14 +137,12 @@ class Nghttp2ServerCodec:
     def receive(self, data: bytes) -> list[Event]:
         if self._failed:
             return []
-        rv = lib.shim_feed(
-            self._session, data, len(data), self._events, self._events_len, self._why, self._code
-        )
+        rv = lib.shim_feed(self._session, data, len(data), _EVENTS, _EVENTS_LEN, _WHY, _CODE)
         if rv:
             self._failed = True
-            why = self._why[0]
+            why = _WHY[0]
             if rv > 0:  # nghttp2 found a connection error and queued its GOAWAY
-                code = int(self._code[0])
+                code = int(_CODE[0])
                 raise CodecError("protocol_error", code, f"connection error {code:#x}")
             if rv == FLOODED:
                 reason, code, message = "control_flood", 0xB, "frames answered but never read"
@@ -168,19 +157,19 @@ class Nghttp2ServerCodec:
                 )
             lib.shim_goaway(self._session, code, lib.shim_highest(self._session), 1)
             raise CodecError(reason, code, message)
-        size = self._events_len[0]
+        size = _EVENTS_LEN[0]
         if not size:
             return []
-        buf: bytes = ffi.unpack(self._events[0], size)
+        buf: bytes = ffi.unpack(_EVENTS[0], size)
         return _decode(buf)
 
     # --- the response -------------------------------------------------------------------------------
     def data_to_send(self) -> bytes:
         if self._session is None:
             return b""
-        lib.shim_send(self._session, self._out, self._out_len)
-        size = self._out_len[0]
-        return bytes(ffi.unpack(self._out[0], size)) if size else b""
+        lib.shim_send(self._session, _OUT, _OUT_LEN)
+        size = _OUT_LEN[0]
+        return bytes(ffi.unpack(_OUT[0], size)) if size else b""
 
     def send_headers(self, stream_id: int, headers: Headers, end_stream: bool = False) -> bool:
         if self._failed:

@@ -68,7 +68,7 @@ class Http2Connection(ConnectionWriter):
         # Up to the header block bound a head past --max-header-bytes is decoded whole (the
         # HPACK state stays shared) and answered 431 on its stream, as over HTTP/1.1; past it
         # the codec ends the connection.
-        self.codec: Http2ServerCodec = codec(
+        self.codec = codec(
             CodecSettings(
                 max_concurrent_streams=config.max_concurrent_streams,
                 max_header_bytes=header_list_bound(config.max_header_bytes),
@@ -239,7 +239,8 @@ class Http2Connection(ConnectionWriter):
             assert refusal is not None
             stream.refuse(refusal)
             return
-        exchange = stream.exchange = Exchange(self.ctx, stream, self.session, head)
+        exchange = Exchange(self.ctx, stream, self.session, head)
+        stream.exchange = exchange
         exchange.start()
 
     def _on_data(self, event: DataReceived) -> None:

@@ -8,11 +8,9 @@ import logging
 from typing import TYPE_CHECKING
 
 from proxy.core.answers import refuse
-from proxy.core.exchange import Exchange
 from proxy.core.headers import Headers
 from proxy.core.links import Tunnel
 from proxy.core.request import BadRequest
-from proxy.core.session import Session
 from proxy.http2.codec import ErrorCode
 from proxy.http2.flow import STATUS, StreamHost, StreamSender
 
@@ -37,10 +35,10 @@ class H2Stream(StreamSender):
         self.conn = conn
         self.ctx = conn.ctx
         self.loop = conn.loop
-        self.session: Session = conn.session
+        self.session = conn.session
         self.sid = sid
-        self.exchange: Exchange | None = None
-        self.head: Headers | None = None  # a response head held until we know if a body follows
+        self.exchange = None
+        self.head = None  # a response head held until we know if a body follows
         self.holds = 0
         self.unacked = 0  # request bytes taken but not acknowledged (the app is not reading)
         self.head_sent = False
