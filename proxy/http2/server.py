@@ -133,7 +133,7 @@ class Http2Connection(ConnectionWriter):
 
     # --- the client's bytes ---------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
-        self.ctx.metrics.down_in += len(data)
+        self.ctx.metrics.counts.down_in += len(data)
         self._received(data)
 
     def eof_received(self) -> bool | None:
