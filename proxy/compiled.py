@@ -35,6 +35,7 @@ else:
 
 
 MODULES: tuple[str, ...] = (
+    "proxy.metrics.counts",
     "proxy.core.timer",
     "proxy.core.headers",
     "proxy.core.request",

@@ -14,6 +14,8 @@ from proxy.core.headers import ClientInfo
 from proxy.core.session import Session
 from proxy.core.timer import PhaseTimer
 from proxy.identity import identity_from_der, xfcc_value
+from proxy.metrics.counts import DataCounts
+from proxy.proxy_header_reader import ProxyHeaderReader
 from proxy.tls.handshake import (
     PLAIN_HTTP_ANSWER,
     HandshakeReader,
@@ -36,6 +38,7 @@ class ClientConnection(PhaseTimer):
         super().__init__()
         self.ctx = ctx
         self.loop = ctx.loop
+        self.counts: DataCounts = ctx.metrics.counts  # typed: adding to it is a field update
         self.transport: asyncio.Transport | None = None
         self.session = Session(ClientInfo("-", 0))
         self.closed = False
@@ -138,7 +141,7 @@ class ClientConnection(PhaseTimer):
         if not proxy_protocol.trusted(self.session.client.address, config.proxy_protocol_from):
             self.proxy_header_refused("untrusted", "a PROXY header is not taken from this address")
             return
-        transport.set_protocol(_ProxyHeaderReader(self, config.handshake_timeout))
+        transport.set_protocol(ProxyHeaderReader(self, config.handshake_timeout))
 
     def proxy_header_read(self, header: proxy_protocol.ProxyHeader, rest: bytes) -> None:
         """The header is in: its client is this connection's; the TLS layer gets what follows."""
@@ -340,59 +343,10 @@ class ClientConnection(PhaseTimer):
 
     def write(self, data: bytes) -> None:
         assert self.transport is not None
-        self.ctx.metrics.down_out += len(data)
+        self.counts.down_out += len(data)
         self.transport.write(data)
 
     def writelines(self, parts: list[bytes]) -> None:
         assert self.transport is not None
-        self.ctx.metrics.down_out += sum(map(len, parts))
+        self.counts.down_out += sum(map(len, parts))
         self.transport.writelines(parts)
-
-
-class _ProxyHeaderReader(asyncio.Protocol):
-    """The raw transport's protocol until the PROXY header is whole (bounded), then TLS."""
-
-    def __init__(self, connection: ClientConnection, timeout: float) -> None:
-        self.connection = connection
-        self.buffer = bytearray()
-        self.done = False
-        self.timer = connection.loop.call_later(timeout, self._timed_out)
-
-    def data_received(self, data: bytes) -> None:
-        if self.done:
-            return
-        self.buffer += data
-        try:
-            header = proxy_protocol.parse(self.buffer)
-        except proxy_protocol.ProxyProtocolError as e:
-            self._finish()
-            self.connection.proxy_header_refused(e.reason, str(e))
-            return
-        if header is not None:
-            self._finish()
-            self.connection.proxy_header_read(header, bytes(self.buffer[header.length :]))
-
-    def eof_received(self) -> bool:
-        if not self.done:
-            self._finish()
-            if self.buffer:
-                self.connection.proxy_header_refused("missing", "closed within a PROXY header")
-            else:  # a balancer's TCP check: connected and closed, nothing to count
-                self.connection.abort()
-                self.connection.forget()
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.done:
-            self._finish()
-            self.connection.forget()
-
-    def _timed_out(self) -> None:
-        if not self.done:
-            self._finish()
-            self.connection.ctx.metrics.timed_out.add("proxy_protocol")
-            self.connection.proxy_header_refused("timeout", "no whole PROXY header in time")
-
-    def _finish(self) -> None:
-        self.done = True
-        self.timer.cancel()

@@ -50,7 +50,7 @@ def refuse(
     metrics.local.add(str(status), error.reason)
     body = local_body(status, str(error))
     down.send_local(status, local_headers(None), body)
-    metrics.request_done(b"OTHER", status, 0.0, protocol)
+    metrics.counts.request_done(b"OTHER", status, 0.0, protocol)
     ctx.access(
         session,
         None,

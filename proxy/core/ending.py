@@ -18,6 +18,7 @@ from proxy.core.headers import Headers
 from proxy.core.links import Pool, UpstreamLink
 from proxy.core.request import RequestHead, UpstreamRequest
 from proxy.core.session import Downstream, Session
+from proxy.metrics.counts import DataCounts
 
 if TYPE_CHECKING:
     from proxy.core.context import ProxyContext
@@ -34,6 +35,7 @@ class ExchangeEnds:
         "bytes_in",
         "bytes_out",
         "connect_task",
+        "counts",
         "ctx",
         "down",
         "finished",
@@ -59,6 +61,7 @@ class ExchangeEnds:
     )
 
     ctx: ProxyContext
+    counts: DataCounts
     down: Downstream
     session: Session
     pool: Pool
@@ -189,8 +192,9 @@ class ExchangeEnds:
         ctx = self.ctx
         duration = time.perf_counter() - self.started
         head = self.head
-        ctx.metrics.in_flight -= 1
-        ctx.metrics.request_done(head.method, status, duration, head.version)
+        counts = self.counts
+        counts.in_flight -= 1
+        counts.request_done(head.method, status, duration, head.version)
         if self.grpc_status is not None:
             ctx.metrics.grpc_done(self.grpc_status)
         if ctx.access_log.enabled:

@@ -55,6 +55,7 @@ class Exchange(ExchangeEnds):
         self, ctx: ProxyContext, down: Downstream, session: Session, head: RequestHead
     ) -> None:
         self.ctx = ctx
+        self.counts = counts = ctx.metrics.counts
         self.down = down
         self.session = session
         self.pool = session.pool or ctx.pool  # a client connection's own with PROXY out
@@ -86,7 +87,7 @@ class Exchange(ExchangeEnds):
         self.grpc_status = None
         self._unread = _UNKNOWN  # request bytes the app had not read when last asked
         self._pending = None  # body that arrived while connecting
-        ctx.metrics.in_flight += 1
+        counts.in_flight += 1
 
     # --- the request ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -241,7 +242,7 @@ class Exchange(ExchangeEnds):
         self.status = self.upstream_status = status
         self.response_started = True
         self.upstream_duration = time.perf_counter() - self.sent_at
-        self.ctx.metrics.upstream_responded(self.upstream_duration)
+        self.counts.upstream_responded(self.upstream_duration)
         if self.head.grpc:  # a trailers-only answer carries the status in its head
             self.grpc_status = hdr.get_header(headers, b"grpc-status")
         # Sending pushes the downstream's deadline: the upstream phase now times the body.

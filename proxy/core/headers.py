@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import http
-import itertools
 import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Final
 
 Headers = list[tuple[bytes, bytes]]
 HeaderSeq = Sequence[tuple[bytes, bytes]]
+
+# `name.translate(LOWER)` is `name.lower()`; compiled, translate is a direct C call (and hands
+# back the same object when nothing changes) where lower() is a method looked up by name.
+LOWER: Final = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", b"abcdefghijklmnopqrstuvwxyz")
 
 # The one set of connection-specific fields: RFC 9113 §8.2.2's, which make an HTTP/2 message
 # malformed (`te` is allowed there as "trailers" only, so it is not among them).
@@ -159,10 +163,12 @@ class RequestIds:
 
     def __init__(self) -> None:
         self._prefix = os.urandom(8).hex().encode("ascii")
-        self._count = itertools.count()
+        self._count = 0
 
     def __call__(self) -> bytes:
-        return b"%s%016x" % (self._prefix, next(self._count))
+        count = self._count
+        self._count = count + 1
+        return self._prefix + b"%016x" % count
 
 
 def valid_request_id(value: bytes) -> bool:
@@ -181,7 +187,7 @@ def response_headers(headers: HeaderSeq, *, switching_protocols: bool = False) -
     chunked = False
     for name, value in headers:
         if name in HOP_BY_HOP:
-            if name == b"connection" and value.lower() not in _RESPONSE_KEPT:
+            if name == b"connection" and value.translate(LOWER) not in _RESPONSE_KEPT:
                 tokens = {t.strip().lower() for t in value.split(b",")} - _RESPONSE_KEPT
                 named = tokens if named is None else named | tokens
             elif name == b"transfer-encoding":

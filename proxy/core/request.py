@@ -7,8 +7,6 @@ send the app, or which answer the proxy gives itself.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from proxy.core import headers as hdr
 from proxy.core.errors import KINDS
 from proxy.core.headers import ClientInfo, Headers
@@ -36,25 +34,66 @@ class BadRequest(Exception):
         self.status = KINDS[reason].status  # a reason outside the table is a bug: fail loudly
 
 
-@dataclass(slots=True)
 class RequestHead:
-    """What a downstream codec parsed, already checked for framing by `read_head`."""
+    """What a downstream codec parsed, already checked for framing by `read_head`.
 
-    method: bytes
-    target: bytes
-    version: bytes  # b"1.1", b"1.0"; b"2" for HTTP/2 streams
-    headers: Headers  # lower-case names, in the client's order
-    content_length: int | None
-    chunked: bool
-    keep_alive: bool  # the client did not ask to close after this request
-    upgrade: bytes | None  # the Upgrade header when Connection names it (HTTP/1.1 only)
-    request_id: bytes | None = None  # the client's X-Request-Id, unchecked
-    connection: bool = False  # a Connection header is present (it may name more to drop)
-    size: int = 0  # bytes of the head as received (method, target, headers)
-    has_body: bool = False  # chunked, or a Content-Length above 0
-    expect_continue: bool = False  # `Expect: 100-continue`: the client waits before its body
-    grpc: bool = False  # content-type application/grpc*: the proxy's own errors speak gRPC
-    trailers: bool = False  # `TE: trailers` (HTTP/1.1): a chunked answer may carry trailers
+    A plain class, not a dataclass: compiled, the `__init__` a dataclass generates stays
+    interpreted, and one is built for every request."""
+
+    __slots__ = (
+        "chunked",
+        "connection",
+        "content_length",
+        "expect_continue",
+        "grpc",
+        "has_body",
+        "headers",
+        "keep_alive",
+        "method",
+        "request_id",
+        "size",
+        "target",
+        "trailers",
+        "upgrade",
+        "version",
+    )
+
+    def __init__(
+        self,
+        method: bytes,
+        target: bytes,
+        version: bytes,  # b"1.1", b"1.0"; b"2" for HTTP/2 streams
+        headers: Headers,  # lower-case names, in the client's order
+        content_length: int | None,
+        chunked: bool,
+        keep_alive: bool,  # the client did not ask to close after this request
+        upgrade: bytes | None,  # the Upgrade header when Connection names it (HTTP/1.1 only)
+        request_id: bytes | None = None,  # the client's X-Request-Id, unchecked
+        connection: bool = False,  # a Connection header is present (it may name more to drop)
+        size: int = 0,  # bytes of the head as received (method, target, headers)
+        has_body: bool = False,  # chunked, or a Content-Length above 0
+        expect_continue: bool = False,  # `Expect: 100-continue`: the client waits for 100
+        grpc: bool = False,  # content-type application/grpc*: the proxy's errors speak gRPC
+        trailers: bool = False,  # `TE: trailers` (HTTP/1.1): a chunked answer may carry them
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.version = version
+        self.headers = headers
+        self.content_length = content_length
+        self.chunked = chunked
+        self.keep_alive = keep_alive
+        self.upgrade = upgrade
+        self.request_id = request_id
+        self.connection = connection
+        self.size = size
+        self.has_body = has_body
+        self.expect_continue = expect_continue
+        self.grpc = grpc
+        self.trailers = trailers
+
+    def __repr__(self) -> str:
+        return f"RequestHead({self.method!r}, {self.target!r}, {self.version!r})"
 
 
 def read_head(
@@ -162,13 +201,15 @@ def allowed_upgrade(head: RequestHead, allowed: frozenset[bytes]) -> bool:
     return protocol in allowed and protocol not in NEVER_UPGRADED
 
 
-@dataclass(slots=True)
 class UpstreamRequest:
     """What the app is sent: origin-form target and rewritten headers."""
 
-    target: bytes
-    headers: Headers
-    upgrade: bool
+    __slots__ = ("headers", "target", "upgrade")
+
+    def __init__(self, target: bytes, headers: Headers, upgrade: bool) -> None:
+        self.target = target
+        self.headers = headers
+        self.upgrade = upgrade
 
 
 def upstream_request(

@@ -91,7 +91,7 @@ class Http1Connection(ClientConnection):
 
     # --- the client's bytes -------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
-        self.ctx.metrics.down_in += len(data)
+        self.counts.down_in += len(data)
         if self.handshaking:  # delivered before the handshake step returned: parse after it
             if self._early is None:
                 self._early = []

@@ -15,7 +15,7 @@ from typing import Any
 from httptools import HttpResponseParser
 from httptools.parser.errors import HttpParserCallbackError, HttpParserError, HttpParserUpgrade
 
-from proxy.core.headers import Headers
+from proxy.core.headers import LOWER, Headers
 from proxy.core.links import ResponseSink
 from proxy.http1._wire import CHUNKED, Stop, chunk, head_bytes
 
@@ -161,7 +161,7 @@ class HttptoolsClient:
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        name = name.lower()
+        name = name.translate(LOWER)
         if name == b"content-length":
             self._length = value
         elif name == b"transfer-encoding":

@@ -12,7 +12,7 @@ import re
 from httptools import HttpRequestParser
 from httptools.parser.errors import HttpParserCallbackError, HttpParserError, HttpParserUpgrade
 
-from proxy.core.headers import Headers, reason_phrase
+from proxy.core.headers import LOWER, Headers, reason_phrase
 from proxy.core.request import BadRequest, read_head
 from proxy.http1._wire import BARE_LF, Stop, chunk, head_bytes
 from proxy.http1.codec import DETACHED, RequestSink
@@ -59,13 +59,13 @@ class HttptoolsServer:
     __slots__ = (
         "_carry",
         "_closed_input",
+        "_head_method",
         "_headers",
         "_keep_alive",
         "_left",
         "_line",
         "_max_head",
         "_method",
-        "_method_override",
         "_mode",
         "_parser",
         "_pending",
@@ -97,7 +97,7 @@ class HttptoolsServer:
         self._url = b""
         self._headers: Headers = []
         self._size = 0
-        self._method_override: bytes | None = None
+        self._head_method = b""
         self._keep_alive = True
         self._method = b""
         self._version = b"1.1"
@@ -169,7 +169,8 @@ class HttptoolsServer:
             self._pending = data[pos:]  # the rest of the head is still to come
             self._scanned = len(data) - pos
             return len(data)
-        head = data[pos : blank + 4]
+        end = blank + 4
+        head = data if pos == 0 and end == len(data) else data[pos:end]  # whole: no copy
         if len(head) > self._max_head:
             raise BadRequest("header_too_large", f"request head over {self._max_head} bytes")
         if head.count(b"\n") != head.count(b"\r\n"):
@@ -183,13 +184,13 @@ class HttptoolsServer:
             # and Envoy take them): llhttp parses a stand-in, and the real one is handed on.
             if not _TOKEN.fullmatch(method):
                 raise BadRequest("bad_request", "malformed method")
-            self._method_override = method
             head = b"GET" + head[len(method) :]
+        self._head_method = method  # what llhttp parsed, or the method it parsed a stand-in for
         self._size = len(head)
         self._url = b""
         self._headers = []
         self._execute(head)
-        return blank + 4
+        return end
 
     def _take_chunked(self, data: bytes, pos: int) -> int:
         view = memoryview(data)
@@ -239,14 +240,16 @@ class HttptoolsServer:
     def on_header(self, name: bytes, value: bytes) -> None:
         # llhttp drops the OWS before a value but keeps the OWS after it; h11 (and RFC 9110
         # §5.5) drop both, so both codecs hand on the same value
-        self._headers.append((name.lower(), value.rstrip(b" \t")))
+        if value and value[-1] in (32, 9):  # a space or a tab
+            value = value.rstrip(b" \t")
+        self._headers.append((name.translate(LOWER), value))
 
     def on_headers_complete(self) -> None:
         parser = self._parser
         version = _VERSIONS.get(parser.get_http_version())
         if version is None:
             raise BadRequest("version_not_supported", "only HTTP/1.0 and HTTP/1.1")
-        method, self._method_override = self._method_override or parser.get_method(), None
+        method = self._head_method
         # the size as read_head measures it (method, target, names and values + 4 each)
         head = read_head(method, self._url, version, self._headers, self._size - 15)
         self._keep_alive = head.keep_alive

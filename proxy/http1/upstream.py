@@ -22,6 +22,7 @@ from proxy.core.links import (
     UpstreamOwner,
 )
 from proxy.metrics import Metrics
+from proxy.metrics.counts import DataCounts
 from proxy.pool import PoolBase, open_to_app
 
 log = logging.getLogger("tls_sidecar.upstream")
@@ -35,6 +36,7 @@ class UpstreamConnection:
     __slots__ = (
         "closed",
         "codec",
+        "counts",
         "idle_since",
         "owner",
         "paused",
@@ -47,6 +49,7 @@ class UpstreamConnection:
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
+        self.counts: DataCounts = pool.metrics.counts
         self.codec: ClientCodec = pool.codec_class()
         self.owner: UpstreamOwner | None = None
         self.transport: asyncio.Transport | None = None
@@ -63,7 +66,7 @@ class UpstreamConnection:
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        self.pool.metrics.up_in += len(data)
+        self.counts.up_in += len(data)
         tunnel = self.tunnel
         if tunnel is not None:
             tunnel.tunnel_data(data)
@@ -123,12 +126,12 @@ class UpstreamConnection:
     # used by the downstream connection --------------------------------------------------------
     def write(self, data: bytes) -> None:
         assert self.transport is not None
-        self.pool.metrics.up_out += len(data)
+        self.counts.up_out += len(data)
         self.transport.write(data)
 
     def writelines(self, parts: list[bytes]) -> None:
         assert self.transport is not None
-        self.pool.metrics.up_out += sum(map(len, parts))
+        self.counts.up_out += sum(map(len, parts))
         self.transport.writelines(parts)
 
     def pause_reading(self) -> None:
@@ -242,7 +245,8 @@ class UpstreamPool(PoolBase):
         up.idle_since = self.loop.time()
         self._busy.discard(up)
         self._idle.append(up)
-        self.schedule_sweep()
+        if self._sweeper is None:  # checked here: the call into the interpreted base is not
+            self.schedule_sweep()
 
     def close(self, link: UpstreamLink) -> None:
         up = cast(UpstreamConnection, link)

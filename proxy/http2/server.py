@@ -65,9 +65,8 @@ class Http2Connection(ConnectionWriter):
     def __init__(self, ctx: ProxyContext, codec: CodecClass) -> None:
         super().__init__(ctx)
         config = ctx.config
-        # Up to the header block bound a head past --max-header-bytes is decoded whole (the
-        # HPACK state stays shared) and answered 431 on its stream, as over HTTP/1.1; past it
-        # the codec ends the connection.
+        # Up to the header block bound a head past --max-header-bytes is decoded whole (HPACK
+        # state stays shared) and answered 431 on its stream; past it the connection ends.
         self.codec = codec(
             CodecSettings(
                 max_concurrent_streams=config.max_concurrent_streams,
@@ -140,7 +139,7 @@ class Http2Connection(ConnectionWriter):
 
     # --- the client's bytes ---------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
-        self.ctx.metrics.down_in += len(data)
+        self.ctx.metrics.counts.down_in += len(data)
         self._received(data)
 
     def eof_received(self) -> bool | None:

@@ -140,7 +140,7 @@ class H2UpstreamConnection(asyncio.Protocol):
         self.flush()
 
     def data_received(self, data: bytes) -> None:
-        self.pool.metrics.up_in += len(data)
+        self.pool.metrics.counts.up_in += len(data)
         if self.closed:
             return
         try:
@@ -340,7 +340,7 @@ class H2UpstreamConnection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         transport = self.transport
         if transport is not None and not self.closed:
-            self.pool.metrics.up_out += len(data)
+            self.pool.metrics.counts.up_out += len(data)
             transport.write(data)
 
     def flush(self) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import platform
 import ssl
-from bisect import bisect_left
 from collections.abc import Callable
 
 from prometheus_client import (
@@ -19,6 +18,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from proxy import __version__
+from proxy.metrics.counts import DataCounts, Observed, RequestKey
 from proxy.metrics.exposition import render
 from proxy.metrics.labels import (
     CLIENT_AUTH_DENIED_REASONS,
@@ -36,7 +36,7 @@ from proxy.metrics.labels import (
     UPSTREAM_CONNECT_ERROR_REASONS,
     UPSTREAM_UP_HELP,
 )
-from proxy.metrics.tallies import Observed, Tally
+from proxy.metrics.tallies import Tally
 
 __all__ = [
     "PREFIX",
@@ -53,8 +53,8 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 class Metrics:
     """The sidecar's metrics on their own registry (one per server, so tests can run several).
 
-    The data path adds to plain numbers (`down_in += n`, `request_done`); `flush()` moves them
-    into the exported metrics: on every scrape, and every second in a worker process. Gauges of
+    The data path adds to plain numbers (`counts`, a `DataCounts`: `counts.down_in += n`,
+    `counts.request_done`); `flush()` moves them into the exported metrics: on every scrape, and every second in a worker process. Gauges of
     live state (requests in flight, connections, the upstream pool) are read by the flush hooks.
 
     With --workers N each worker writes them to prometheus-client's multiprocess files and the
@@ -296,18 +296,16 @@ class Metrics:
             self.rejected,
             self.handshake_failed,
         )
-        self.down_in = self.down_out = self.up_in = self.up_out = 0
-        self.in_flight = 0
+        self._buckets = (*LATENCY_BUCKETS, float("inf"))
+        self.counts = DataCounts(self._buckets, self._request_entry)
         self._bytes_children = [
             self.transferred_bytes.labels("downstream", "in"),
             self.transferred_bytes.labels("downstream", "out"),
             self.transferred_bytes.labels("upstream", "in"),
             self.transferred_bytes.labels("upstream", "out"),
         ]
-        self._buckets = (*LATENCY_BUCKETS, float("inf"))
-        self._requests: dict[tuple[bytes, int, bytes], tuple[Counter, Histogram, Observed]] = {}
+        self._requests: dict[RequestKey, tuple[Counter, Histogram, Observed]] = {}
         self._grpc: dict[bytes, Counter] = {}
-        self._upstream_observed = Observed(len(self._buckets))
         self._hooks: list[Callable[[], None]] = []
 
     def built(self, http2_codec: str, compiled: bool) -> None:
@@ -320,18 +318,10 @@ class Metrics:
             "true" if compiled else "false",
         ).set(1)
 
-    def request_done(self, method: bytes, code: int, seconds: float, version: bytes) -> None:
-        entry = self._requests.get((method, code, version))
-        if entry is None:
-            entry = self._request_entry(method, code, version)
-        observed = entry[2]
-        observed.count += 1
-        observed.sum += seconds
-        observed.buckets[bisect_left(self._buckets, seconds)] += 1
-
-    def _request_entry(
-        self, method: bytes, code: int, version: bytes
-    ) -> tuple[Counter, Histogram, Observed]:
+    def _request_entry(self, key: RequestKey) -> Observed:
+        """The accumulator of a method, code and protocol seen for the first time (counts'
+        `new_entry`), with the exported series it flushes into."""
+        method, code, version = key
         name = method.decode("ascii", "replace")
         label = name if name in METHODS else "OTHER"
         if label == "OTHER":
@@ -345,7 +335,8 @@ class Metrics:
                 Observed(len(self._buckets)),
             )
             self._requests[key] = entry
-        return entry
+            self.counts.requests[key] = entry[2]
+        return entry[2]
 
     def grpc_done(self, status: bytes) -> None:
         child = self._grpc.get(status)
@@ -356,20 +347,15 @@ class Metrics:
                 self._grpc[status] = child
         child.inc()
 
-    def upstream_responded(self, seconds: float) -> None:
-        observed = self._upstream_observed
-        observed.count += 1
-        observed.sum += seconds
-        observed.buckets[bisect_left(self._buckets, seconds)] += 1
-
     def on_flush(self, hook: Callable[[], None]) -> None:
         """Run `hook` at every flush: it sets gauges from live state."""
         self._hooks.append(hook)
 
     def flush(self) -> None:
         """Move what the data path counted into the exported metrics."""
-        counts = (self.down_in, self.down_out, self.up_in, self.up_out)
-        self.down_in = self.down_out = self.up_in = self.up_out = 0
+        data = self.counts
+        counts = (data.down_in, data.down_out, data.up_in, data.up_out)
+        data.down_in = data.down_out = data.up_in = data.up_out = 0
         for child, count in zip(self._bytes_children, counts, strict=True):
             if count:
                 child.inc(count)
@@ -377,11 +363,11 @@ class Metrics:
             if observed.count:
                 counter.inc(observed.count)
                 observed.flush_into(histogram)
-        if self._upstream_observed.count:
-            self._upstream_observed.flush_into(self.upstream_response_duration)
+        if data.upstream.count:
+            data.upstream.flush_into(self.upstream_response_duration)
         for tally in self._tallies:
             tally.flush()
-        self.http_requests_in_flight.set(self.in_flight)
+        self.http_requests_in_flight.set(data.in_flight)
         for hook in self._hooks:
             hook()
 

@@ -3,29 +3,7 @@ into the exported metrics by `Metrics.flush`, on every scrape and every second i
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
-
-
-class Observed:
-    """Observations of one histogram child since the last flush: plain numbers, no locks."""
-
-    __slots__ = ("buckets", "count", "sum")
-
-    def __init__(self, buckets: int) -> None:
-        self.count = 0
-        self.sum = 0.0
-        self.buckets = [0] * buckets
-
-    def flush_into(self, child: Histogram) -> None:
-        # prometheus-client has no public "observe N values at once": add to the child's
-        # bucket and sum values directly (le buckets: bisect_left finds the first bound >= v).
-        for i, n in enumerate(self.buckets):
-            if n:
-                child._buckets[i].inc(n)
-                self.buckets[i] = 0
-        child._sum.inc(self.sum)
-        self.count = 0
-        self.sum = 0.0
+from prometheus_client import Counter
 
 
 class Tally:

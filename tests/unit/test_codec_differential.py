@@ -201,6 +201,7 @@ def _valid(method: bytes, path: bytes, extra: bytes = b"", payload: bytes = b"")
 )
 @example([b"GET /a HTTP/1.1\r\nHost: h\r\n :: x\r\n\r\n"], [])
 @example([b"GET /a HTTP/1.1\r\nHost: h\r\nConnection: ! \r\n\r\n"], [])  # trailing OWS
+@example([b"GET /a HTTP/1.1\r\nHOST: h\r\nX-Mixed-Case: v \t\r\nX-B: \t\r\n\r\n"], [])
 @example([b"GET /a HTTP/1.1\r\nHost: h\r\n*:: \r\n\r\n"], [])
 @example(
     [
