@@ -167,6 +167,8 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
             ratios = [
                 scenarios[n][who][THROUGHPUT[n][0]] / scenarios[n]["nginx"][THROUGHPUT[n][0]]
                 if who in scenarios[n]
+                and scenarios[n][who].get(THROUGHPUT[n][0])
+                and scenarios[n]["nginx"].get(THROUGHPUT[n][0])
                 else 0.0
                 for n in names
             ]

@@ -22,6 +22,10 @@ class _Glibc:
     """glibc's allocator calls, bound once."""
 
     def __init__(self, libc: ctypes.CDLL) -> None:
+        # glibc's own call: on another C library (musl answers for libc.so.6 too, and keeps
+        # metadata inside a block, which the madvise below would wipe) the probe fails
+        libc.gnu_get_libc_version.restype = ctypes.c_char_p
+        self.version = libc.gnu_get_libc_version()
         self.mallopt = libc.mallopt
         self.malloc = libc.malloc
         self.malloc.restype = ctypes.c_void_p

@@ -639,5 +639,7 @@ def test_make_run_installs_the_runtime_only_and_the_tests_add_dev(tmp_path: Path
     assert "-c .venv/constraints.txt -e ." in run and "[dev]" not in run
     assert "tls-sidecar demo" in run
     test = plan("test")
-    assert "-c .venv/constraints-dev.txt -e '.[dev]'" in test
+    # the dev extra's requirements on top, without building the package a second time
+    assert "-c .venv/constraints-dev.txt -r .venv/requirements-dev.txt" in test
+    assert test.count(" -e .") == 1, test
     assert 'PYTHONWARNINGS="ignore:Editable installation"' in test
