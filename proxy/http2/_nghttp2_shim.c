@@ -577,9 +577,11 @@ static int setup(void) {
   nghttp2_option_set_no_http_messaging(options, 1);
   /* The caller acknowledges request bytes once the app took them (backpressure). */
   nghttp2_option_set_no_auto_window_update(options, 1);
-  /* A closed stream is not kept (nghttp2 keeps them for the priority tree, which we do not use:
-   * RFC 9113 deprecates it): less memory per connection; a frame on a closed stream is still
-   * told from one on a new stream by its id. */
+  /* A closed stream is not kept (nghttp2 keeps some for the priority tree, which RFC 9113
+   * deprecates): less memory per connection. A HEADERS frame on a closed stream's id is still
+   * refused (on_begin_frame: a stream id used again); DATA on a closed stream is ignored (and
+   * its bytes credited to the connection's window) where a kept one answered STREAM_CLOSED,
+   * as h2 does, which RFC 9113 §5.1 allows. */
   nghttp2_option_set_no_closed_streams(options, 1);
   /* HEADERS blocks are bounded here as they arrive, whatever the CONTINUATION count. */
   for (int type = NGHTTP2_CONTINUATION + 1; type <= 0xff; type++)
