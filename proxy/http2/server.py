@@ -198,7 +198,7 @@ class Http2Connection(ConnectionWriter):
 
     def _linger(self) -> None:
         """Close a little later, reading and dropping what still comes (nginx's lingering close):
-        unread bytes at close make a TCP reset, which destroys the GOAWAY before a flood reads it."""
+        unread bytes at close make a TCP reset, which kills the GOAWAY before a flood reads it."""
         self.closed = True
         if self.transport is not None:
             self.loop.call_later(LINGER_SECONDS, self.abort)

@@ -55,7 +55,8 @@ class Metrics:
 
     The data path adds to plain numbers (`counts`, a `DataCounts`: `counts.down_in += n`,
     `counts.request_done`); `flush()` moves them into the exported metrics: on every scrape,
-    and every second in a worker process. Gauges of live state (requests in flight, connections, the upstream pool) are read by the flush hooks.
+    and every second in a worker process. Gauges of live state (requests in flight,
+    connections, the upstream pool) are read by the flush hooks.
 
     With --workers N each worker writes them to prometheus-client's multiprocess files and the
     supervisor sums them; every gauge says how (livesum: the live workers' values added up)."""
