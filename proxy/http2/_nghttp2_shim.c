@@ -105,6 +105,13 @@ typedef struct shim_stream {
   int32_t sid;
 } shim_stream;
 
+/* A block of nghttp2's with pages of its own (see the allocator below). */
+#define PAGED_SLOTS 4
+typedef struct {
+  void *ptr;
+  size_t size;
+} paged_block;
+
 typedef struct {
   nghttp2_session *session;
   shim_buf events;
@@ -134,6 +141,9 @@ typedef struct {
   int goaway_recv;         /* the peer's GOAWAY came: nghttp2 sends no shutdown notice then */
   int notice_pending;      /* a shutdown notice (the drain's first GOAWAY) is on its way */
   int settings_patched;    /* the advertised limit is written into our first SETTINGS */
+  nghttp2_mem mem;         /* the allocator below, with this session as its user data */
+  paged_block paged[PAGED_SLOTS]; /* the blocks with pages of their own (the frame buffer) */
+  int rested;              /* their pages are given back: nothing was written since */
 } shim_session;
 
 /* What the client was told it may open, where nghttp2 is given a looser bound (as h2 is in
@@ -593,75 +603,96 @@ static int setup(void) {
  * with the session and writes it only as far as frames go; from malloc it would take memory a
  * TLS handshake just freed, resident in full for the connection's life (an idle connection's
  * frames fill a page of it). Blocks that large get pages of their own, which stay untouched,
- * and not resident, until written; smaller ones (streams, HPACK entries) come from malloc.
- * Each block starts with its size and where it came from, for free and realloc. */
+ * and not resident, until written, and which the session gives back when it goes idle
+ * (shim_send): the session keeps where they are, so that nothing of ours is written into
+ * them. Smaller ones (streams, HPACK entries) come from malloc, headed by their size. */
 #define PAGED_FROM 16384
 typedef struct {
   size_t size;
-  size_t paged;
 } block_head;
 #define HEAD_SIZE ((sizeof(block_head) + 15) & ~(size_t)15) /* malloc's alignment kept */
 
-static void *block_alloc(size_t size, int zeroed) {
+static paged_block *paged_find(shim_session *s, void *ptr) {
+  for (int i = 0; i < PAGED_SLOTS; i++)
+    if (s->paged[i].ptr == ptr) return &s->paged[i];
+  return NULL;
+}
+
+static void *block_alloc(shim_session *s, size_t size, int zeroed) {
   block_head *head;
   if (size > SIZE_MAX - HEAD_SIZE) return NULL;
   if (size >= PAGED_FROM) {
-    void *pages = mmap(NULL, HEAD_SIZE + size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
-                       -1, 0); /* zeroed by the kernel */
-    if (pages == MAP_FAILED) return NULL;
-    head = pages;
-    head->paged = 1;
-  } else {
-    head = zeroed ? calloc(1, HEAD_SIZE + size) : malloc(HEAD_SIZE + size);
-    if (head == NULL) return NULL;
-    head->paged = 0;
+    paged_block *slot = paged_find(s, NULL);
+    if (slot != NULL) { /* else (more large blocks than slots) from malloc */
+      void *pages = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1,
+                         0); /* zeroed by the kernel */
+      if (pages == MAP_FAILED) return NULL;
+      slot->ptr = pages;
+      slot->size = size;
+      return pages;
+    }
   }
+  head = zeroed ? calloc(1, HEAD_SIZE + size) : malloc(HEAD_SIZE + size);
+  if (head == NULL) return NULL;
   head->size = size;
   return (char *)head + HEAD_SIZE;
 }
 
 static void block_free(void *ptr, void *user_data) {
-  block_head *head;
-  (void)user_data;
+  paged_block *slot;
   if (ptr == NULL) return;
-  head = (block_head *)((char *)ptr - HEAD_SIZE);
-  if (head->paged)
-    munmap(head, HEAD_SIZE + head->size);
-  else
-    free(head);
+  slot = paged_find(user_data, ptr);
+  if (slot != NULL) {
+    munmap(ptr, slot->size);
+    slot->ptr = NULL;
+  } else {
+    free((char *)ptr - HEAD_SIZE);
+  }
 }
 
 static void *block_malloc(size_t size, void *user_data) {
-  (void)user_data;
-  return block_alloc(size, 0);
+  return block_alloc(user_data, size, 0);
 }
 
 static void *block_calloc(size_t count, size_t size, void *user_data) {
-  (void)user_data;
   if (size != 0 && count > SIZE_MAX / size) return NULL;
-  return block_alloc(count * size, 1);
+  return block_alloc(user_data, count * size, 1);
 }
 
 static void *block_realloc(void *ptr, size_t size, void *user_data) {
+  paged_block *slot;
   block_head *head;
+  size_t old;
   void *moved;
-  if (ptr == NULL) return block_alloc(size, 0);
-  head = (block_head *)((char *)ptr - HEAD_SIZE);
-  if (!head->paged && size < PAGED_FROM) {
+  if (ptr == NULL) return block_alloc(user_data, size, 0);
+  slot = paged_find(user_data, ptr);
+  if (slot == NULL && size < PAGED_FROM) {
     if (size > SIZE_MAX - HEAD_SIZE) return NULL;
-    head = realloc(head, HEAD_SIZE + size);
+    head = realloc((char *)ptr - HEAD_SIZE, HEAD_SIZE + size);
     if (head == NULL) return NULL;
     head->size = size;
     return (char *)head + HEAD_SIZE;
   }
-  moved = block_alloc(size, 0);
+  old = slot != NULL ? slot->size : ((block_head *)((char *)ptr - HEAD_SIZE))->size;
+  moved = block_alloc(user_data, size, 0);
   if (moved == NULL) return NULL;
-  memcpy(moved, ptr, head->size < size ? head->size : size);
+  memcpy(moved, ptr, old < size ? old : size);
   block_free(ptr, user_data);
   return moved;
 }
 
-static nghttp2_mem paged_mem = {NULL, block_malloc, block_free, block_calloc, block_realloc};
+static const nghttp2_mem paged_mem = {NULL, block_malloc, block_free, block_calloc,
+                                      block_realloc};
+
+/* An idle session's large blocks give their pages back (zero-filled when next written): the
+ * frame buffer's written page is an idle connection's. Only with nothing to send, so that no
+ * frame waits in them. */
+static void rest(shim_session *s) {
+  if (s->rested || s->open_streams != 0 || nghttp2_session_want_write(s->session)) return;
+  for (int i = 0; i < PAGED_SLOTS; i++)
+    if (s->paged[i].ptr != NULL) madvise(s->paged[i].ptr, s->paged[i].size, MADV_DONTNEED);
+  s->rested = 1;
+}
 
 shim_session *shim_new(const shim_config *config) {
   shim_session *s;
@@ -671,7 +702,9 @@ shim_session *shim_new(const shim_config *config) {
   if (s == NULL) return NULL;
   s->header_limit = config->header_limit;
   s->max_streams = config->max_concurrent_streams;
-  if (nghttp2_session_server_new3(&s->session, callbacks, s, options, &paged_mem) != 0) {
+  s->mem = paged_mem;
+  s->mem.mem_user_data = s; /* nghttp2 keeps a copy: the session's blocks are found in s */
+  if (nghttp2_session_server_new3(&s->session, callbacks, s, options, &s->mem) != 0) {
     free(s);
     return NULL;
   }
@@ -774,6 +807,8 @@ int shim_send(shim_session *s, const char **out, size_t *out_len) {
   *out = (const char *)s->out.data;
   *out_len = s->out.len;
   s->out_taken = 1;
+  if (s->out.len) s->rested = 0; /* frames went through the frame buffer */
+  if (rv == 0) rest(s);
   return rv;
 }
 
