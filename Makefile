@@ -24,7 +24,7 @@ test: lint typecheck
 
 # The compiled core's modules from their .py sources (mypyc changes semantics at the edges:
 # both builds must pass): the unit tests, the HTTP/1.1 integration modules and the main HTTP/2
-# ones, about 3.5 minutes
+# ones, about 3 minutes
 # where the whole unit and integration layers take 8.5 (2 shared cores).
 INTERPRETED_TESTS := tests/unit $(addprefix tests/integration/test_,proxying.py errors.py \
   protocol_edges.py smuggling.py faults.py proxy_protocol_in.py proxy_protocol_out.py compiled.py \
