@@ -23,6 +23,7 @@ ANCHORS = ("nginx", "haproxy", "caddy")
 OURS = ("tls-sidecar h11", "tls-sidecar")
 # the same proxy with its compiled core's modules run from their sources (TLS_SIDECAR_COMPILED=0)
 INTERPRETED = "tls-sidecar interpreted"
+H2_CODEC = "tls-sidecar h2"
 # Who runs in each scenario. Floors: `pipe` (TLS and byte relay only), `parse` (plus httptools
 # both ways); the parse floor does not close on Connection: close, so it sits out S2.
 PLAN = {
@@ -36,8 +37,9 @@ PLAN = {
     # HTTP/2: nginx with http2 on (S8: grpc_pass), and the h2 floor: the h2 library answering
     # every stream itself in one process, the ceiling of anything built on it; the nghttp2
     # floor is the same on the nghttp2 codec (left out when it is not built).
-    "S7": ("nginx", "h2 floor", "nghttp2 floor", "tls-sidecar", INTERPRETED),
-    "S8": ("nginx", "h2 floor", "nghttp2 floor", "h2relay floor", "tls-sidecar"),
+    # "tls-sidecar h2": the same proxy on the pure-Python HTTP/2 codec (--http2-codec h2)
+    "S7": ("nginx", "h2 floor", "nghttp2 floor", H2_CODEC, "tls-sidecar", INTERPRETED),
+    "S8": ("nginx", "h2 floor", "nghttp2 floor", "h2relay floor", H2_CODEC, "tls-sidecar"),
     "S5h2": ("nginx", "tls-sidecar"),
 }
 HTTP2 = ("S7", "S8", "S5h2")
@@ -65,7 +67,10 @@ def start(
         return bench.start_baseline(who.split(maxsplit=1)[0], upstream)
     http = "h11" if who.endswith("h11") else "httptools"
     compiled = who != INTERPRETED
-    return bench.start_proxy(upstream, resumption=resumption, http=http, compiled=compiled)
+    http2_codec = "h2" if who == H2_CODEC else "auto"
+    return bench.start_proxy(
+        upstream, resumption=resumption, http=http, compiled=compiled, http2_codec=http2_codec
+    )
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -136,7 +141,7 @@ def main(
                 click.echo(f" {_brief(row[target.name])}")
                 if target is not app and target.proc is not None:
                     code = bench.stop(target.proc)
-                    if who in (*OURS, INTERPRETED):
+                    if who in (*OURS, INTERPRETED, H2_CODEC):
                         # a clean drain after load: exit 0 at once, nothing left behind
                         results["proxy_exit_codes"].append(code)
             results["scenarios"][name] = row

@@ -273,6 +273,7 @@ http {{
         resumption: bool = True,
         http: str = "httptools",
         compiled: bool = True,
+        http2_codec: str = "auto",
     ) -> Target:
         port, admin = free_port(), free_port()
         argv = [
@@ -295,14 +296,18 @@ http {{
             "unlimited",
             "--http",
             http,
+            "--http2-codec",
+            http2_codec,
         ]
         if not resumption:
             argv.append("--no-tls-session-resumption")
         # TLS_SIDECAR_COMPILED=0: the compiled core's modules from their sources
         env = None if compiled else {"TLS_SIDECAR_COMPILED": "0"}
-        proc = self._spawn(argv, 0, f"proxy-{http}-{compiled}.log", env)
+        proc = self._spawn(argv, 0, f"proxy-{http}-{http2_codec}-{compiled}.log", env)
         wait_port(port, proc)
         name = "tls-sidecar" if http == "httptools" else f"tls-sidecar {http}"
+        if http2_codec == "h2":
+            name += " h2"
         if not compiled:
             name += " interpreted"
         return Target(name, f"https://127.0.0.1:{port}", proc.pid, proc)

@@ -31,6 +31,7 @@ COLUMNS = (
     "nghttp2 floor",
     "h2relay floor",
     "tls-sidecar h11",
+    "tls-sidecar h2",
     "tls-sidecar interpreted",
     "tls-sidecar",
 )
