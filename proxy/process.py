@@ -7,6 +7,7 @@ import ctypes
 import logging
 import mmap
 import resource
+from pathlib import Path
 
 log = logging.getLogger("tls_sidecar.server")
 
@@ -108,3 +109,10 @@ def raise_open_file_limit(wanted: int) -> int:
             extra={"limit": soft, "needed": wanted},
         )
     return soft
+
+
+def listening_marker(directory: str, pid: int) -> Path:
+    """The file a worker of --workers writes once its TLS port listens: the supervisor's
+    /readyz waits for every live worker's (a worker still waiting for its first certificate,
+    e.g. an SVID, does not listen yet, and a connection to the port would be refused)."""
+    return Path(directory) / f"listening-{pid}"

@@ -23,7 +23,7 @@ from proxy.http1.upstream import UpstreamPool
 from proxy.log import AccessLog
 from proxy.metrics import Metrics
 from proxy.pool import PoolBase
-from proxy.process import raise_open_file_limit, tune_malloc
+from proxy.process import listening_marker, raise_open_file_limit, tune_malloc
 from proxy.readiness import check_app
 from proxy.sockets import bind_dual_stack, dual_stack
 from proxy.tls.context import TlsState, out_of_descriptors
@@ -197,6 +197,8 @@ class ProxyServer:
         self.state = "ready"
         if config.worker_index is not None:
             self._flush_metrics_every_second()
+            if directory := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+                listening_marker(directory, os.getpid()).touch()
         fixed = self.tls.self_signed and self.config.client_ca is None
         polled = not (fixed or self.tls.pushes)  # a source that pushes reloads on each push
         if self.config.reload_interval > 0 and polled:

@@ -28,6 +28,7 @@ from proxy.admin import AdminServer
 from proxy.config import Config, ConfigError, bind_error
 from proxy.metrics import PREFIX, UPSTREAM_UP_HELP
 from proxy.metrics.exposition import render
+from proxy.process import listening_marker
 from proxy.readiness import check_app
 from proxy.sockets import dual_stack
 from proxy.tls.tickets import TICKET_KEYS_SIZE
@@ -184,6 +185,14 @@ class Supervisor:
         if alive < len(self.workers):
             self.metrics.ready.set(0)
             return False, f"{len(self.workers) - alive} of {len(self.workers)} workers are down"
+        waiting = sum(
+            1
+            for w in self.workers.values()
+            if not listening_marker(self._multiproc, w.proc.pid).exists()
+        )
+        if waiting:
+            self.metrics.ready.set(0)
+            return False, f"{waiting} of {len(self.workers)} workers are not listening yet"
         now = time.monotonic()
         if now - self._ready_checked >= 1.0:
             check = await check_app(self.config, min(1.0, self.config.upstream_connect_timeout))
@@ -225,6 +234,7 @@ class Supervisor:
         histogram files stay: the totals must not go back."""
         for path in Path(self._multiproc).glob(f"gauge_*_{pid}.db"):
             path.unlink(missing_ok=True)
+        listening_marker(self._multiproc, pid).unlink(missing_ok=True)
 
     def _restart(self, index: int) -> None:
         if self.state == "ready" and index not in self.workers:
@@ -291,7 +301,10 @@ class Supervisor:
         await admin.close()
         if self._reserved is not None:
             self._reserved.close()
-        for path in Path(self._multiproc).glob("*.db"):
+        for path in [
+            *Path(self._multiproc).glob("*.db"),
+            *Path(self._multiproc).glob("listening-*"),
+        ]:
             path.unlink(missing_ok=True)
         os.rmdir(self._multiproc)
         log.info("stopped", extra={"worker_exit_codes": codes})

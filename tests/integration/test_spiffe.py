@@ -475,6 +475,34 @@ def test_each_worker_takes_the_svid_and_its_rotation(
         proxy.stop()
 
 
+def test_the_supervisor_is_ready_only_once_every_worker_listens(
+    tmp_path: Path, agent: FakeAgent, ca: certs.Issued, upstream: UpstreamApp
+) -> None:
+    """A worker waiting for its first SVID does not listen yet. Before, the supervisor's /readyz
+    answered 200 while a connection to the TLS port was refused (a balancer would send traffic
+    to a pod that refuses it)."""
+    agent.denied = True  # no identity issued yet: the workers wait for one
+    proxy = spiffe_proxy(agent.endpoint, upstream, "--workers", "2").start()
+    try:
+        wait_for(
+            lambda: (
+                proxy.admin_get("/readyz")
+                == (503, "not ready: 2 of 2 workers are not listening yet\n")
+            ),
+            30,
+            "the supervisor saying its workers are not listening",
+        )
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", proxy.port), timeout=10).close()
+        agent.denied = False
+        wait_for(lambda: proxy.admin_get("/readyz")[0] == 200, 60, "every worker listening")
+        trust = write_ca(tmp_path, ca)
+        # ready means served: by whichever worker the kernel picks, every time
+        assert all(served_serial(proxy, trust) > 0 for _ in range(20))
+    finally:
+        proxy.stop()
+
+
 def test_check_fetches_and_checks_one_svid(agent: FakeAgent, upstream: UpstreamApp) -> None:
     def run_check(endpoint: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
