@@ -148,6 +148,10 @@ class ProxyServer:
         self._watcher: asyncio.Task[None] | None = None
         self._revalidation: Revalidation | None = None  # --client-cert-revalidate
         self._reloads: set[asyncio.Task[bool]] = set()
+        # One attempt at a time: two attempts built in executor threads could finish out of
+        # order and serve the older files; the poll also waits for a SIGHUP's attempt before
+        # checking whether the files changed, so one edit is one attempt.
+        self._reload_lock = asyncio.Lock()
 
     @property
     def ctx(self) -> ProxyContext:
@@ -304,6 +308,10 @@ class ProxyServer:
         self.metrics.certificate_last_reload_success.set(time.time())
 
     async def reload_certificates(self) -> bool:
+        async with self._reload_lock:
+            return await self._reload_certificates()
+
+    async def _reload_certificates(self) -> bool:
         loop = asyncio.get_running_loop()
         try:
             # OpenSSL takes milliseconds per context: build them off the event loop.
@@ -339,12 +347,13 @@ class ProxyServer:
         interval = self.config.reload_interval
         while True:
             await asyncio.sleep(interval)
-            try:
-                changed = self.tls.changed()
-            except OSError:
-                continue
-            if changed:
-                await self.reload_certificates()
+            async with self._reload_lock:
+                try:
+                    changed = self.tls.changed()
+                except OSError:
+                    continue
+                if changed:
+                    await self._reload_certificates()
 
     async def serve_until_stopped(self, on_ready: Callable[[Bound], None] | None = None) -> None:
         bound = await self.start()

@@ -140,7 +140,8 @@ def setup(dev_certs: DevCerts, tmp_path_factory: pytest.TempPathFactory) -> Iter
     for name in ("tls.crt", "tls.key"):
         shutil.copy(dev_certs.dir / name, own / name)
     mine = DevCerts(dev_certs.ca, own / "tls.crt", own / "tls.key", own)
-    lonely = ProxyProcess(serve_args(app.base, mine)).start()
+    # reloaded by SIGHUP alone: the poll would count the test's one bad edit a second time
+    lonely = ProxyProcess(serve_args(app.base, mine, "--reload-interval", "0")).start()
     wait_for(
         lambda: sum('"msg": "listening"' in line for line in list(workers.stderr_lines)) == 2,
         30,
