@@ -222,7 +222,9 @@ class Config:
                 "--http httptools: the httptools package is not installed; "
                 "pip install httptools, or use --http h11"
             )
-        if self.http2 and self.http2_codec == "nghttp2" and not nghttp2_built():
+        # the codec serves both sides: clients' HTTP/2 and an h2c app (even with --no-http2)
+        uses_http2 = self.http2 or self.upstream.h2c
+        if uses_http2 and self.http2_codec == "nghttp2" and not nghttp2_built():
             raise ConfigError(
                 f"--http2-codec nghttp2: {NGHTTP2_HOW_TO_BUILD}, or use --http2-codec h2"
             )

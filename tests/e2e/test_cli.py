@@ -103,6 +103,30 @@ def test_bad_flags_stop_with_one_line(args: list[str], fragments: list[str]) -> 
     assert_one_line_error(run_cli(*args), *fragments)
 
 
+# `serve` where the nghttp2 extension does not load (an install without a C compiler)
+_WITHOUT_NGHTTP2 = (
+    "import sys; sys.modules['proxy.http2._nghttp2'] = None; "
+    "from proxy.cli import main; main(sys.argv[1:])"
+)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--upstream", "http://127.0.0.1:8080"],  # HTTP/2 to clients
+        ["--no-http2", "--upstream", "h2c://127.0.0.1:50051"],  # HTTP/2 to the app only
+    ],
+)
+def test_nghttp2_asked_for_but_not_built_stops_start_up(args: list[str]) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_NGHTTP2, *serve("--http2-codec", "nghttp2", *args)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert_one_line_error(result, "--http2-codec nghttp2", "libnghttp2-dev", "--http2-codec h2")
+
+
 def test_cert_without_key(dev_certs: DevCerts) -> None:
     assert_one_line_error(run_cli("serve", "--cert", str(dev_certs.cert)), "--cert", "--key")
 
