@@ -219,6 +219,7 @@ class HttptoolsClient:
             self._parser = HttpResponseParser(self)
             self._stale = False
         self._reset()
+        self._sink = None  # idle in the pool: the exchange it served may go
         return True
 
     def take_leftover(self) -> bytes:

@@ -14,6 +14,7 @@ another request when anything followed.
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass, field
 
 from hypothesis import HealthCheck, example, given, settings
@@ -373,6 +374,21 @@ def test_a_line_end_after_a_response_is_the_known_difference() -> None:
     pieces = [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok\r\n"]
     assert run_client(HttptoolsClient, b"GET", pieces) == (1, 200, b"ok", 1, False, True)
     assert run_client(H11Client, b"GET", pieces) == (1, 200, b"ok", 1, False, False)
+
+
+def test_a_pooled_connection_keeps_nothing_of_the_exchange_it_served() -> None:
+    """An idle app connection waits in the pool for minutes: its codec lets go of the last
+    exchange (and through it the client's connection or stream), not the next request."""
+    for codec_class in (HttptoolsClient, H11Client):
+        codec = codec_class()
+        codec.request_head(b"GET", b"/", [(b"host", b"app")], chunked=False)
+        codec.request_end()
+        sink = ResponseRecorder()
+        codec.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", sink)
+        assert sink.ends == 1 and codec.recycle(), codec_class
+        gone = weakref.ref(sink)
+        del sink
+        assert gone() is None, f"{codec_class.__name__} still holds the exchange it served"
 
 
 def test_both_client_codecs_frame_a_body_of_unknown_length_as_chunked_themselves() -> None:
