@@ -139,7 +139,7 @@ class Http2Connection(ConnectionWriter):
 
     # --- the client's bytes ---------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
-        self.ctx.metrics.counts.down_in += len(data)
+        self.counts.down_in += len(data)
         self._received(data)
 
     def eof_received(self) -> bool | None:
