@@ -20,6 +20,7 @@ from proxy.tls.handshake import (
     PLAIN_HTTP_ANSWER,
     HandshakeReader,
     handshake_failure,
+    linger_after_alert,
     refusal_reason,
 )
 
@@ -198,8 +199,14 @@ class ClientConnection(PhaseTimer):
     def alert_ready(self, alert: bytes, server_name: str | None) -> None:
         """The TLS layer failed the handshake: send its alert before the transport closes."""
         self._server_name = server_name
-        if alert and self._raw is not None and not self._raw.is_closing():
-            self._raw.write(alert)
+        raw = self._raw
+        if (
+            alert
+            and raw is not None
+            and not raw.is_closing()
+            and not linger_after_alert(raw, alert)
+        ):
+            raw.write(alert)  # no lingering close: the alert, then the TLS layer's close
 
     def _handshake_done(self, tls: asyncio.BaseTransport) -> None:
         ctx = self.ctx

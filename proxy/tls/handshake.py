@@ -10,6 +10,8 @@ metrics, forced by the SSLObject API, which gives the object no way to reach its
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import ssl
 from typing import Any, Protocol, cast
 
@@ -173,6 +175,70 @@ class HandshakeReader(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self.inner.resume_writing()
+
+
+# --- a failed handshake's close: the alert first, then a short lingering close ---------------
+# The event loop's TLS layer closes the socket as soon as the handshake fails. A TLS 1.3 client
+# has finished its side by then and may already be sending its request: closing a socket with
+# unread bytes makes the kernel answer with a reset, and the client loses the alert with it
+# (curl: "getpeername() failed ... Transport endpoint is not connected" instead of "alert
+# certificate required"). So the socket is kept through a duplicate descriptor: the alert, our
+# FIN, then whatever the client still sends read and dropped until it closes or LINGER_SECONDS
+# pass, as nginx's lingering close does. At most LINGER_MAX at once: beyond, a plain close.
+LINGER_SECONDS = 2.0
+LINGER_MAX = 64
+_lingering: set[Lingering] = set()
+
+
+class Lingering:
+    """One failed handshake's socket, held open after its alert until the client closes."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+        self.loop = loop
+        self.sock = sock
+        loop.add_reader(sock, self._drain)
+        self.timer = loop.call_later(LINGER_SECONDS, self.close)
+        _lingering.add(self)
+
+    def _drain(self) -> None:
+        try:
+            if self.sock.recv(65536):
+                return
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            pass
+        self.close()  # the client closed (or reset): nothing is lost by closing now
+
+    def close(self) -> None:
+        if self in _lingering:
+            _lingering.discard(self)
+            self.timer.cancel()
+            self.loop.remove_reader(self.sock)
+            self.sock.close()
+
+
+def linger_after_alert(raw: asyncio.BaseTransport, alert: bytes) -> bool:
+    """Send `alert` and close `raw`'s socket gracefully, whatever the TLS layer does with `raw`
+    next; False when it cannot (then the caller writes the alert through `raw` itself)."""
+    if len(_lingering) >= LINGER_MAX:
+        return False
+    pseudo = raw.get_extra_info("socket")
+    if pseudo is None:
+        return False
+    try:
+        sock = socket.socket(fileno=os.dup(pseudo.fileno()))
+    except OSError:
+        return False
+    try:
+        sock.setblocking(False)
+        sock.send(alert)  # a few bytes on a socket that has sent only the server's flight
+        sock.shutdown(socket.SHUT_WR)
+        Lingering(asyncio.get_running_loop(), sock)
+    except (OSError, RuntimeError):
+        sock.close()
+        return False
+    return True
 
 
 # A TLS connection starts with a handshake record (0x16; 0x80 for an SSLv2-style hello); an

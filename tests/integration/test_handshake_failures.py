@@ -3,7 +3,9 @@ EOF), and the proxy logs it at info with the client, the reason and the SNI, rat
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import socket
 import ssl
 import subprocess
@@ -109,6 +111,64 @@ def test_a_missing_client_certificate_gets_certificate_required(
     assert (
         proxy.metric("tls_sidecar_tls_handshake_errors_total", 'reason="client_certificate"') == 1
     )
+
+
+def open_sockets(proxy: ProxyProcess) -> int:
+    assert proxy.proc is not None
+    found = 0
+    for fd in Path(f"/proc/{proxy.proc.pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            found += os.readlink(fd).startswith("socket:")
+    return found
+
+
+def test_curl_without_a_client_certificate_reads_certificate_required_every_time(
+    start_proxy: ProxyFactory, upstream: UpstreamApp, ca: Path, tmp_path: Path
+) -> None:
+    """TLS 1.3: curl has finished its handshake and sends its request before the proxy has
+    checked the (missing) certificate. Closing at once, with that request unread, made the
+    kernel reset the connection and curl lose the alert ("getpeername() failed")."""
+    clients = certs.create_ca("clients")
+    (tmp_path / "clients.crt").write_bytes(clients.cert_pem)
+    proxy = start_proxy(upstream.base, "--client-ca", str(tmp_path / "clients.crt"), "--allow-all")
+    at_rest, requests_before = open_sockets(proxy), upstream.count()
+    url = f"https://localhost:{proxy.port}/echo"
+    for _ in range(10):
+        out = subprocess.run(
+            [
+                "curl",
+                "-sS",
+                "--tlsv1.3",
+                "--cacert",
+                str(ca),
+                url,
+                "--resolve",
+                f"localhost:{proxy.port}:127.0.0.1",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert (out.returncode, "alert certificate required" in out.stderr) == (56, True), out
+    assert upstream.count() == requests_before
+    wait_for(lambda: open_sockets(proxy) <= at_rest, 10, "the refused connections closed")
+
+
+def test_a_refused_client_that_stays_silent_is_closed_after_the_lingering_time(
+    start_proxy: ProxyFactory, upstream: UpstreamApp, ca: Path, tmp_path: Path
+) -> None:
+    clients = certs.create_ca("clients")
+    (tmp_path / "clients.crt").write_bytes(clients.cert_pem)
+    proxy = start_proxy(upstream.base, "--client-ca", str(tmp_path / "clients.crt"), "--allow-all")
+    at_rest = open_sockets(proxy)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as raw:
+        tls = client_context(ca).wrap_socket(raw, server_hostname="localhost")
+        # the handshake is over for the client; the proxy refuses, and this client neither
+        # reads nor closes: the proxy's side still ends, within its lingering time
+        wait_for(lambda: open_sockets(proxy) <= at_rest, 10, "the proxy to close its side")
+        with pytest.raises(ssl.SSLError) as caught:
+            tls.recv(100)
+        assert caught.value.reason == "TLSV13_ALERT_CERTIFICATE_REQUIRED", caught.value
 
 
 def test_a_scanner_cannot_flood_the_log(start_proxy: ProxyFactory, upstream: UpstreamApp) -> None:
