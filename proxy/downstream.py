@@ -21,6 +21,7 @@ from proxy.tls.handshake import (
     HandshakeReader,
     handshake_failure,
     linger_after_alert,
+    lingering,
     refusal_reason,
 )
 
@@ -98,7 +99,9 @@ class ClientConnection(PhaseTimer):
             self.closed = True
             transport.close()
             return
-        if not ctx.descriptors.admits(len(ctx.connections)):
+        # A lingering socket is a descriptor no connection counts any more: counted as one, or
+        # 64 of them take the spare descriptors the admin port and reloads need.
+        if not ctx.descriptors.admits(len(ctx.connections) + lingering()):
             ctx.refuse_for_descriptors(self.session.client.address)
             self.closed = True
             transport.close()

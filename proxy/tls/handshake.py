@@ -190,6 +190,11 @@ LINGER_MAX = 64
 _lingering: set[Lingering] = set()
 
 
+def lingering() -> int:
+    """Sockets lingering now: one descriptor each, no longer a connection's (see Lingering)."""
+    return len(_lingering)
+
+
 class Lingering:
     """One failed handshake's socket, held open after its alert until the client closes."""
 

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import ssl
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from proxy.descriptors import reserve_for
+from proxy.tls import certs
 from tests.support.proxy import DevCerts, ProxyProcess, client_context, https, serve_args, wait_for
 from tests.support.upstream import UpstreamApp
 
@@ -87,4 +91,69 @@ def test_running_out_of_descriptors_is_counted_logged_and_survived(
         assert "certificate reload" not in proxy.stderr_text()
         assert "Traceback" not in proxy.stderr_text()
     finally:
+        proxy.stop()
+
+
+STALLED = 95  # requests the app holds: two descriptors each, fewer than are admitted uncounted
+REFUSED = 64  # clients without a certificate at once: each refused one's socket lingers
+
+
+def test_refused_handshakes_lingering_leave_the_spare_descriptors_free(
+    tmp_path: Path, upstream: UpstreamApp, dev_certs: DevCerts
+) -> None:
+    """A refused handshake's socket lingers after its alert, one descriptor with no connection
+    left to count it: the spare descriptors must still be there for the admin port."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import resource\n"
+        f"resource.setrlimit(resource.RLIMIT_NOFILE, ({OPEN_FILE_LIMIT}, {OPEN_FILE_LIMIT}))\n"
+    )
+    clients = certs.create_ca("clients")
+    client = certs.issue(clients, [], common_name="app", client=True)
+    (tmp_path / "clients.crt").write_bytes(clients.cert_pem)
+    (tmp_path / "client.pem").write_bytes(client.cert_pem + client.key_pem)
+    proxy = ProxyProcess(
+        serve_args(
+            upstream.base,
+            dev_certs,
+            "--client-ca",
+            str(tmp_path / "clients.crt"),
+            "--allow-all",
+            "--upstream-max-idle",
+            "0",
+        ),
+        env={"PYTHONPATH": str(tmp_path)},
+    ).start()
+    admitted = client_context(dev_certs.ca)
+    admitted.load_cert_chain(tmp_path / "client.pem")
+    stalled_before = upstream.count("/stall")
+    held: list[ssl.SSLSocket] = []
+    try:
+        for _ in range(STALLED):
+            tls = open_tls(proxy.port, admitted)
+            assert tls is not None, f"refused after {len(held)} connections"
+            tls.sendall(b"GET /stall HTTP/1.1\r\nHost: app\r\n\r\n")
+            held.append(tls)
+        wait_for(
+            lambda: upstream.count("/stall") - stalled_before == STALLED,
+            what="the app to hold every request",
+        )
+        assert proxy.admin_get("/readyz") == (200, "ready\n")
+        refused = client_context(dev_certs.ca)  # no client certificate
+        with ThreadPoolExecutor(REFUSED) as pool:
+            silent = list(pool.map(lambda _: open_tls(proxy.port, refused), range(REFUSED)))
+        held += [tls for tls in silent if tls is not None]
+        # The refused clients stay silent, so their sockets linger: the spare descriptors are
+        # still free, and a client turned away for want of them is counted as such.
+        assert proxy.proc is not None
+        free = OPEN_FILE_LIMIT - len(os.listdir(f"/proc/{proxy.proc.pid}/fd"))
+        assert free >= reserve_for(OPEN_FILE_LIMIT), f"{free} descriptors free"
+        assert proxy.admin_get("/readyz") == (200, "ready\n")
+        rejected = 'reason="no_file_descriptors"'
+        turned_away = silent.count(None)
+        assert proxy.metric("tls_sidecar_connections_rejected_total", rejected) == turned_away
+        assert "Traceback" not in proxy.stderr_text()
+    finally:
+        for tls in held:
+            with contextlib.suppress(OSError):
+                tls.close()
         proxy.stop()
