@@ -55,7 +55,8 @@ def resolve(name: str) -> str:
 
 def client_codec_name(name: str) -> str:
     """The h2c client codec for `--http2-codec` (`name`, unresolved): the clients' side's,
-    or h2 when nghttp2 is not built (the flag's check asks for nghttp2 only with HTTP/2 on)."""
+    or h2 when nghttp2 is not built (for `auto`: an explicit `nghttp2` that is not built
+    stops start-up, in Config.validate)."""
     resolved = resolve(name)
     return resolved if available(resolved) else "h2"
 

@@ -188,6 +188,7 @@ class HandshakeReader(asyncio.BufferedProtocol):
 LINGER_SECONDS = 2.0
 LINGER_MAX = 64
 _lingering: set[Lingering] = set()
+_DROPPED = bytearray(65536)  # what lingering sockets read, shared: nobody looks at it
 
 
 def lingering() -> int:
@@ -207,7 +208,7 @@ class Lingering:
 
     def _drain(self) -> None:
         try:
-            if self.sock.recv(65536):
+            if self.sock.recv_into(_DROPPED):
                 return
         except (BlockingIOError, InterruptedError):
             return
@@ -223,17 +224,23 @@ class Lingering:
             self.sock.close()
 
 
-def linger_after_alert(raw: asyncio.BaseTransport, alert: bytes) -> bool:
+def linger_after_alert(raw: asyncio.Transport, alert: bytes) -> bool:
     """Send `alert` and close `raw`'s socket gracefully, whatever the TLS layer does with `raw`
     next; False when it cannot (then the caller writes the alert through `raw` itself)."""
     if len(_lingering) >= LINGER_MAX:
         return False
     pseudo = raw.get_extra_info("socket")
-    if pseudo is None:
+    # the alert must follow what the transport still has to send, not jump ahead of it
+    if pseudo is None or raw.get_write_buffer_size():
         return False
     try:
-        sock = socket.socket(fileno=os.dup(pseudo.fileno()))
+        fd = os.dup(pseudo.fileno())
     except OSError:
+        return False
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        os.close(fd)
         return False
     try:
         sock.setblocking(False)
