@@ -75,9 +75,15 @@ def read_h2_head(fields: HeaderSeq, ended: bool) -> RequestHead:
     request_id: bytes | None = None
     grpc = False
     size = 0
+    # One search over all the values and one over all the names (single-byte classes: joining
+    # makes no match and hides none); only a head that has a bad byte is searched field by field,
+    # to name the field. Two searches per head instead of two per field (read_h2_head was 9%
+    # of S7's profile).
+    values_clean = _H2_CONTROL.search(b"".join([value for _, value in fields])) is None
+    names_clean = _H2_BAD_NAME.search(b"".join([n for n, _ in fields if n[:1] != b":"])) is None
     for name, value in fields:
         size += len(name) + len(value) + 4
-        if _H2_CONTROL.search(value) is not None or (
+        if (not values_clean and _H2_CONTROL.search(value) is not None) or (
             value and (value[0] in _WHITESPACE or value[-1] in _WHITESPACE)
         ):
             raise BadRequest("malformed", f"invalid value of {name!r}")
@@ -88,7 +94,7 @@ def read_h2_head(fields: HeaderSeq, ended: bool) -> RequestHead:
                 raise BadRequest("malformed", f"unknown or repeated pseudo-header {name!r}")
             pseudo[name] = value
             continue
-        if _H2_BAD_NAME.search(name) is not None or not name:
+        if not name or (not names_clean and _H2_BAD_NAME.search(name) is not None):
             raise BadRequest("malformed", f"invalid field name {name!r}")
         if name in CONNECTION_SPECIFIC:
             raise BadRequest("malformed", f"connection-specific field {name.decode()!r}")
