@@ -7,7 +7,7 @@ import asyncio
 import logging
 import ssl
 import time
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from proxy import process, proxy_protocol
 from proxy.core.headers import ClientInfo
@@ -28,7 +28,7 @@ from proxy.tls.handshake import (
 if TYPE_CHECKING:
     from proxy.core.context import ProxyContext
 
-log = logging.getLogger("tls_sidecar.http")
+log: Final = logging.getLogger("tls_sidecar.http")
 
 
 # No asyncio.Protocol base: compiled, that would make it a Python class with its attributes in a

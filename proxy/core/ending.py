@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from proxy.core import grpc
 from proxy.core.answers import local_body, local_headers
@@ -23,7 +23,7 @@ from proxy.metrics.counts import DataCounts
 if TYPE_CHECKING:
     from proxy.core.context import ProxyContext
 
-log = logging.getLogger("tls_sidecar.http")
+log: Final = logging.getLogger("tls_sidecar.http")
 
 
 class ExchangeEnds:

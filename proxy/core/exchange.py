@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from proxy.core import headers as hdr
 from proxy.core.ending import ExchangeEnds
@@ -28,7 +28,7 @@ from proxy.core.session import HOLD_CONNECT, HOLD_PIPELINE, HOLD_UPSTREAM_FULL, 
 if TYPE_CHECKING:
     from proxy.core.context import ProxyContext
 
-log = logging.getLogger("tls_sidecar.http")
+log: Final = logging.getLogger("tls_sidecar.http")
 
 __all__ = [
     "HOLD_CONNECT",
@@ -39,9 +39,9 @@ __all__ = [
 ]
 
 
-_UNKNOWN = 1 << 62
+_UNKNOWN: Final = 1 << 62
 # A body this large may still sit in buffers when the request ends (see app_still_reading).
-_LARGE_BODY = 65536
+_LARGE_BODY: Final = 65536
 
 
 class Exchange(ExchangeEnds):

@@ -18,11 +18,11 @@ LOWER: Final = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", b"abcdefghijklmnop
 
 # The one set of connection-specific fields: RFC 9113 §8.2.2's, which make an HTTP/2 message
 # malformed (`te` is allowed there as "trailers" only, so it is not among them).
-CONNECTION_SPECIFIC = frozenset(
+CONNECTION_SPECIFIC: Final = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
 )
 # RFC 9110 §7.6.1 hop-by-hop fields, plus the legacy ones proxies have always dropped.
-HOP_BY_HOP = CONNECTION_SPECIFIC | {
+HOP_BY_HOP: Final = CONNECTION_SPECIFIC | {
     b"te",
     b"trailer",
     b"proxy-authenticate",
@@ -30,12 +30,12 @@ HOP_BY_HOP = CONNECTION_SPECIFIC | {
 }
 
 # A client naming these in `Connection` must not make us drop them.
-_NEVER_DROPPED = frozenset({b"host", b"content-length"})
+_NEVER_DROPPED: Final = frozenset({b"host", b"content-length"})
 # Connection tokens in a response that name nothing to drop (`keep-alive` is hop-by-hop anyway).
-_RESPONSE_KEPT = frozenset({b"", b"keep-alive", b"close", b"content-length"})
+_RESPONSE_KEPT: Final = frozenset({b"", b"keep-alive", b"close", b"content-length"})
 
 # Set by us from the connection; a client's values are only kept with trust_forwarded.
-_FORWARDED = frozenset(
+_FORWARDED: Final = frozenset(
     {
         b"x-forwarded-for",
         b"x-forwarded-proto",
@@ -46,9 +46,9 @@ _FORWARDED = frozenset(
 )
 
 # Only the sidecar may set the client-certificate header; a client's copy is always dropped.
-_ALWAYS_STRIPPED = frozenset({b"x-forwarded-client-cert"})
+_ALWAYS_STRIPPED: Final = frozenset({b"x-forwarded-client-cert"})
 
-_REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
+_REASONS: Final = {s.value: s.phrase.encode() for s in http.HTTPStatus}
 
 
 def reason_phrase(status: int) -> bytes:
@@ -57,11 +57,11 @@ def reason_phrase(status: int) -> bytes:
 
 
 # Every request header forwarded_headers does something with other than pass it on.
-_REQUEST_SPECIAL = (
+_REQUEST_SPECIAL: Final = (
     HOP_BY_HOP | _FORWARDED | _ALWAYS_STRIPPED | {b"x-request-id", b"host", b"content-length"}
 )
 
-_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:+/=\-]{1,200}$")
+_REQUEST_ID: Final = re.compile(rb"^[A-Za-z0-9._:+/=\-]{1,200}$")
 
 
 def connection_tokens(headers: HeaderSeq) -> set[bytes]:
@@ -221,7 +221,7 @@ def trailer_fields(headers: HeaderSeq) -> Headers:
     ]
 
 
-_TRACEPARENT = re.compile(rb"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
+_TRACEPARENT: Final = re.compile(rb"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
 
 
 def trace_id(traceparent: bytes) -> str | None:

@@ -7,18 +7,20 @@ send the app, or which answer the proxy gives itself.
 
 from __future__ import annotations
 
+from typing import Final
+
 from proxy.core import headers as hdr
 from proxy.core.errors import KINDS
 from proxy.core.headers import ClientInfo, Headers
 
 # Upgrade protocols that are never tunnelled over TLS, whatever --upgrade says: h2c skips every
 # per-request rule once the app switches (the "h2c smuggling" technique).
-NEVER_UPGRADED = frozenset({b"h2c"})
+NEVER_UPGRADED: Final = frozenset({b"h2c"})
 
 
-_VERSIONS = frozenset({b"1.1", b"1.0", b"2"})
+_VERSIONS: Final = frozenset({b"1.1", b"1.0", b"2"})
 # The headers read_head looks at; every other one costs one set lookup.
-_FRAMING = frozenset(
+_FRAMING: Final = frozenset(
     {b"content-length", b"transfer-encoding", b"host", b"connection", b"upgrade", b"expect", b"te"}
 )
 

@@ -5,7 +5,7 @@ an HTTP/2 stream)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from proxy.core.headers import ClientInfo, Headers
 from proxy.identity import ClientIdentity
@@ -33,9 +33,9 @@ class Session:
 
 
 # Why a downstream stops reading; it reads again only when no reason is left.
-HOLD_CONNECT = 1  # waiting for an upstream connection
-HOLD_PIPELINE = 2  # a pipelined request waits until the current response is done
-HOLD_UPSTREAM_FULL = 4  # the app is not reading the request body fast enough
+HOLD_CONNECT: Final = 1  # waiting for an upstream connection
+HOLD_PIPELINE: Final = 2  # a pipelined request waits until the current response is done
+HOLD_UPSTREAM_FULL: Final = 4  # the app is not reading the request body fast enough
 
 
 class Downstream(Protocol):

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
+from typing import Final
 
 from proxy.core.headers import Headers
 
 # A line end without its CR: llhttp refuses it in a head, h11 takes some; the proxy refuses.
-BARE_LF = re.compile(rb"(?<!\r)\n")
+BARE_LF: Final = re.compile(rb"(?<!\r)\n")
 # A request body of unknown length goes to an HTTP/1.1 app chunked (both client codecs).
-CHUNKED = (b"transfer-encoding", b"chunked")
+CHUNKED: Final = (b"transfer-encoding", b"chunked")
 
 
 class Stop(Exception):

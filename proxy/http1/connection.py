@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from proxy.core.answers import refuse
 from proxy.core.exchange import HOLD_PIPELINE, HOLD_UPSTREAM_FULL, Exchange
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from proxy.core.context import ProxyContext
     from proxy.http1.codec import ServerCodec
 
-log = logging.getLogger("tls_sidecar.http")
+log: Final = logging.getLogger("tls_sidecar.http")
 
 
 class Http1Connection(ClientConnection):

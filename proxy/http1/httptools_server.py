@@ -8,6 +8,7 @@ they are counted and handed on as they arrived.
 from __future__ import annotations
 
 import re
+from typing import Final
 
 from httptools import HttpRequestParser
 from httptools.parser.errors import HttpParserCallbackError, HttpParserError, HttpParserUpgrade
@@ -19,23 +20,28 @@ from proxy.http1.codec import DETACHED, RequestSink
 
 # The methods llhttp parses itself; for any other token (RFC 9110 §9.1 allows extensions) the
 # httptools codec gives llhttp a stand-in and hands on the real one.
-LLHTTP_METHODS = frozenset(
+LLHTTP_METHODS: Final = frozenset(
     b"DELETE GET HEAD POST PUT CONNECT OPTIONS TRACE COPY LOCK MKCOL MOVE PROPFIND PROPPATCH "
     b"SEARCH UNLOCK BIND REBIND UNBIND ACL REPORT MKACTIVITY CHECKOUT MERGE M-SEARCH NOTIFY "
     b"SUBSCRIBE UNSUBSCRIBE PATCH PURGE MKCALENDAR LINK UNLINK SOURCE QUERY PRI".split()
 )
 
 
-_STATUS_LINES = {code: b"HTTP/1.1 %d " % code for code in range(100, 600)}
-_VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
-_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
+_STATUS_LINES: Final = {code: b"HTTP/1.1 %d " % code for code in range(100, 600)}
+_VERSIONS: Final = {"1.1": b"1.1", "1.0": b"1.0"}
+_TOKEN: Final = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
 
 # Response framing towards the client.
-_NONE, _LENGTH, _CHUNKED, _CLOSE = range(4)
-_MAX_CHUNK_DIGITS = 20
-_CARRY = 4096
+_NONE: Final = 0
+_LENGTH: Final = 1
+_CHUNKED: Final = 2
+_CLOSE: Final = 3
+_MAX_CHUNK_DIGITS: Final = 20
+_CARRY: Final = 4096
 # What the server codec expects next from the client.
-_HEAD, _LENGTH_BODY, _CHUNKED_BODY = range(3)
+_HEAD: Final = 0
+_LENGTH_BODY: Final = 1
+_CHUNKED_BODY: Final = 2
 
 
 def _parse_error(error: HttpParserError) -> BadRequest:

@@ -10,7 +10,7 @@ import logging
 import sys
 import termios
 from collections.abc import Callable
-from typing import cast
+from typing import Final, cast
 
 from proxy.compiled import mypyc_attr
 from proxy.config import Config
@@ -25,7 +25,7 @@ from proxy.metrics import Metrics
 from proxy.metrics.counts import DataCounts
 from proxy.pool import PoolBase, open_to_app
 
-log = logging.getLogger("tls_sidecar.upstream")
+log: Final = logging.getLogger("tls_sidecar.upstream")
 
 
 # An asyncio protocol by its methods, not its class: a subclass of asyncio.Protocol would be a

@@ -5,10 +5,12 @@ header block the codecs hold a client to (CONTINUATION flood, CVE-2024-27316).""
 
 from __future__ import annotations
 
+from typing import Final
+
 # Frames that cost work but carry no request (SETTINGS, PING, empty DATA, unknown types): a
 # burst, then a steady rate per second; past it, GOAWAY ENHANCE_YOUR_CALM.
-CONTROL_BURST = 1000.0
-CONTROL_RATE = 100.0
+CONTROL_BURST: Final = 1000.0
+CONTROL_RATE: Final = 100.0
 
 
 def header_list_bound(max_header_bytes: int) -> int:

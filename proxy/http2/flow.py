@@ -7,7 +7,7 @@ after which every waiting stream is looked at again. `stream.H2Stream` and
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from proxy.core.exchange import Exchange
 from proxy.core.headers import Headers
@@ -23,9 +23,9 @@ if TYPE_CHECKING:
 
 # A response body waiting for the client's window: past this much per stream (or all streams
 # together) the app's side is paused until the client reads.
-STREAM_BUFFER = 64 * 1024
-CONNECTION_BUFFER = 1024 * 1024
-STATUS = {code: b"%d" % code for code in range(100, 600)}
+STREAM_BUFFER: Final = 64 * 1024
+CONNECTION_BUFFER: Final = 1024 * 1024
+STATUS: Final = {code: b"%d" % code for code in range(100, 600)}
 
 
 class StreamHost(Protocol):

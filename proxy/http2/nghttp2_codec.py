@@ -12,7 +12,7 @@ its stream and counts against the connection's budget. Window updates are ours t
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import Any, Final
 
 from proxy.core.headers import Headers
 from proxy.http2 import HOW_TO_BUILD
@@ -48,14 +48,23 @@ if lib is not None:
     _OUT, _OUT_LEN = ffi.new("const char **"), ffi.new("size_t *")
 __all__ = ["AVAILABLE", "HOW_TO_BUILD", "Nghttp2ServerCodec", "version"]
 
-_REQUEST, _TRAILERS, _DATA, _END, _RESET, _SETTINGS, _PING, _PING_ACK = range(1, 9)
-_GOAWAY, _UNKNOWN, _STREAM_ERROR = range(9, 12)
-_WINDOW = 13
-_END_STREAM = 1
-_RECORD = struct.Struct("<BBHIIII")
-_COUNT = struct.Struct("<I")
+_REQUEST: Final = 1
+_TRAILERS: Final = 2
+_DATA: Final = 3
+_END: Final = 4
+_RESET: Final = 5
+_SETTINGS: Final = 6
+_PING: Final = 7
+_PING_ACK: Final = 8
+_GOAWAY: Final = 9
+_UNKNOWN: Final = 10
+_STREAM_ERROR: Final = 11
+_WINDOW: Final = 13
+_END_STREAM: Final = 1
+_RECORD: Final = struct.Struct("<BBHIIII")
+_COUNT: Final = struct.Struct("<I")
 # why a feed failed, beside nghttp2's own protocol errors: reason and GOAWAY code
-FAILURES = {
+FAILURES: Final = {
     1: ("header_block", 0xB, "header block over the bound"),
     2: ("header_list", 0xB, "header list over SETTINGS_MAX_HEADER_LIST_SIZE"),
     3: ("stream_reused", 0x1, "a stream id used again"),
@@ -63,11 +72,11 @@ FAILURES = {
     6: ("protocol_error", 0x1, "padding fills the HEADERS frame"),
     7: ("protocol_error", 0x1, "malformed ALTSVC frame"),
 }
-_PROTOCOL_ERROR = 0x1
+_PROTOCOL_ERROR: Final = 0x1
 # a body part may be any bytes-like object (h11 hands on bytearrays); compiled, the annotation
 # is checked, so it says so
 BodyBytes = bytes | bytearray | memoryview
-FLOODED = -904  # NGHTTP2_ERR_FLOODED: the client does not read what its frames make us send
+FLOODED: Final = -904  # NGHTTP2_ERR_FLOODED: the client does not read what its frames make us send
 
 
 def version() -> str | None:

@@ -4,31 +4,32 @@ the checks that run the same for every HTTP/2 codec, and for what the h2c side s
 from __future__ import annotations
 
 import re
+from typing import Final
 
 from proxy.core.headers import CONNECTION_SPECIFIC, Headers, HeaderSeq
 from proxy.core.request import BadRequest, RequestHead
 
-_H2_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path"})
+_H2_PSEUDO: Final = frozenset({b":method", b":scheme", b":authority", b":path"})
 # RFC 9113 §8.2.1: a field name has no upper case, no controls, no separators that are not
 # token characters. A value has no NUL, CR or LF and no leading or trailing whitespace there;
 # here it also has no other control character (RFC 9110 §5.5 field-value: HTAB, SP, VCHAR and
 # obs-text), as an HTTP/1.1 request's fields have: the app gets what HTTP/1.1 can carry.
-_H2_BAD_NAME = re.compile(rb"[^a-z0-9!#$%&'*+\-.^_`|~]")
-_H2_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # one class: the fastest search
-_WHITESPACE = (0x20, 0x09)
+_H2_BAD_NAME: Final = re.compile(rb"[^a-z0-9!#$%&'*+\-.^_`|~]")
+_H2_CONTROL: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # one class: the fastest search
+_WHITESPACE: Final = (0x20, 0x09)
 # What becomes the request line and Host of an HTTP/1.1 request: a method that is a token
 # (RFC 9110 §9.1); a path in origin-form, `/` then printable ASCII without `#` (RFC 3986's path
 # and query characters, and the few it excludes that HTTP/1.1 parsers and browsers pass on
 # unencoded: `"<>\^`{|}`), never SP, HTAB, a control, DEL or a byte >= 0x80 (RFC 9112 §3.2);
 # an authority host[:port] without userinfo (RFC 3986 §3.2: reg-name, IPv4 or [IP-literal]).
 # The h2 library checks none of these: a space in `:path` would end the request line early.
-_METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_ORIGIN_FORM = re.compile(rb"/[\x21\x22\x24-\x7e]*")  # printable ASCII but `#`
-_AUTHORITY = re.compile(
+_METHOD: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_ORIGIN_FORM: Final = re.compile(rb"/[\x21\x22\x24-\x7e]*")  # printable ASCII but `#`
+_AUTHORITY: Final = re.compile(
     rb"(?:[A-Za-z0-9\-._~!$&'()*+,;=%]+|\[[0-9A-Fa-f:.]+(?:%25[A-Za-z0-9\-._~%]+)?\]"
     rb"|\[v[0-9A-Fa-f]+\.[A-Za-z0-9\-._~!$&'()*+,;=:]+\])(?::[0-9]{1,5})?"
 )
-_SCHEME = re.compile(rb"[A-Za-z][A-Za-z0-9+\-.]*")
+_SCHEME: Final = re.compile(rb"[A-Za-z][A-Za-z0-9+\-.]*")
 
 
 def valid_authority(value: bytes) -> bool:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from proxy.core.answers import refuse_stream
 from proxy.core.exchange import Exchange
@@ -45,16 +45,17 @@ from proxy.http2.stream import H2Stream
 if TYPE_CHECKING:
     from proxy.core.context import ProxyContext
 
-log = logging.getLogger("tls_sidecar.http")
+log: Final = logging.getLogger("tls_sidecar.http")
 
 # Windows we open to the client: what it may send before the app has taken it. A stream's
 # window bounds what one slow upload buffers here; the connection's bounds them all together.
-STREAM_WINDOW = 256 * 1024
-CONNECTION_WINDOW = 1024 * 1024
+STREAM_WINDOW: Final = 256 * 1024
+CONNECTION_WINDOW: Final = 1024 * 1024
 
-LINGER_SECONDS = 1.0
-_DRAIN_PING = b"drain\x00\x00\x00"
-MALFORMED, REFUSED = "malformed", "refused_stream"  # errors.KINDS: how such a stream is reset
+LINGER_SECONDS: Final = 1.0
+_DRAIN_PING: Final = b"drain\x00\x00\x00"
+MALFORMED: Final = "malformed"  # errors.KINDS: how such a stream is reset
+REFUSED: Final = "refused_stream"
 CodecClass = Callable[[CodecSettings], Http2ServerCodec]
 
 
@@ -385,7 +386,7 @@ class Http2Connection(ConnectionWriter):
 
 # Event type -> handler: one table for every connection (not bound methods per connection).
 # WindowUpdated needs none: what waited goes out at the next write, looked at after it.
-_SERVER_HANDLERS: dict[type[Any], Callable[[Http2Connection, Any], None]] = {
+_SERVER_HANDLERS: Final[dict[type[Any], Callable[[Http2Connection, Any], None]]] = {
     RequestReceived: Http2Connection._on_request,
     DataReceived: Http2Connection._on_data,
     StreamEnded: Http2Connection._on_stream_ended,

@@ -5,7 +5,7 @@ and the proxy's own answers ending the stream cleanly."""
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from proxy.core.answers import refuse
 from proxy.core.headers import Headers
@@ -17,12 +17,12 @@ from proxy.http2.flow import STATUS, StreamHost, StreamSender
 if TYPE_CHECKING:
     pass
 
-log = logging.getLogger("tls_sidecar.http")
+log: Final = logging.getLogger("tls_sidecar.http")
 
 # After an answer of the proxy's own while the client is still sending its body: read and drop
 # up to this much (crediting the windows) before RST_STREAM NO_ERROR. Clients such as curl and
 # httpx read the answer only once their body is sent, and treat the reset as an error.
-DISCARD_BYTES = 4 * 1024 * 1024
+DISCARD_BYTES: Final = 4 * 1024 * 1024
 
 
 class H2Stream(StreamSender):
