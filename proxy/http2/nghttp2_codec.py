@@ -39,7 +39,7 @@ try:
 except ImportError:  # built without a C compiler or libnghttp2's headers
     ffi = lib = None
 
-AVAILABLE = lib is not None
+AVAILABLE: Final = lib is not None
 # What a C call hands back, read at once after it: one set of cells for every session (one
 # thread), not six small allocations per connection.
 if lib is not None:
