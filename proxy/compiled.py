@@ -40,6 +40,7 @@ MODULES: tuple[str, ...] = (
     "proxy.core.headers",
     "proxy.core.request",
     "proxy.core.session",
+    "proxy.core.client_side",
     "proxy.core.ending",
     "proxy.core.exchange",
     "proxy.http1._wire",

@@ -10,9 +10,9 @@ import time
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from proxy import process, proxy_protocol
+from proxy.core.client_side import Downstream
 from proxy.core.headers import ClientInfo
 from proxy.core.session import Session
-from proxy.core.timer import PhaseTimer
 from proxy.identity import identity_from_der, xfcc_value
 from proxy.metrics.counts import DataCounts
 from proxy.proxy_header_reader import ProxyHeaderReader
@@ -33,7 +33,7 @@ log: Final = logging.getLogger("tls_sidecar.http")
 
 # No asyncio.Protocol base: compiled, that would make it a Python class with its attributes in a
 # dict, and uvloop needs only the methods.
-class ClientConnection(PhaseTimer):
+class ClientConnection(Downstream):
     """Owns the TLS side of one client connection; subclasses speak the protocol over it."""
 
     def __init__(self, ctx: ProxyContext) -> None:

@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING, Final
 
 from proxy.core import grpc
 from proxy.core.answers import local_body, local_headers
+from proxy.core.client_side import Downstream
 from proxy.core.errors import kind
 from proxy.core.headers import Headers
 from proxy.core.links import Pool, UpstreamLink
 from proxy.core.request import RequestHead, UpstreamRequest
-from proxy.core.session import Downstream, Session
+from proxy.core.session import Session
 from proxy.metrics.counts import DataCounts
 
 if TYPE_CHECKING:

@@ -14,6 +14,7 @@ import time
 from typing import TYPE_CHECKING, Final
 
 from proxy.core import headers as hdr
+from proxy.core.client_side import Downstream
 from proxy.core.ending import ExchangeEnds
 from proxy.core.headers import Headers
 from proxy.core.links import UpstreamConnectError, UpstreamLink
@@ -23,7 +24,7 @@ from proxy.core.request import (
     upgrade_protocol,
     upstream_request,
 )
-from proxy.core.session import HOLD_CONNECT, HOLD_PIPELINE, HOLD_UPSTREAM_FULL, Downstream, Session
+from proxy.core.session import HOLD_CONNECT, HOLD_PIPELINE, HOLD_UPSTREAM_FULL, Session
 
 if TYPE_CHECKING:
     from proxy.core.context import ProxyContext

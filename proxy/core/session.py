@@ -1,17 +1,16 @@
-"""The client's side of an exchange: what it knows of the client's TLS connection (`Session`,
-one record per connection), and the `Downstream` it answers through (an HTTP/1.1 connection,
-an HTTP/2 stream)."""
+"""What an exchange knows of the client's TLS connection (`Session`, one record per connection),
+and why a downstream stops reading (`HOLD_*`). The downstream itself is `client_side.py`'s."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Final
 
-from proxy.core.headers import ClientInfo, Headers
+from proxy.core.headers import ClientInfo
 from proxy.identity import ClientIdentity
 
 if TYPE_CHECKING:
-    from proxy.core.links import Pool, Tunnel
+    from proxy.core.links import Pool
 
 
 @dataclass(slots=True)
@@ -36,26 +35,3 @@ class Session:
 HOLD_CONNECT: Final = 1  # waiting for an upstream connection
 HOLD_PIPELINE: Final = 2  # a pipelined request waits until the current response is done
 HOLD_UPSTREAM_FULL: Final = 4  # the app is not reading the request body fast enough
-
-
-class Downstream(Protocol):
-    """The client side of one exchange: an HTTP/1.1 connection, or an HTTP/2 stream."""
-
-    session: Session
-
-    def cork(self) -> None: ...
-    def uncork(self) -> None: ...
-    def send_head(
-        self, status: int, reason: bytes, headers: Headers, length: int | None
-    ) -> None: ...
-    def send_data(self, data: bytes) -> None: ...
-    def send_trailers(self, headers: Headers) -> None: ...
-    def send_end(self) -> None: ...
-    def send_informational(self, status: int, reason: bytes, headers: Headers) -> None: ...
-    def send_local(self, status: int, headers: Headers, body: bytes) -> None: ...
-    def switch_protocols(self, tunnel: Tunnel) -> None: ...
-    def hold(self, reason: int) -> None: ...
-    def release(self, reason: int) -> None: ...
-    def arm(self, phase: str, timeout: float) -> None: ...
-    def exchange_done(self) -> None: ...
-    def abort_all(self) -> None: ...

@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Final, Protocol
 
+from proxy.core.client_side import Downstream
 from proxy.core.exchange import Exchange
 from proxy.core.headers import Headers
 from proxy.core.session import Session
-from proxy.core.timer import PhaseTimer
 from proxy.downstream import ClientConnection
 from proxy.http2.codec import Http2ServerCodec
 
@@ -51,7 +51,7 @@ class StreamHost(Protocol):
     def stream_done(self, stream: StreamSender) -> None: ...
 
 
-class StreamSender(PhaseTimer):
+class StreamSender(Downstream):
     """A stream's state, and its response on its way within the client's windows (the base of
     `stream.H2Stream`)."""
 
@@ -67,7 +67,6 @@ class StreamSender(PhaseTimer):
         "head_sent",
         "holds",
         "local_sent",
-        "session",
         "sid",
         "unacked",
         "upstream_paused",
@@ -79,7 +78,6 @@ class StreamSender(PhaseTimer):
     # declared again is visited twice by the garbage collector, which then never frees a cycle
     # through it (a stream and its exchange, 1.2 KB per stream).
     conn: StreamHost
-    session: Session
     sid: int
     exchange: Exchange | None
     head: Headers | None  # a response head held until we know if a body follows

@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from proxy import http1
 from proxy.config import Config
+from proxy.core.client_side import Downstream
 from proxy.core.context import ProxyContext
 from proxy.core.exchange import Exchange
 from proxy.core.headers import ClientInfo, Headers
@@ -53,10 +54,11 @@ class Recorded:
         return next(arg for n, arg in self.calls if n == name)
 
 
-class FakeDownstream:
+class FakeDownstream(Downstream):
     """A downstream that records what the exchange sends it."""
 
     def __init__(self, session: Session) -> None:
+        super().__init__()
         self.session = session
         self.seen = Recorded()
         self.done = 0  # times the exchange said it is done

@@ -7,6 +7,9 @@ import ast
 from pathlib import Path
 
 from proxy import compiled
+from proxy.core.client_side import Downstream
+from proxy.http1.connection import Http1Connection
+from proxy.http2.stream import H2Stream
 
 ROOT = Path(compiled.__file__).resolve().parent.parent
 
@@ -130,3 +133,12 @@ def test_the_compiled_modules_constants_are_final() -> None:
 def test_the_final_check_sees_a_plain_constant() -> None:
     tree = ast.parse("A = 1\nB: Final = 2\n_C, _D = range(2)\nlog = x\nE: int = 3\n")
     assert _constants_not_final(tree) == ["A:1", "_C:3", "_D:3", "E:5"]
+
+
+def test_every_downstream_defines_every_method_of_downstream() -> None:
+    """`Downstream` is a native base (its calls go through a vtable, not by name): a method an
+    HTTP/1.1 connection or an HTTP/2 stream did not define would raise NotImplementedError."""
+    names = [n for n, v in vars(Downstream).items() if callable(v) and not n.startswith("_")]
+    assert len(names) == 13, names
+    for cls in (Http1Connection, H2Stream):
+        assert [n for n in names if getattr(cls, n) is getattr(Downstream, n)] == [], cls
