@@ -5,6 +5,7 @@ PID 1 of its own PID namespace), checked from outside."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -81,9 +82,25 @@ class RootProcess:
         return int(children[0])
 
     def stop(self) -> None:
+        """Kill the sidecar, then unshare. unshare's `--kill-child` does not reach a sidecar
+        that runs as another user (the kernel clears the parent-death signal when a process's
+        credentials change): killing unshare alone left it running after the test."""
         if self.proc.poll() is None:
+            pid = self.proc.pid
+            with contextlib.suppress(OSError):
+                for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+                    os.kill(int(child), signal.SIGKILL)
             self.proc.kill()
             self.proc.wait(10)
+
+
+def running(pid: int) -> bool:
+    """Whether `pid` is alive (not gone, not a zombie waiting to be reaped)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 @pytest.fixture(scope="module")
@@ -264,10 +281,12 @@ def test_the_image_root_serves_as_user_65532_read_only_and_drains_on_sigterm(
             )
             try:
                 classic_port, _ = classic.ports()
+                classic_pid = classic.inner_pid
                 refused = s_client(root, classic_port, "X25519MLKEM768")
                 accepted = s_client(root, classic_port, "X25519")
             finally:
                 classic.stop()
+            wait_for(lambda: not running(classic_pid), 10, "the stopped sidecar to be gone")
         alert = [x for x in refused.splitlines() if "alert" in x]
         print("\n--tls-groups X25519, s_client -groups X25519MLKEM768:\n" + "\n".join(alert))
         assert "alert handshake failure" in "".join(alert), refused
