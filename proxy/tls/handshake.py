@@ -44,6 +44,12 @@ class AlertingSSLObject(ssl.SSLObject):
     ) -> Any:
         self = super()._create(incoming, outgoing, *args, **kwargs)  # type: ignore[misc]
         self._alert_bio = outgoing
+        # The TLS layer calls read, write and pending several times per request (read until
+        # SSLWantReadError): bound to the C object, each call skips ssl.py's Python wrapper
+        # (its frame, and its entry in each SSLWantReadError's traceback). The wrappers only
+        # pass their arguments on, and the TLS layer calls them positionally.
+        raw = self._sslobj
+        vars(self).update(read=raw.read, write=raw.write, pending=raw.pending)
         return self
 
     def do_handshake(self) -> None:
