@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from proxy.compiled import mypyc_attr
 from proxy.core.headers import Headers
 
 
@@ -22,22 +23,40 @@ class ResponseSink(Protocol):
     def response_malformed(self, message: str) -> None: ...
 
 
-class ClientCodec(Protocol):
+# A native base, not a Protocol: compiled, an upstream connection's calls to its codec go
+# through a vtable, not by name; the h11 codec and the h2c stream are interpreted subclasses.
+@mypyc_attr(allow_interpreted_subclasses=True)
+class ClientCodec:
     """Frames one request for the app and parses its answer (an HTTP/1.1 client codec; the h2c
-    stream frames for itself)."""
+    stream frames for itself). Every method is its subclasses' to define
+    (`test_compiled_sources.py` checks they do)."""
+
+    __slots__ = ()
 
     def request_head(
         self, method: bytes, target: bytes, headers: Headers, *, chunked: bool
-    ) -> bytes: ...
-    def request_data(self, data: bytes) -> list[bytes]: ...
-    def request_end(self, trailers: Headers | None = None) -> bytes: ...
-    def feed(self, data: bytes, sink: ResponseSink) -> None: ...
-    def feed_eof(self, sink: ResponseSink) -> None: ...
+    ) -> bytes:
+        raise NotImplementedError
+
+    def request_data(self, data: bytes) -> list[bytes]:
+        raise NotImplementedError
+
+    def request_end(self, trailers: Headers | None = None) -> bytes:
+        raise NotImplementedError
+
+    def feed(self, data: bytes, sink: ResponseSink) -> None:
+        raise NotImplementedError
+
+    def feed_eof(self, sink: ResponseSink) -> None:
+        raise NotImplementedError
+
     def recycle(self) -> bool:
         """After a response: True, and ready for the next request, when the connection can
         carry another."""
+        raise NotImplementedError
 
-    def take_leftover(self) -> bytes: ...
+    def take_leftover(self) -> bytes:
+        raise NotImplementedError
 
 
 class Corkable(Protocol):

@@ -11,10 +11,10 @@ from typing import Any
 import h11
 
 from proxy.core.headers import Headers, reason_phrase
-from proxy.core.links import ResponseSink
+from proxy.core.links import ClientCodec, ResponseSink
 from proxy.core.request import BadRequest, read_head
 from proxy.http1._wire import BARE_LF, CHUNKED
-from proxy.http1.codec import DETACHED, RequestSink
+from proxy.http1.codec import DETACHED, RequestSink, ServerCodec
 
 _MAX_CHUNK = 0xFFFF_FFFF_FFFF_FFFF  # llhttp's bound; h11 reads up to 20 hex digits
 # h11 merges repeated or listed identical Content-Lengths ("5, 5") before we see them.
@@ -38,7 +38,7 @@ def _bad(error: h11.RemoteProtocolError) -> BadRequest:
     return BadRequest(reason, str(error) or "malformed request")
 
 
-class H11Server:
+class H11Server(ServerCodec):
     """The server side of one client connection (see codec.ServerCodec)."""
 
     __slots__ = (
@@ -47,7 +47,6 @@ class H11Server:
         "_keep_alive",
         "_stopped",
         "_trailers",
-        "paused",
         "sink",
     )
 
@@ -191,7 +190,7 @@ class H11Server:
         return True
 
 
-class H11Client:
+class H11Client(ClientCodec):
     """The client side of one connection to the app (see codec.ClientCodec)."""
 
     __slots__ = ("_conn",)

@@ -16,11 +16,11 @@ from httptools import HttpResponseParser
 from httptools.parser.errors import HttpParserCallbackError, HttpParserError, HttpParserUpgrade
 
 from proxy.core.headers import LOWER, Headers
-from proxy.core.links import ResponseSink
+from proxy.core.links import ClientCodec, ResponseSink
 from proxy.http1._wire import CHUNKED, Stop, chunk, head_bytes
 
 
-class HttptoolsClient:
+class HttptoolsClient(ClientCodec):
     """The client side of one connection to the app (see codec.ClientCodec)."""
 
     __slots__ = (

@@ -16,7 +16,7 @@ from httptools.parser.errors import HttpParserCallbackError, HttpParserError, Ht
 from proxy.core.headers import LOWER, Headers, reason_phrase
 from proxy.core.request import BadRequest, read_head
 from proxy.http1._wire import BARE_LF, Stop, chunk, head_bytes
-from proxy.http1.codec import DETACHED, RequestSink
+from proxy.http1.codec import DETACHED, RequestSink, ServerCodec
 
 # The methods llhttp parses itself; for any other token (RFC 9110 §9.1 allows extensions) the
 # httptools codec gives llhttp a stand-in and hands on the real one.
@@ -51,7 +51,7 @@ def _parse_error(error: HttpParserError) -> BadRequest:
     return BadRequest("bad_request", message)
 
 
-class HttptoolsServer:
+class HttptoolsServer(ServerCodec):
     """The server side of one client connection (see codec.ServerCodec).
 
     The codec finds each message's bounds itself and gives llhttp one message at a time: the
@@ -83,7 +83,6 @@ class HttptoolsServer:
         "_trailers",
         "_url",
         "_version",
-        "paused",
         "sink",
     )
 

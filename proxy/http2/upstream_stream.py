@@ -52,7 +52,7 @@ class StreamConnection(Protocol):
     def stream_closed(self, stream: H2UpstreamStream) -> None: ...
 
 
-class H2UpstreamStream:
+class H2UpstreamStream(ClientCodec):
     """One request on a shared HTTP/2 connection to the app; its own client codec."""
 
     __slots__ = (

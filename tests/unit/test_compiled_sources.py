@@ -8,8 +8,14 @@ from pathlib import Path
 
 from proxy import compiled
 from proxy.core.client_side import Downstream
+from proxy.core.links import ClientCodec
+from proxy.http1.codec import ServerCodec
 from proxy.http1.connection import Http1Connection
+from proxy.http1.h11_codec import H11Client, H11Server
+from proxy.http1.httptools_client import HttptoolsClient
+from proxy.http1.httptools_server import HttptoolsServer
 from proxy.http2.stream import H2Stream
+from proxy.http2.upstream_stream import H2UpstreamStream
 
 ROOT = Path(compiled.__file__).resolve().parent.parent
 
@@ -135,10 +141,24 @@ def test_the_final_check_sees_a_plain_constant() -> None:
     assert _constants_not_final(tree) == ["A:1", "_C:3", "_D:3", "E:5"]
 
 
+def _undefined(base: type, subclasses: tuple[type, ...], count: int) -> dict[str, list[str]]:
+    names = [n for n, v in vars(base).items() if callable(v) and not n.startswith("_")]
+    assert len(names) == count, names
+    missing = {
+        c.__name__: [n for n in names if getattr(c, n) is getattr(base, n)] for c in subclasses
+    }
+    return {name: left for name, left in missing.items() if left}
+
+
 def test_every_downstream_defines_every_method_of_downstream() -> None:
     """`Downstream` is a native base (its calls go through a vtable, not by name): a method an
     HTTP/1.1 connection or an HTTP/2 stream did not define would raise NotImplementedError."""
-    names = [n for n, v in vars(Downstream).items() if callable(v) and not n.startswith("_")]
-    assert len(names) == 13, names
-    for cls in (Http1Connection, H2Stream):
-        assert [n for n in names if getattr(cls, n) is getattr(Downstream, n)] == [], cls
+    assert _undefined(Downstream, (Http1Connection, H2Stream), 13) == {}
+
+
+def test_every_codec_defines_every_method_of_its_base() -> None:
+    """The HTTP/1.1 codecs' bases are native too: every server codec (httptools, h11) and every
+    client codec (httptools, h11, the h2c stream) defines each method, or a request through it
+    would raise NotImplementedError."""
+    assert _undefined(ServerCodec, (HttptoolsServer, H11Server), 11) == {}
+    assert _undefined(ClientCodec, (HttptoolsClient, H11Client, H2UpstreamStream), 7) == {}
