@@ -162,3 +162,40 @@ def test_every_codec_defines_every_method_of_its_base() -> None:
     would raise NotImplementedError."""
     assert _undefined(ServerCodec, (HttptoolsServer, H11Server), 11) == {}
     assert _undefined(ClientCodec, (HttptoolsClient, H11Client, H2UpstreamStream), 7) == {}
+
+
+def _class_node(cls: type) -> ast.ClassDef:
+    """A class's definition, read from its module's source (a compiled class keeps neither
+    its `__slots__` nor its annotations)."""
+    tree = ast.parse((ROOT / (cls.__module__.replace(".", "/") + ".py")).read_text())
+    return next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls.__name__)
+
+
+def _slots(node: ast.ClassDef) -> set[str]:
+    return {
+        e.value
+        for item in node.body
+        if isinstance(item, ast.Assign)
+        and any(isinstance(t, ast.Name) and t.id == "__slots__" for t in item.targets)
+        for e in ast.walk(item.value)
+        if isinstance(e, ast.Constant) and isinstance(e.value, str)
+    }
+
+
+def test_no_interpreted_subclass_declares_a_native_bases_attribute_again() -> None:
+    """An interpreted subclass that lists one of its native base's attributes in its own
+    `__slots__` hides the native field: compiled code reads the base's, Python code the
+    subclass's (h11's server codec kept `paused` in its slots when `ServerCodec` took it)."""
+    for base, subclasses in (
+        (ServerCodec, (H11Server,)),
+        (ClientCodec, (H11Client, H2UpstreamStream)),
+    ):
+        node = _class_node(base)
+        declared = _declared(node) | _slots(node)
+        for cls in subclasses:
+            assert _slots(_class_node(cls)) & declared == set(), (base, cls)
+
+
+def test_slots_are_read_from_the_source() -> None:
+    assert _slots(_class_node(ServerCodec)) == {"paused"} == _declared(_class_node(ServerCodec))
+    assert "sink" in _slots(_class_node(H11Server))
