@@ -46,8 +46,9 @@ class AlertingSSLObject(ssl.SSLObject):
         self._alert_bio = outgoing
         # The TLS layer calls read, write and pending several times per request (read until
         # SSLWantReadError): bound to the C object, each call skips ssl.py's Python wrapper
-        # (its frame, and its entry in each SSLWantReadError's traceback). The wrappers only
-        # pass their arguments on, and the TLS layer calls them positionally.
+        # (its frame, and its entry in each SSLWantReadError's traceback). The C methods take
+        # no keywords and no defaults (`read` needs its size, and a buffer or none at all):
+        # uvloop's and asyncio's TLS layers always call them so, positionally.
         raw = self._sslobj
         vars(self).update(read=raw.read, write=raw.write, pending=raw.pending)
         return self
