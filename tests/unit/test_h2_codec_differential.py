@@ -37,6 +37,10 @@ Known differences, all of them refusals on both sides (the proxy refuses either 
   drops the frame unread, as it drops any frame on a closed stream (RFC 9113 §5.1 allows
   either). The stream was done on both sides. (Whether nghttp2 drops HEADERS again or ends the
   connection depends on whether the answer was written before the frame's first bytes came.)
+- Trailers (a second HEADERS block) whose priority field names their own stream: h2 ends the
+  connection (PROTOCOL_ERROR), nghttp2 ignores the priority and delivers the trailers. It
+  refuses the self-dependency in a request's head and in PRIORITY frames as h2 does; priority
+  signals are deprecated (RFC 9113 §5.3.2) and never reach the app.
 - When one codec ends the connection, what it read in the same `receive` is not delivered
   (h2 raises before any event), so streams the other codec completed in that read are absent
   on the first: only the streams both delivered are compared.
@@ -47,7 +51,7 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 from hpack import Encoder
@@ -314,7 +318,15 @@ def run(codec: Http2ServerCodec, pieces: list[bytes]) -> Outcome:
     return seen
 
 
-def on_event(codec: Http2ServerCodec, seen: Outcome, event: Any) -> None:
+class Answering(Protocol):
+    """What `on_event` answers a request through: a server codec."""
+
+    def send_headers(self, stream_id: int, headers: Any, end_stream: bool = False) -> bool: ...
+    def reset_stream(self, stream_id: int, error_code: int) -> None: ...
+    def acknowledge(self, stream_id: int, size: int) -> None: ...
+
+
+def on_event(codec: Answering, seen: Outcome, event: Any) -> None:
     if isinstance(event, GoAwayReceived):
         seen.client_left = True
     elif isinstance(event, RequestReceived):
@@ -365,50 +377,97 @@ def split(data: bytes, cuts: list[int]) -> list[bytes]:
     return [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True) if b > a]
 
 
-def frames(data: bytes) -> list[tuple[int, int, bytes]]:
-    """The client's bytes frame by frame: each frame's type, stream id and bytes (the preface
-    goes with the first frame; a frame cut short at the end is one more, of stream 0)."""
-    found: list[tuple[int, int, bytes]] = []
+def frames(data: bytes) -> list[tuple[int, int, int, int]]:
+    """Where each frame of the client's bytes starts and ends, its type and its stream id (the
+    preface goes with the first frame; a frame cut short at the end is one more, of type -1
+    and stream 0)."""
+    found: list[tuple[int, int, int, int]] = []
     start, at = 0, len(PREFACE)
     while at + 9 <= len(data):
         end = at + 9 + int.from_bytes(data[at : at + 3])
-        sid = int.from_bytes(data[at + 5 : at + 9]) & 0x7FFFFFFF
-        found.append((data[at + 3], sid, data[start:end]))
+        found.append((start, end, data[at + 3], int.from_bytes(data[at + 5 : at + 9]) & 0x7FFFFFFF))
         start = at = end
     if start < len(data):
-        found.append((-1, 0, data[start:]))
+        found.append((start, len(data), -1, 0))
     return found
 
 
-def h2_fails_on_a_closed_stream(data: bytes, ours: Outcome) -> bool:
+class _Unanswered:
+    """A codec for `on_event` to answer that sends nothing: what a stream delivered is noted,
+    and the codec being fed is answered later, at the end of the piece."""
+
+    def send_headers(self, stream_id: int, headers: Any, end_stream: bool = False) -> bool:
+        return True
+
+    def reset_stream(self, stream_id: int, error_code: int) -> None: ...
+    def acknowledge(self, stream_id: int, size: int) -> None: ...
+
+
+def h2_fails_on_a_closed_stream(pieces: list[bytes], ours: Outcome) -> bool:
     """Whether the frame h2 ends the connection for is a DATA, HEADERS or WINDOW_UPDATE frame
-    on a stream that was done when it came (the known difference above). h2 is fed one frame at
-    a time to find that frame; the stream must be complete or reset on h2's side at that point,
-    and nghttp2 must have delivered the same request and closed it as well."""
+    on a stream h2 had closed before it (the known difference above), which nghttp2 ended the
+    same way, with the same request. h2 is fed each piece frame by frame to find that frame,
+    and decides on requests only at the end of each piece, as in the run compared."""
+    data = b"".join(pieces)
+    bounds = frames(data)
     h2 = H2ServerCodec(SETTINGS)
-    theirs = Outcome()
+    theirs = Outcome()  # decided at the end of each piece, as in the run compared
+    heard = Outcome()  # each event as h2 hands it on, to compare what reached the app
     h2.data_to_send()
-    for kind, sid, piece in frames(data):
-        try:
-            events = h2.receive(piece)
-        except CodecError:
-            done = ("complete", "reset", "local")
-            before, after = theirs.streams.get(sid), ours.streams.get(sid)
-            return (
-                kind in (0x0, 0x1, 0x8)
-                and before is not None
-                and after is not None
-                and before.outcome in done
-                and after.outcome in done
-                and before.head == after.head
-            )
+    offset = 0
+    for piece in pieces:
+        end = offset + len(piece)
+        events: list[Any] = []
+        for first, last, kind, sid in bounds:
+            low, high = max(first, offset), min(last, end)
+            if low >= high:
+                continue
+            was_open = h2.is_open(sid)
+            try:
+                now = h2.receive(data[low:high])
+            except CodecError:
+                before, after = heard.streams.get(sid), ours.streams.get(sid)
+                return (
+                    kind in (0x0, 0x1, 0x8)
+                    and not was_open
+                    and before is not None
+                    and after is not None
+                    and after.outcome in ("complete", "reset", "local")
+                    and (before.head, bytes(before.body), before.trailers)
+                    == (after.head, bytes(after.body), after.trailers)
+                )
+            for event in now:
+                on_event(_Unanswered(), heard, event)
+            events += now
         for event in events:
             on_event(h2, theirs, event)
         h2.data_to_send()
+        offset = end
     return False
 
 
-def compare(ours: Outcome, reference: Outcome, data: bytes = b"") -> None:
+def trailers_depend_on_themselves(data: bytes) -> bool:
+    """Whether a stream's second HEADERS frame (its trailers) carries a priority field that
+    names the stream itself (the known difference above)."""
+    heads: set[int] = set()
+    for first, last, kind, sid in frames(data):
+        if kind != 0x1:
+            continue
+        at = len(PREFACE) if first == 0 else first  # the frame's own 9 bytes
+        flags, payload = data[at + 4], data[at + 9 : last]
+        skip = 1 if flags & PADDED else 0
+        if (
+            sid in heads
+            and flags & PRIORITY_FLAG
+            and len(payload) >= skip + 4
+            and int.from_bytes(payload[skip : skip + 4]) & 0x7FFFFFFF == sid
+        ):
+            return True
+        heads.add(sid)
+    return False
+
+
+def compare(ours: Outcome, reference: Outcome, pieces: list[bytes] | None = None) -> None:
     """nghttp2 (ours) against h2 (reference), with the known differences above."""
     if (ours.connection_error is None) != (reference.connection_error is None):
         # known: one codec resets a stream where the other ends the connection; and nghttp2
@@ -417,8 +476,13 @@ def compare(ours: Outcome, reference: Outcome, data: bytes = b"") -> None:
         refused = any(s.outcome == "refused" for s in alive.streams.values())
         stream_closed = ours.error_code == STREAM_CLOSED
         # and h2 ends it for a frame on a stream nghttp2 had closed, which nghttp2 drops
-        closed_frame = alive is ours and h2_fails_on_a_closed_stream(data, ours)
-        assert alive.codec_resets or refused or stream_closed or closed_frame, (ours, reference)
+        closed_frame = alive is ours and h2_fails_on_a_closed_stream(pieces or [], ours)
+        # and h2 ends it for trailers whose priority names their own stream
+        self_dependent = alive is ours and trailers_depend_on_themselves(b"".join(pieces or []))
+        assert alive.codec_resets or refused or stream_closed or closed_frame or self_dependent, (
+            ours,
+            reference,
+        )
     both_alive = ours.connection_error is None and reference.connection_error is None
     for sid in sorted(set(ours.streams) | set(reference.streams)):
         a = ours.streams.get(sid)
@@ -452,7 +516,7 @@ def compare(ours: Outcome, reference: Outcome, data: bytes = b"") -> None:
 def both(pieces: list[bytes]) -> None:
     ours = run(nghttp2_codec.Nghttp2ServerCodec(SETTINGS), pieces)
     reference = run(H2ServerCodec(SETTINGS), pieces)
-    compare(ours, reference, b"".join(pieces))
+    compare(ours, reference, pieces)
 
 
 PREFACE_FOR_EXAMPLE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00"
@@ -487,6 +551,14 @@ PREFACE_FOR_EXAMPLE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00
     + b"\x00\x00\x10\x01\x05\x00\x00\x00\x01\x82\x87D\x82`\x7fA\x88/\x91\xd3]\x05\\\x87\xa7"
     + b"\x00\x00\x04\x03\x00\x00\x00\x00\x01\x00\x00\x00\x00"
     + b"\x00\x00\x01\x00\x08\x00\x00\x00\x01\x01",
+    cuts=[],
+)
+# found by this test: trailers whose priority names their own stream (h2 ends the connection,
+# nghttp2 delivers them)
+@example(
+    data=PREFACE_FOR_EXAMPLE
+    + b"\x00\x00\x10\x01\x04\x00\x00\x00\x01\x82\x87D\x82`\x7fA\x88/\x91\xd3]\x05\\\x87\xa7"
+    + b"\x00\x00\x11\x01%\x00\x00\x00\x01\x00\x00\x00\x01\x0f@\x88\x9a\xca\xc8\xb2\x124\xda\x8f\x81\x07",
     cuts=[],
 )
 # found by this test: HEADERS again on a stream already answered, cut so that its first bytes
