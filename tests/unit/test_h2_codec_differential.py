@@ -33,9 +33,8 @@ Known differences, all of them refusals on both sides (the proxy refuses either 
   nghttp2, whose stream closes only when the answer is written, says STREAM_CLOSED.
 - A frame h2 ends the connection for (a DATA frame padded past its payload, a WINDOW_UPDATE of
   0, HEADERS again) on a stream that is closed (answered, by the app or the proxy, or reset
-  by the client): nghttp2
-  drops the frame unread, as it drops any frame on a closed stream (RFC 9113 §5.1 allows
-  either). The stream was done on both sides. (Whether nghttp2 drops HEADERS again or ends the
+  by the client): nghttp2 drops the frame unread, as it drops any frame on a closed stream
+  (RFC 9113 §5.1 allows either). The stream was done on both sides. (Whether nghttp2 drops HEADERS again or ends the
   connection depends on whether the answer was written before the frame's first bytes came.)
 - Trailers (a second HEADERS block) whose priority field names their own stream: h2 ends the
   connection (PROTOCOL_ERROR), nghttp2 ignores the priority and delivers the trailers. It
@@ -378,17 +377,16 @@ def split(data: bytes, cuts: list[int]) -> list[bytes]:
 
 
 def frames(data: bytes) -> list[tuple[int, int, int, int]]:
-    """Where each frame of the client's bytes starts and ends, its type and its stream id (the
-    preface goes with the first frame; a frame cut short at the end is one more, of type -1
-    and stream 0)."""
-    found: list[tuple[int, int, int, int]] = []
-    start, at = 0, len(PREFACE)
+    """Where each frame of the client's bytes starts and ends, its type and its stream id. The
+    preface, and a frame cut short at the end, are pieces of type -1 and stream 0."""
+    found: list[tuple[int, int, int, int]] = [(0, len(PREFACE), -1, 0)]
+    at = len(PREFACE)
     while at + 9 <= len(data):
         end = at + 9 + int.from_bytes(data[at : at + 3])
-        found.append((start, end, data[at + 3], int.from_bytes(data[at + 5 : at + 9]) & 0x7FFFFFFF))
-        start = at = end
-    if start < len(data):
-        found.append((start, len(data), -1, 0))
+        found.append((at, end, data[at + 3], int.from_bytes(data[at + 5 : at + 9]) & 0x7FFFFFFF))
+        at = end
+    if at < len(data):
+        found.append((at, len(data), -1, 0))
     return found
 
 
@@ -413,6 +411,7 @@ def h2_fails_on_a_closed_stream(pieces: list[bytes], ours: Outcome) -> bool:
     h2 = H2ServerCodec(SETTINGS)
     theirs = Outcome()  # decided at the end of each piece, as in the run compared
     heard = Outcome()  # each event as h2 hands it on, to compare what reached the app
+    unanswered = _Unanswered()
     h2.data_to_send()
     offset = 0
     for piece in pieces:
@@ -437,7 +436,7 @@ def h2_fails_on_a_closed_stream(pieces: list[bytes], ours: Outcome) -> bool:
                     == (after.head, bytes(after.body), after.trailers)
                 )
             for event in now:
-                on_event(_Unanswered(), heard, event)
+                on_event(unanswered, heard, event)
             events += now
         for event in events:
             on_event(h2, theirs, event)
@@ -453,8 +452,7 @@ def trailers_depend_on_themselves(data: bytes) -> bool:
     for first, last, kind, sid in frames(data):
         if kind != 0x1:
             continue
-        at = len(PREFACE) if first == 0 else first  # the frame's own 9 bytes
-        flags, payload = data[at + 4], data[at + 9 : last]
+        flags, payload = data[first + 4], data[first + 9 : last]
         skip = 1 if flags & PADDED else 0
         if (
             sid in heads
@@ -467,7 +465,7 @@ def trailers_depend_on_themselves(data: bytes) -> bool:
     return False
 
 
-def compare(ours: Outcome, reference: Outcome, pieces: list[bytes] | None = None) -> None:
+def compare(ours: Outcome, reference: Outcome, pieces: list[bytes]) -> None:
     """nghttp2 (ours) against h2 (reference), with the known differences above."""
     if (ours.connection_error is None) != (reference.connection_error is None):
         # known: one codec resets a stream where the other ends the connection; and nghttp2
@@ -476,9 +474,9 @@ def compare(ours: Outcome, reference: Outcome, pieces: list[bytes] | None = None
         refused = any(s.outcome == "refused" for s in alive.streams.values())
         stream_closed = ours.error_code == STREAM_CLOSED
         # and h2 ends it for a frame on a stream nghttp2 had closed, which nghttp2 drops
-        closed_frame = alive is ours and h2_fails_on_a_closed_stream(pieces or [], ours)
+        closed_frame = alive is ours and h2_fails_on_a_closed_stream(pieces, ours)
         # and h2 ends it for trailers whose priority names their own stream
-        self_dependent = alive is ours and trailers_depend_on_themselves(b"".join(pieces or []))
+        self_dependent = alive is ours and trailers_depend_on_themselves(b"".join(pieces))
         assert alive.codec_resets or refused or stream_closed or closed_frame or self_dependent, (
             ours,
             reference,
