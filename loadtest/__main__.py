@@ -25,9 +25,10 @@ OURS = ("tls-sidecar h11", "tls-sidecar")
 INTERPRETED = "tls-sidecar interpreted"
 H2_CODEC = "tls-sidecar h2"
 # Who runs in each scenario. Floors: `pipe` (TLS and byte relay only), `parse` (plus httptools
-# both ways); the parse floor does not close on Connection: close, so it sits out S2.
+# both ways), `sockparse` (the parse floor with OpenSSL on the socket, not uvloop's TLS); the
+# parse floors do not close on Connection: close, so they sit out S2.
 PLAN = {
-    "S1": (*ANCHORS, "pipe floor", "parse floor", *OURS, INTERPRETED, "direct"),
+    "S1": (*ANCHORS, "pipe floor", "parse floor", "sockparse floor", *OURS, INTERPRETED, "direct"),
     "S2": (*ANCHORS, "pipe floor", *OURS),
     "S2full": (*ANCHORS, "pipe floor", *OURS),
     "S3": (*ANCHORS, "pipe floor", "parse floor", *OURS, "direct"),

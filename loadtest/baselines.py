@@ -15,11 +15,16 @@ response part and per write): the ceiling of HTTP/2 on nghttp2 in one Python pro
 `python -m loadtest.baselines h2relay PORT UPSTREAM_PORT CERT KEY`: HTTP/2 in, h2c out, each
 stream relayed frame for frame and nothing else: the floor of a gRPC proxy built on h2 (two h2
 stacks per request, where the h2 floor has one).
+`python -m loadtest.baselines sockparse PORT UPSTREAM_PORT CERT KEY`: the parse floor with its TLS
+on the socket itself: a non-blocking `ssl.SSLSocket` that OpenSSL reads and writes directly, as
+nginx uses OpenSSL, where uvloop's TLS (and every other floor's) encrypts into memory BIOs and
+copies the records to and from its own socket transport. What that TLS layer costs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import sys
 from typing import Any
@@ -150,6 +155,95 @@ class _ParsingUpstream(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self.out.append(body)
+
+
+class _SocketTLS:
+    """The little of a transport the parse floor's client side uses (`write`), on a non-blocking
+    SSLSocket: OpenSSL reads and writes the socket, no memory BIO between."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket, upstream: int) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.protocol = _ParsingClientSide(upstream)
+        self.handshaking = True
+        self.backlog = b""  # what OpenSSL could not write yet: retried, whole, when there is room
+        loop.add_reader(self.fd, self._readable)
+
+    def _readable(self) -> None:
+        sock = self.sock
+        try:
+            if self.handshaking:
+                sock.do_handshake()
+                self.handshaking = False
+                self.loop.remove_writer(self.fd)
+                self.protocol.connection_made(self)
+            while True:
+                data = sock.recv(262144)
+                if not data:
+                    self.close()
+                    return
+                self.protocol.data_received(data)
+                if not sock.pending():  # the rest, if any, is still in the kernel: epoll says
+                    return
+        except ssl.SSLWantReadError:
+            return
+        except ssl.SSLWantWriteError:  # the handshake's answer did not fit: go on when it does
+            self.loop.add_writer(self.fd, self._readable)
+        except OSError:  # ssl.SSLError included
+            self.close()
+
+    def write(self, data: bytes) -> None:
+        if self.backlog:
+            self.backlog += data
+            return
+        try:
+            self.sock.send(data)
+        except ssl.SSLWantWriteError:
+            self.backlog = data  # OpenSSL takes the same bytes (and more) again later
+            self.loop.add_writer(self.fd, self._writable)
+        except OSError:
+            self.close()
+
+    def _writable(self) -> None:
+        try:
+            self.sock.send(self.backlog)
+        except ssl.SSLWantWriteError:
+            return
+        except OSError:
+            self.close()
+            return
+        self.backlog = b""
+        self.loop.remove_writer(self.fd)
+
+    def close(self) -> None:
+        self.loop.remove_reader(self.fd)
+        self.loop.remove_writer(self.fd)
+        self.sock.close()
+        up = self.protocol.up
+        if up is not None:
+            up.transport.close()
+
+
+async def _serve_on_sockets(port: int, upstream: int, context: ssl.SSLContext) -> None:
+    """Accept and wrap each connection in an SSLSocket (sockparse)."""
+    loop = asyncio.get_running_loop()
+    listener = socket.create_server(("127.0.0.1", port), backlog=1024)
+    listener.setblocking(False)
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except BlockingIOError:
+                return
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.setblocking(False)
+            sock = context.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+            _SocketTLS(loop, sock, upstream)
+
+    loop.add_reader(listener.fileno(), accept)
+    await asyncio.Event().wait()
 
 
 class _H2Responder(asyncio.Protocol):
@@ -373,6 +467,9 @@ async def _serve(kind: str, argv: list[str]) -> None:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
     context.set_alpn_protocols(alpn)
+    if kind == "sockparse":
+        await _serve_on_sockets(port, upstream_port, context)
+        return
     server = await loop.create_server(factory, "127.0.0.1", port, ssl=context, backlog=1024)
     async with server:
         await server.serve_forever()
@@ -380,10 +477,10 @@ async def _serve(kind: str, argv: list[str]) -> None:
 
 def main() -> None:
     kind, *argv = sys.argv[1:]
-    if kind not in ("pipe", "parse", "h2", "nghttp2", "h2relay"):
+    if kind not in ("pipe", "parse", "sockparse", "h2", "nghttp2", "h2relay"):
         sys.exit(
-            "usage: python -m loadtest.baselines pipe|parse|h2|nghttp2|h2relay PORT [UPSTREAM_PORT]"
-            " CERT KEY"
+            "usage: python -m loadtest.baselines pipe|parse|sockparse|h2|nghttp2|h2relay PORT"
+            " [UPSTREAM_PORT] CERT KEY"
         )
     if kind == "nghttp2":
         from proxy.http2 import nghttp2_codec  # noqa: PLC0415

@@ -412,8 +412,8 @@ backend app
         return Target("caddy", f"https://127.0.0.1:{port}", proc.pid, proc)
 
     def start_baseline(self, kind: str, upstream: Target | None = None) -> Target:
-        """A floor from loadtest.baselines: `pipe`, `parse` (both in front of upstream), `h2` or
-        `nghttp2`."""
+        """A floor from loadtest.baselines: `pipe`, `parse`, `sockparse`, `h2relay` (in front of
+        upstream), `h2` or `nghttp2`."""
         port = free_port()
         argv = [sys.executable, "-m", "loadtest.baselines", kind, str(port)]
         if upstream is not None:

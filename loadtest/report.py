@@ -27,6 +27,7 @@ COLUMNS = (
     "caddy",
     "pipe floor",
     "parse floor",
+    "sockparse floor",
     "h2 floor",
     "nghttp2 floor",
     "h2relay floor",
