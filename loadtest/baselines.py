@@ -179,7 +179,7 @@ class _SocketTLS:
                 self.loop.remove_writer(self.fd)
                 self.protocol.connection_made(self)
             while True:
-                data = sock.recv(262144)
+                data = sock.recv(65536)  # a TLS record holds at most 16 KiB
                 if not data:
                     self.close()
                     return
