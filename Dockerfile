@@ -27,7 +27,7 @@ RUN --mount=type=bind,source=deploy/image/build-root.sh,target=/usr/local/sbin/b
 COPY requirements.lock ./
 RUN --mount=type=bind,source=deploy/image/build-root.sh,target=/usr/local/sbin/build-root.sh \
     ["/bin/sh", "/usr/local/sbin/build-root.sh", "deps", "requirements.lock"]
-COPY pyproject.toml setup.py README.md ./
+COPY pyproject.toml setup.py README.md build-requirements.lock ./
 COPY proxy ./proxy
 RUN --mount=type=bind,source=deploy/image/build-root.sh,target=/usr/local/sbin/build-root.sh \
     ["/bin/sh", "/usr/local/sbin/build-root.sh", "package", "/src"]

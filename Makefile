@@ -10,6 +10,9 @@ STAMP     := $(VENV)/.installed
 # sslyze, the tests' TLS scanner, needs cryptography<47 (see README, "Development").
 CONSTRAINTS     := $(VENV)/constraints.txt
 DEV_CONSTRAINTS := $(VENV)/constraints-dev.txt
+# build-requirements.lock's versions constrain the editable install's build (mypyc compiles with
+# the mypy the image's build uses) and the dev tools (so `make typecheck` runs that mypy too).
+BUILD_CONSTRAINTS := $(VENV)/constraints-build.txt
 # setuptools' "Editable installation" box warns about folders named like the package: ours is
 # the package itself.
 PIP := PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip
@@ -49,9 +52,11 @@ typecheck: $(STAMP)
 loadtest: $(STAMP)
 	$(BIN)/python -m loadtest
 
-# requirements.lock: what the image installs, pinned with hashes (needs PyPI). pip-compile
-# resolves for the Python it runs on, so the lock is made by the image's Python (3.13), in an
-# environment of its own; the machine's pip configuration (local indexes) is left out.
+# requirements.lock: what the image installs, pinned with hashes (needs PyPI); and
+# build-requirements.lock: what builds it (setuptools, cffi, mypy for mypyc), the same way.
+# pip-compile resolves for the Python it runs on, so the locks are made by the image's Python
+# (3.13), in an environment of its own; the machine's pip configuration (local indexes) is left
+# out.
 LOCK_PYTHON ?= python3.13
 LOCK_VENV   := .cache/lock-venv
 lock:
@@ -59,6 +64,9 @@ lock:
 	PIP_CONFIG_FILE=/dev/null $(LOCK_VENV)/bin/python -m pip install -q 'pip-tools>=7.4'
 	PIP_CONFIG_FILE=/dev/null $(LOCK_VENV)/bin/pip-compile --quiet --generate-hashes --strip-extras \
 	  --no-emit-index-url --no-emit-find-links --output-file requirements.lock pyproject.toml
+	PIP_CONFIG_FILE=/dev/null $(LOCK_VENV)/bin/pip-compile --quiet --generate-hashes --strip-extras \
+	  --no-emit-index-url --no-emit-find-links --all-build-deps --only-build-deps --allow-unsafe \
+	  --output-file build-requirements.lock pyproject.toml
 
 $(BIN)/python:
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
@@ -70,16 +78,17 @@ $(BIN)/python:
 	    echo "error: python3 cannot create a virtual environment; fix: sudo apt-get install -y python3-venv"; exit 1; \
 	  fi; }
 
-$(CONSTRAINTS): requirements.lock $(BIN)/python
+$(CONSTRAINTS): requirements.lock build-requirements.lock $(BIN)/python
 	@sed -n 's/^\([A-Za-z0-9_.-]*==[^ ]*\).*/\1/p' requirements.lock > $@
-	@grep -v '^cryptography==' $@ > $(DEV_CONSTRAINTS)
+	@sed -n 's/^\([A-Za-z0-9_.-]*==[^ ]*\).*/\1/p' build-requirements.lock > $(BUILD_CONSTRAINTS)
+	@grep -v '^cryptography==' $@ | cat - $(BUILD_CONSTRAINTS) | sort -u > $(DEV_CONSTRAINTS)
 
 # the C shim and the compiled core are built in place by the editable install: a change to
 # either reinstalls
 COMPILED_SOURCES := $(shell sed -n 's/^    "\(proxy\.[a-z0-9_.]*\)",$$/\1/p' proxy/compiled.py | tr . / | sed 's/$$/.py/')
 $(RUN_STAMP): $(BIN)/python pyproject.toml setup.py proxy/http2/_nghttp2_shim.c proxy/http2/_nghttp2_client.c proxy/http2/_nghttp2_build.py proxy/compiled.py $(COMPILED_SOURCES) $(CONSTRAINTS)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -c $(CONSTRAINTS) -e .
+	$(PIP) install -q -c $(CONSTRAINTS) --build-constraint $(BUILD_CONSTRAINTS) -e .
 	@touch $(RUN_STAMP)
 
 # the dev extra's requirements alone: installing '.[dev]' would build the package a second time

@@ -4,6 +4,7 @@ is tested in tests/unit/test_inject.py)."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import re
 import shutil
@@ -77,30 +78,53 @@ def test_the_base_image_is_pinned_by_digest_and_dependencies_have_their_own_laye
     )
     deps = BUILD_SCRIPT.read_text().split("\ndeps)")[1].split(";;")[0]
     assert "--require-hashes --no-deps -r" in deps and "--without-pip" in deps
+    # the package is built from the locked build requirements, not pip's build isolation
+    assert "build-requirements.lock ./" in build.split('"deps", "requirements.lock"')[1]
+    package = BUILD_SCRIPT.read_text().split("\npackage)")[1].split(";;")[0]
+    assert "--require-hashes --no-deps" in package and "build-requirements.lock" in package
+    assert "--no-build-isolation" in package
 
 
-def test_the_lock_file_pins_every_dependency_of_pyproject_with_hashes() -> None:
-    """requirements.lock (pip-compile --generate-hashes, `make lock`) matches pyproject: each
-    dependency is pinned at a version its specifier allows, and every pin has hashes."""
+@pytest.mark.parametrize(
+    ("lock_name", "table", "key"),
+    [
+        ("requirements.lock", "project", "dependencies"),
+        ("build-requirements.lock", "build-system", "requires"),
+    ],
+)
+def test_the_lock_files_pin_every_requirement_of_pyproject_with_hashes(
+    lock_name: str, table: str, key: str
+) -> None:
+    """requirements.lock and build-requirements.lock (pip-compile --generate-hashes, `make lock`)
+    match pyproject: each dependency (of the package, of its build) is pinned at a version its
+    specifier allows, and every pin has hashes."""
     from packaging.requirements import Requirement  # noqa: PLC0415
 
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
-    lock = (REPO / "requirements.lock").read_text()
+    lock = (REPO / lock_name).read_text()
     pins = dict(re.findall(r"^([a-z0-9_.-]+)==(\S+) \\$", lock, re.MULTILINE))
-    assert pins, "no pins in requirements.lock"
-    for line in pyproject["project"]["dependencies"]:
+    assert pins, f"no pins in {lock_name}"
+    for line in pyproject[table][key]:
         requirement = Requirement(line)
         name = re.sub(r"[-_.]+", "-", requirement.name.lower())  # PEP 503
-        assert name in pins, f"{name} is not in requirements.lock: run make lock"
+        assert name in pins, f"{name} is not in {lock_name}: run make lock"
         assert requirement.specifier.contains(pins[name]), (
-            f"requirements.lock pins {name}=={pins[name]}, pyproject wants {requirement.specifier}: "
+            f"{lock_name} pins {name}=={pins[name]}, pyproject wants {requirement.specifier}: "
             "run make lock"
         )
     blocks = re.split(r"\n(?=[a-z0-9_.-]+==)", lock.split("\n\n", 1)[-1])
     for block in blocks:
         if "==" in block:
             assert "--hash=sha256:" in block, block.splitlines()[0]
-    assert "/opt/" not in lock and "--find-links" not in lock
+    assert "/opt/" not in lock and "/tmp/" not in lock and "--find-links" not in lock
+
+
+def test_the_type_checker_is_the_mypy_that_compiles_the_core() -> None:
+    """`make typecheck` runs the mypy whose mypyc builds the compiled core (the build lock's)."""
+    lock = (REPO / "build-requirements.lock").read_text()
+    pinned = re.search(r"^mypy==(\S+) \\$", lock, re.MULTILINE)
+    assert pinned, "mypy is not in build-requirements.lock: run make lock"
+    assert importlib.metadata.version("mypy") == pinned.group(1)
 
 
 @pytest.fixture(scope="module")

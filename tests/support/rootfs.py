@@ -228,7 +228,13 @@ def build_image_root(steps: Steps) -> Path:
         subprocess.run(["cp", "-a", "--reflink=auto", str(base), str(image)], check=True)
         src = image / "src"  # the build stage's WORKDIR
         src.mkdir()
-        for name in ("requirements.lock", "pyproject.toml", "setup.py", "README.md"):
+        for name in (
+            "requirements.lock",
+            "pyproject.toml",
+            "setup.py",
+            "README.md",
+            "build-requirements.lock",
+        ):
             shutil.copy2(REPO / name, src / name)
         shutil.copytree(REPO / "proxy", src / "proxy", ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copy2(SCRIPT, image / SCRIPT_IN_ROOT.lstrip("/"))
