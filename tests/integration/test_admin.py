@@ -79,8 +79,16 @@ def test_counters_with_known_labels_are_exported_at_zero_from_start_up(
         ("tls_sidecar_http2_connection_errors_total", 'reason="rapid_reset"'),
         ("tls_sidecar_timeouts_total", 'phase="upstream"'),
         ("tls_sidecar_client_auth_denied_total", 'reason="not_allowed"'),
+        ("tls_sidecar_tls_handshakes_total", 'version="TLSv1.3",resumed="false"'),
+        ("tls_sidecar_tls_handshakes_total", 'version="TLSv1.3",resumed="true"'),
+        ("tls_sidecar_tls_handshakes_total", 'version="TLSv1.2",resumed="false"'),
+        ("tls_sidecar_tls_handshakes_total", 'version="TLSv1.2",resumed="true"'),
     ):
         assert proxy.metric(name, labels) == 0, (name, labels)
+    # only the versions the listener takes
+    strict = start_proxy(upstream.base, "--tls-min-version", "1.3")
+    assert strict.metric("tls_sidecar_tls_handshakes_total", 'version="TLSv1.3"') == 0
+    assert math.isnan(strict.metric("tls_sidecar_tls_handshakes_total", 'version="TLSv1.2"'))
 
 
 def test_metrics_count_what_happened(proxy: ProxyProcess, ca: Path) -> None:
