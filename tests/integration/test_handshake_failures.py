@@ -88,12 +88,18 @@ def test_openssl_s_client_prints_the_alert(
     assert "alert handshake failure" in out.stdout + out.stderr
 
 
-def test_a_missing_client_certificate_gets_certificate_required(
-    start_proxy: ProxyFactory, upstream: UpstreamApp, ca: Path, tmp_path: Path
-) -> None:
+@pytest.fixture
+def mtls_proxy(start_proxy: ProxyFactory, upstream: UpstreamApp, tmp_path: Path) -> ProxyProcess:
+    """A proxy that wants a client certificate from a CA no test client has one of."""
     clients = certs.create_ca("clients")
     (tmp_path / "clients.crt").write_bytes(clients.cert_pem)
-    proxy = start_proxy(upstream.base, "--client-ca", str(tmp_path / "clients.crt"), "--allow-all")
+    return start_proxy(upstream.base, "--client-ca", str(tmp_path / "clients.crt"), "--allow-all")
+
+
+def test_a_missing_client_certificate_gets_certificate_required(
+    mtls_proxy: ProxyProcess, ca: Path
+) -> None:
+    proxy = mtls_proxy
     ctx = client_context(ca)
     with (
         socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as raw,
@@ -123,14 +129,12 @@ def open_sockets(proxy: ProxyProcess) -> int:
 
 
 def test_curl_without_a_client_certificate_reads_certificate_required_every_time(
-    start_proxy: ProxyFactory, upstream: UpstreamApp, ca: Path, tmp_path: Path
+    mtls_proxy: ProxyProcess, upstream: UpstreamApp, ca: Path
 ) -> None:
     """TLS 1.3: curl has finished its handshake and sends its request before the proxy has
     checked the (missing) certificate. Closing at once, with that request unread, made the
     kernel reset the connection and curl lose the alert ("getpeername() failed")."""
-    clients = certs.create_ca("clients")
-    (tmp_path / "clients.crt").write_bytes(clients.cert_pem)
-    proxy = start_proxy(upstream.base, "--client-ca", str(tmp_path / "clients.crt"), "--allow-all")
+    proxy = mtls_proxy
     at_rest, requests_before = open_sockets(proxy), upstream.count()
     url = f"https://localhost:{proxy.port}/echo"
     for _ in range(10):
@@ -155,11 +159,9 @@ def test_curl_without_a_client_certificate_reads_certificate_required_every_time
 
 
 def test_a_refused_client_that_stays_silent_is_closed_after_the_lingering_time(
-    start_proxy: ProxyFactory, upstream: UpstreamApp, ca: Path, tmp_path: Path
+    mtls_proxy: ProxyProcess, ca: Path
 ) -> None:
-    clients = certs.create_ca("clients")
-    (tmp_path / "clients.crt").write_bytes(clients.cert_pem)
-    proxy = start_proxy(upstream.base, "--client-ca", str(tmp_path / "clients.crt"), "--allow-all")
+    proxy = mtls_proxy
     at_rest = open_sockets(proxy)
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as raw:
         tls = client_context(ca).wrap_socket(raw, server_hostname="localhost")
