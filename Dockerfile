@@ -21,13 +21,15 @@ ARG BASE=python:3.13-slim-trixie@sha256:9d2e5553305c7c7b0097999bb17187c69b921ccd
 FROM ${BASE} AS build
 WORKDIR /src
 # gcc and libnghttp2's headers build the nghttp2 HTTP/2 codec and the compiled core (mypyc,
-# fetched as a build requirement); they stay in this stage
+# from build-requirements.lock); they stay in this stage
 RUN --mount=type=bind,source=deploy/image/build-root.sh,target=/usr/local/sbin/build-root.sh \
     ["/bin/sh", "/usr/local/sbin/build-root.sh", "build-tools"]
-COPY requirements.lock ./
+COPY requirements.lock build-requirements.lock ./
 RUN --mount=type=bind,source=deploy/image/build-root.sh,target=/usr/local/sbin/build-root.sh \
     ["/bin/sh", "/usr/local/sbin/build-root.sh", "deps", "requirements.lock"]
-COPY pyproject.toml setup.py README.md build-requirements.lock ./
+RUN --mount=type=bind,source=deploy/image/build-root.sh,target=/usr/local/sbin/build-root.sh \
+    ["/bin/sh", "/usr/local/sbin/build-root.sh", "build-deps", "build-requirements.lock"]
+COPY pyproject.toml setup.py README.md ./
 COPY proxy ./proxy
 RUN --mount=type=bind,source=deploy/image/build-root.sh,target=/usr/local/sbin/build-root.sh \
     ["/bin/sh", "/usr/local/sbin/build-root.sh", "package", "/src"]

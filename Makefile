@@ -87,7 +87,7 @@ $(CONSTRAINTS): requirements.lock build-requirements.lock $(BIN)/python
 # either reinstalls
 COMPILED_SOURCES := $(shell sed -n 's/^    "\(proxy\.[a-z0-9_.]*\)",$$/\1/p' proxy/compiled.py | tr . / | sed 's/$$/.py/')
 $(RUN_STAMP): $(BIN)/python pyproject.toml setup.py proxy/http2/_nghttp2_shim.c proxy/http2/_nghttp2_client.c proxy/http2/_nghttp2_build.py proxy/compiled.py $(COMPILED_SOURCES) $(CONSTRAINTS)
-	$(PIP) install -q --upgrade pip
+	$(PIP) install -q --upgrade 'pip>=25.3'
 	$(PIP) install -q -c $(CONSTRAINTS) --build-constraint $(BUILD_CONSTRAINTS) -e .
 	@touch $(RUN_STAMP)
 

@@ -84,6 +84,7 @@ class _ParsingClientSide(asyncio.Protocol):
         self.pending: list[bytes] = []
         self.url = b""
         self.headers: list[bytes] = []
+        self.lost = False
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -94,9 +95,17 @@ class _ParsingClientSide(asyncio.Protocol):
         _, up = await loop.create_connection(
             lambda: _ParsingUpstream(self.transport), "127.0.0.1", self.upstream_port
         )
+        if self.lost:  # the client left while this connected
+            up.transport.close()
+            return
         self.up = up
         for data in self.pending:
             up.transport.write(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self.up is not None:
+            self.up.transport.close()
 
     def data_received(self, data: bytes) -> None:
         self.parser.feed_data(data)
@@ -167,18 +176,28 @@ class _SocketTLS:
         self.fd = sock.fileno()
         self.protocol = _ParsingClientSide(upstream)
         self.handshaking = True
-        self.backlog = b""  # what OpenSSL could not write yet: retried, whole, when there is room
-        loop.add_reader(self.fd, self._readable)
+        # What OpenSSL could not write yet, retried whole (OpenSSL takes the same bytes, and
+        # more, again); reading waits while there is some.
+        self.backlog = b""
+        self.writing = False  # waiting for room to write
+        self.closed = False
+        loop.add_reader(self.fd, self._step)
 
-    def _readable(self) -> None:
+    def _step(self) -> None:
+        """Readable or writable: the handshake, then the backlog, then what there is to read."""
+        if self.closed:
+            return
         sock = self.sock
         try:
             if self.handshaking:
                 sock.do_handshake()
                 self.handshaking = False
-                self.loop.remove_writer(self.fd)
                 self.protocol.connection_made(self)
-            while True:
+            if self.backlog:
+                sock.send(self.backlog)
+                self.backlog = b""
+            self._want_write(False)
+            while not self.closed:
                 data = sock.recv(65536)  # a TLS record holds at most 16 KiB
                 if not data:
                     self.close()
@@ -186,43 +205,45 @@ class _SocketTLS:
                 self.protocol.data_received(data)
                 if not sock.pending():  # the rest, if any, is still in the kernel: epoll says
                     return
-        except ssl.SSLWantReadError:
-            return
-        except ssl.SSLWantWriteError:  # the handshake's answer did not fit: go on when it does
-            self.loop.add_writer(self.fd, self._readable)
+        except ssl.SSLWantReadError:  # also a write that waits for the peer (a key update)
+            self._want_write(False)
+        except ssl.SSLWantWriteError:
+            self._want_write(True)
         except OSError:  # ssl.SSLError included
             self.close()
 
+    def _want_write(self, on: bool) -> None:
+        if on != self.writing and not self.closed:
+            self.writing = on
+            if on:
+                self.loop.add_writer(self.fd, self._step)
+            else:
+                self.loop.remove_writer(self.fd)
+
     def write(self, data: bytes) -> None:
+        if self.closed:
+            return
         if self.backlog:
             self.backlog += data
             return
         try:
             self.sock.send(data)
         except ssl.SSLWantWriteError:
-            self.backlog = data  # OpenSSL takes the same bytes (and more) again later
-            self.loop.add_writer(self.fd, self._writable)
+            self.backlog = data
+            self._want_write(True)
+        except ssl.SSLWantReadError:
+            self.backlog = data  # retried when the socket is readable
         except OSError:
             self.close()
-
-    def _writable(self) -> None:
-        try:
-            self.sock.send(self.backlog)
-        except ssl.SSLWantWriteError:
-            return
-        except OSError:
-            self.close()
-            return
-        self.backlog = b""
-        self.loop.remove_writer(self.fd)
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self._want_write(False)
+        self.closed = True
         self.loop.remove_reader(self.fd)
-        self.loop.remove_writer(self.fd)
         self.sock.close()
-        up = self.protocol.up
-        if up is not None:
-            up.transport.close()
+        self.protocol.connection_lost(None)
 
 
 async def _serve_on_sockets(port: int, upstream: int, context: ssl.SSLContext) -> None:

@@ -7,11 +7,13 @@
 #                                 compiled core (a C compiler, libnghttp2's and Python's headers)
 #   build-root.sh deps LOCKFILE   the build stage: a virtual environment without pip in
 #                                 /opt/tls-sidecar, and the pinned dependencies (hashes checked)
+#   build-root.sh build-deps LOCKFILE  the build stage: what builds the package (setuptools,
+#                                 cffi, mypy, whose mypyc compiles the compiled core), pinned
+#                                 with hashes, in the throwaway environment pip runs from
 #   build-root.sh package SOURCE  the build stage: the package itself, nothing else, built with
-#                                 the pinned build requirements of SOURCE/build-requirements.lock
-#                                 (hashes checked: mypyc is the compiler of the compiled core);
-#                                 fails when the nghttp2 codec or the compiled core did not build
-#                                 (the image never falls back)
+#                                 what build-deps installed (no build isolation fetching the
+#                                 newest); fails when the nghttp2 codec or the compiled core did
+#                                 not build (the image never falls back)
 #   build-root.sh runtime [harden]  the final stage: libnghttp2, the codec's only run-time
 #                                 need (then harden, in the same step)
 #   build-root.sh harden          the final stage: no pip, no shell (run it last: it removes
@@ -65,22 +67,24 @@ deps)
     "$PYTHON" -m venv --without-pip "$VENV"
     pip_install --require-hashes --no-deps -r "$2"
     ;;
+build-deps)
+    build_pip
+    "$BUILD_PIP/bin/python" -m pip install --quiet --require-hashes --no-deps -r "$2"
+    ;;
 package)
     # a wheel built in a scratch folder: the source may be read-only. setup.py builds the
     # optional nghttp2 codec and the compiled core (mypyc) where a compiler and the headers
     # are; an in-place build from a developer's editable install is not shipped.
-    # The wheel is built in the throwaway environment (the same Python as the sidecar's), from
-    # the locked build requirements, not from whatever versions pip's build isolation would
-    # fetch: the compiled core is what this mypy compiles.
+    # The wheel is built in the throwaway environment (the same Python as the sidecar's) with
+    # the locked build requirements build-deps installed, not whatever versions pip's build
+    # isolation would fetch: the compiled core is what that mypy compiles.
     build=$(mktemp -d)
     cp -R "$2/pyproject.toml" "$2/setup.py" "$2/README.md" "$2/proxy" "$build/"
     rm -f "$build"/proxy/http2/_nghttp2.c
     find "$build/proxy" -name '*.so' -delete
     build_pip
-    "$BUILD_PIP/bin/python" -m pip install --quiet --require-hashes --no-deps \
-        -r "$2/build-requirements.lock"
     "$BUILD_PIP/bin/python" -m pip wheel --quiet --no-deps --no-build-isolation \
-        --wheel-dir "$build/dist" "$build"
+        --check-build-dependencies --wheel-dir "$build/dist" "$build"
     pip_install --no-deps "$build"/dist/*.whl
     rm -rf "$build"
     if ! "$VENV/bin/python" -c 'import proxy.http2._nghttp2'; then
@@ -106,7 +110,7 @@ harden)
     exec /bin/rm -f /bin/sh /bin/bash /bin/dash /usr/bin/sh /usr/bin/bash /usr/bin/dash
     ;;
 *)
-    echo "usage: build-root.sh build-tools | deps LOCKFILE | package SOURCE | runtime | harden" >&2
+    echo "usage: build-root.sh build-tools | deps LOCKFILE | build-deps LOCKFILE | package SOURCE | runtime | harden" >&2
     exit 2
     ;;
 esac

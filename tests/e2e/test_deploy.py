@@ -78,11 +78,17 @@ def test_the_base_image_is_pinned_by_digest_and_dependencies_have_their_own_laye
     )
     deps = BUILD_SCRIPT.read_text().split("\ndeps)")[1].split(";;")[0]
     assert "--require-hashes --no-deps -r" in deps and "--without-pip" in deps
-    # the package is built from the locked build requirements, not pip's build isolation
-    assert "build-requirements.lock ./" in build.split('"deps", "requirements.lock"')[1]
-    package = BUILD_SCRIPT.read_text().split("\npackage)")[1].split(";;")[0]
-    assert "--require-hashes --no-deps" in package and "build-requirements.lock" in package
-    assert "--no-build-isolation" in package
+    # the package is built from the locked build requirements, not pip's build isolation, and
+    # they too have their own layer before the source
+    assert (
+        build.index("COPY requirements.lock build-requirements.lock")
+        < build.index('"build-deps", "build-requirements.lock"')
+        < build.index("COPY proxy")
+    )
+    script = BUILD_SCRIPT.read_text()
+    assert "--require-hashes --no-deps -r" in script.split("\nbuild-deps)")[1].split(";;")[0]
+    package = script.split("\npackage)")[1].split(";;")[0]
+    assert "--no-build-isolation" in package and "--check-build-dependencies" in package
 
 
 @pytest.mark.parametrize(
@@ -112,11 +118,25 @@ def test_the_lock_files_pin_every_requirement_of_pyproject_with_hashes(
             f"{lock_name} pins {name}=={pins[name]}, pyproject wants {requirement.specifier}: "
             "run make lock"
         )
-    blocks = re.split(r"\n(?=[a-z0-9_.-]+==)", lock.split("\n\n", 1)[-1])
+    blocks = re.split(r"\n(?=[a-z0-9_.-]+==)", lock)  # the header has no `==` line
     for block in blocks:
         if "==" in block:
             assert "--hash=sha256:" in block, block.splitlines()[0]
     assert "/opt/" not in lock and "/tmp/" not in lock and "--find-links" not in lock
+
+
+def test_the_two_locks_pin_the_packages_they_share_at_one_version() -> None:
+    """The dev constraints hold both locks' pins: two versions of one package would stop pip."""
+
+    def pins(name: str) -> dict[str, str]:
+        text = (REPO / name).read_text()
+        return dict(re.findall(r"^([a-z0-9_.-]+)==(\S+) \\$", text, re.MULTILINE))
+
+    runtime, build = pins("requirements.lock"), pins("build-requirements.lock")
+    shared = runtime.keys() & build.keys()
+    assert {
+        name: (runtime[name], build[name]) for name in shared if runtime[name] != build[name]
+    } == {}
 
 
 def test_the_type_checker_is_the_mypy_that_compiles_the_core() -> None:

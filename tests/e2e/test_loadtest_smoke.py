@@ -46,6 +46,9 @@ def test_smoke_run_writes_results_table_and_plots(tmp_path: Path) -> None:
                 assert figures["failed"] == 0, (name, who, figures)
                 assert figures["succeeded"] > 0, (name, who, figures)
                 assert figures["cpu_us_per_req"] > 0, (name, who, figures)
+    for floor in ("pipe floor", "parse floor", "sockparse floor"):  # the floors serve too
+        figures = data["scenarios"]["S1"][floor]
+        assert figures["failed"] == 0 and figures["succeeded"] > 0, (floor, figures)
     runs = sum(1 for row in data["scenarios"].values() for who in row if who.startswith("tls-"))
     assert "tls-sidecar h11" in data["scenarios"]["S1"], "both codecs are measured"
     assert "tls-sidecar interpreted" in data["scenarios"]["S1"], "and the core interpreted"

@@ -255,6 +255,13 @@ def build_image_root(steps: Steps) -> Path:
         run_in_root(
             image, ["/bin/sh", SCRIPT_IN_ROOT, "deps", "/src/requirements.lock"], 900, **build
         )
+    with steps.step("build-root.sh build-deps /src/build-requirements.lock (--require-hashes)"):
+        run_in_root(
+            image,
+            ["/bin/sh", SCRIPT_IN_ROOT, "build-deps", "/src/build-requirements.lock"],
+            900,
+            **build,
+        )
     with steps.step("build-root.sh package /src"):
         run_in_root(image, ["/bin/sh", SCRIPT_IN_ROOT, "package", "/src"], 600, **build)
     # One root plays both stages here, so the build tools stay in it; the final stage's own
