@@ -24,9 +24,10 @@ WORKDIR /src
 # from build-requirements.lock); they stay in this stage
 RUN --mount=type=bind,source=deploy/image/build-root.sh,target=/usr/local/sbin/build-root.sh \
     ["/bin/sh", "/usr/local/sbin/build-root.sh", "build-tools"]
-COPY requirements.lock build-requirements.lock ./
+COPY requirements.lock ./
 RUN --mount=type=bind,source=deploy/image/build-root.sh,target=/usr/local/sbin/build-root.sh \
     ["/bin/sh", "/usr/local/sbin/build-root.sh", "deps", "requirements.lock"]
+COPY build-requirements.lock ./
 RUN --mount=type=bind,source=deploy/image/build-root.sh,target=/usr/local/sbin/build-root.sh \
     ["/bin/sh", "/usr/local/sbin/build-root.sh", "build-deps", "build-requirements.lock"]
 COPY pyproject.toml setup.py README.md ./

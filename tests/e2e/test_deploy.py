@@ -81,7 +81,8 @@ def test_the_base_image_is_pinned_by_digest_and_dependencies_have_their_own_laye
     # the package is built from the locked build requirements, not pip's build isolation, and
     # they too have their own layer before the source
     assert (
-        build.index("COPY requirements.lock build-requirements.lock")
+        build.index('"deps", "requirements.lock"')
+        < build.index("COPY build-requirements.lock")
         < build.index('"build-deps", "build-requirements.lock"')
         < build.index("COPY proxy")
     )
