@@ -78,9 +78,11 @@ $(BIN)/python:
 	    echo "error: python3 cannot create a virtual environment; fix: sudo apt-get install -y python3-venv"; exit 1; \
 	  fi; }
 
+# a lock's `name==version` lines, without their hashes
+PINS := sed -n 's/^\([A-Za-z0-9_.-]*==[^ ]*\).*/\1/p'
 $(CONSTRAINTS): requirements.lock build-requirements.lock $(BIN)/python
-	@sed -n 's/^\([A-Za-z0-9_.-]*==[^ ]*\).*/\1/p' requirements.lock > $@
-	@sed -n 's/^\([A-Za-z0-9_.-]*==[^ ]*\).*/\1/p' build-requirements.lock > $(BUILD_CONSTRAINTS)
+	@$(PINS) requirements.lock > $@
+	@$(PINS) build-requirements.lock > $(BUILD_CONSTRAINTS)
 	@grep -v '^cryptography==' $@ | cat - $(BUILD_CONSTRAINTS) | sort -u > $(DEV_CONSTRAINTS)
 
 # the C shim and the compiled core are built in place by the editable install: a change to

@@ -91,10 +91,10 @@ class ProxyContext:
         self.upstream_host = upstream.authority.encode()
         # Exported at 0 from start-up, as the other counters with known labels are: a pod
         # whose every handshake fails still has a series to set its errors against.
+        versions = ("TLSv1.3",) if config.tls_min_version == "1.3" else ("TLSv1.2", "TLSv1.3")
         self._handshake_children: dict[tuple[str, bool], Counter] = {
             (version, resumed): metrics.tls_handshakes.labels(version, str(resumed).lower())
-            for version in ("TLSv1.2", "TLSv1.3")
-            if version == "TLSv1.3" or config.tls_min_version == "1.2"
+            for version in versions
             for resumed in (False, True)
         }
         self._worker_connections = metrics.worker_connections_active.labels(

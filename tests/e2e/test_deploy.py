@@ -92,6 +92,11 @@ def test_the_base_image_is_pinned_by_digest_and_dependencies_have_their_own_laye
     assert "--no-build-isolation" in package and "--check-build-dependencies" in package
 
 
+def _pins(lock: str) -> dict[str, str]:
+    """A lock file's `name==version` pins (pip-compile's layout: each followed by its hashes)."""
+    return dict(re.findall(r"^([a-z0-9_.-]+)==(\S+) \\$", lock, re.MULTILINE))
+
+
 @pytest.mark.parametrize(
     ("lock_name", "table", "key"),
     [
@@ -109,7 +114,7 @@ def test_the_lock_files_pin_every_requirement_of_pyproject_with_hashes(
 
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     lock = (REPO / lock_name).read_text()
-    pins = dict(re.findall(r"^([a-z0-9_.-]+)==(\S+) \\$", lock, re.MULTILINE))
+    pins = _pins(lock)
     assert pins, f"no pins in {lock_name}"
     for line in pyproject[table][key]:
         requirement = Requirement(line)
@@ -128,12 +133,8 @@ def test_the_lock_files_pin_every_requirement_of_pyproject_with_hashes(
 
 def test_the_two_locks_pin_the_packages_they_share_at_one_version() -> None:
     """The dev constraints hold both locks' pins: two versions of one package would stop pip."""
-
-    def pins(name: str) -> dict[str, str]:
-        text = (REPO / name).read_text()
-        return dict(re.findall(r"^([a-z0-9_.-]+)==(\S+) \\$", text, re.MULTILINE))
-
-    runtime, build = pins("requirements.lock"), pins("build-requirements.lock")
+    runtime = _pins((REPO / "requirements.lock").read_text())
+    build = _pins((REPO / "build-requirements.lock").read_text())
     shared = runtime.keys() & build.keys()
     assert {
         name: (runtime[name], build[name]) for name in shared if runtime[name] != build[name]
@@ -142,10 +143,9 @@ def test_the_two_locks_pin_the_packages_they_share_at_one_version() -> None:
 
 def test_the_type_checker_is_the_mypy_that_compiles_the_core() -> None:
     """`make typecheck` runs the mypy whose mypyc builds the compiled core (the build lock's)."""
-    lock = (REPO / "build-requirements.lock").read_text()
-    pinned = re.search(r"^mypy==(\S+) \\$", lock, re.MULTILINE)
+    pinned = _pins((REPO / "build-requirements.lock").read_text()).get("mypy")
     assert pinned, "mypy is not in build-requirements.lock: run make lock"
-    assert importlib.metadata.version("mypy") == pinned.group(1)
+    assert importlib.metadata.version("mypy") == pinned
 
 
 @pytest.fixture(scope="module")
